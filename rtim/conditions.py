@@ -1,0 +1,142 @@
+"""Conditions over an event and a customer context, as written in the YAML files.
+
+A condition is one line: ``<path> <operator> <value>``, for example::
+
+    cart.value >= 50
+    event.properties.category == "shoes"
+    channels.app.n >= 3
+    events.Product Viewed >= 2
+    issues == 0
+    traits.plan in ["gold", "platinum"]
+    event.properties.coupon exists
+
+The path starts at the context (``cart.value``) or at the event
+(``event.name``, ``event.channel``, ``event.properties.*``); dots separate keys,
+and keys may contain spaces. The value is a YAML scalar or list. Operators:
+``== != > >= < <= in not in contains``, and the one-sided ``exists`` and
+``missing``. A path that does not resolve makes every comparison false (only
+``missing`` is true), so a rule never fires on data it cannot see.
+
+Conditions are compiled once, when the file is loaded; a malformed one is a
+:class:`ConditionError` naming the text, never a failure at event time.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+_MISSING = object()
+
+_BINARY: dict[str, Callable[[Any, Any], bool]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "in": lambda a, b: a in b,
+    "not in": lambda a, b: a not in b,
+    "contains": lambda a, b: b in a,
+}
+_UNARY = ("exists", "missing")
+# Longest operators first so that ">=" is not read as ">".
+_BINARY_RE = re.compile(r"^(?P<path>.+?)\s+(?P<op>not in|contains|in|==|!=|>=|<=|>|<)\s+(?P<value>.+)$")
+_UNARY_RE = re.compile(r"^(?P<path>.+?)\s+(?P<op>exists|missing)$")
+
+
+class ConditionError(ValueError):
+    """A condition in a rules file that cannot be understood."""
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """One compiled condition; call it with a namespace to evaluate it."""
+
+    text: str
+    path: tuple[str, ...]
+    op: str
+    value: Any
+
+    def __call__(self, namespace: Mapping[str, Any]) -> bool:
+        found = resolve(namespace, self.path)
+        if self.op == "exists":
+            return found is not _MISSING and found is not None
+        if self.op == "missing":
+            return found is _MISSING or found is None
+        if found is _MISSING:
+            return False
+        try:
+            return bool(_BINARY[self.op](found, self.value))
+        except TypeError:
+            # Comparing a string with a number, say: the rule does not match.
+            return False
+
+
+def resolve(namespace: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    """Follow ``path`` through nested mappings; return ``_MISSING`` if it breaks."""
+    node: Any = namespace
+    for key in path:
+        if isinstance(node, Mapping):
+            node = node.get(key, _MISSING)
+            if node is _MISSING:
+                return _MISSING
+        else:
+            return _MISSING
+    return node
+
+
+def compile_condition(text: str) -> Condition:
+    """Compile one condition line.
+
+    Examples
+    --------
+    >>> cond = compile_condition("cart.value >= 50")
+    >>> cond({"cart": {"value": 80.0}}), cond({"cart": {"value": 10}}), cond({})
+    (True, False, False)
+    >>> compile_condition("event.properties.category in [shoes, sports]")(
+    ...     {"event": {"properties": {"category": "shoes"}}})
+    True
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ConditionError(f"a condition must be a non-empty string, got {text!r}")
+    line = text.strip()
+    match = _UNARY_RE.match(line)
+    if match:
+        value: Any = None
+    else:
+        match = _BINARY_RE.match(line)
+        if not match:
+            raise ConditionError(
+                f"cannot read condition {text!r}: expected '<path> <operator> <value>' "
+                f"with an operator among {sorted(_BINARY)} or '<path> exists|missing'"
+            )
+        try:
+            value = yaml.safe_load(match["value"])
+        except yaml.YAMLError as exc:
+            raise ConditionError(f"cannot read the value in condition {text!r}: {exc}") from exc
+        if match["op"] in ("in", "not in") and not isinstance(value, (list, str)):
+            raise ConditionError(f"'{match['op']}' needs a list in condition {text!r}")
+    path = tuple(part.strip() for part in match["path"].split("."))
+    if not all(path):
+        raise ConditionError(f"empty key in the path of condition {text!r}")
+    return Condition(text=line, path=path, op=match["op"], value=value)
+
+
+def compile_all(texts: Any, where: str) -> tuple[Condition, ...]:
+    """Compile a YAML list of conditions (or one string); ``where`` names it in errors."""
+    if texts is None:
+        return ()
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list):
+        raise ConditionError(f"{where}: conditions must be a list of strings")
+    try:
+        return tuple(compile_condition(t) for t in texts)
+    except ConditionError as exc:
+        raise ConditionError(f"{where}: {exc}") from None

@@ -1,0 +1,65 @@
+"""Triggers out as CloudEvents 1.0, structured JSON mode (one JSON object per message)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import orjson
+
+from rtim.decide.arbitrate import Decision
+
+TRIGGER_TYPE = "dev.rtim.trigger.v1"
+CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """RFC 3339 UTC time with milliseconds, as CloudEvents' ``time`` wants it."""
+    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def trigger_event(decision: Decision, *, source: str) -> dict:
+    """The CloudEvent (as a dict) for a decision; ``expiry`` is an extension attribute."""
+    offer = decision.offer
+    event = decision.event
+    return {
+        "specversion": "1.0",
+        "id": decision.decision_id,
+        "source": source,
+        "type": TRIGGER_TYPE,
+        "subject": decision.customer_id,
+        "time": iso_ms(decision.decided_ms),
+        "datacontenttype": "application/json",
+        "expiry": iso_ms(decision.expires_ms),
+        "partitionkey": decision.customer_id,
+        "data": {
+            "decision_id": decision.decision_id,
+            "customer_id": decision.customer_id,
+            "channel": decision.channel,
+            "offer": {
+                "id": offer.id,
+                "name": offer.name,
+                "value": offer.value,
+                "creative": dict(offer.creative),
+            },
+            "score": decision.score,
+            "propensity": decision.propensity,
+            "trigger": decision.trigger.id,
+            "reasons": decision.reasons,
+            "top_features": decision.features,
+            "candidates": decision.candidates,
+            "expires_at": iso_ms(decision.expires_ms),
+            "event": {
+                "message_id": event.message_id,
+                "type": event.type,
+                "name": event.name,
+                "channel": event.channel,
+                "timestamp": iso_ms(event.timestamp_ms),
+            },
+            "context": decision.snapshot,
+        },
+    }
+
+
+def encode_trigger(decision: Decision, *, source: str) -> bytes:
+    return orjson.dumps(trigger_event(decision, source=source))

@@ -1,0 +1,203 @@
+"""The offers catalog: offers and actions, their channels, eligibility and value.
+
+The catalog file is YAML with two lists, ``triggers`` (the decision moments,
+see :mod:`rtim.triggers.rules`) and ``offers``::
+
+    offers:
+      - id: free-shipping
+        name: Free shipping on this cart
+        channels: [web, app]        # first is the fallback channel
+        value: 6.0                  # business value of an acceptance
+        priority: 1.0               # business lever, multiplies the score
+        category: null              # links the offer to a category affinity
+        triggers: [cart-builder]    # moments it is considered for (all if absent)
+        eligibility: ["cart.value >= 50", "issues == 0"]
+        valid_from: 2026-01-01      # optional dates (UTC)
+        valid_to: 2027-01-01
+        creative: {title: "Shipping is on us", text: "..."}
+
+Loading checks everything (unknown fields, types, conditions, references from
+offers to triggers) and raises :class:`CatalogError` naming the place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rtim.conditions import Condition, ConditionError, compile_all
+from rtim.triggers.rules import TriggerRule, parse_rule
+
+CHANNELS = frozenset({"web", "app", "email", "sms", "push", "call_centre", "store"})
+_OFFER_KEYS = {
+    "id", "name", "channels", "value", "priority", "category", "triggers",
+    "eligibility", "valid_from", "valid_to", "creative",
+}
+
+
+class CatalogError(ValueError):
+    """The catalog file cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """One offer or action the engine can decide for."""
+
+    id: str
+    name: str
+    channels: tuple[str, ...]
+    value: float = 1.0
+    priority: float = 1.0
+    category: str | None = None
+    triggers: frozenset[str] | None = None
+    eligibility: tuple[Condition, ...] = ()
+    valid_from_ms: int | None = None
+    valid_to_ms: int | None = None
+    creative: Mapping[str, Any] = field(default_factory=dict)
+
+    def is_valid_at(self, now_ms: int) -> bool:
+        if self.valid_from_ms is not None and now_ms < self.valid_from_ms:
+            return False
+        return self.valid_to_ms is None or now_ms < self.valid_to_ms
+
+    def channel_for(self, event_channel: str) -> str:
+        """Answer on the channel the customer is on if the offer can use it."""
+        return event_channel if event_channel in self.channels else self.channels[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    """Triggers and offers, as loaded from one file."""
+
+    triggers: tuple[TriggerRule, ...]
+    offers: tuple[Offer, ...]
+    source: str = "<memory>"
+
+    def offers_for(self, trigger_id: str) -> list[Offer]:
+        return [o for o in self.offers if o.triggers is None or trigger_id in o.triggers]
+
+    @property
+    def channels(self) -> frozenset[str]:
+        return frozenset(c for o in self.offers for c in o.channels)
+
+
+def _date_ms(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        moment = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    elif isinstance(value, dt.date):
+        moment = dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+    elif isinstance(value, str):
+        try:
+            moment = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise CatalogError(f"{where}: not an ISO date: {value!r}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+    else:
+        raise CatalogError(f"{where}: not a date: {value!r}")
+    return int(moment.timestamp() * 1000)
+
+
+def _number(raw: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise CatalogError(f"{where}: '{key}' must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
+        raise CatalogError(f"offers[{index}]: each offer needs a string 'id'")
+    where = f"offer {raw['id']!r}"
+    unknown = set(raw) - _OFFER_KEYS
+    if unknown:
+        raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}")
+    channels = raw.get("channels")
+    if isinstance(channels, str):
+        channels = [channels]
+    if not isinstance(channels, list) or not channels:
+        raise CatalogError(f"{where}: 'channels' must be a non-empty list")
+    bad = [c for c in channels if c not in CHANNELS]
+    if bad:
+        raise CatalogError(f"{where}: unknown channel(s) {bad}; known: {sorted(CHANNELS)}")
+    triggers = raw.get("triggers")
+    if triggers is not None:
+        if isinstance(triggers, str):
+            triggers = [triggers]
+        missing = [t for t in triggers if t not in trigger_ids]
+        if missing:
+            raise CatalogError(f"{where}: refers to undefined trigger(s) {missing}")
+        triggers = frozenset(triggers)
+    creative = raw.get("creative") or {}
+    if not isinstance(creative, dict):
+        raise CatalogError(f"{where}: 'creative' must be a mapping")
+    category = raw.get("category")
+    try:
+        eligibility = compile_all(raw.get("eligibility"), f"{where}.eligibility")
+    except ConditionError as exc:
+        raise CatalogError(str(exc)) from None
+    offer = Offer(
+        id=raw["id"],
+        name=str(raw.get("name", raw["id"])),
+        channels=tuple(channels),
+        value=_number(raw, "value", 1.0, where),
+        priority=_number(raw, "priority", 1.0, where),
+        category=category.lower() if isinstance(category, str) else None,
+        triggers=triggers,
+        eligibility=eligibility,
+        valid_from_ms=_date_ms(raw.get("valid_from"), f"{where}.valid_from"),
+        valid_to_ms=_date_ms(raw.get("valid_to"), f"{where}.valid_to"),
+        creative=creative,
+    )
+    if (
+        offer.valid_from_ms is not None
+        and offer.valid_to_ms is not None
+        and offer.valid_from_ms >= offer.valid_to_ms
+    ):
+        raise CatalogError(f"{where}: valid_from must be before valid_to")
+    return offer
+
+
+def parse_catalog(data: Any, source: str = "<memory>") -> Catalog:
+    """Build a :class:`Catalog` from the parsed YAML document."""
+    if not isinstance(data, dict):
+        raise CatalogError(f"{source}: the catalog must be a mapping with 'triggers' and 'offers'")
+    raw_triggers = data.get("triggers") or []
+    raw_offers = data.get("offers") or []
+    if not isinstance(raw_triggers, list) or not isinstance(raw_offers, list):
+        raise CatalogError(f"{source}: 'triggers' and 'offers' must be lists")
+    try:
+        triggers = tuple(parse_rule(raw, i) for i, raw in enumerate(raw_triggers))
+    except ConditionError as exc:
+        raise CatalogError(f"{source}: {exc}") from None
+    ids = [t.id for t in triggers]
+    if len(set(ids)) != len(ids):
+        raise CatalogError(f"{source}: duplicate trigger ids")
+    trigger_ids = frozenset(ids)
+    try:
+        offers = tuple(parse_offer(raw, i, trigger_ids) for i, raw in enumerate(raw_offers))
+    except CatalogError as exc:
+        raise CatalogError(f"{source}: {exc}") from None
+    offer_ids = [o.id for o in offers]
+    if len(set(offer_ids)) != len(offer_ids):
+        raise CatalogError(f"{source}: duplicate offer ids")
+    return Catalog(triggers=triggers, offers=offers, source=source)
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and check a catalog file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"cannot read catalog {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{path}: not valid YAML: {exc}") from None
+    return parse_catalog(data, source=str(path))

@@ -1,0 +1,239 @@
+"""The Faust application: topics, the context table, the clickstream agent, web views.
+
+This is the shell around :class:`rtim.engine.Engine` (DESIGN.md §1). Data flow::
+
+    rtim.clickstream --(BatchConsumer, a fetch at a time)--> batches channel
+      --> agent `clickstream` --> Engine.process(batch)
+      --> publish changelog + triggers + dead letters (send_batch, awaited)
+      --> write the context store --> acknowledge the batch's offsets
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import faust
+from aiokafka.errors import KafkaError
+
+from rtim import metrics
+from rtim.engine import Engine
+from rtim.offers.catalog import load_catalog
+from rtim.settings import Settings
+from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
+from rtim.stream.publish import BatchPublisher, OutRecord
+from rtim.stream.store import ContextStore
+
+log = logging.getLogger("rtim.stream")
+
+CLICKSTREAM_TOPIC = "rtim.clickstream"
+DLQ_TOPIC = "rtim.dlq"
+TRIGGER_TOPIC_PREFIX = "rtim.triggers."
+CONTEXT_TABLE = "customers"
+
+
+class RtimApp(faust.App):
+    """A Faust app whose consumer has RTIM's batch path (:mod:`rtim.stream.consumer`)."""
+
+    def _new_transport(self) -> Transport:
+        return Transport(self.conf.broker_consumer, self)
+
+
+def faust_settings(settings: Settings) -> dict[str, Any]:
+    """The Faust configuration RTIM runs with (short timeouts: DESIGN.md §3, §5)."""
+    return {
+        "broker": [f"kafka://{server}" for server in settings.bootstrap_servers],
+        "store": "rocksdb://" if settings.store == "rocksdb" else "memory://",
+        "datadir": str(settings.datadir),
+        "web_enabled": True,
+        "web_port": settings.web_port,
+        "web_bind": settings.web_host,
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": 1,
+        "broker_max_poll_records": settings.max_fetch_records,
+        "broker_commit_interval": settings.commit_interval_s,
+        "broker_session_timeout": settings.session_timeout_s,
+        "broker_heartbeat_interval": max(settings.session_timeout_s / 10, 0.5),
+        "broker_rebalance_timeout": max(settings.session_timeout_s / 2, 5.0),
+        "consumer_auto_offset_reset": "earliest",
+        "stream_wait_empty": True,
+        "table_standby_replicas": 0,
+        "autodiscover": False,
+        "logging_config": None,
+    }
+
+
+class ClickstreamProcessor:
+    """Runs each fetched batch through the engine and makes its effects durable."""
+
+    def __init__(self, app: RtimApp, settings: Settings, table: Any) -> None:
+        self.app = app
+        self.settings = settings
+        self.store = ContextStore(table)
+        catalog = load_catalog(settings.catalog)
+        self.engine = Engine(
+            catalog=catalog,
+            load=self.store.get,
+            source=f"/rtim/{settings.app_id}",
+            max_event_bytes=settings.max_event_bytes,
+            max_future_skew_ms=int(settings.max_future_skew_s * 1000),
+            trigger_ttl_ms=int(settings.trigger_ttl_s * 1000),
+            cache_size=settings.cache_customers,
+        )
+        self.publisher = BatchPublisher(
+            bootstrap_servers=settings.broker, client_id=f"{settings.app_id}-publisher"
+        )
+        self.changelog_topic = table.changelog_topic.get_topic_name()
+        self._generation: int | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    async def handle(self, batch: FetchedBatch) -> None:
+        """Process one batch: core, publish, store, acknowledge."""
+        self._idle.clear()
+        try:
+            await self._handle(batch)
+        finally:
+            self._idle.set()
+
+    def _current(self, batch: FetchedBatch) -> bool:
+        return batch.generation_id == self.app.consumer_generation_id and not self.app.should_stop
+
+    async def _handle(self, batch: FetchedBatch) -> None:
+        if not self._current(batch):
+            return  # revoked meanwhile: the records come again from the committed offset
+        if batch.generation_id != self._generation:
+            # Recovery may have rewritten the store: cached contexts are stale.
+            self.engine.invalidate()
+            self._generation = batch.generation_id
+        started = time.perf_counter()
+        records = [r for tp_records in batch.records.values() for r in tp_records]
+        result = self.engine.process(CLICKSTREAM_TOPIC, records)
+        out: list[OutRecord] = [
+            OutRecord(self.changelog_topic, key, value, [], partition)
+            for partition, items in result.updates.items()
+            for key, value in items.items()
+        ]
+        out.extend(OutRecord(t.topic, t.key, t.value, t.headers) for t in result.triggers)
+        out.extend(OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in result.dead_letters)
+        written = await self._publish(out, batch)
+        if written is None or not self._current(batch):
+            self.engine.invalidate()
+            return
+        for partition, items in result.updates.items():
+            self.store.write(partition, items, written[(self.changelog_topic, partition)])
+        consumer = self.app.consumer
+        for tp, tp_records in batch.records.items():
+            consumer.ack_batch(tp, [r.offset for r in tp_records])
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
+                max(0, (consumer.highwater(tp) or 0) - tp_records[-1].offset - 1)
+            )
+        self._observe(result, len(records), started)
+
+    async def _publish(self, out: list[OutRecord], batch: FetchedBatch) -> dict | None:
+        """Publish until Kafka takes it; None if the batch stopped being ours meanwhile."""
+        delay = 0.2
+        while True:
+            try:
+                await self.publisher.start()
+                return await self.publisher.publish(out)
+            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+                metrics.PUBLISH_RETRIES.inc()
+                log.warning("publish failed (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                if not self._current(batch):
+                    return None
+
+    @staticmethod
+    def _observe(result: Any, n: int, started: float) -> None:
+        metrics.EVENTS_CONSUMED.labels(CLICKSTREAM_TOPIC).inc(n)
+        metrics.EVENTS_APPLIED.inc(result.applied)
+        metrics.EVENTS_DUPLICATE.inc(result.duplicates)
+        metrics.CONTEXT_WRITES.inc(sum(len(i) for i in result.updates.values()))
+        metrics.DECISIONS_NO_OFFER.inc(result.no_offer)
+        for reason, count in result.invalid.items():
+            metrics.EVENTS_DEAD_LETTERED.labels(reason).inc(count)
+        now_ms = time.time() * 1000
+        for trig in result.triggers:
+            metrics.TRIGGERS_SENT.labels(trig.channel, trig.offer_id).inc()
+            if trig.source_ms:
+                metrics.DECISION_LATENCY.observe(max(0.0, (now_ms - trig.source_ms) / 1000))
+        metrics.BATCH_RECORDS.observe(n)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+
+
+def create_app(settings: Settings) -> RtimApp:
+    """Build the RTIM Faust app for these settings."""
+    app = RtimApp(settings.app_id, **faust_settings(settings))
+    clickstream = app.topic(
+        CLICKSTREAM_TOPIC,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
+    table = app.Table(
+        CONTEXT_TABLE,
+        schema=faust.Schema(
+            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+        ),
+        partitions=settings.partitions,
+    )
+    processor = ClickstreamProcessor(app, settings, table)
+    batches = app.channel(maxsize=2)
+
+    @app.agent(batches, name="clickstream")
+    async def clickstream_agent(stream: Any) -> None:
+        """Apply each fetched batch of clickstream records (see ClickstreamProcessor)."""
+        async for batch in stream:
+            await processor.handle(batch)
+
+    async def to_agent(batch: FetchedBatch) -> None:
+        await batches.send(value=batch)
+
+    # Subscribe the consumer to the clickstream, and route its records to the
+    # agent a fetch at a time instead of one message at a time.
+    app.topics.add(clickstream)
+    consumer = app.consumer
+    assert isinstance(consumer, BatchConsumer)
+    consumer.route_batches({CLICKSTREAM_TOPIC}, to_agent, processor.wait_idle)
+
+    install_views(app, processor)
+    app.rtim_processor = processor  # type: ignore[attr-defined]
+    return app
+
+
+def is_ready(app: RtimApp) -> bool:
+    """Ready: running, not rebalancing, tables recovered, and the agent alive."""
+    try:
+        recovered = app.tables.recovery.completed.is_set()
+    except Exception:  # noqa: BLE001 - not started yet
+        return False
+    return bool(app.started and not app.rebalancing and recovered and not app.should_stop)
+
+
+def install_views(app: RtimApp, processor: ClickstreamProcessor) -> None:
+    metrics.CONTEXT_CUSTOMERS.set_function(processor.store.size)
+    metrics.WORKER_READY.set_function(lambda: 1.0 if is_ready(app) else 0.0)
+
+    @app.page("/metrics")
+    async def metrics_view(web: Any, request: Any) -> Any:
+        body, _ = metrics.exposition()
+        return web.bytes(body, content_type="text/plain; version=0.0.4")
+
+    @app.page("/health/live")
+    async def live_view(web: Any, request: Any) -> Any:
+        alive = not app.should_stop and not app._crashed.is_set()
+        return web.json({"live": alive}, status=200 if alive else 503)
+
+    @app.page("/health/ready")
+    async def ready_view(web: Any, request: Any) -> Any:
+        ready = is_ready(app)
+        return web.json({"ready": ready}, status=200 if ready else 503)

@@ -1,0 +1,190 @@
+"""True end offsets on the embedded broker and on real Kafka.
+
+Why this exists: the embedded Tansu broker answers ListOffsets(latest) with the
+*last batch's base offset + 1* instead of the last offset + 1 (DESIGN.md §4): 100
+records produced in one batch at offset 0 report an end offset of 1. Its Fetch
+responses carry the right high watermark, though. Anything that trusts
+``consumer.end_offsets`` (lag, "have I read everything", table recovery) is short by
+the last batch's size minus one.
+
+:class:`EndOffsetProbe` asks for the end offsets as usual, then reads the tail of every
+non-empty partition from *reported end - 1* and returns
+``max(reported, last offset seen + 1, fetch high watermark)``. On real Kafka the
+reported value is already right and the fetch only confirms it (or returns a larger
+value if records arrived meanwhile), so the same code holds on both.
+
+Examples
+--------
+>>> async with EndOffsetProbe(bootstrap_servers="127.0.0.1:9092") as probe:  # doctest: +SKIP
+...     ends = await probe.end_offsets([TopicPartition("clicks", 0)])
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Self
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+__all__ = ["EndOffsetProbe", "true_end_offsets"]
+
+
+class EndOffsetProbe:
+    """Reports true end offsets with a private, group-less consumer.
+
+    The consumer is started on first use and reused; calls are serialised because
+    they share its assignment.
+
+    Parameters
+    ----------
+    bootstrap_servers
+        Kafka bootstrap servers.
+    timeout
+        Default deadline in seconds for one :meth:`end_offsets` call.
+    **consumer_config
+        Extra :class:`aiokafka.AIOKafkaConsumer` arguments (security settings, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str | list[str],
+        timeout: float = 10.0,
+        **consumer_config: Any,
+    ) -> None:
+        self.timeout = timeout
+        self._config: dict[str, Any] = {
+            "bootstrap_servers": bootstrap_servers,
+            "group_id": None,
+            "enable_auto_commit": False,
+            # read_uncommitted, so ListOffsets and the fetch both speak of the high
+            # watermark (read_committed would mix the last stable offset in).
+            "isolation_level": "read_uncommitted",
+            # If end-1 was deleted by retention, fall back to the end, not the start.
+            "auto_offset_reset": "latest",
+            # Short long-polls: after the tail fetch the fetcher polls the (empty) end
+            # of the log, and a new call should not wait behind that.
+            "fetch_max_wait_ms": 50,
+            **consumer_config,
+        }
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Start the consumer (done lazily by :meth:`end_offsets`)."""
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(**self._config)
+            await consumer.start()
+            self._consumer = consumer
+
+    async def stop(self) -> None:
+        """Stop the consumer. Idempotent; the probe can be started again."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def end_offsets(
+        self, tps: Iterable[TopicPartition], *, timeout: float | None = None
+    ) -> dict[TopicPartition, int]:
+        """Return the offset the next record of each partition will get.
+
+        Parameters
+        ----------
+        tps
+            Partitions to ask about, all handled in one assignment.
+        timeout
+            Deadline in seconds for the whole call; defaults to ``self.timeout``.
+
+        Returns
+        -------
+        dict
+            ``TopicPartition -> end offset`` (0 for an empty partition).
+
+        Raises
+        ------
+        TimeoutError
+            If the broker does not answer in time (never a possibly short value).
+        """
+        wanted = list(dict.fromkeys(tps))
+        if not wanted:
+            return {}
+        async with self._lock:
+            await self.start()
+            consumer = self._consumer
+            assert consumer is not None
+            seconds = self.timeout if timeout is None else timeout
+            pending = set(wanted)
+            try:
+                async with asyncio.timeout(seconds):
+                    ends = dict(await consumer.end_offsets(wanted))
+                    # A reported 0 is right on both brokers: Tansu's wrong answer is at
+                    # least 1 for a partition holding any record.
+                    pending = {tp for tp in wanted if ends[tp] > 0}
+                    if pending:
+                        await self._read_tails(consumer, ends, pending)
+            except TimeoutError:
+                missing = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(pending))
+                raise TimeoutError(
+                    f"end offsets not known within {seconds} s for {missing} "
+                    "(unknown partition, or broker unreachable?)"
+                ) from None
+            return ends
+
+    @staticmethod
+    async def _read_tails(
+        consumer: AIOKafkaConsumer,
+        ends: dict[TopicPartition, int],
+        pending: set[TopicPartition],
+    ) -> None:
+        """Fetch each pending partition from ``ends[tp] - 1``, increasing ``ends`` in place.
+
+        Partitions leave ``pending`` as they complete, so on a timeout it names the
+        ones that did not.
+
+        A partition is done once a fetch response for it arrived: aiokafka sets the
+        high watermark from every successful response, records or not, and a new
+        assignment starts with none, so a stale value from an earlier call cannot
+        end the wait early.
+        """
+        consumer.assign(list(pending))
+        for tp in pending:
+            consumer.seek(tp, ends[tp] - 1)
+        try:
+            while pending:
+                batches = await consumer.getmany(timeout_ms=20)
+                for tp, records in batches.items():
+                    if records:
+                        ends[tp] = max(ends[tp], records[-1].offset + 1)
+                for tp in list(pending):
+                    highwater = consumer.highwater(tp)
+                    if highwater is not None:
+                        ends[tp] = max(ends[tp], highwater)
+                        pending.discard(tp)
+        finally:
+            # Stop background fetching between calls.
+            consumer.unsubscribe()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def true_end_offsets(
+    bootstrap_servers: str | list[str],
+    tps: Iterable[TopicPartition],
+    *,
+    timeout: float = 10.0,
+) -> dict[TopicPartition, int]:
+    """One-shot :meth:`EndOffsetProbe.end_offsets` with its own short-lived consumer."""
+    async with EndOffsetProbe(bootstrap_servers=bootstrap_servers, timeout=timeout) as probe:
+        return await probe.end_offsets(tps)

@@ -1,0 +1,57 @@
+"""Running an RTIM worker: make sure the topics exist, then run the Faust worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import faust
+
+from rtim.broker import create_topics
+from rtim.offers.catalog import load_catalog
+from rtim.settings import Settings
+from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX, create_app
+
+log = logging.getLogger("rtim.worker")
+
+
+def topic_specs(settings: Settings) -> dict[str, int]:
+    """The topics a worker reads and writes, with their partition counts."""
+    channels = load_catalog(settings.catalog).channels
+    specs = {CLICKSTREAM_TOPIC: settings.partitions, DLQ_TOPIC: settings.partitions}
+    specs.update({TRIGGER_TOPIC_PREFIX + c: settings.partitions for c in sorted(channels)})
+    return specs
+
+
+async def ensure_topics(settings: Settings, *, give_up_after: float | None = None) -> None:
+    """Create missing topics, waiting for the broker if it is not there yet."""
+    loop = asyncio.get_running_loop()
+    deadline = None if give_up_after is None else loop.time() + give_up_after
+    delay = 0.5
+    specs = topic_specs(settings)
+    while True:
+        try:
+            await create_topics(settings.broker, specs, timeout=15.0)
+            return
+        except Exception as exc:  # noqa: BLE001 - any broker error: wait and retry
+            if deadline is not None and loop.time() > deadline:
+                raise
+            log.warning("broker %s not available (%r); retrying in %.1f s", settings.broker, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def run_worker(settings: Settings) -> None:
+    """Run a worker until it is stopped (SIGINT/SIGTERM)."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    os.makedirs(settings.datadir, exist_ok=True)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(ensure_topics(settings))
+    app = create_app(settings)
+    worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
+    worker.execute_from_commandline()
