@@ -49,5 +49,56 @@ def broker(port: int | None) -> None:
     run_forever(port)
 
 
+@main.command()
+@click.option("--events", "-n", type=int, default=100_000, show_default=True, help="Events to load.")
+@click.option("--partitions", type=int, default=4, show_default=True)
+@click.option("--customers", type=int, default=5_000, show_default=True)
+@click.option("--rate", type=float, default=2_000, show_default=True,
+              help="Offered rate (events/s) of the latency phase.")
+@click.option("--latency-seconds", type=float, default=10, show_default=True,
+              help="Length of the latency phase (0 skips it).")
+@click.option("--store", type=click.Choice(["rocksdb", "memory"]), default="rocksdb", show_default=True)
+@click.option("--broker", default=None, help="Use this broker instead of an embedded one.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the report as JSON to this file.")
+def bench(events: int, partitions: int, customers: int, rate: float, latency_seconds: float,
+          store: str, broker: str | None, json_path: str | None) -> None:
+    """Benchmark RTIM against a raw aiokafka loop, in one run, on one broker.
+
+    Reports events/s for each (from first to last committed offset), their
+    ratio, and p50/p95/p99 latency at a fixed offered rate.
+    """
+    import asyncio
+
+    from rtim.bench import format_report, report_json, run_bench
+
+    with click.progressbar(length=events, label="loading", file=None) as bar:
+        report = asyncio.run(run_bench(
+            events=events, partitions=partitions, customers=customers, rate=rate,
+            latency_seconds=latency_seconds, store=store, broker=broker,
+            echo=lambda m: click.echo("\n" + m if not m.startswith(" ") else m),
+            progress=bar.update,
+        ))
+    click.echo("")
+    click.echo(format_report(report))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            fh.write(report_json(report))
+
+
+@main.command("bench-raw", hidden=True)
+@click.option("--broker", required=True)
+def bench_raw(broker: str) -> None:
+    """The raw aiokafka loop `rtim bench` measures RTIM against."""
+    import asyncio
+
+    from rtim.bench import raw_pipeline
+
+    try:
+        asyncio.run(raw_pipeline(broker))
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

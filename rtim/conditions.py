@@ -48,6 +48,8 @@ _UNARY = ("exists", "missing")
 # Longest operators first so that ">=" is not read as ">".
 _BINARY_RE = re.compile(r"^(?P<path>.+?)\s+(?P<op>not in|contains|in|==|!=|>=|<=|>|<)\s+(?P<value>.+)$")
 _UNARY_RE = re.compile(r"^(?P<path>.+?)\s+(?P<op>exists|missing)$")
+# "status == missing" compares with the word "missing"; no key ends in "==".
+_ENDS_WITH_SYMBOL_OP = re.compile(r"\s(?:==|!=|>=|<=|>|<)$")
 
 
 class ConditionError(ValueError):
@@ -107,6 +109,8 @@ def compile_condition(text: str) -> Condition:
         raise ConditionError(f"a condition must be a non-empty string, got {text!r}")
     line = text.strip()
     match = _UNARY_RE.match(line)
+    if match and _ENDS_WITH_SYMBOL_OP.search(match["path"]):
+        match = None
     if match:
         value: Any = None
     else:
@@ -120,7 +124,7 @@ def compile_condition(text: str) -> Condition:
             value = yaml.safe_load(match["value"])
         except yaml.YAMLError as exc:
             raise ConditionError(f"cannot read the value in condition {text!r}: {exc}") from exc
-        if match["op"] in ("in", "not in") and not isinstance(value, (list, str)):
+        if match["op"] in ("in", "not in") and not isinstance(value, list):
             raise ConditionError(f"'{match['op']}' needs a list in condition {text!r}")
     path = tuple(part.strip() for part in match["path"].split("."))
     if not all(path):

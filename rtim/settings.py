@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     max_fetch_records: int = Field(
         10_000, ge=1, description="Records fetched per poll; one poll is one core batch."
     )
+    fetch_max_wait_ms: int = Field(
+        25,
+        ge=0,
+        description="Longest a fetch waits for data at the broker; bounds idle latency.",
+    )
     commit_interval_s: float = Field(1.0, gt=0, description="Offset commit interval.")
     cache_customers: int = Field(
         200_000, ge=1000, description="Decoded customer contexts kept in memory per worker."

@@ -40,11 +40,11 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - only for type checkers
-    from rtim.simulate_kafka import produce_events as produce_events
+    from rtim.simulate_kafka import produce_events
 
 __all__ = [
     "CATALOG",
@@ -258,14 +258,22 @@ _RESOLUTIONS = {
     "payment_failed": "payment_retried",
 }
 _USER_AGENTS: tuple[str, ...] = (
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
-    "(KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36",
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 "
-    "(KHTML, like Gecko) Version/17.4 Safari/605.1.15",
-    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
-    "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1",
-    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
-    "(KHTML, like Gecko) Chrome/124.0.0.0 Mobile Safari/537.36",
+    (
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36"
+    ),
+    (
+        "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.4 Safari/605.1.15"
+    ),
+    (
+        "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 "
+        "(KHTML, like Gecko) Version/17.4 Mobile/15E148 Safari/604.1"
+    ),
+    (
+        "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
+        "(KHTML, like Gecko) Chrome/124.0.0.0 Mobile Safari/537.36"
+    ),
     "Mozilla/5.0 (X11; Linux x86_64; rv:125.0) Gecko/20100101 Firefox/125.0",
 )
 _APP_DEVICES: tuple[tuple[str, str, str, str], ...] = (
@@ -424,7 +432,7 @@ def format_timestamp(ms: int) -> str:
     day, rem = divmod(ms, 86_400_000)
     prefix = _DAY_PREFIX.get(day)
     if prefix is None:
-        prefix = datetime.fromtimestamp(day * 86_400, tz=timezone.utc).strftime("%Y-%m-%dT")
+        prefix = datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%dT")
         _DAY_PREFIX[day] = prefix
     sec, milli = divmod(rem, 1000)
     return prefix + _HMS[sec] + _MILLIS[milli]
@@ -458,12 +466,13 @@ def key_for(event: dict[str, Any]) -> str:
 def _uuid4(getrandbits: Any) -> str:
     """RFC 4122 version-4 UUID string drawn from ``getrandbits`` (the seeded RNG).
 
-    Same bit twiddling as ``uuid.UUID(int=..., version=4)``, about 3x cheaper.
+    Same bit twiddling as ``uuid.UUID(int=..., version=4)``; unlike
+    :func:`uuid.uuid4` it is reproducible because it draws from our RNG.
     """
     n = getrandbits(128)
     n = (n & ~(0xC000 << 48)) | (0x8000 << 48)
     n = (n & ~(0xF000 << 64)) | (4 << 76)
-    h = "%032x" % n
+    h = f"{n:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -478,7 +487,6 @@ class _Device:
     app: tuple[str, str, str, str, str] = ("", "", "", "", "")  # version, mfr, model, os, os_ver
     device_id: str = ""
     page: dict[str, str] | None = None  # current web page (context.page)
-    screen: str = "Home"
 
 
 @dataclass(slots=True)
@@ -495,6 +503,7 @@ class _Customer:
     clock: int = 0
     cart: dict[str, int] = field(default_factory=dict)  # product_id -> quantity
     cart_id: str = ""
+    reminded_cart_id: str = ""  # one reminder e-mail per basket, not a spam loop
     orders: list[str] = field(default_factory=list)
     pending: list[tuple[int, int, str, Any]] = field(default_factory=list)  # heap
     pending_seq: int = 0
@@ -531,6 +540,12 @@ class JourneySimulator:
     :meth:`events` continues one shared world: calling it twice yields the
     next events, not the same ones again. Events are fresh dicts that the
     caller owns. In simulated mode the stream is ordered by ``timestamp``.
+
+    Simulated time runs ahead of the wall clock: about 10 hours after
+    ``start_ms`` at 20 events per customer, about 4 days at 100. A consumer
+    that rejects future timestamps (:func:`rtim.events.segment.parse_event`
+    allows one hour of skew) needs ``start_ms`` far enough in the past, or
+    ``live=True``.
     """
 
     def __init__(
@@ -564,7 +579,7 @@ class JourneySimulator:
         # Heap of (time of the customer's next event, customer index, event).
         # The index breaks ties deterministically and keeps dicts uncompared.
         self._heap: list[tuple[int, int, dict[str, Any]]] = []
-        for c, journey in zip(self._customers, self._journeys):
+        for c, journey in zip(self._customers, self._journeys, strict=True):
             event = next(journey)
             self._heap.append((c.clock, c.idx, event))
         heapq.heapify(self._heap)
@@ -581,12 +596,22 @@ class JourneySimulator:
         n : int or None
             Number of events; ``None`` for an endless stream.
 
-        Yields
-        ------
-        dict
-            A Segment-spec event (``page``, ``screen``, ``track`` or
+        Returns
+        -------
+        iterator of dict
+            Segment-spec events (``page``, ``screen``, ``track`` or
             ``identify``) with ``messageId`` and ``timestamp`` filled in.
+
+        Raises
+        ------
+        ValueError
+            If ``n`` is negative (raised at call time, not on first ``next``).
         """
+        if n is not None and n < 0:
+            raise ValueError("n must be >= 0 (or None for an endless stream)")
+        return self._events(n)
+
+    def _events(self, n: int | None) -> Iterator[dict[str, Any]]:
         heap = self._heap
         journeys = self._journeys
         customers = self._customers
@@ -598,15 +623,16 @@ class JourneySimulator:
         while remaining:
             ts, idx, event = heap[0]
             # Advance this customer first so the heap is consistent even if
-            # the consumer abandons the generator right after the yield.
-            replace(heap, (customers[idx].clock, idx, next(journeys[idx])))
+            # the consumer abandons the generator right after the yield. (The
+            # journey moves the customer's clock, so read it after next().)
+            nxt = next(journeys[idx])
+            replace(heap, (customers[idx].clock, idx, nxt))
             if live:
                 now = int(time.time() * 1000)
                 # Wall clocks can step back (NTP); keep the stream monotonic.
-                ts = now if now > self._last_live_ms else self._last_live_ms
-                self._last_live_ms = ts
-            self._emitted += 1
-            event["messageId"] = f"{id_prefix}{self._emitted:012x}"
+                ts = self._last_live_ms = max(self._last_live_ms, now)
+            seq = self._emitted = self._emitted + 1
+            event["messageId"] = f"{id_prefix}{seq:012x}"
             event["timestamp"] = fmt(ts)
             remaining -= 1
             yield event
@@ -765,7 +791,7 @@ class JourneySimulator:
     def _think(self) -> int:
         """Milliseconds between two clicks of one person."""
         t = _MIN_THINK_MS + int(self._rng.expovariate(1.0 / _MEAN_THINK_MS))
-        return t if t < _MAX_THINK_MS else _MAX_THINK_MS
+        return min(t, _MAX_THINK_MS)
 
     def _beat(self) -> int:
         """Milliseconds between a page view and the track call it fires."""
@@ -812,7 +838,11 @@ class JourneySimulator:
         }
 
     def _offline(
-        self, c: _Customer, channel: str, name: str, properties: dict[str, Any],
+        self,
+        c: _Customer,
+        channel: str,
+        name: str,
+        properties: dict[str, Any],
         context: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """A server-side track call (e-mail, call centre, store): userId only."""
@@ -843,11 +873,10 @@ class JourneySimulator:
     ) -> dict[str, Any]:
         """A ``page`` (web) or ``screen`` (app) call; updates the device's location."""
         if dev.kind == "app":
-            dev.screen = name
             props: dict[str, Any] = {"name": name}
             if extra:
                 props.update(extra)
-            return {
+            event = {
                 "type": "screen",
                 "messageId": "",
                 "timestamp": "",
@@ -857,6 +886,9 @@ class JourneySimulator:
                 "properties": props,
                 "context": self._context(c, dev),
             }
+            if campaign:  # opened through an e-mail deep link
+                event["context"]["campaign"] = campaign
+            return event
         url = SHOP_URL + path
         if referrer is None:
             referrer = dev.page["url"] if dev.page else ""
@@ -943,25 +975,54 @@ class JourneySimulator:
             campaign_ctx = {"name": campaign, "source": "crm", "medium": "email"}
             utm = f"?utm_source=crm&utm_medium=email&utm_campaign={campaign}"
             if campaign == "cart_reminder" and c.cart:
-                yield self._view(c, dev, "Cart", "/cart" + utm, "Your basket",
-                                 referrer=referrer, campaign=campaign_ctx)
+                yield self._view(
+                    c,
+                    dev,
+                    "Cart",
+                    "/cart" + utm,
+                    "Your basket",
+                    referrer=referrer,
+                    campaign=campaign_ctx,
+                )
                 c.clock += self._beat()
-                yield self._track(c, dev, "Cart Viewed",
-                                  {"cart_id": c.cart_id, "products": self._cart_products(c)})
+                yield self._track(
+                    c,
+                    dev,
+                    "Cart Viewed",
+                    {"cart_id": c.cart_id, "products": self._cart_products(c)},
+                )
                 checkout_boost = 0.35  # people who come back for their cart buy
             else:
-                yield self._view(c, dev, "Category", f"/c/{category}{utm}",
-                                 category.title(), {"category": category},
-                                 referrer=referrer, campaign=campaign_ctx)
+                yield self._view(
+                    c,
+                    dev,
+                    "Category",
+                    f"/c/{category}{utm}",
+                    category.title(),
+                    {"category": category},
+                    referrer=referrer,
+                    campaign=campaign_ctx,
+                )
                 c.clock += self._beat()
-                yield self._track(c, dev, "Product List Viewed",
-                                  {"list_id": f"{category}-all", "category": category})
+                yield self._track(
+                    c,
+                    dev,
+                    "Product List Viewed",
+                    {"list_id": f"{category}-all", "category": category},
+                )
                 checkout_boost = 0.1
         elif referrer and rng.random() < 0.5:
             # Search-engine / social traffic lands on a product page.
             product = self._pick_product(c, category)
-            yield self._view(c, dev, "Product", f"/p/{product.product_id}", product.name,
-                             {"category": category}, referrer=referrer)
+            yield self._view(
+                c,
+                dev,
+                "Product",
+                f"/p/{product.product_id}",
+                product.name,
+                {"category": category},
+                referrer=referrer,
+            )
             c.clock += self._beat()
             yield self._track(c, dev, "Product Viewed", product.properties())
         else:
@@ -969,7 +1030,7 @@ class JourneySimulator:
 
         wants_sign_in = known and not dev.signed_in and rng.random() < p.p_sign_in
         steps = rng.randint(*p.steps)
-        for step in range(steps):
+        for _ in range(steps):
             if wants_sign_in and rng.random() < 2.0 / steps:
                 wants_sign_in = False
                 yield from self._sign_in(c, dev)
@@ -981,9 +1042,7 @@ class JourneySimulator:
             w_cart = p.w_cart if has_cart else 0.1
             # A fuller basket pulls harder towards the checkout.
             w_checkout = (
-                p.w_checkout * (0.5 + 0.5 * len(c.cart)) + 4 * checkout_boost
-                if has_cart
-                else 0.0
+                p.w_checkout * (0.5 + 0.5 * len(c.cart)) + 4 * checkout_boost if has_cart else 0.0
             )
             w_help = p.w_help if known else 0.0
             r = rng.random() * (
@@ -1012,20 +1071,36 @@ class JourneySimulator:
                     query = f"{query} {rng.choice(_BARGAIN_WORDS)}"
                 yield self._track(c, dev, "Products Searched", {"query": query})
                 c.clock += self._beat()
-                yield self._view(c, dev, "Search Results",
-                                 "/search?q=" + query.replace(" ", "+"),
-                                 f"Results for {query}", {"query": query})
+                yield self._view(
+                    c,
+                    dev,
+                    "Search Results",
+                    "/search?q=" + query.replace(" ", "+"),
+                    f"Results for {query}",
+                    {"query": query},
+                )
             elif action == "browse":
                 category = self._pick_category(c)
-                yield self._view(c, dev, "Category", f"/c/{category}", category.title(),
-                                 {"category": category})
+                yield self._view(
+                    c, dev, "Category", f"/c/{category}", category.title(), {"category": category}
+                )
                 c.clock += self._beat()
-                yield self._track(c, dev, "Product List Viewed",
-                                  {"list_id": f"{category}-all", "category": category})
+                yield self._track(
+                    c,
+                    dev,
+                    "Product List Viewed",
+                    {"list_id": f"{category}-all", "category": category},
+                )
             elif action == "view":
                 product = self._pick_product(c, category)
-                yield self._view(c, dev, "Product", f"/p/{product.product_id}", product.name,
-                                 {"category": category})
+                yield self._view(
+                    c,
+                    dev,
+                    "Product",
+                    f"/p/{product.product_id}",
+                    product.name,
+                    {"category": category},
+                )
                 c.clock += self._beat()
                 yield self._track(c, dev, "Product Viewed", product.properties())
             elif action == "add":
@@ -1044,8 +1119,12 @@ class JourneySimulator:
             elif action == "cart":
                 yield self._view(c, dev, "Cart", "/cart", "Your basket")
                 c.clock += self._beat()
-                yield self._track(c, dev, "Cart Viewed",
-                                  {"cart_id": c.cart_id, "products": self._cart_products(c)})
+                yield self._track(
+                    c,
+                    dev,
+                    "Cart Viewed",
+                    {"cart_id": c.cart_id, "products": self._cart_products(c)},
+                )
             elif action == "help":
                 yield self._view(c, dev, "Help Centre", "/help", "Help centre")
                 if dev.signed_in and rng.random() < 0.5:
@@ -1065,13 +1144,11 @@ class JourneySimulator:
                     break
         # Session over. A non-empty cart is an abandoned cart; known customers
         # get a reminder e-mail a few hours later.
-        if c.cart and known and rng.random() < 0.75:
-            self._schedule(c, _HOUR_MS + int(rng.random() * 5 * _HOUR_MS), "email",
-                           "cart_reminder")
+        if c.cart and known and c.reminded_cart_id != c.cart_id and rng.random() < 0.75:
+            c.reminded_cart_id = c.cart_id
+            self._schedule(c, _HOUR_MS + int(rng.random() * 5 * _HOUR_MS), "email", "cart_reminder")
 
-    def _checkout(
-        self, c: _Customer, dev: _Device, boost: float
-    ) -> Iterator[dict[str, Any]]:
+    def _checkout(self, c: _Customer, dev: _Device, boost: float) -> Iterator[dict[str, Any]]:
         """Checkout Started, then Order Completed or abandonment. Returns bought?"""
         rng = self._rng
         p = c.persona
@@ -1087,8 +1164,12 @@ class JourneySimulator:
         if rng.random() >= p.p_buy + boost:
             if p.name == "frustrated" and rng.random() < 0.5:
                 # A failed payment is a classic reason to call the call centre.
-                self._schedule(c, _HOUR_MS + int(rng.random() * 3 * _HOUR_MS), "call",
-                               ("payment_failed", order_id))
+                self._schedule(
+                    c,
+                    _HOUR_MS + int(rng.random() * 3 * _HOUR_MS),
+                    "call",
+                    ("payment_failed", order_id),
+                )
             return False
         c.clock += self._think() + 20_000  # typing card details takes a while
         discount, coupon = 0.0, None
@@ -1109,15 +1190,22 @@ class JourneySimulator:
             props["coupon"] = coupon
         yield self._track(c, dev, "Order Completed", props)
         c.clock += self._beat()
-        yield self._view(c, dev, "Order Confirmation", f"/checkout/confirmation/{order_id}",
-                         "Thank you for your order", {"order_id": order_id})
+        yield self._view(
+            c,
+            dev,
+            "Order Confirmation",
+            f"/checkout/confirmation/{order_id}",
+            "Thank you for your order",
+            {"order_id": order_id},
+        )
         c.cart.clear()
         c.cart_id = f"cart-{rng.getrandbits(32):08x}"
         c.orders.append(order_id)
         if p.name == "frustrated" and rng.random() < 0.6:
             issue = rng.choice(("delivery_delay", "damaged_item", "refund_request"))
-            self._schedule(c, 20 * _HOUR_MS + int(rng.random() * 48 * _HOUR_MS), "call",
-                           (issue, order_id))
+            self._schedule(
+                c, 20 * _HOUR_MS + int(rng.random() * 48 * _HOUR_MS), "call", (issue, order_id)
+            )
         return True
 
     def _email(self, c: _Customer, campaign: str | None) -> Iterator[dict[str, Any]]:
@@ -1135,15 +1223,21 @@ class JourneySimulator:
             campaign = "weekly_newsletter"  # bought in the meantime (e.g. in store)
         email_id = f"em-{rng.getrandbits(32):08x}"
         ctx = {"campaign": {"name": campaign, "source": "crm", "medium": "email"}}
-        yield self._offline(c, "email", "Email Opened",
-                            {"campaign": campaign, "email_id": email_id}, ctx)
+        yield self._offline(
+            c, "email", "Email Opened", {"campaign": campaign, "email_id": email_id}, ctx
+        )
         p_click = min(0.9, p.p_click + (0.25 if campaign == "cart_reminder" else 0.0))
         if rng.random() >= p_click:
             return
         c.clock += 3_000 + int(rng.random() * 60_000)
         link = f"{SHOP_URL}/{'cart' if campaign == 'cart_reminder' else 'c/' + c.favourites[0]}"
-        yield self._offline(c, "email", "Email Link Clicked",
-                            {"campaign": campaign, "email_id": email_id, "link_url": link}, ctx)
+        yield self._offline(
+            c,
+            "email",
+            "Email Link Clicked",
+            {"campaign": campaign, "email_id": email_id, "link_url": link},
+            ctx,
+        )
         c.clock += 1_000 + int(rng.random() * 3_000)
         # Links open in the browser (or the app, if installed, via deep link).
         yield from self._shop(c, self._pick_device(c), "", campaign=campaign)
@@ -1153,11 +1247,12 @@ class JourneySimulator:
         rng = self._rng
         store_id, city = rng.choice(_STORES)
         ctx = {"location": {"city": city, "country": "GB"}}
-        yield self._offline(c, "store", "Store Visited",
-                            {"store_id": store_id, "store_name": f"RTIM {city}"}, ctx)
+        yield self._offline(
+            c, "store", "Store Visited", {"store_id": store_id, "store_name": f"RTIM {city}"}, ctx
+        )
         if rng.random() >= c.persona.p_store_buy:
             return
-        c.clock += 5 * 60_000 + int(rng.random() * 30 * 60_000)
+        c.clock += 3 * 60_000 + int(rng.random() * 17 * 60_000)  # browsing the shop floor
         if c.cart and rng.random() < 0.5:
             # Omnichannel: the online basket is bought in store.
             items = dict(c.cart)
@@ -1177,7 +1272,10 @@ class JourneySimulator:
         }, ctx)  # fmt: skip
 
     def _open_ticket(
-        self, c: _Customer, dev: _Device | None, issue: str | None = None,
+        self,
+        c: _Customer,
+        dev: _Device | None,
+        issue: str | None = None,
         order_id: str | None = None,
     ) -> dict[str, Any]:
         """Support Ticket Opened (web form or phone call); schedules the resolution."""
@@ -1194,7 +1292,7 @@ class JourneySimulator:
         }
         if order_id:
             props["order_id"] = order_id
-        # Frustrated customers wait longer for a fix (that is why they are).
+        # Frustrated customers wait longer for a fix (part of why they are).
         hours = 1 + rng.random() * (12 if c.persona.name == "frustrated" else 4)
         self._schedule(c, int(hours * _HOUR_MS), "resolve", (ticket_id, issue, c.clock))
         if dev is None:
@@ -1207,9 +1305,7 @@ class JourneySimulator:
         issue, order_id = data if data is not None else (None, None)
         yield self._open_ticket(c, None, issue, order_id)
 
-    def _resolve_ticket(
-        self, c: _Customer, data: tuple[str, str, int]
-    ) -> Iterator[dict[str, Any]]:
+    def _resolve_ticket(self, c: _Customer, data: tuple[str, str, int]) -> Iterator[dict[str, Any]]:
         ticket_id, issue, opened_at = data
         rng = self._rng
         frustrated = c.persona.name == "frustrated"

@@ -34,7 +34,7 @@ from rtim.events import Event
 
 MAX_NAMES = 48
 MAX_PAGES = 10
-MAX_IDS = 64
+MAX_IDS = 16
 MAX_CART_ITEMS = 50
 MAX_CATEGORIES = 16
 AFFINITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
@@ -153,12 +153,14 @@ def _apply_commerce(ctx: Context, name: str, props: dict[str, Any], ts: int) -> 
         if not isinstance(pid, (str, int)) or isinstance(pid, bool):
             return
         pid = str(pid)
-        qty = _as_float(props.get("quantity"), 1.0) or 1.0
+        qty = _as_float(props.get("quantity"), 1.0)
+        if qty <= 0:
+            qty = 1.0
         items = cart["items"]
         if name == "Product Added":
             if pid in items or len(items) < MAX_CART_ITEMS:
                 old_qty = items[pid][0] if pid in items else 0.0
-                items[pid] = [old_qty + qty, _as_float(props.get("price"))]
+                items[pid] = [old_qty + qty, max(0.0, _as_float(props.get("price")))]
         elif pid in items:
             left = items[pid][0] - qty
             if left > 0:
@@ -188,6 +190,10 @@ def apply_event(ctx: Context, event: Event, partition: int, offset: int) -> None
     if ctx["last_ms"] is None or ts > ctx["last_ms"]:
         ctx["last_ms"] = ts
     ctx["n"] += 1
+    if ctx["affinity"]:
+        # Conditions and scores read the affinity as of this event: decay it
+        # even when this event adds no interest (else old interests stay fresh).
+        _decay_affinity(ctx, ts)
     types = ctx["types"]
     types[event.type] = types.get(event.type, 0) + 1
 

@@ -131,6 +131,8 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if triggers is not None:
         if isinstance(triggers, str):
             triggers = [triggers]
+        if not isinstance(triggers, list) or not all(isinstance(t, str) for t in triggers):
+            raise CatalogError(f"{where}: 'triggers' must be a list of trigger ids")
         missing = [t for t in triggers if t not in trigger_ids]
         if missing:
             raise CatalogError(f"{where}: refers to undefined trigger(s) {missing}")
@@ -165,10 +167,17 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     return offer
 
 
+def _duplicates(ids: list[str]) -> list[str]:
+    return sorted({i for i in ids if ids.count(i) > 1})
+
+
 def parse_catalog(data: Any, source: str = "<memory>") -> Catalog:
     """Build a :class:`Catalog` from the parsed YAML document."""
     if not isinstance(data, dict):
         raise CatalogError(f"{source}: the catalog must be a mapping with 'triggers' and 'offers'")
+    unknown = set(data) - {"triggers", "offers"}
+    if unknown:
+        raise CatalogError(f"{source}: unknown top-level field(s) {sorted(map(str, unknown))}")
     raw_triggers = data.get("triggers") or []
     raw_offers = data.get("offers") or []
     if not isinstance(raw_triggers, list) or not isinstance(raw_offers, list):
@@ -179,7 +188,7 @@ def parse_catalog(data: Any, source: str = "<memory>") -> Catalog:
         raise CatalogError(f"{source}: {exc}") from None
     ids = [t.id for t in triggers]
     if len(set(ids)) != len(ids):
-        raise CatalogError(f"{source}: duplicate trigger ids")
+        raise CatalogError(f"{source}: duplicate trigger id(s) {_duplicates(ids)}")
     trigger_ids = frozenset(ids)
     try:
         offers = tuple(parse_offer(raw, i, trigger_ids) for i, raw in enumerate(raw_offers))
@@ -187,7 +196,7 @@ def parse_catalog(data: Any, source: str = "<memory>") -> Catalog:
         raise CatalogError(f"{source}: {exc}") from None
     offer_ids = [o.id for o in offers]
     if len(set(offer_ids)) != len(offer_ids):
-        raise CatalogError(f"{source}: duplicate offer ids")
+        raise CatalogError(f"{source}: duplicate offer id(s) {_duplicates(offer_ids)}")
     return Catalog(triggers=triggers, offers=offers, source=source)
 
 
@@ -198,6 +207,7 @@ def load_catalog(path: str | Path) -> Catalog:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise CatalogError(f"cannot read catalog {path}: {exc}") from None
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:
+        # ValueError: a date YAML recognises but cannot build (2026-02-30).
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
     return parse_catalog(data, source=str(path))

@@ -203,6 +203,7 @@ def create_app(settings: Settings) -> RtimApp:
     app.topics.add(clickstream)
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)
+    consumer.fetch_max_wait_ms = settings.fetch_max_wait_ms
     consumer.route_batches({CLICKSTREAM_TOPIC}, to_agent, processor.wait_idle)
 
     install_views(app, processor)

@@ -1,0 +1,425 @@
+"""``rtim bench``: RTIM against the raw-aiokafka ceiling, in one run, on one broker.
+
+Phases (both pipelines run as separate worker processes, measured the same way
+from outside, by polling their consumer group's committed offsets):
+
+1. load N simulated clickstream events into ``rtim.clickstream``;
+2. throughput of the **raw** loop: aiokafka ``getmany`` -> ``orjson.loads`` ->
+   dict update -> one output record per event (``send_batch`` per partition)
+   -> commit. This is the practical ceiling of Python on one core;
+3. throughput of the **RTIM worker**: validate, dedupe, durable context update
+   (RocksDB + changelog), triggers, scoring when a trigger fires, CloudEvents
+   out, metrics, commits;
+4. latency at a fixed offered rate: live events (stamped at send time) at
+   ``--rate`` events/s while both pipelines run; latency is the time from the
+   event's timestamp to the output (raw) or trigger (RTIM) arriving at a
+   consumer.
+
+Throughput is (events committed) / (time from the first commit to the last),
+so start-up and group joins are not counted, and commits are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from rtim.broker import EmbeddedBroker, create_topics
+from rtim.simulate import JourneySimulator, key_for
+from rtim.stream.endoffsets import true_end_offsets
+
+CLICKSTREAM = "rtim.clickstream"
+RAW_OUT = "bench.raw.out"
+RAW_GROUP = "bench-raw"
+RTIM_APP = "rtim-bench"
+
+
+# -- the baseline -----------------------------------------------------------
+
+
+async def raw_pipeline(bootstrap: str, *, group: str = RAW_GROUP, max_records: int = 10_000) -> None:
+    """The ceiling: consume -> parse -> dict update -> produce -> commit, nothing else."""
+    consumer = AIOKafkaConsumer(
+        CLICKSTREAM,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=max_records,
+        session_timeout_ms=10_000,
+        rebalance_timeout_ms=5_000,
+        fetch_max_wait_ms=25,
+    )
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=512 * 1024)
+    await consumer.start()
+    await producer.start()
+    counts: dict[str, int] = defaultdict(int)
+    out_parts = sorted(await producer.partitions_for(RAW_OUT))
+    try:
+        while True:
+            fetched = await consumer.getmany(timeout_ms=1000, max_records=max_records)
+            if not fetched:
+                continue
+            futures = []
+            for tp, records in fetched.items():
+                batch = producer.create_batch()
+                part = out_parts[tp.partition % len(out_parts)]
+                for rec in records:
+                    event = orjson.loads(rec.value)
+                    customer = event.get("userId") or event.get("anonymousId")
+                    counts[customer] += 1
+                    value = orjson.dumps({"c": customer, "n": counts[customer], "ts": event.get("timestamp")})
+                    if batch.append(key=rec.key, value=value, timestamp=None) is None:
+                        futures.append(await producer.send_batch(batch, RAW_OUT, partition=part))
+                        batch = producer.create_batch()
+                        batch.append(key=rec.key, value=value, timestamp=None)
+                futures.append(await producer.send_batch(batch, RAW_OUT, partition=part))
+            await asyncio.gather(*futures)
+            await consumer.commit()
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+# -- measuring --------------------------------------------------------------
+
+
+@dataclass
+class Throughput:
+    events: int
+    seconds: float
+    events_per_s: float
+
+
+@dataclass
+class Latency:
+    samples: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass
+class BenchReport:
+    events: int
+    partitions: int
+    customers: int
+    store: str
+    raw: Throughput | None = None
+    rtim: Throughput | None = None
+    ratio: float | None = None
+    offered_rate: float = 0.0
+    raw_latency: Latency | None = None
+    rtim_latency: Latency | None = None
+    rtim_triggers: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _committed_total(reader: AIOKafkaConsumer, tps: list[TopicPartition]) -> int:
+    total = 0
+    for tp in tps:
+        offset = await reader.committed(tp)
+        total += offset or 0
+    return total
+
+
+async def measure_until_committed(
+    bootstrap: str,
+    group: str,
+    total: int,
+    *,
+    partitions: int,
+    timeout: float,
+    proc: subprocess.Popen | None = None,
+) -> Throughput:
+    """Poll the group's committed offsets until they reach ``total``."""
+    # A consumer of the group that never joins it: it only reads committed offsets.
+    # (The admin client's OffsetFetch does not decode on the embedded broker.)
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await reader.start()
+    tps = [TopicPartition(CLICKSTREAM, p) for p in range(partitions)]
+    try:
+        deadline = time.monotonic() + timeout
+        first_t, first_n = None, 0
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{group}: the pipeline process exited with {proc.returncode}")
+            try:
+                done = await _committed_total(reader, tps)
+            except KafkaError:  # the group may not exist yet
+                await asyncio.sleep(0.1)
+                continue
+            now = time.perf_counter()
+            if first_t is None and done > 0:
+                first_t, first_n = now, done
+            if done >= total:
+                assert first_t is not None
+                seconds = max(now - first_t, 1e-9)
+                n = total - first_n
+                if n <= 0:  # everything in the first commit: fall back to the whole time
+                    n, seconds = total, now - first_t + 1e-3
+                return Throughput(events=n, seconds=round(seconds, 3), events_per_s=round(n / seconds, 1))
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"{group}: committed offsets did not reach {total} in {timeout:.0f} s")
+    finally:
+        await reader.stop()
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    idx = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    return sorted_values[idx]
+
+
+def _latency(values: list[float]) -> Latency | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return Latency(
+        samples=len(values),
+        p50_ms=round(_percentile(values, 0.50), 2),
+        p95_ms=round(_percentile(values, 0.95), 2),
+        p99_ms=round(_percentile(values, 0.99), 2),
+        max_ms=round(values[-1], 2),
+    )
+
+
+def _iso_now() -> tuple[str, int]:
+    now_ms = time.time_ns() // 1_000_000
+    moment = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"), now_ms
+
+
+def _parse_iso_ms(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000
+
+
+async def offered_load_latency(
+    bootstrap: str, *, rate: float, seconds: float, customers: int, trigger_topics: list[str]
+) -> tuple[list[float], list[float]]:
+    """Send live events at ``rate``/s; return (raw latencies, RTIM latencies) in ms."""
+    raw_lat: list[float] = []
+    rtim_lat: list[float] = []
+    consumer = AIOKafkaConsumer(
+        RAW_OUT, *trigger_topics, bootstrap_servers=bootstrap, auto_offset_reset="latest",
+        enable_auto_commit=False, group_id=None, fetch_max_wait_ms=10,
+    )
+    await consumer.start()
+    # Make sure the consumer has its positions before the first event is sent.
+    await consumer.getmany(timeout_ms=200)
+    for tp in consumer.assignment():
+        await consumer.position(tp)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    await producer.start()
+    sim = JourneySimulator(customers=customers, seed=7, live=True)
+    stream = sim.events()
+    stop = asyncio.Event()
+
+    async def collect() -> None:
+        while not stop.is_set():
+            fetched = await consumer.getmany(timeout_ms=100)
+            now = time.time() * 1000
+            for tp, records in fetched.items():
+                for rec in records:
+                    body = orjson.loads(rec.value)
+                    if tp.topic == RAW_OUT:
+                        if body.get("ts"):
+                            raw_lat.append(now - _parse_iso_ms(body["ts"]))
+                    else:
+                        rtim_lat.append(now - _parse_iso_ms(body["data"]["event"]["timestamp"]))
+
+    collector = asyncio.create_task(collect())
+    try:
+        tick = 0.01
+        per_tick = rate * tick
+        owed = 0.0
+        start = time.perf_counter()
+        next_t = start
+        while time.perf_counter() - start < seconds:
+            owed += per_tick
+            for _ in range(int(owed)):
+                event = next(stream)
+                event["timestamp"], _ = _iso_now()
+                await producer.send(CLICKSTREAM, orjson.dumps(event), key=key_for(event).encode())
+            owed -= int(owed)
+            next_t += tick
+            await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
+        await producer.flush()
+        await asyncio.sleep(2.0)  # let the last outputs arrive
+    finally:
+        stop.set()
+        await collector
+        await producer.stop()
+        await consumer.stop()
+    return raw_lat, rtim_lat
+
+
+async def load_events(bootstrap: str, n: int, customers: int, progress: Callable[[int], None] | None) -> int:
+    """Produce ``n`` simulated events (simulated time) into the clickstream."""
+    # Simulated time runs ahead of the wall clock (hours between sessions); start
+    # far enough back that no event is stamped in the future (clock_skew).
+    sim = JourneySimulator(customers=customers, seed=42, start_ms=int(time.time() * 1000) - 90 * 86_400_000)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
+    await producer.start()
+    try:
+        sent = 0
+        chunk = []
+        for event in sim.events(n):
+            chunk.append(await producer.send(CLICKSTREAM, orjson.dumps(event), key=key_for(event).encode()))
+            if len(chunk) >= 5000:
+                await asyncio.gather(*chunk)
+                sent += len(chunk)
+                if progress:
+                    progress(len(chunk))
+                chunk = []
+        await asyncio.gather(*chunk)
+        sent += len(chunk)
+        if progress:
+            progress(len(chunk))
+        return sent
+    finally:
+        await producer.stop()
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "rtim", *args], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+async def run_bench(
+    *,
+    events: int = 100_000,
+    partitions: int = 4,
+    customers: int = 5_000,
+    rate: float = 2_000.0,
+    latency_seconds: float = 10.0,
+    store: str = "rocksdb",
+    broker: str | None = None,
+    workdir: Path | None = None,
+    echo: Callable[[str], None] = print,
+    progress: Callable[[int], None] | None = None,
+) -> BenchReport:
+    report = BenchReport(events=events, partitions=partitions, customers=customers, store=store)
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="rtim-bench-"))
+    embedded = None
+    if broker is None:
+        embedded = EmbeddedBroker(log_path=workdir / "broker.log").start()
+        broker = embedded.bootstrap
+    raw_proc = rtim_proc = None
+    try:
+        from rtim.settings import Settings
+        from rtim.stream.worker import topic_specs
+
+        settings = Settings(broker=broker, partitions=partitions)
+        trigger_topics = [t for t in topic_specs(settings) if t.startswith("rtim.triggers.")]
+        await create_topics(broker, {**topic_specs(settings), RAW_OUT: partitions})
+        echo(f"loading {events:,} simulated events ({customers:,} customers, {partitions} partitions)...")
+        loaded = await load_events(broker, events, customers, progress)
+        ends = await true_end_offsets(broker, [TopicPartition(CLICKSTREAM, p) for p in range(partitions)])
+        total = sum(ends.values())
+        assert total == loaded, f"loaded {loaded} but the topic holds {total}"
+
+        env = dict(os.environ)
+        echo("raw aiokafka baseline: consume -> parse -> update -> produce -> commit ...")
+        raw_proc = _spawn(["bench-raw", "--broker", broker], env, workdir / "raw.log")
+        report.raw = await measure_until_committed(broker, RAW_GROUP, total, partitions=partitions, timeout=600, proc=raw_proc)
+        echo(f"  raw:  {report.raw.events_per_s:>10,.0f} events/s")
+
+        web_port = _free_port()
+        env.update(
+            RTIM_BROKER=broker,
+            RTIM_APP_ID=RTIM_APP,
+            RTIM_DATADIR=str(workdir / "rtim-data"),
+            RTIM_STORE=store,
+            RTIM_PARTITIONS=str(partitions),
+            RTIM_WEB_PORT=str(web_port),
+            RTIM_LOG_LEVEL="warning",
+        )
+        echo(f"RTIM worker ({store} store): validate, dedupe, context, triggers, score, publish ...")
+        rtim_proc = _spawn(["worker"], env, workdir / "rtim.log")
+        report.rtim = await measure_until_committed(broker, RTIM_APP, total, partitions=partitions, timeout=900, proc=rtim_proc)
+        echo(f"  rtim: {report.rtim.events_per_s:>10,.0f} events/s")
+        report.ratio = round(report.rtim.events_per_s / report.raw.events_per_s, 3)
+
+        if latency_seconds > 0:
+            echo(f"latency: {rate:,.0f} live events/s for {latency_seconds:.0f} s through both ...")
+            report.offered_rate = rate
+            raw_lat, rtim_lat = await offered_load_latency(
+                broker, rate=rate, seconds=latency_seconds, customers=customers,
+                trigger_topics=trigger_topics,
+            )
+            report.raw_latency = _latency(raw_lat)
+            report.rtim_latency = _latency(rtim_lat)
+            report.rtim_triggers = len(rtim_lat)
+    finally:
+        _stop(rtim_proc)
+        _stop(raw_proc)
+        if embedded is not None:
+            embedded.stop()
+    return report
+
+
+def format_report(report: BenchReport) -> str:
+    lines = [
+        f"rtim bench: {report.events:,} events, {report.customers:,} customers, "
+        f"{report.partitions} partitions, {report.store} store, one process each",
+        "",
+        f"{'pipeline':<28}{'events/s':>12}{'seconds':>10}",
+    ]
+    for name, tp in (("raw aiokafka (ceiling)", report.raw), ("RTIM worker", report.rtim)):
+        if tp:
+            lines.append(f"{name:<28}{tp.events_per_s:>12,.0f}{tp.seconds:>10.2f}")
+    if report.ratio is not None:
+        lines.append(f"{'ratio RTIM / raw':<28}{report.ratio:>12.2f}")
+    if report.raw_latency or report.rtim_latency:
+        lines += ["", f"latency at {report.offered_rate:,.0f} events/s offered "
+                  "(event timestamp -> output at a consumer), ms:",
+                  f"{'pipeline':<28}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'samples':>9}"]
+        for name, lat in (("raw aiokafka", report.raw_latency), ("RTIM (triggers)", report.rtim_latency)):
+            if lat:
+                lines.append(f"{name:<28}{lat.p50_ms:>8.1f}{lat.p95_ms:>8.1f}{lat.p99_ms:>8.1f}"
+                             f"{lat.max_ms:>8.1f}{lat.samples:>9,}")
+    return "\n".join(lines)
+
+
+def report_json(report: BenchReport) -> str:
+    return json.dumps(asdict(report), indent=2)

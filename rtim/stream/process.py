@@ -1,0 +1,159 @@
+"""An RTIM worker as a child process: start, wait until ready, read metrics, stop or kill.
+
+Used by ``rtim demo``, ``rtim bench`` and the integration tests, which all need
+a real worker process (one that can be SIGKILLed) next to the embedded broker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class WorkerError(RuntimeError):
+    """The worker process died or did not become ready; carries its log tail."""
+
+
+class WorkerProcess:
+    """``rtim worker`` in a child process, configured through ``RTIM_*`` variables."""
+
+    def __init__(
+        self,
+        *,
+        broker: str,
+        datadir: str | Path,
+        app_id: str = "rtim",
+        web_port: int | None = None,
+        store: str = "rocksdb",
+        log_path: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.web_port = web_port or free_port()
+        self.datadir = Path(datadir)
+        self.log_path = Path(log_path) if log_path else self.datadir.with_suffix(".log")
+        self.env = dict(os.environ)
+        self.env.update(
+            RTIM_BROKER=broker,
+            RTIM_APP_ID=app_id,
+            RTIM_DATADIR=str(self.datadir),
+            RTIM_STORE=store,
+            RTIM_WEB_PORT=str(self.web_port),
+            RTIM_WEB_HOST="127.0.0.1",
+        )
+        self.env.update(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
+
+    def start(self) -> WorkerProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rtim", "worker"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def status(self, path: str, timeout: float = 2.0) -> int | None:
+        """HTTP status of ``path`` on the worker's web port (None if it does not answer)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except (urllib.error.URLError, OSError):
+            return None
+
+    def wait_ready(self, timeout: float = 90.0) -> WorkerProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise WorkerError(f"worker exited ({self.proc and self.proc.returncode}):\n{self.log_tail()}")
+            if self.status("/health/ready") == 200:
+                return self
+            time.sleep(0.1)
+        raise WorkerError(f"worker not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def metrics(self) -> dict[str, float]:
+        """Current samples as ``{'name{label="v",...}': value}`` (labels sorted)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value (0 if absent, as for a counter never incremented)."""
+        key = name
+        if labels:
+            key += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+        return self.metrics().get(key, 0.0)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as when a machine dies."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(10)
+        self._close_log()
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """Graceful stop (SIGTERM), then SIGKILL after ``timeout``; returns the exit code."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._close_log()
+        return self.proc.returncode if self.proc else None
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

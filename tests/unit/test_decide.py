@@ -1,0 +1,402 @@
+"""Scoring, arbitration and the CloudEvent a decision becomes."""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+import math
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+import pytest
+
+from rtim.context.model import apply_event, new_context
+from rtim.decide.arbitrate import Decision, context_snapshot, decide, decision_id
+from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE, encode_trigger, iso_ms, trigger_event
+from rtim.decide.scoring import PropensityModel, context_features, offer_features
+from rtim.events import Event, parse_event
+from rtim.offers.catalog import Catalog, parse_catalog
+from rtim.triggers.rules import event_namespace
+
+
+def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) -> int:
+    return calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) * 1000
+
+
+T0 = ms(2026, 11, 2, 9)
+NOW = T0 + 250  # decided a quarter of a second after the event
+TTL = 900_000
+_ids = itertools.count()
+RFC3339_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+def event(name: str, *, ts: int = T0, kind: str = "track", user: str = "u-42", channel: str = "web",
+          message_id: str | None = None, traits: dict[str, Any] | None = None, **props: Any) -> Event:
+    obj: dict[str, Any] = {
+        "type": kind, "messageId": message_id or f"m-{next(_ids)}", "userId": user,
+        "timestamp": ts, "channel": channel, "properties": props,
+    }
+    if kind == "track":
+        obj["event"] = name
+    if traits is not None:
+        obj["traits"] = traits
+    return parse_event(orjson.dumps(obj), now_ms=ts)
+
+
+def build(*events: Event, user: str = "u-42") -> dict[str, Any]:
+    ctx = new_context(user)
+    for offset, e in enumerate(events):
+        apply_event(ctx, e, 0, offset)
+    return ctx
+
+
+def catalog(*offers: dict[str, Any], cooldown: int = 0) -> Catalog:
+    return parse_catalog(
+        {
+            "triggers": [
+                {"id": "cart", "when": {"event": "Product Added"}, "cooldown": cooldown},
+                {"id": "other", "when": {"event": "Other"}},
+            ],
+            "offers": [{"channels": ["web", "app"], "triggers": ["cart"], **o} for o in offers],
+        }
+    )
+
+
+def run_decide(cat: Catalog, ctx: dict[str, Any], e: Event, model: Any = None,
+               trigger: str = "cart") -> Decision | None:
+    rule = next(t for t in cat.triggers if t.id == trigger)
+    return decide(cat, model or PropensityModel(), rule, e, ctx, event_namespace(ctx, e),
+                  now_ms=NOW, ttl_ms=TTL)
+
+
+class FixedModel:
+    """A propensity model with known answers, to check the arbitration arithmetic."""
+
+    def __init__(self, propensities: dict[str, float]) -> None:
+        self.propensities = propensities
+
+    def predict(self, offer_id: str, features: dict[str, float]) -> float:
+        return self.propensities[offer_id]
+
+    def contributions(self, offer_id: str, features: dict[str, float], top: int = 3) -> dict[str, float]:
+        return {"cart_value_log": 0.1}
+
+
+ADD = event("Product Added", product_id="p1", price=120, category="Shoes")
+CTX = build(ADD)
+
+
+# --------------------------------------------------------------------------
+# Arbitration
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("offers", "propensities", "winner", "score"),
+    [
+        # equal propensities: value x priority decides
+        ([("a", 10, 1), ("b", 6, 2)], {"a": 0.5, "b": 0.5}, "b", 6.0),
+        ([("a", 10, 1), ("b", 6, 1)], {"a": 0.5, "b": 0.5}, "a", 5.0),
+        # propensity can beat value
+        ([("a", 100, 1), ("b", 10, 1)], {"a": 0.05, "b": 0.6}, "b", 6.0),
+        # and priority can beat both
+        ([("a", 100, 1), ("b", 10, 1), ("c", 20, 2)], {"a": 0.1, "b": 0.5, "c": 0.3}, "c", 12.0),
+        # a zero priority switches an offer off
+        ([("a", 100, 0), ("b", 1, 1)], {"a": 0.9, "b": 0.1}, "b", 0.1),
+    ],
+)
+def test_highest_propensity_times_value_times_priority_wins(
+    offers: list[tuple[str, float, float]], propensities: dict[str, float], winner: str, score: float
+) -> None:
+    cat = catalog(*({"id": i, "value": v, "priority": p} for i, v, p in offers))
+    decision = run_decide(cat, CTX, ADD, FixedModel(propensities))
+    assert decision is not None
+    assert decision.offer.id == winner
+    assert decision.score == pytest.approx(score)
+    assert decision.propensity == pytest.approx(propensities[winner])
+    expected = sorted(
+        ((i, round(propensities[i] * v * p, 6)) for i, v, p in offers), key=lambda kv: kv[1], reverse=True
+    )
+    assert decision.candidates == expected
+
+
+def test_a_fresh_model_ranks_by_business_value() -> None:
+    cat = catalog({"id": "small", "value": 5}, {"id": "big", "value": 15}, {"id": "mid", "value": 8})
+    decision = run_decide(cat, CTX, ADD)
+    assert decision is not None
+    assert decision.offer.id == "big"
+    assert decision.propensity == 0.5
+    assert [c for c, _ in decision.candidates] == ["big", "mid", "small"]
+
+
+def test_ineligible_offers_are_rejected_with_the_failed_condition() -> None:
+    cat = catalog(
+        {"id": "bundle", "value": 50, "eligibility": ["cart.value >= 150", "issues == 0"]},
+        {"id": "ship", "value": 6, "eligibility": ["cart.value >= 50", "issues == 0"]},
+        {"id": "vip", "value": 90, "eligibility": ["cart.value >= 50", 'traits.plan == "gold"']},
+        {"id": "expired", "value": 99, "valid_to": "2026-01-01"},
+        {"id": "future", "value": 99, "valid_from": "2027-01-01"},
+        {"id": "elsewhere", "value": 99, "triggers": ["other"]},
+    )
+    decision = run_decide(cat, CTX, ADD)
+    assert decision is not None
+    assert decision.offer.id == "ship"
+    assert decision.reasons == [
+        "trigger:cart",
+        "rejected:bundle:cart.value >= 150",
+        "rejected:vip:traits.plan == \"gold\"",
+        "rejected:expired:not-valid-now",
+        "rejected:future:not-valid-now",
+        "offer:ship",
+        "eligible:cart.value >= 50",
+        "eligible:issues == 0",
+    ]
+    assert [c for c, _ in decision.candidates] == ["ship"]
+
+
+def test_eligibility_sees_the_event_too() -> None:
+    cat = catalog({"id": "shoes-only", "eligibility": ["event.properties.category == Shoes"]})
+    assert run_decide(cat, CTX, ADD) is not None
+    other = event("Product Added", product_id="p2", price=1, category="Hats")
+    assert run_decide(cat, CTX, other) is None
+
+
+def test_no_eligible_offer_means_no_decision() -> None:
+    cat = catalog({"id": "bundle", "eligibility": ["cart.value >= 1000"]}, {"id": "gone", "valid_to": "2020-01-01"})
+    assert run_decide(cat, CTX, ADD) is None
+    assert run_decide(catalog(), CTX, ADD) is None
+
+
+def test_the_decision_carries_channel_times_and_features() -> None:
+    cat = catalog({"id": "ship", "channels": ["app", "web"]})
+    ctx = build(event("Product Added", product_id="p1", price=120, channel="email"))
+    on_email = run_decide(cat, ctx, event("Product Added", product_id="p2", price=1, channel="email"))
+    on_web = run_decide(cat, ctx, ADD)
+    assert on_email is not None and on_web is not None
+    assert on_email.channel == "app"  # the offer cannot use e-mail: its first channel
+    assert on_web.channel == "web"
+    assert (on_web.decided_ms, on_web.expires_ms) == (NOW, NOW + TTL)
+    assert on_web.customer_id == "u-42"
+    assert on_web.trigger.id == "cart"
+    assert on_web.event is ADD
+    assert isinstance(on_web.features, dict) and len(on_web.features) <= 3
+
+
+# --------------------------------------------------------------------------
+# Decision ids
+# --------------------------------------------------------------------------
+
+def test_decision_ids_are_stable_for_the_same_cause() -> None:
+    first = decision_id("u-42", "m-1", "cart")
+    assert first == decision_id("u-42", "m-1", "cart")
+    assert uuid.UUID(first).version == 5
+    others = {
+        decision_id("u-43", "m-1", "cart"),
+        decision_id("u-42", "m-2", "cart"),
+        decision_id("u-42", "m-1", "other"),
+        decision_id("u-42m", "-1", "cart"),  # no ambiguity when fields are glued
+        decision_id("u-42", "m-1cart", ""),
+    }
+    assert first not in others
+    assert len(others) == 5
+
+
+def test_a_replayed_event_gets_the_same_decision_id() -> None:
+    cat = catalog({"id": "ship"})
+    e = event("Product Added", message_id="m-replayed", product_id="p", price=200)
+    one = run_decide(cat, build(e), e)
+    two = run_decide(cat, build(e), e)
+    assert one is not None and two is not None
+    assert one.decision_id == two.decision_id == decision_id("u-42", "m-replayed", "cart")
+    other = event("Product Added", message_id="m-other", product_id="p", price=200)
+    three = run_decide(cat, build(other), other)
+    assert three is not None and three.decision_id != one.decision_id
+
+
+# --------------------------------------------------------------------------
+# Scoring and learning
+# --------------------------------------------------------------------------
+
+def test_context_features() -> None:
+    ctx = build(
+        event("Viewed", kind="page", ts=T0, channel="web"),
+        event("Product Added", ts=T0 + 86_400_000, channel="app", product_id="p", price=99),
+        event("identify", kind="identify", ts=T0 + 2 * 86_400_000, channel="app", traits={"plan": "gold"}),
+        event("Support Ticket Opened", ts=T0 + 3 * 86_400_000, channel="app"),
+    )
+    f = context_features(ctx)
+    assert f["events_log"] == pytest.approx(math.log1p(4))
+    assert f["cart_value_log"] == pytest.approx(math.log1p(99))
+    assert f["cart_items"] == 1.0
+    assert f["orders_log"] == 0.0
+    assert f["open_issues"] == 1.0
+    assert f["app_share"] == pytest.approx(0.75)
+    assert f["web_share"] == pytest.approx(0.25)
+    assert f["tenure_days_log"] == pytest.approx(math.log1p(3))
+    assert f["known"] == 1.0
+    assert context_features(new_context("x"))["known"] == 0.0
+    assert all(isinstance(v, float) and math.isfinite(v) for v in context_features(new_context("x")).values())
+
+
+def test_offer_features_add_category_affinity_without_changing_the_shared_features() -> None:
+    ctx = build(event("Product Viewed", category="Shoes"), event("Product Viewed", category="shoes"))
+    base = context_features(ctx)
+    before = dict(base)
+    shoes = offer_features(base, ctx, "shoes")
+    assert shoes["category_affinity_log"] == pytest.approx(math.log1p(2.0))
+    assert offer_features(base, ctx, "books")["category_affinity_log"] == 0.0
+    assert offer_features(base, ctx, None) == before
+    assert base == before
+
+
+def test_a_model_learns_per_offer() -> None:
+    model = PropensityModel()
+    x = {"cart_value_log": 4.0, "known": 1.0}
+    assert model.predict("a", x) == model.predict("b", x) == 0.5
+    for _ in range(30):
+        model.learn("a", x, True)
+        model.learn("b", x, False)
+    assert model.predict("a", x) > 0.8
+    assert model.predict("b", x) < 0.2
+    assert model.predict("c", x) == 0.5
+    assert model.updates == 60
+    contributions = model.contributions("a", {"cart_value_log": 4.0, "known": 1.0, "zero": 0.0}, top=2)
+    assert list(contributions) == ["cart_value_log", "known"]
+    assert contributions["cart_value_log"] > contributions["known"] > 0
+    inspected = model.inspect()
+    assert set(inspected) == {"a", "b", "c"}
+    assert inspected["a"]["weights"]["cart_value_log"] > 0 > inspected["b"]["weights"]["cart_value_log"]
+
+
+def test_learning_positive_responses_makes_an_offer_win_over_a_higher_value_one() -> None:
+    cat = catalog({"id": "pricey", "value": 12}, {"id": "liked", "value": 6, "category": "shoes"})
+    model = PropensityModel()
+    winners = []
+    for step in range(300):
+        e = event("Product Added", ts=T0 + step * 60_000, product_id=f"p{step}", price=30, category="shoes")
+        ctx = build(e)
+        decision = run_decide(cat, ctx, e, model)
+        assert decision is not None
+        winners.append(decision.offer.id)
+        base = context_features(ctx)
+        # Customers take the lower-value offer and ignore the other.
+        model.learn("liked", offer_features(base, ctx, "shoes"), True)
+        model.learn("pricey", base, False)
+        if winners[-3:] == ["liked"] * 3:
+            break
+    assert winners[0] == "pricey"
+    assert winners[-3:] == ["liked"] * 3, winners
+    assert len(winners) < 300
+    assert decision.propensity > 0.5
+    assert decision.features  # the reason codes name what moved the score
+    assert all(v != 0 for v in decision.features.values())
+
+
+# --------------------------------------------------------------------------
+# The CloudEvent
+# --------------------------------------------------------------------------
+
+PII = {"email": "jane.doe@example.com", "name": "Jane Doe", "phone": "+44 20 7946 0958"}
+
+
+def rich_decision() -> Decision:
+    ctx = build(
+        event("identify", kind="identify", traits={**PII, "plan": "gold"}),
+        event("Product Viewed", category="Shoes", email=PII["email"]),
+        event("Product Viewed", category="Electronics"),
+        event("Product List Viewed", category="Garden"),
+        event("Product Added", product_id="b1", price=0, category="Books"),
+        event("Product Added", product_id="p1", price=120, category="Shoes"),
+    )
+    e = event("Product Added", product_id="p2", price=30, category="shoes", message_id="m-ce")
+    apply_event(ctx, e, 0, 99)
+    cat = catalog({"id": "ship", "name": "Free shipping", "value": 6,
+                   "creative": {"title": "Shipping is on us", "text": "Order today."},
+                   "eligibility": ["cart.value >= 50"]})
+    decision = run_decide(cat, ctx, e)
+    assert decision is not None
+    return decision
+
+
+def test_cloudevent_required_and_extension_attributes() -> None:
+    decision = rich_decision()
+    ce = trigger_event(decision, source="/rtim/test")
+    assert ce["specversion"] == "1.0"
+    assert ce["id"] == decision.decision_id == decision_id("u-42", "m-ce", "cart")
+    assert ce["source"] == "/rtim/test"
+    assert ce["type"] == TRIGGER_TYPE
+    assert ce["subject"] == "u-42"
+    assert ce["datacontenttype"] == "application/json"
+    for attr in ("time", "expiry"):
+        assert RFC3339_MS.match(ce[attr]), ce[attr]
+    time = datetime.fromisoformat(ce["time"])
+    expiry = datetime.fromisoformat(ce["expiry"])
+    assert time == datetime.fromtimestamp(NOW / 1000, tz=timezone.utc)
+    assert (expiry - time).total_seconds() == TTL / 1000
+    # extension attribute names: lower-case letters and digits only (CloudEvents 1.0)
+    for name in ce:
+        assert re.fullmatch(r"[a-z0-9]{1,20}", name), name
+
+
+def test_cloudevent_data() -> None:
+    decision = rich_decision()
+    data = trigger_event(decision, source="/rtim")["data"]
+    assert data["offer"] == {
+        "id": "ship", "name": "Free shipping", "value": 6.0,
+        "creative": {"title": "Shipping is on us", "text": "Order today."},
+    }
+    assert data["channel"] == "web"
+    assert data["score"] == decision.score == pytest.approx(3.0)
+    assert data["trigger"] == "cart"
+    assert data["reasons"] == ["trigger:cart", "offer:ship", "eligible:cart.value >= 50"]
+    assert data["event"] == {
+        "message_id": "m-ce", "type": "track", "name": "Product Added", "channel": "web",
+        "timestamp": iso_ms(T0),
+    }
+    ctx = data["context"]
+    assert ctx["cart_value"] == 150.0
+    assert ctx["cart_items"] == 3
+    assert ctx["events_seen"] == 7
+    assert ctx["orders"] == ctx["open_issues"] == 0
+    # top three interests, strongest first (garden, the weakest, is left out)
+    assert ctx["top_categories"] == {"shoes": 7.0, "books": 3.0, "electronics": 1.0}
+    assert ctx["channels"] == {"web": 7}
+
+
+def test_cloudevent_has_no_pii() -> None:
+    decision = rich_decision()
+    blob = encode_trigger(decision, source="/rtim")
+    assert orjson.loads(blob) == orjson.loads(orjson.dumps(trigger_event(decision, source="/rtim")))
+    for value in (b"jane", b"Jane", b"Doe", b"@example.com", b"7946", b"gold"):
+        assert value not in blob
+    assert set(orjson.loads(blob)["data"]["context"]) == {
+        "cart_value", "cart_items", "orders", "open_issues", "top_categories", "channels",
+        "recent_pages", "events_seen",
+    }
+
+
+def test_context_snapshot_is_small() -> None:
+    ctx = build(*(event(f"P{i}", kind="page", category=f"c{i}") for i in range(12)))
+    ctx["pages"] = [f"/p{i}" for i in range(10)]
+    snap = context_snapshot(ctx)
+    assert snap["recent_pages"] == ["/p7", "/p8", "/p9"]
+    assert len(snap["top_categories"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("epoch_ms", "text"),
+    [
+        (0, "1970-01-01T00:00:00.000Z"),
+        (T0, "2026-11-02T09:00:00.000Z"),
+        (T0 + 1, "2026-11-02T09:00:00.001Z"),
+        (T0 + 999, "2026-11-02T09:00:00.999Z"),
+    ],
+)
+def test_iso_ms(epoch_ms: int, text: str) -> None:
+    assert iso_ms(epoch_ms) == text
+
+
+def test_content_type_is_structured_cloudevents_json() -> None:
+    assert CONTENT_TYPE.startswith(b"application/cloudevents+json")
