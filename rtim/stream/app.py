@@ -181,9 +181,8 @@ def create_app(settings: Settings) -> RtimApp:
     )
     table = app.Table(
         CONTEXT_TABLE,
-        schema=faust.Schema(
-            key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
-        ),
+        key_type=bytes,  # bytes types make Faust use the "raw" codec (serialised by RTIM)
+        value_type=bytes,
         partitions=settings.partitions,
     )
     processor = ClickstreamProcessor(app, settings, table)

@@ -36,10 +36,19 @@ T0 = ms(2026, 11, 2, 9)
 _ids = itertools.count()
 
 
-def event(kind: str = "track", name: str | None = None, *, ts: int = T0, channel: str | None = None,
-          **props: Any) -> Event:
+def event(
+    kind: str = "track",
+    name: str | None = None,
+    *,
+    ts: int = T0,
+    channel: str | None = None,
+    **props: Any,
+) -> Event:
     obj: dict[str, Any] = {
-        "type": kind, "messageId": f"m-{next(_ids)}", "userId": "u-1", "timestamp": ts,
+        "type": kind,
+        "messageId": f"m-{next(_ids)}",
+        "userId": "u-1",
+        "timestamp": ts,
         "properties": props,
     }
     if kind == "track":
@@ -61,6 +70,7 @@ def context_after(*events: Event) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # The shipped sample
 # --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sample() -> Catalog:
@@ -114,13 +124,29 @@ def test_load_catalog_accepts_a_string_path() -> None:
 
 BASE: dict[str, Any] = {
     "triggers": [
-        {"id": "cart", "when": {"type": "track", "event": "Product Added"}, "if": ["cart.value >= 100"]},
+        {
+            "id": "cart",
+            "when": {"type": "track", "event": "Product Added"},
+            "if": ["cart.value >= 100"],
+        },
         {"id": "ticket", "when": {"event": "Support Ticket Opened"}, "cooldown": 0},
     ],
     "offers": [
-        {"id": "ship", "name": "Free shipping", "channels": ["web", "app"], "value": 6,
-         "triggers": ["cart"], "eligibility": ["issues == 0"]},
-        {"id": "callback", "channels": "call_centre", "value": 25, "priority": 3, "triggers": "ticket"},
+        {
+            "id": "ship",
+            "name": "Free shipping",
+            "channels": ["web", "app"],
+            "value": 6,
+            "triggers": ["cart"],
+            "eligibility": ["issues == 0"],
+        },
+        {
+            "id": "callback",
+            "channels": "call_centre",
+            "value": 25,
+            "priority": 3,
+            "triggers": "ticket",
+        },
     ],
 }
 
@@ -152,11 +178,21 @@ def test_the_base_document_is_valid() -> None:
     assert [t.id for t in catalog.triggers] == ["cart", "ticket"]
     ship, callback = catalog.offers
     assert ship == Offer(
-        id="ship", name="Free shipping", channels=("web", "app"), value=6.0, priority=1.0,
-        category=None, triggers=frozenset({"cart"}), eligibility=ship.eligibility,
+        id="ship",
+        name="Free shipping",
+        channels=("web", "app"),
+        value=6.0,
+        priority=1.0,
+        category=None,
+        triggers=frozenset({"cart"}),
+        eligibility=ship.eligibility,
     )
     assert [c.text for c in ship.eligibility] == ["issues == 0"]
-    assert (callback.name, callback.channels, callback.priority) == ("callback", ("call_centre",), 3.0)
+    assert (callback.name, callback.channels, callback.priority) == (
+        "callback",
+        ("call_centre",),
+        3.0,
+    )
     assert callback.triggers == frozenset({"ticket"})
 
 
@@ -187,9 +223,16 @@ def test_the_base_document_is_valid() -> None:
         ("offers.0.value", True, ["offer 'ship'", "'value'"]),
         ("offers.0.priority", "high", ["offer 'ship'", "'priority'", "high"]),
         ("offers.0.creative", ["title"], ["offer 'ship'", "'creative'"]),
-        ("offers.0.eligibility", ["issues == 0", "cart.value >>= 3"],
-         ["offer 'ship'.eligibility", "'cart.value >>= 3'"]),
-        ("offers.0.eligibility", ["traits.plan in gold"], ["offer 'ship'.eligibility", "needs a list"]),
+        (
+            "offers.0.eligibility",
+            ["issues == 0", "cart.value >>= 3"],
+            ["offer 'ship'.eligibility", "'cart.value >>= 3'"],
+        ),
+        (
+            "offers.0.eligibility",
+            ["traits.plan in gold"],
+            ["offer 'ship'.eligibility", "needs a list"],
+        ),
         ("offers.0.eligibility", {"cart.value": 3}, ["offer 'ship'.eligibility", "list"]),
         # triggers
         ("triggers.1.id", "cart", ["duplicate trigger", "cart"]),
@@ -197,13 +240,20 @@ def test_the_base_document_is_valid() -> None:
         ("triggers.0.cooldwn", 10, ["trigger 'cart'", "unknown field", "cooldwn"]),
         ("triggers.0.cooldown", -1, ["trigger 'cart'", "'cooldown'"]),
         ("triggers.0.cooldown", "1h", ["trigger 'cart'", "'cooldown'"]),
-        ("triggers.0.when", {"type": "track", "evnt": "Product Added"}, ["trigger 'cart'", "'when'"]),
+        (
+            "triggers.0.when",
+            {"type": "track", "evnt": "Product Added"},
+            ["trigger 'cart'", "'when'"],
+        ),
         ("triggers.0.when", "Product Added", ["trigger 'cart'", "'when'"]),
         ("triggers.0.when", {"type": ["track", 3]}, ["trigger 'cart'.when.type"]),
         ("triggers.0.when", {"event": {"name": "x"}}, ["trigger 'cart'.when.event"]),
         ("triggers.0.when", {"properties": ["category"]}, ["trigger 'cart'", "when.properties"]),
-        ("triggers.0.if", ["cart.value >= 100", "cart.value is big"],
-         ["trigger 'cart'.if", "'cart.value is big'"]),
+        (
+            "triggers.0.if",
+            ["cart.value >= 100", "cart.value is big"],
+            ["trigger 'cart'.if", "'cart.value is big'"],
+        ),
         # the document
         ("offer", [], ["unknown top-level", "offer"]),
         ("triggers", {"id": "cart"}, ["'triggers' and 'offers' must be lists"]),
@@ -255,7 +305,10 @@ def test_catalog_error_is_a_value_error_and_rule_errors_are_condition_errors() -
     ("text", "expected"),
     [
         ("triggers: [\n  - id: x\n", "not valid YAML"),
-        ("offers:\n  - id: o\n    channels: [web]\n    valid_to: 2026-02-30\n", "day is out of range"),
+        (
+            "offers:\n  - id: o\n    channels: [web]\n    valid_to: 2026-02-30\n",
+            "day is out of range",
+        ),
         ("offers:\n  - id: o\n    channels: [web]\n    valid_to: 2026-13-01\n", "month"),
         ("- just\n- a list\n", "must be a mapping"),
         ("offers:\n  - id: o\n    channels: [fax]\n", "unknown channel"),
@@ -279,11 +332,13 @@ def test_load_catalog_of_a_missing_file(tmp_path: Path) -> None:
 # Offers: validity windows, channels, categories
 # --------------------------------------------------------------------------
 
+
 def test_validity_window_from_yaml_dates(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(
         "offers:\n"
-        "  - id: winter\n    channels: [web]\n    valid_from: 2026-12-01\n    valid_to: 2027-03-01\n"
+        "  - id: winter\n    channels: [web]\n"
+        "    valid_from: 2026-12-01\n    valid_to: 2027-03-01\n"
         "  - id: always\n    channels: [web]\n",
         encoding="utf-8",
     )
@@ -312,7 +367,9 @@ def test_validity_window_from_yaml_dates(tmp_path: Path) -> None:
     ],
 )
 def test_dates_are_utc_unless_they_say_otherwise(value: str, expected_ms: int) -> None:
-    (offer,) = parse_catalog({"offers": [{"id": "o", "channels": ["web"], "valid_from": value}]}).offers
+    (offer,) = parse_catalog(
+        {"offers": [{"id": "o", "channels": ["web"], "valid_from": value}]}
+    ).offers
     assert offer.valid_from_ms == expected_ms
     assert offer.valid_to_ms is None
     assert not offer.is_valid_at(expected_ms - 1) and offer.is_valid_at(expected_ms)
@@ -458,8 +515,11 @@ def test_event_namespace_exposes_the_context_and_the_event() -> None:
     ctx = context_after(e)
     ns = event_namespace(ctx, e)
     assert ns["event"] == {
-        "type": "track", "name": "Product Viewed", "channel": "web",
-        "properties": {"category": "shoes"}, "timestamp_ms": T0,
+        "type": "track",
+        "name": "Product Viewed",
+        "channel": "web",
+        "properties": {"category": "shoes"},
+        "timestamp_ms": T0,
     }
     assert ns["events"] == {"Product Viewed": 1}
     assert "event" not in ctx  # the context itself is not changed

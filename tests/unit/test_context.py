@@ -105,7 +105,10 @@ def test_counts_per_call_type_event_name_and_channel() -> None:
     assert ctx["types"] == {"page": 2, "screen": 1, "track": 3, "identify": 1}
     assert ctx["events"] == {"Home": 1, "Cart": 1, "Product Viewed": 2, "Email Opened": 1}
     assert {c: v["n"] for c, v in ctx["channels"].items()} == {
-        "web": 2, "app": 1, "server": 3, "email": 1,
+        "web": 2,
+        "app": 1,
+        "server": 3,
+        "email": 1,
     }
 
 
@@ -121,7 +124,9 @@ def test_first_and_last_seen_follow_event_time_not_arrival_order() -> None:
 
 
 def test_channel_last_seen_is_per_channel() -> None:
-    ctx = run(page("/", ts=T0), event("screen", "Home", ts=T0 + DAY, context={"os": {"name": "iOS"}}))
+    ctx = run(
+        page("/", ts=T0), event("screen", "Home", ts=T0 + DAY, context={"os": {"name": "iOS"}})
+    )
     assert ctx["channels"]["web"] == {"n": 1, "last_ms": T0}
     assert ctx["channels"]["app"] == {"n": 1, "last_ms": T0 + DAY}
 
@@ -152,13 +157,27 @@ def test_cart_add_quantity_remove_and_value() -> None:
     steps = [
         (track("Product Added", product_id="p1", price=30, quantity=2), {"p1": [2, 30]}, 60.0),
         (track("Product Added", product_id="p1", price=30), {"p1": [3, 30]}, 90.0),
-        (track("Product Added", sku="SKU-2", price="19.99"), {"p1": [3, 30], "SKU-2": [1, 19.99]}, 109.99),
-        (track("Product Added", product_id=42, price=1.5, quantity=4),
-         {"p1": [3, 30], "SKU-2": [1, 19.99], "42": [4, 1.5]}, 115.99),
-        (track("Product Removed", product_id="p1", quantity=2),
-         {"p1": [1, 30], "SKU-2": [1, 19.99], "42": [4, 1.5]}, 55.99),
+        (
+            track("Product Added", sku="SKU-2", price="19.99"),
+            {"p1": [3, 30], "SKU-2": [1, 19.99]},
+            109.99,
+        ),
+        (
+            track("Product Added", product_id=42, price=1.5, quantity=4),
+            {"p1": [3, 30], "SKU-2": [1, 19.99], "42": [4, 1.5]},
+            115.99,
+        ),
+        (
+            track("Product Removed", product_id="p1", quantity=2),
+            {"p1": [1, 30], "SKU-2": [1, 19.99], "42": [4, 1.5]},
+            55.99,
+        ),
         (track("Product Removed", product_id="p1"), {"SKU-2": [1, 19.99], "42": [4, 1.5]}, 25.99),
-        (track("Product Removed", product_id="never-added"), {"SKU-2": [1, 19.99], "42": [4, 1.5]}, 25.99),
+        (
+            track("Product Removed", product_id="never-added"),
+            {"SKU-2": [1, 19.99], "42": [4, 1.5]},
+            25.99,
+        ),
         (track("Product Removed", product_id="42", quantity=10), {"SKU-2": [1, 19.99]}, 19.99),
     ]
     for i, (e, items, value) in enumerate(steps):
@@ -179,7 +198,9 @@ def test_cart_add_quantity_remove_and_value() -> None:
         ({"product_id": "p"}, {"p": [1.0, 0.0]}),
     ],
 )
-def test_odd_product_added_properties(props: dict[str, Any], expected_items: dict[str, Any]) -> None:
+def test_odd_product_added_properties(
+    props: dict[str, Any], expected_items: dict[str, Any]
+) -> None:
     assert run(track("Product Added", **props))["cart"]["items"] == expected_items
 
 
@@ -223,7 +244,9 @@ def test_order_completed_clears_the_cart_and_adds_revenue() -> None:
 
 
 def test_cart_items_are_bounded_but_existing_items_still_update() -> None:
-    ctx = run(*(track("Product Added", product_id=f"p{i}", price=1) for i in range(MAX_CART_ITEMS + 20)))
+    ctx = run(
+        *(track("Product Added", product_id=f"p{i}", price=1) for i in range(MAX_CART_ITEMS + 20))
+    )
     assert len(ctx["cart"]["items"]) == MAX_CART_ITEMS
     assert ctx["cart"]["value"] == MAX_CART_ITEMS
     run(track("Product Added", product_id="p0", price=1, quantity=4), ctx=ctx)
@@ -237,11 +260,18 @@ def test_affinity_weights_by_interaction_and_lower_cased_category() -> None:
         track("Product Viewed", product_id="p1", category="shoes"),
         track("Product Added", product_id="p1", category="SHOES", price=50),
         page("/electronics", category="Electronics"),
-        track("Order Completed", total=10, products=[
-            {"product_id": "p1", "category": "Shoes"}, {"product_id": "p9", "category": "Books"},
-        ]),
+        track(
+            "Order Completed",
+            total=10,
+            products=[
+                {"product_id": "p1", "category": "Shoes"},
+                {"product_id": "p9", "category": "Books"},
+            ],
+        ),
     )
-    assert ctx["affinity"] == pytest.approx({"shoes": 0.5 + 1 + 3 + 5, "electronics": 0.5, "books": 5})
+    assert ctx["affinity"] == pytest.approx(
+        {"shoes": 0.5 + 1 + 3 + 5, "electronics": 0.5, "books": 5}
+    )
 
 
 def test_an_interest_a_week_old_counts_half() -> None:
@@ -357,7 +387,11 @@ def test_duplicates_by_message_id_and_by_redelivered_offset() -> None:
         (track("Product Viewed", message_id="m-5"), 4, 1, False),  # other partition
     ]
     for e, partition, offset, expected in cases:
-        assert is_duplicate(ctx, e, partition, offset) is expected, (e.message_id, partition, offset)
+        assert is_duplicate(ctx, e, partition, offset) is expected, (
+            e.message_id,
+            partition,
+            offset,
+        )
 
 
 def test_duplicate_detection_survives_serialisation() -> None:
@@ -393,18 +427,34 @@ def test_the_context_stays_small_after_10000_events() -> None:
         cat = rng.choice(categories)
         roll = rng.random()
         if roll < 0.3:
-            e = event("page", "Product", ts=ts, message_id=message_id,
-                      context={"page": {"path": f"/{cat}/{pid}"}}, props={"category": cat})
+            e = event(
+                "page",
+                "Product",
+                ts=ts,
+                message_id=message_id,
+                context={"page": {"path": f"/{cat}/{pid}"}},
+                props={"category": cat},
+            )
         elif roll < 0.55:
-            e = event(props={"product_id": pid, "category": cat, "price": 19.99},
-                      name="Product Viewed", ts=ts, message_id=message_id)
+            e = event(
+                props={"product_id": pid, "category": cat, "price": 19.99},
+                name="Product Viewed",
+                ts=ts,
+                message_id=message_id,
+            )
         elif roll < 0.75:
-            e = event(props={"product_id": pid, "category": cat, "price": 19.99, "quantity": 2},
-                      name="Product Added", ts=ts, message_id=message_id)
+            e = event(
+                props={"product_id": pid, "category": cat, "price": 19.99, "quantity": 2},
+                name="Product Added",
+                ts=ts,
+                message_id=message_id,
+            )
         elif roll < 0.78:
             e = event(props={"total": 99.5}, name="Order Completed", ts=ts, message_id=message_id)
         elif roll < 0.8:
-            e = event("identify", ts=ts, message_id=message_id, traits={**PII_TRAITS, "plan": "gold"})
+            e = event(
+                "identify", ts=ts, message_id=message_id, traits={**PII_TRAITS, "plan": "gold"}
+            )
         else:
             e = event(name=rng.choice(names), ts=ts, message_id=message_id)
         apply_event(ctx, e, 0, offset)
@@ -419,4 +469,6 @@ def test_the_context_stays_small_after_10000_events() -> None:
 
 
 def test_identifying_traits_are_never_on_the_kept_list() -> None:
-    assert not {"email", "name", "firstName", "lastName", "phone", "address"} & set(model.KEPT_TRAITS)
+    assert not {"email", "name", "firstName", "lastName", "phone", "address"} & set(
+        model.KEPT_TRAITS
+    )

@@ -7,7 +7,7 @@ import itertools
 import math
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -33,11 +33,24 @@ _ids = itertools.count()
 RFC3339_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
-def event(name: str, *, ts: int = T0, kind: str = "track", user: str = "u-42", channel: str = "web",
-          message_id: str | None = None, traits: dict[str, Any] | None = None, **props: Any) -> Event:
+def event(
+    name: str,
+    *,
+    ts: int = T0,
+    kind: str = "track",
+    user: str = "u-42",
+    channel: str = "web",
+    message_id: str | None = None,
+    traits: dict[str, Any] | None = None,
+    **props: Any,
+) -> Event:
     obj: dict[str, Any] = {
-        "type": kind, "messageId": message_id or f"m-{next(_ids)}", "userId": user,
-        "timestamp": ts, "channel": channel, "properties": props,
+        "type": kind,
+        "messageId": message_id or f"m-{next(_ids)}",
+        "userId": user,
+        "timestamp": ts,
+        "channel": channel,
+        "properties": props,
     }
     if kind == "track":
         obj["event"] = name
@@ -65,11 +78,20 @@ def catalog(*offers: dict[str, Any], cooldown: int = 0) -> Catalog:
     )
 
 
-def run_decide(cat: Catalog, ctx: dict[str, Any], e: Event, model: Any = None,
-               trigger: str = "cart") -> Decision | None:
+def run_decide(
+    cat: Catalog, ctx: dict[str, Any], e: Event, model: Any = None, trigger: str = "cart"
+) -> Decision | None:
     rule = next(t for t in cat.triggers if t.id == trigger)
-    return decide(cat, model or PropensityModel(), rule, e, ctx, event_namespace(ctx, e),
-                  now_ms=NOW, ttl_ms=TTL)
+    return decide(
+        cat,
+        model or PropensityModel(),
+        rule,
+        e,
+        ctx,
+        event_namespace(ctx, e),
+        now_ms=NOW,
+        ttl_ms=TTL,
+    )
 
 
 class FixedModel:
@@ -81,7 +103,9 @@ class FixedModel:
     def predict(self, offer_id: str, features: dict[str, float]) -> float:
         return self.propensities[offer_id]
 
-    def contributions(self, offer_id: str, features: dict[str, float], top: int = 3) -> dict[str, float]:
+    def contributions(
+        self, offer_id: str, features: dict[str, float], top: int = 3
+    ) -> dict[str, float]:
         return {"cart_value_log": 0.1}
 
 
@@ -93,6 +117,7 @@ CTX = build(ADD)
 # Arbitration
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("offers", "propensities", "winner", "score"),
     [
@@ -103,12 +128,17 @@ CTX = build(ADD)
         ([("a", 100, 1), ("b", 10, 1)], {"a": 0.05, "b": 0.6}, "b", 6.0),
         # and priority can beat both
         ([("a", 100, 1), ("b", 10, 1), ("c", 20, 2)], {"a": 0.1, "b": 0.5, "c": 0.3}, "c", 12.0),
+        # a tie goes to the offer listed first in the catalog
+        ([("a", 10, 1), ("b", 5, 2), ("c", 20, 0.5)], {"a": 0.5, "b": 0.5, "c": 0.5}, "a", 5.0),
         # a zero priority switches an offer off
         ([("a", 100, 0), ("b", 1, 1)], {"a": 0.9, "b": 0.1}, "b", 0.1),
     ],
 )
 def test_highest_propensity_times_value_times_priority_wins(
-    offers: list[tuple[str, float, float]], propensities: dict[str, float], winner: str, score: float
+    offers: list[tuple[str, float, float]],
+    propensities: dict[str, float],
+    winner: str,
+    score: float,
 ) -> None:
     cat = catalog(*({"id": i, "value": v, "priority": p} for i, v, p in offers))
     decision = run_decide(cat, CTX, ADD, FixedModel(propensities))
@@ -117,13 +147,17 @@ def test_highest_propensity_times_value_times_priority_wins(
     assert decision.score == pytest.approx(score)
     assert decision.propensity == pytest.approx(propensities[winner])
     expected = sorted(
-        ((i, round(propensities[i] * v * p, 6)) for i, v, p in offers), key=lambda kv: kv[1], reverse=True
+        ((i, round(propensities[i] * v * p, 6)) for i, v, p in offers),
+        key=lambda kv: kv[1],
+        reverse=True,
     )
     assert decision.candidates == expected
 
 
 def test_a_fresh_model_ranks_by_business_value() -> None:
-    cat = catalog({"id": "small", "value": 5}, {"id": "big", "value": 15}, {"id": "mid", "value": 8})
+    cat = catalog(
+        {"id": "small", "value": 5}, {"id": "big", "value": 15}, {"id": "mid", "value": 8}
+    )
     decision = run_decide(cat, CTX, ADD)
     assert decision is not None
     assert decision.offer.id == "big"
@@ -146,7 +180,7 @@ def test_ineligible_offers_are_rejected_with_the_failed_condition() -> None:
     assert decision.reasons == [
         "trigger:cart",
         "rejected:bundle:cart.value >= 150",
-        "rejected:vip:traits.plan == \"gold\"",
+        'rejected:vip:traits.plan == "gold"',
         "rejected:expired:not-valid-now",
         "rejected:future:not-valid-now",
         "offer:ship",
@@ -164,7 +198,10 @@ def test_eligibility_sees_the_event_too() -> None:
 
 
 def test_no_eligible_offer_means_no_decision() -> None:
-    cat = catalog({"id": "bundle", "eligibility": ["cart.value >= 1000"]}, {"id": "gone", "valid_to": "2020-01-01"})
+    cat = catalog(
+        {"id": "bundle", "eligibility": ["cart.value >= 1000"]},
+        {"id": "gone", "valid_to": "2020-01-01"},
+    )
     assert run_decide(cat, CTX, ADD) is None
     assert run_decide(catalog(), CTX, ADD) is None
 
@@ -172,7 +209,9 @@ def test_no_eligible_offer_means_no_decision() -> None:
 def test_the_decision_carries_channel_times_and_features() -> None:
     cat = catalog({"id": "ship", "channels": ["app", "web"]})
     ctx = build(event("Product Added", product_id="p1", price=120, channel="email"))
-    on_email = run_decide(cat, ctx, event("Product Added", product_id="p2", price=1, channel="email"))
+    on_email = run_decide(
+        cat, ctx, event("Product Added", product_id="p2", price=1, channel="email")
+    )
     on_web = run_decide(cat, ctx, ADD)
     assert on_email is not None and on_web is not None
     assert on_email.channel == "app"  # the offer cannot use e-mail: its first channel
@@ -187,6 +226,7 @@ def test_the_decision_carries_channel_times_and_features() -> None:
 # --------------------------------------------------------------------------
 # Decision ids
 # --------------------------------------------------------------------------
+
 
 def test_decision_ids_are_stable_for_the_same_cause() -> None:
     first = decision_id("u-42", "m-1", "cart")
@@ -219,11 +259,18 @@ def test_a_replayed_event_gets_the_same_decision_id() -> None:
 # Scoring and learning
 # --------------------------------------------------------------------------
 
+
 def test_context_features() -> None:
     ctx = build(
         event("Viewed", kind="page", ts=T0, channel="web"),
         event("Product Added", ts=T0 + 86_400_000, channel="app", product_id="p", price=99),
-        event("identify", kind="identify", ts=T0 + 2 * 86_400_000, channel="app", traits={"plan": "gold"}),
+        event(
+            "identify",
+            kind="identify",
+            ts=T0 + 2 * 86_400_000,
+            channel="app",
+            traits={"plan": "gold"},
+        ),
         event("Support Ticket Opened", ts=T0 + 3 * 86_400_000, channel="app"),
     )
     f = context_features(ctx)
@@ -237,11 +284,16 @@ def test_context_features() -> None:
     assert f["tenure_days_log"] == pytest.approx(math.log1p(3))
     assert f["known"] == 1.0
     assert context_features(new_context("x"))["known"] == 0.0
-    assert all(isinstance(v, float) and math.isfinite(v) for v in context_features(new_context("x")).values())
+    assert all(
+        isinstance(v, float) and math.isfinite(v)
+        for v in context_features(new_context("x")).values()
+    )
 
 
 def test_offer_features_add_category_affinity_without_changing_the_shared_features() -> None:
-    ctx = build(event("Product Viewed", category="Shoes"), event("Product Viewed", category="shoes"))
+    ctx = build(
+        event("Product Viewed", category="Shoes"), event("Product Viewed", category="shoes")
+    )
     base = context_features(ctx)
     before = dict(base)
     shoes = offer_features(base, ctx, "shoes")
@@ -262,12 +314,18 @@ def test_a_model_learns_per_offer() -> None:
     assert model.predict("b", x) < 0.2
     assert model.predict("c", x) == 0.5
     assert model.updates == 60
-    contributions = model.contributions("a", {"cart_value_log": 4.0, "known": 1.0, "zero": 0.0}, top=2)
+    contributions = model.contributions(
+        "a", {"cart_value_log": 4.0, "known": 1.0, "zero": 0.0}, top=2
+    )
     assert list(contributions) == ["cart_value_log", "known"]
     assert contributions["cart_value_log"] > contributions["known"] > 0
     inspected = model.inspect()
     assert set(inspected) == {"a", "b", "c"}
-    assert inspected["a"]["weights"]["cart_value_log"] > 0 > inspected["b"]["weights"]["cart_value_log"]
+    assert (
+        inspected["a"]["weights"]["cart_value_log"]
+        > 0
+        > inspected["b"]["weights"]["cart_value_log"]
+    )
 
 
 def test_learning_positive_responses_makes_an_offer_win_over_a_higher_value_one() -> None:
@@ -275,7 +333,13 @@ def test_learning_positive_responses_makes_an_offer_win_over_a_higher_value_one(
     model = PropensityModel()
     winners = []
     for step in range(300):
-        e = event("Product Added", ts=T0 + step * 60_000, product_id=f"p{step}", price=30, category="shoes")
+        e = event(
+            "Product Added",
+            ts=T0 + step * 60_000,
+            product_id=f"p{step}",
+            price=30,
+            category="shoes",
+        )
         ctx = build(e)
         decision = run_decide(cat, ctx, e, model)
         assert decision is not None
@@ -312,9 +376,15 @@ def rich_decision() -> Decision:
     )
     e = event("Product Added", product_id="p2", price=30, category="shoes", message_id="m-ce")
     apply_event(ctx, e, 0, 99)
-    cat = catalog({"id": "ship", "name": "Free shipping", "value": 6,
-                   "creative": {"title": "Shipping is on us", "text": "Order today."},
-                   "eligibility": ["cart.value >= 50"]})
+    cat = catalog(
+        {
+            "id": "ship",
+            "name": "Free shipping",
+            "value": 6,
+            "creative": {"title": "Shipping is on us", "text": "Order today."},
+            "eligibility": ["cart.value >= 50"],
+        }
+    )
     decision = run_decide(cat, ctx, e)
     assert decision is not None
     return decision
@@ -333,7 +403,7 @@ def test_cloudevent_required_and_extension_attributes() -> None:
         assert RFC3339_MS.match(ce[attr]), ce[attr]
     time = datetime.fromisoformat(ce["time"])
     expiry = datetime.fromisoformat(ce["expiry"])
-    assert time == datetime.fromtimestamp(NOW / 1000, tz=timezone.utc)
+    assert time == datetime.fromtimestamp(NOW / 1000, tz=UTC)
     assert (expiry - time).total_seconds() == TTL / 1000
     # extension attribute names: lower-case letters and digits only (CloudEvents 1.0)
     for name in ce:
@@ -344,7 +414,9 @@ def test_cloudevent_data() -> None:
     decision = rich_decision()
     data = trigger_event(decision, source="/rtim")["data"]
     assert data["offer"] == {
-        "id": "ship", "name": "Free shipping", "value": 6.0,
+        "id": "ship",
+        "name": "Free shipping",
+        "value": 6.0,
         "creative": {"title": "Shipping is on us", "text": "Order today."},
     }
     assert data["channel"] == "web"
@@ -352,7 +424,10 @@ def test_cloudevent_data() -> None:
     assert data["trigger"] == "cart"
     assert data["reasons"] == ["trigger:cart", "offer:ship", "eligible:cart.value >= 50"]
     assert data["event"] == {
-        "message_id": "m-ce", "type": "track", "name": "Product Added", "channel": "web",
+        "message_id": "m-ce",
+        "type": "track",
+        "name": "Product Added",
+        "channel": "web",
         "timestamp": iso_ms(T0),
     }
     ctx = data["context"]
@@ -372,8 +447,14 @@ def test_cloudevent_has_no_pii() -> None:
     for value in (b"jane", b"Jane", b"Doe", b"@example.com", b"7946", b"gold"):
         assert value not in blob
     assert set(orjson.loads(blob)["data"]["context"]) == {
-        "cart_value", "cart_items", "orders", "open_issues", "top_categories", "channels",
-        "recent_pages", "events_seen",
+        "cart_value",
+        "cart_items",
+        "orders",
+        "open_issues",
+        "top_categories",
+        "channels",
+        "recent_pages",
+        "events_seen",
     }
 
 

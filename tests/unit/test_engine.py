@@ -1,0 +1,504 @@
+"""The batch engine: records in; contexts, triggers and dead letters out."""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+import pytest
+
+import rtim.engine
+from rtim.decide.arbitrate import decision_id
+from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE
+from rtim.engine import TRIGGER_TOPIC_PREFIX, BatchResult, Engine, Record
+from rtim.offers.catalog import parse_catalog
+
+
+def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) -> int:
+    return calendar.timegm((y, mo, d, h, mi, s, 0, 0, 0)) * 1000
+
+
+NOW = ms(2026, 11, 25, 12)
+T0 = NOW - 3_600_000  # events from an hour ago
+MINUTE = 60_000
+TOPIC = "rtim.clickstream"
+
+CATALOG = parse_catalog(
+    {
+        "triggers": [
+            {
+                "id": "cart-builder",
+                "when": {"type": "track", "event": "Product Added"},
+                "if": ["cart.value >= 100"],
+                "cooldown": 1800,
+            },
+            {"id": "service-issue", "when": {"event": "Support Ticket Opened"}, "cooldown": 0},
+            {
+                "id": "browse",
+                "when": {"event": "Product Viewed"},
+                "if": ["events.Product Viewed >= 2"],
+            },
+        ],
+        "offers": [
+            {
+                "id": "free-shipping",
+                "channels": ["web", "app"],
+                "value": 6,
+                "triggers": ["cart-builder"],
+                "eligibility": ["issues == 0"],
+            },
+            {
+                "id": "callback",
+                "channels": ["call_centre", "email"],
+                "value": 25,
+                "triggers": ["service-issue"],
+            },
+            {
+                "id": "big-spender",
+                "channels": ["email"],
+                "triggers": ["browse"],
+                "eligibility": ["revenue >= 1000000"],
+            },
+        ],
+    }
+)
+
+_ids = itertools.count()
+
+
+def segment(
+    kind: str,
+    name: str | None = None,
+    *,
+    user: str = "u-1",
+    ts: int = T0,
+    message_id: str | None = None,
+    app: bool = False,
+    **props: Any,
+) -> dict[str, Any]:
+    """A Segment call as analytics.js (or, with app=True, a mobile SDK) sends it."""
+    context: dict[str, Any] = {"library": {"name": "analytics.js", "version": "5.2.0"}}
+    if app:
+        context = {"app": {"name": "Shop", "version": "3.1"}, "os": {"name": "iOS"}}
+    else:
+        context["page"] = {"path": props.pop("path", "/"), "title": "Shop"}
+    obj: dict[str, Any] = {
+        "type": kind,
+        "messageId": message_id or f"ajs-{next(_ids):08d}",
+        "userId": user,
+        "anonymousId": f"anon-{user}",
+        "timestamp": ts,
+        "context": context,
+        "properties": props,
+    }
+    if kind == "track":
+        obj["event"] = name
+    elif name is not None:
+        obj["name"] = name
+    return obj
+
+
+def page(path: str, **kw: Any) -> dict[str, Any]:
+    return segment("page", None, path=path, **kw)
+
+
+def track(name: str, **kw: Any) -> dict[str, Any]:
+    return segment("track", name, **kw)
+
+
+class Store:
+    """The changelog-backed context store, as a dict."""
+
+    def __init__(self) -> None:
+        self.data: dict[tuple[int, bytes], bytes] = {}
+        self.loads = 0
+
+    def load(self, partition: int, key: bytes) -> bytes | None:
+        self.loads += 1
+        return self.data.get((partition, key))
+
+    def persist(self, result: BatchResult) -> None:
+        for partition, contexts in result.updates.items():
+            for key, value in contexts.items():
+                self.data[(partition, key)] = value
+
+
+class Log:
+    """A clickstream partition log: appends records with increasing offsets."""
+
+    def __init__(self) -> None:
+        self.next: dict[int, int] = {}
+
+    def records(self, *events: dict[str, Any] | bytes | None, partition: int = 0) -> list[Record]:
+        out = []
+        for e in events:
+            offset = self.next.get(partition, 0)
+            self.next[partition] = offset + 1
+            if isinstance(e, dict):
+                key: bytes | None = e.get("userId", "").encode()
+                value = orjson.dumps(e)
+            else:
+                key, value = b"?", e
+            out.append(Record(partition, offset, key, value, (("trace", b"t-1"),), NOW - 5))
+        return out
+
+
+def engine(store: Store, **kw: Any) -> Engine:
+    return Engine(catalog=CATALOG, load=store.load, clock=lambda: NOW / 1000, **kw)
+
+
+def run(eng: Engine, records: Iterable[Record], store: Store | None = None) -> BatchResult:
+    result = eng.process(TOPIC, records)
+    if store is not None:
+        store.persist(result)
+    return result
+
+
+def ctx_of(result: BatchResult, key: bytes, partition: int = 0) -> dict[str, Any]:
+    return orjson.loads(result.updates[partition][key])
+
+
+# --------------------------------------------------------------------------
+# Valid and invalid records
+# --------------------------------------------------------------------------
+
+
+def test_valid_events_are_applied() -> None:
+    store, log = Store(), Log()
+    records = log.records(
+        page("/shoes", ts=T0),
+        track("Product Viewed", ts=T0 + 1, product_id="p1", category="Shoes", price=60),
+        track("Product Added", ts=T0 + 2, product_id="p1", category="Shoes", price=60, quantity=1),
+        segment("identify", ts=T0 + 3, traits={"email": "jane@example.com", "plan": "gold"}),
+    )
+    result = run(engine(store), records)
+    assert (result.consumed, result.applied, result.duplicates, result.new_customers) == (
+        4,
+        4,
+        0,
+        1,
+    )
+    assert result.dead_letters == [] and not result.invalid
+    ctx = ctx_of(result, b"u-1")
+    assert ctx["n"] == 4
+    assert ctx["pages"] == ["/shoes"]
+    assert ctx["cart"]["value"] == 60.0
+    assert ctx["types"] == {"page": 1, "track": 2, "identify": 1}
+    assert ctx["src"] == [0, 3]
+    assert b"jane@example.com" not in result.updates[0][b"u-1"]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b"", "empty"),
+        (None, "empty"),
+        (b"{oops", "malformed_json"),
+        (b"[1, 2]", "not_an_object"),
+        (orjson.dumps({**track("Product Viewed"), "type": "click"}), "unknown_type"),
+        (
+            orjson.dumps({k: v for k, v in track("Product Viewed").items() if k != "messageId"}),
+            "missing_id",
+        ),
+        (
+            orjson.dumps({**track("Product Viewed"), "userId": None, "anonymousId": None}),
+            "missing_id",
+        ),
+        (orjson.dumps({**track("Product Viewed"), "properties": []}), "wrong_type"),
+        (orjson.dumps({**track("Product Viewed"), "timestamp": "yesterday"}), "bad_timestamp"),
+        (orjson.dumps({**track("Product Viewed"), "timestamp": NOW + 2 * 3_600_000}), "clock_skew"),
+        (orjson.dumps(track("Product Viewed", blob="x" * 40_000)), "oversize"),
+    ],
+)
+def test_invalid_records_become_dead_letters_with_the_original_bytes(
+    value: bytes | None, reason: str
+) -> None:
+    store, log = Store(), Log()
+    bad = log.records(value)[0]
+    good = log.records(track("Product Viewed"))
+    result = run(engine(store), [bad, *good])
+    assert (result.consumed, result.applied) == (2, 1)
+    assert result.invalid == {reason: 1}
+    (letter,) = result.dead_letters
+    assert letter.value is value  # byte for byte, the very object
+    assert letter.key == b"?"
+    assert letter.reason == reason
+    headers = dict(letter.headers)
+    assert letter.headers[0] == ("trace", b"t-1")  # original headers first
+    assert headers["rtim.errors.reason"] == reason.encode()
+    assert headers["__connect.errors.topic"] == TOPIC.encode()
+    assert headers["__connect.errors.offset"] == b"0"
+    assert headers["__connect.errors.stage"] == b"validate"
+    assert list(result.updates) == [0] and list(result.updates[0]) == [b"u-1"]
+
+
+def test_updates_hold_one_latest_context_per_changed_customer_per_partition() -> None:
+    store, log = Store(), Log()
+    records = [
+        *log.records(page("/", user="u-1"), page("/a", user="u-1"), partition=0),
+        *log.records(page("/", user="u-2"), partition=1),
+        *log.records(page("/b", user="u-1"), b"{oops", partition=0),
+        *log.records(page("/", user="u-3"), partition=0),
+        *log.records(page("/c", user="u-2"), partition=1),
+    ]
+    result = run(engine(store), records)
+    assert {p: sorted(v) for p, v in result.updates.items()} == {0: [b"u-1", b"u-3"], 1: [b"u-2"]}
+    u1, u2 = ctx_of(result, b"u-1"), ctx_of(result, b"u-2", partition=1)
+    assert (u1["n"], u1["pages"], u1["src"]) == (3, ["/", "/a", "/b"], [0, 2])
+    assert (u2["n"], u2["pages"], u2["src"]) == (2, ["/", "/c"], [1, 1])
+    assert result.new_customers == 3
+
+
+def test_a_batch_with_nothing_valid_updates_nothing() -> None:
+    store, log = Store(), Log()
+    result = run(engine(store), log.records(b"{", b"[]", None))
+    assert result.updates == {} and result.triggers == []
+    assert result.applied == 0 and len(result.dead_letters) == 3
+    assert run(engine(store), []) == BatchResult()
+
+
+# --------------------------------------------------------------------------
+# Duplicates
+# --------------------------------------------------------------------------
+
+
+def cart_events(user: str = "u-1") -> list[dict[str, Any]]:
+    return [
+        page("/kitchen", user=user, ts=T0),
+        track("Product Added", user=user, ts=T0 + 1, product_id="k1", price=80, category="Kitchen"),
+        track("Product Added", user=user, ts=T0 + 2, product_id="k2", price=40, category="Kitchen"),
+    ]
+
+
+def test_the_same_message_id_twice_is_applied_once_and_triggers_once() -> None:
+    store, log = Store(), Log()
+    events = cart_events()
+    retry = dict(events[2])  # the SDK retried the request: same messageId, new offset
+    result = run(engine(store), log.records(*events, retry))
+    assert (result.applied, result.duplicates) == (3, 1)
+    assert len(result.triggers) == 1
+    assert ctx_of(result, b"u-1")["cart"]["value"] == 120.0
+
+
+def test_redelivery_after_a_crash_is_not_applied_twice() -> None:
+    store, log = Store(), Log()
+    batch = log.records(*cart_events())
+    first = run(engine(store), batch, store)
+    assert len(first.triggers) == 1
+    # The process died after writing the contexts but before committing offsets:
+    # a new engine gets the same records again, then new ones.
+    later = log.records(page("/checkout", ts=T0 + 3))
+    second = run(engine(store), [*batch, *later], store)
+    assert (second.applied, second.duplicates, second.new_customers) == (1, 3, 0)
+    assert second.triggers == []
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    assert ctx["n"] == 4
+    assert ctx["cart"]["value"] == 120.0
+    assert ctx["pages"] == ["/kitchen", "/checkout"]
+
+
+def test_redelivery_with_regenerated_message_ids_is_caught_by_offset() -> None:
+    store, log = Store(), Log()
+    events = cart_events()
+    batch = log.records(*events)
+    run(engine(store), batch, store)
+    replayed = [
+        r._replace(value=orjson.dumps({**e, "messageId": f"new-{i}"}))
+        for i, (r, e) in enumerate(zip(batch, events, strict=True))
+    ]
+    result = run(engine(store), replayed, store)
+    assert (result.applied, result.duplicates) == (0, 3)
+    assert result.updates == {}
+
+
+def test_a_replay_before_contexts_were_saved_yields_the_same_decision_id() -> None:
+    # Crash before the contexts were written: the events are applied again and
+    # the trigger is produced again, with the same CloudEvent id so that the
+    # channel can drop the repeat.
+    log = Log()
+    batch = log.records(*cart_events())
+    first = run(engine(Store()), batch)
+    again = run(engine(Store()), batch)
+    assert len(first.triggers) == len(again.triggers) == 1
+    assert first.triggers[0].value == again.triggers[0].value
+    assert dict(first.triggers[0].headers)["ce_id"] == dict(again.triggers[0].headers)["ce_id"]
+
+
+# --------------------------------------------------------------------------
+# Triggers
+# --------------------------------------------------------------------------
+
+
+def test_a_trigger_fires_and_yields_a_cloudevent() -> None:
+    store, log = Store(), Log()
+    events = cart_events()
+    result = run(engine(store, source="/rtim/test"), log.records(*events))
+    (trigger,) = result.triggers
+    assert trigger.topic == TRIGGER_TOPIC_PREFIX + "web" == "rtim.triggers.web"
+    assert (trigger.channel, trigger.offer_id, trigger.key) == ("web", "free-shipping", b"u-1")
+    assert trigger.source_ms == NOW - 5
+    ce = orjson.loads(trigger.value)
+    expected_id = decision_id("u-1", events[2]["messageId"], "cart-builder")
+    assert trigger.headers == [("content-type", CONTENT_TYPE), ("ce_id", expected_id.encode())]
+    assert (ce["specversion"], ce["id"], ce["type"]) == ("1.0", expected_id, TRIGGER_TYPE)
+    assert (ce["source"], ce["subject"]) == ("/rtim/test", "u-1")
+    assert ce["time"] == "2026-11-25T12:00:00.000Z"
+    assert ce["data"]["offer"]["id"] == "free-shipping"
+    assert ce["data"]["trigger"] == "cart-builder"
+    assert ce["data"]["context"]["cart_value"] == 120.0
+    assert ce["data"]["event"]["message_id"] == events[2]["messageId"]
+    assert result.no_offer == 0
+    assert ctx_of(result, b"u-1")["fired"] == {"cart-builder": T0 + 2}
+
+
+def test_a_trigger_goes_to_the_channel_the_customer_is_on() -> None:
+    store, log = Store(), Log()
+    events = [track("Product Added", app=True, product_id="t1", price=150)]
+    events.append(track("Support Ticket Opened", app=True, ts=T0 + 1))
+    result = run(engine(store), log.records(*events))
+    assert [(t.topic, t.offer_id) for t in result.triggers] == [
+        ("rtim.triggers.app", "free-shipping"),
+        ("rtim.triggers.call_centre", "callback"),  # the callback offer has no app channel
+    ]
+
+
+def test_cooldown_suppresses_a_second_trigger() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    first = run(eng, log.records(*cart_events()), store)
+    assert len(first.triggers) == 1
+    adds = [
+        (T0 + 10 * MINUTE, 0),  # inside the 30-minute cooldown
+        (T0 + 29 * MINUTE, 0),
+        (T0 + 2 + 30 * MINUTE, 1),  # 30 minutes after the first trigger
+        (T0 + 35 * MINUTE, 0),
+    ]
+    for i, (ts, expected) in enumerate(adds):
+        batch = log.records(track("Product Added", ts=ts, product_id=f"x{i}", price=10))
+        result = run(eng, batch, store)
+        assert len(result.triggers) == expected, ts
+
+
+def test_cooldown_survives_a_restart() -> None:
+    store, log = Store(), Log()
+    run(engine(store), log.records(*cart_events()), store)
+    later = log.records(track("Product Added", ts=T0 + 5 * MINUTE, product_id="z", price=10))
+    result = run(engine(store), later, store)
+    assert result.applied == 1 and result.triggers == []
+
+
+def test_a_trigger_with_no_eligible_offer_is_counted() -> None:
+    store, log = Store(), Log()
+    views = [track("Product Viewed", ts=T0 + i, product_id=f"p{i}") for i in range(3)]
+    result = run(engine(store), log.records(*views))
+    assert result.triggers == []
+    assert result.no_offer == 1  # the second view fired "browse"; the third is in cooldown
+    assert ctx_of(result, b"u-1")["fired"] == {"browse": T0 + 1}
+
+
+def test_an_engine_without_rules_only_keeps_contexts() -> None:
+    store, log = Store(), Log()
+    eng = Engine(catalog=parse_catalog({}), load=store.load, clock=lambda: NOW / 1000)
+    result = run(eng, log.records(*cart_events()))
+    assert result.applied == 3 and result.triggers == [] and result.no_offer == 0
+    assert ctx_of(result, b"u-1")["fired"] == {}
+
+
+# --------------------------------------------------------------------------
+# Failures inside the update
+# --------------------------------------------------------------------------
+
+
+def test_an_exception_for_one_event_dead_letters_it_and_the_batch_continues(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_apply = rtim.engine.apply_event
+
+    def flaky_apply(ctx: dict[str, Any], event: Any, partition: int, offset: int) -> None:
+        if ctx["id"] == "u-bad":
+            raise RuntimeError("disk on fire")
+        real_apply(ctx, event, partition, offset)
+
+    monkeypatch.setattr(rtim.engine, "apply_event", flaky_apply)
+    store, log = Store(), Log()
+    records = log.records(
+        page("/", user="u-1"),
+        page("/", user="u-bad"),
+        *cart_events(user="u-2"),
+    )
+    result = run(engine(store), records)
+    assert (result.consumed, result.applied) == (5, 4)
+    assert result.invalid == {"internal_error": 1}
+    (letter,) = result.dead_letters
+    assert letter.value is records[1].value
+    assert letter.key == b"u-bad"
+    headers = dict(letter.headers)
+    assert headers["__connect.errors.stage"] == b"process"
+    assert headers["__connect.errors.offset"] == b"1"
+    assert headers["__connect.errors.exception.class.name"] == b"RuntimeError"
+    assert headers["__connect.errors.exception.message"] == b"disk on fire"
+    assert headers["rtim.errors.reason"] == b"internal_error"
+    assert sorted(result.updates[0]) == [b"u-1", b"u-2"]
+    assert [t.key for t in result.triggers] == [b"u-2"]
+
+
+def test_an_exception_while_deciding_dead_letters_the_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken_decide(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("bad model")
+
+    monkeypatch.setattr(rtim.engine, "decide", broken_decide)
+    store, log = Store(), Log()
+    result = run(engine(store), log.records(*cart_events(), page("/after")))
+    assert [d.reason for d in result.dead_letters] == ["internal_error"]
+    assert dict(result.dead_letters[0].headers)["__connect.errors.stage"] == b"process"
+    assert result.triggers == []
+    assert ctx_of(result, b"u-1")["pages"] == ["/kitchen", "/after"]
+
+
+# --------------------------------------------------------------------------
+# The context cache
+# --------------------------------------------------------------------------
+
+
+def test_contexts_are_cached_between_batches_and_invalidate_reloads_them() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    run(eng, log.records(page("/one")), store)
+    assert eng.context(0, b"u-1")["n"] == 1
+    loads = store.loads
+    # Someone else (the previous owner of the partition) moved the context on.
+    foreign = orjson.loads(store.data[(0, b"u-1")])
+    foreign.update(n=41, pages=["/elsewhere"], src=[0, 40])
+    store.data[(0, b"u-1")] = orjson.dumps(foreign)
+    assert eng.context(0, b"u-1")["n"] == 1  # still the cached one
+    assert store.loads == loads
+    eng.invalidate()
+    assert eng.context(0, b"u-1")["n"] == 41
+    assert store.loads == loads + 1
+    log.next[0] = 41
+    result = run(eng, log.records(page("/two")), store)
+    ctx = ctx_of(result, b"u-1")
+    assert (ctx["n"], ctx["pages"], ctx["src"]) == (42, ["/elsewhere", "/two"], [0, 41])
+
+
+def test_an_unknown_customer_has_no_context() -> None:
+    eng = engine(Store())
+    assert eng.context(0, b"nobody") is None
+
+
+def test_a_small_cache_reloads_evicted_contexts_from_the_store() -> None:
+    store, log = Store(), Log()
+    eng = engine(store, cache_size=2)
+    for round_ in range(3):
+        users = [page(f"/r{round_}", user=f"u-{i}", ts=T0 + round_) for i in range(6)]
+        result = run(eng, log.records(*users), store)
+        assert result.new_customers == (6 if round_ == 0 else 0)
+        assert result.applied == 6
+    for i in range(6):
+        ctx = orjson.loads(store.data[(0, f"u-{i}".encode())])
+        assert (ctx["n"], ctx["pages"]) == (3, ["/r0", "/r1", "/r2"])
