@@ -50,6 +50,71 @@ def broker(port: int | None) -> None:
 
 
 @main.command()
+@click.option("--customers", type=int, default=200, show_default=True)
+@click.option("--rate", type=float, default=100, show_default=True, help="Events per second.")
+@click.option("--duration", type=float, default=0, show_default=True,
+              help="Stop after this many seconds (0: run until Ctrl-C).")
+@click.option("--web-port", type=int, default=6066, show_default=True, help="Worker metrics/health port.")
+def demo(customers: int, rate: float, duration: float, web_port: int) -> None:
+    """Embedded broker + worker + simulator: watch triggers flow, no Kafka needed.
+
+    Starts a Kafka-compatible broker on a free local port, an RTIM worker, and
+    the journey simulator; prints every trigger as it is published and a
+    metrics line every 5 s. Ctrl-C stops everything cleanly.
+    """
+    import asyncio
+
+    from rtim.demo import run_demo
+
+    try:
+        asyncio.run(run_demo(customers=customers, rate=rate, duration=duration,
+                             web_port=web_port, echo=click.echo))
+    except KeyboardInterrupt:
+        click.echo("stopped.")
+
+
+@main.command()
+@click.option("--broker", default=None, help="Bootstrap servers (default: RTIM_BROKER).")
+@click.option("--customers", type=int, default=1000, show_default=True)
+@click.option("--events", "-n", type=int, default=None,
+              help="Events to send (default: 10,000, or endless with --rate).")
+@click.option("--rate", type=float, default=None, help="Events per second (default: as fast as possible).")
+@click.option("--seed", type=int, default=None, help="Seed for a reproducible stream.")
+@click.option("--live/--simulated-time", default=True, show_default=True,
+              help="Stamp events with the wall clock, or with simulated journey time.")
+@click.option("--topic", default="rtim.clickstream", show_default=True)
+def simulate(broker: str | None, customers: int, events: int | None, rate: float | None,
+             seed: int | None, live: bool, topic: str) -> None:
+    """Send realistic multi-channel customer journeys (Segment events) to Kafka.
+
+    Customers browse on web and app, search, add to cart, abandon or buy, open
+    e-mails, call the service centre and visit stores; some stay anonymous,
+    others sign in and are identified.
+    """
+    import asyncio
+    import time
+
+    from rtim.simulate import JourneySimulator
+    from rtim.simulate_kafka import produce_events
+
+    bootstrap = broker or Settings().broker
+    if events is None and rate is None:
+        events = 10_000
+    start_ms = None
+    if not live:
+        # Simulated time runs ahead; start in the past so no event is in the future.
+        start_ms = int(time.time() * 1000) - 90 * 86_400_000
+    sim = JourneySimulator(customers=customers, seed=seed, live=live, start_ms=start_ms)
+    with click.progressbar(length=events, label=f"sending to {topic}", show_pos=True) as bar:
+        try:
+            sent = asyncio.run(produce_events(bootstrap, topic, sim.events(events), rate=rate,
+                                              progress=bar.update))
+        except KeyboardInterrupt:
+            sent = None
+    click.echo(f"sent {sent:,} events" if sent is not None else "stopped.")
+
+
+@main.command()
 @click.option("--events", "-n", type=int, default=100_000, show_default=True, help="Events to load.")
 @click.option("--partitions", type=int, default=4, show_default=True)
 @click.option("--customers", type=int, default=5_000, show_default=True)

@@ -110,6 +110,7 @@ class ClickstreamProcessor:
         if batch.generation_id != self._generation:
             # Recovery may have rewritten the store: cached contexts are stale.
             self.engine.invalidate()
+            self.store.recount()
             self._generation = batch.generation_id
         started = time.perf_counter()
         records = [r for tp_records in batch.records.values() for r in tp_records]
@@ -127,6 +128,7 @@ class ClickstreamProcessor:
             return
         for partition, items in result.updates.items():
             self.store.write(partition, items, written[(self.changelog_topic, partition)])
+        self.store.added(result.new_customers)
         consumer = self.app.consumer
         for tp, tp_records in batch.records.items():
             consumer.ack_batch(tp, [r.offset for r in tp_records])

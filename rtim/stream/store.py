@@ -19,14 +19,13 @@ try:
 except ImportError:  # pragma: no cover - rocksdict is a dependency
     rocksdict = None
 
-_OFFSET_KEY_COUNT = 1  # Faust keeps its changelog offset as one key per partition db
-
 
 class ContextStore:
     """Reads and batch-writes serialised contexts in a Faust table's store."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self._count: int | None = None
 
     @property
     def _store(self) -> Any:
@@ -56,16 +55,30 @@ class ContextStore:
             TP(self.table.changelog_topic.get_topic_name(), partition), changelog_offset
         )
 
+    def recount(self) -> None:
+        """Forget the customer count; the next :meth:`size` counts the store again.
+
+        Called after a rebalance, when recovery may have changed the store.
+        """
+        self._count = None
+
+    def added(self, n: int) -> None:
+        """``n`` customers were stored for the first time."""
+        if self._count is not None:
+            self._count += n
+
     def size(self) -> float:
-        """Number of customers in the store (RocksDB's estimate for the durable store)."""
-        store = self._store
-        if not self.durable:
-            return float(len(store.data))
-        total = 0
-        for db in list(store._dbs.values()):
-            try:
-                keys = db.property_int_value("rocksdb.estimate-num-keys") or 0
-            except Exception:  # noqa: BLE001 - a db closed during a rebalance
-                continue
-            total += max(0, keys - _OFFSET_KEY_COUNT)
-        return float(total)
+        """Number of customers in this worker's store (counted once per assignment)."""
+        if self._count is None:
+            store = self._store
+            if not self.durable:
+                self._count = len(store.data)
+            else:
+                total = 0
+                for db in list(store._dbs.values()):
+                    try:
+                        total += sum(1 for key in db.keys() if not key.startswith(b"__faust"))
+                    except Exception:  # noqa: BLE001 - a db closed during a rebalance
+                        continue
+                self._count = total
+        return float(self._count)
