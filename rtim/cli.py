@@ -10,7 +10,9 @@ from rtim.settings import Settings, describe
 
 
 def _settings_help() -> str:
-    return "\n".join(f"  {env} (default {default}): {doc}" for env, default, doc in describe())
+    # "\b" keeps click from re-wrapping the list into one paragraph.
+    lines = [f"{env}={default}\n    {doc}" for env, default, doc in describe()]
+    return "\b\n" + "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

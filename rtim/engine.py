@@ -36,7 +36,7 @@ from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
 from rtim.decide.scoring import PropensityModel
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, parse_event
 from rtim.offers.catalog import Catalog
-from rtim.triggers.rules import event_namespace, fired_rules
+from rtim.triggers.rules import RuleIndex, event_namespace, fired_rules
 
 TRIGGER_TOPIC_PREFIX = "rtim.triggers."
 
@@ -124,6 +124,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalog = catalog
+        self._rules = RuleIndex(catalog.triggers)
         self.model = model or PropensityModel()
         self.source = source
         self.max_event_bytes = max_event_bytes
@@ -205,7 +206,7 @@ class Engine:
     def _decide(
         self, event: Any, ctx: Context, key: bytes, record: RecordLike, now_ms: int, result: BatchResult
     ) -> None:
-        fired = fired_rules(self.catalog.triggers, event, ctx, None)
+        fired = fired_rules(self._rules, event, ctx, None)
         if not fired:
             return
         namespace = event_namespace(ctx, event)

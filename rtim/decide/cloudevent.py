@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as dt
+import time
 
 import orjson
 
@@ -13,9 +13,13 @@ CONTENT_TYPE = b"application/cloudevents+json; charset=UTF-8"
 
 
 def iso_ms(epoch_ms: int) -> str:
-    """RFC 3339 UTC time with milliseconds, as CloudEvents' ``time`` wants it."""
-    moment = dt.datetime.fromtimestamp(epoch_ms / 1000, tz=dt.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """RFC 3339 UTC time with milliseconds, as CloudEvents' ``time`` wants it.
+
+    >>> iso_ms(1_764_064_800_123)
+    '2025-11-25T10:00:00.123Z'
+    """
+    seconds, millis = divmod(int(epoch_ms), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def trigger_event(decision: Decision, *, source: str) -> dict:

@@ -77,9 +77,17 @@ class Catalog:
     triggers: tuple[TriggerRule, ...]
     offers: tuple[Offer, ...]
     source: str = "<memory>"
+    _by_trigger: dict[str, tuple[Offer, ...]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
-    def offers_for(self, trigger_id: str) -> list[Offer]:
-        return [o for o in self.offers if o.triggers is None or trigger_id in o.triggers]
+    def offers_for(self, trigger_id: str) -> tuple[Offer, ...]:
+        """The offers a decision moment may lead to, in catalog order."""
+        found = self._by_trigger.get(trigger_id)
+        if found is None:
+            found = tuple(o for o in self.offers if o.triggers is None or trigger_id in o.triggers)
+            self._by_trigger[trigger_id] = found
+        return found
 
     @property
     def channels(self) -> frozenset[str]:

@@ -111,6 +111,7 @@ class ClickstreamProcessor:
             # Recovery may have rewritten the store: cached contexts are stale.
             self.engine.invalidate()
             self.store.recount()
+            metrics.CONSUMER_LAG.clear()  # partitions may have moved to other workers
             self._generation = batch.generation_id
         started = time.perf_counter()
         records = [r for tp_records in batch.records.values() for r in tp_records]

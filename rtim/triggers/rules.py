@@ -103,16 +103,43 @@ def parse_rule(raw: Any, index: int) -> TriggerRule:
     )
 
 
+class RuleIndex:
+    """Rules grouped by the (type, name) they can match, so that an event is only
+    checked against rules that may fire for it (most events match none)."""
+
+    def __init__(self, rules: tuple[TriggerRule, ...]) -> None:
+        self.rules = rules
+        self._by_key: dict[tuple[str, str | None], tuple[TriggerRule, ...]] = {}
+
+    def candidates(self, event: Event) -> tuple[TriggerRule, ...]:
+        key = (event.type, event.name)
+        found = self._by_key.get(key)
+        if found is None:
+            if len(self._by_key) >= 10_000:  # event names come from clients: bound it
+                self._by_key.clear()
+            found = self._by_key[key] = tuple(
+                r
+                for r in self.rules
+                if (r.types is None or event.type in r.types)
+                and (r.names is None or event.name in r.names)
+            )
+        return found
+
+
 def fired_rules(
-    rules: tuple[TriggerRule, ...], event: Event, ctx: Context, namespace: Mapping[str, Any] | None
+    rules: tuple[TriggerRule, ...] | RuleIndex,
+    event: Event,
+    ctx: Context,
+    namespace: Mapping[str, Any] | None,
 ) -> list[TriggerRule]:
     """Return the rules this event fires for this customer (cool-downs respected).
 
-    ``namespace`` is built by the caller only when some pattern matched, so the
-    common event that matches no rule costs a few attribute checks.
+    ``namespace`` is built only when some pattern matched, so the common event
+    that matches no rule costs a dictionary lookup (with a :class:`RuleIndex`).
     """
     fired = []
-    for rule in rules:
+    candidates = rules.candidates(event) if isinstance(rules, RuleIndex) else rules
+    for rule in candidates:
         if not rule.matches_pattern(event) or not rule.cooled_down(ctx, event.timestamp_ms):
             continue
         if namespace is None:

@@ -48,7 +48,7 @@ SCHEMAS = TOPICS / "schemas"
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 
-DEFAULTS = Settings()
+DEFAULTS = Settings.model_construct()  # the defaults, whatever RTIM_* the environment sets
 SETTING_ENV_NAMES = {f"RTIM_{name.upper()}" for name in Settings.model_fields}
 
 
@@ -214,7 +214,7 @@ def test_changelog_is_compacted_and_named_after_the_app_id(topics_by_name: dict[
 
 
 def test_topics_yaml_and_asyncapi_agree(
-    topics_by_name: dict[str, Any], asyncapi: dict[str, Any]
+    topics_doc: dict[str, Any], topics_by_name: dict[str, Any], asyncapi: dict[str, Any]
 ) -> None:
     documented = asyncapi_topics(asyncapi)
     public = {n for n, t in topics_by_name.items() if t["role"] != "internal"}
@@ -223,6 +223,7 @@ def test_topics_yaml_and_asyncapi_agree(
         topic = topics_by_name[name]
         binding = channel["bindings"]["kafka"]
         assert binding["partitions"] == topic["partitions"], name
+        assert binding["replicas"] == topics_doc["defaults"]["replication_factor"], name
         config = binding["topicConfiguration"]
         assert config["cleanup.policy"] == topic["configs"]["cleanup.policy"].split(","), name
         if "retention.ms" in config:
@@ -665,7 +666,7 @@ def test_app_serves_the_probed_endpoints() -> None:
 
 def test_dockerfile() -> None:
     text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     assert any(line == "FROM python:3.11-slim" for line in lines)
     assert "pip install /tmp/src" in text or "pip install ." in text
     assert f"EXPOSE {DEFAULTS.web_port}" in lines
@@ -701,7 +702,8 @@ def test_compose_stack(compose: dict[str, Any], topics_by_name: dict[str, Any]) 
     ports, volumes = set(), set()
     for name, svc in workers.items():
         env = svc["environment"]
-        assert set(env) <= SETTING_ENV_NAMES, f"{name}: unknown setting {set(env) - SETTING_ENV_NAMES}"
+        unknown = set(env) - SETTING_ENV_NAMES
+        assert not unknown, f"{name}: not RTIM settings: {unknown}"
         assert int(env["RTIM_PARTITIONS"]) == topics_by_name[CLICKSTREAM_TOPIC]["partitions"]
         port = int(env["RTIM_WEB_PORT"])
         ports.add(port)
@@ -789,7 +791,8 @@ def test_k8s_statefulset(k8s: dict[str, Any]) -> None:
     service = k8s["objects"]["Service"]
     assert service["metadata"]["name"] == sts["spec"]["serviceName"]
     assert service["spec"]["publishNotReadyAddresses"] is True
-    assert service["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
     assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
 
 
