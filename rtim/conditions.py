@@ -84,7 +84,8 @@ def resolve(namespace: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """Follow ``path`` through nested mappings; return ``_MISSING`` if it breaks."""
     node: Any = namespace
     for key in path:
-        if isinstance(node, Mapping):
+        # Contexts and events are dicts: skip the slower ABC check for them.
+        if isinstance(node, dict) or isinstance(node, Mapping):
             node = node.get(key, _MISSING)
             if node is _MISSING:
                 return _MISSING

@@ -159,53 +159,25 @@ class Engine:
 
     def process(self, topic: str, records: Iterable[RecordLike]) -> BatchResult:
         """Run one batch of clickstream records through the core."""
+        run = self.start_batch(topic)
+        run.add(records)
+        return run.finish()
+
+    def start_batch(self, topic: str) -> BatchRun:
+        """Begin a batch to feed in parts (:meth:`BatchRun.add`), so that a caller
+        can give its event loop a turn between parts; see :meth:`process`.
+
+        Every earlier batch must be persisted (in the store) by now: contexts
+        not used lately may leave the cache and be read from the store again.
+        """
         self._trim_cache()
-        result = BatchResult()
-        now_ms = int(self._clock() * 1000)
-        changed: dict[int, dict[bytes, Context]] = {}
-        rules = self.catalog.triggers
-        parse = parse_event
-        max_bytes = self.max_event_bytes
-        skew = self.max_future_skew_ms
-        for record in records:
-            result.consumed += 1
-            partition = record.partition
-            offset = record.offset
-            try:
-                event = parse(
-                    record.value, max_bytes=max_bytes, now_ms=now_ms, max_future_skew_ms=skew
-                )
-            except InvalidEvent as exc:
-                result.invalid[exc.reason] += 1
-                result.dead_letters.append(self._dead_letter(topic, record, exc))
-                continue
-            try:
-                key = event.customer_id.encode()
-                ctx = self.context(partition, key)
-                if ctx is None:
-                    ctx = self._cache[key] = new_context(event.customer_id)
-                    result.new_customers += 1
-                elif is_duplicate(ctx, event, partition, offset):
-                    result.duplicates += 1
-                    continue
-                apply_event(ctx, event, partition, offset)
-                changed.setdefault(partition, {})[key] = ctx
-                result.applied += 1
-                if rules:
-                    self._decide(event, ctx, key, record, now_ms, result)
-            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
-                result.invalid["internal_error"] += 1
-                result.dead_letters.append(self._dead_letter(topic, record, exc, stage="process"))
-        dumps = orjson.dumps
-        result.updates = {
-            partition: {key: dumps(ctx) for key, ctx in contexts.items()}
-            for partition, contexts in changed.items()
-        }
-        return result
+        return BatchRun(self, topic)
 
     def _decide(
         self, event: Any, ctx: Context, key: bytes, record: RecordLike, now_ms: int, result: BatchResult
     ) -> None:
+        if not self._rules.candidates(event):
+            return  # the common case: no rule can match this kind of event
         fired = fired_rules(self._rules, event, ctx, None)
         if not fired:
             return
@@ -253,3 +225,69 @@ class Engine:
             exc=exc,
             stage=stage,
         )
+
+
+class BatchRun:
+    """One batch in progress: contexts changed so far, outputs, counts."""
+
+    def __init__(self, engine: Engine, topic: str) -> None:
+        self.engine = engine
+        self.topic = topic
+        self.result = BatchResult()
+        self.now_ms = int(engine._clock() * 1000)
+        self._changed: dict[int, dict[bytes, Context]] = {}
+
+    def add(self, records: Iterable[RecordLike]) -> None:
+        """Apply records, in order, to the batch."""
+        engine = self.engine
+        result = self.result
+        changed = self._changed
+        topic = self.topic
+        now_ms = self.now_ms
+        rules = engine.catalog.triggers
+        parse = parse_event
+        max_bytes = engine.max_event_bytes
+        skew = engine.max_future_skew_ms
+        cache = engine._cache
+        for record in records:
+            result.consumed += 1
+            partition = record.partition
+            offset = record.offset
+            try:
+                event = parse(
+                    record.value, max_bytes=max_bytes, now_ms=now_ms, max_future_skew_ms=skew
+                )
+            except InvalidEvent as exc:
+                result.invalid[exc.reason] += 1
+                result.dead_letters.append(engine._dead_letter(topic, record, exc))
+                continue
+            try:
+                key = event.customer_id.encode()
+                ctx = cache.get(key)
+                if ctx is None:
+                    ctx = engine.context(partition, key)
+                if ctx is None:
+                    ctx = cache[key] = new_context(event.customer_id)
+                    result.new_customers += 1
+                elif is_duplicate(ctx, event, partition, offset):
+                    result.duplicates += 1
+                    continue
+                apply_event(ctx, event, partition, offset)
+                changed.setdefault(partition, {})[key] = ctx
+                result.applied += 1
+                if rules:
+                    engine._decide(event, ctx, key, record, now_ms, result)
+            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
+                result.invalid["internal_error"] += 1
+                result.dead_letters.append(
+                    engine._dead_letter(topic, record, exc, stage="process")
+                )
+
+    def finish(self) -> BatchResult:
+        """Serialise every changed context once and return the batch's result."""
+        dumps = orjson.dumps
+        self.result.updates = {
+            partition: {key: dumps(ctx) for key, ctx in contexts.items()}
+            for partition, contexts in self._changed.items()
+        }
+        return self.result

@@ -44,6 +44,12 @@ BATCH_SECONDS = Histogram(
     "Time to process one fetched batch: core, persist, publish, acknowledge.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+BATCH_STAGE_SECONDS = Histogram(
+    "rtim_batch_stage_seconds",
+    "Time per batch in each stage: core (decisioning), publish (until Kafka acks), store.",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 BATCH_RECORDS = Histogram(
     "rtim_batch_records",
     "Records per processed batch.",

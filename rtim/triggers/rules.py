@@ -144,19 +144,46 @@ def fired_rules(
             continue
         if namespace is None:
             namespace = event_namespace(ctx, event)
-        if all(cond(namespace) for cond in rule.conditions):
+        for cond in rule.conditions:
+            if not cond(namespace):
+                break
+        else:
             fired.append(rule)
     return fired
 
 
-def event_namespace(ctx: Context, event: Event) -> dict[str, Any]:
+class _Namespace(dict):  # type: ignore[type-arg]
+    """The context's fields plus ``event``, without copying the context."""
+
+    __slots__ = ("_ctx", "_event")
+
+    def __init__(self, ctx: Context, event: Event) -> None:
+        super().__init__()
+        self._ctx = ctx
+        self._event = event
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "event":
+            event = self._event
+            return {
+                "type": event.type,
+                "name": event.name,
+                "channel": event.channel,
+                "properties": event.properties,
+                "timestamp_ms": event.timestamp_ms,
+            }
+        return self._ctx.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        found = self.get(key, _ABSENT)
+        if found is _ABSENT:
+            raise KeyError(key)
+        return found
+
+
+_ABSENT = object()
+
+
+def event_namespace(ctx: Context, event: Event) -> Mapping[str, Any]:
     """The names conditions can see: the context's fields plus ``event``."""
-    ns = dict(ctx)
-    ns["event"] = {
-        "type": event.type,
-        "name": event.name,
-        "channel": event.channel,
-        "properties": event.properties,
-        "timestamp_ms": event.timestamp_ms,
-    }
-    return ns
+    return _Namespace(ctx, event)
