@@ -22,13 +22,9 @@ so start-up and group joins are not counted, and commits are.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
-import os
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +33,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -46,6 +41,7 @@ from aiokafka.errors import KafkaError
 from rtim.broker import EmbeddedBroker, create_topics
 from rtim.simulate import JourneySimulator, key_for
 from rtim.stream.endoffsets import true_end_offsets
+from rtim.stream.process import WorkerProcess
 
 CLICKSTREAM = "rtim.clickstream"
 RAW_OUT = "bench.raw.out"
@@ -133,12 +129,6 @@ class BenchReport:
     rtim_latency: Latency | None = None
     rtim_triggers: int = 0
     notes: list[str] = field(default_factory=list)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _committed_total(reader: AIOKafkaConsumer, tps: list[TopicPartition]) -> int:
@@ -308,9 +298,9 @@ async def load_events(bootstrap: str, n: int, customers: int, progress: Callable
         await producer.stop()
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "rtim", *args], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        [sys.executable, "-m", "rtim", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT
     )
 
 
@@ -344,7 +334,8 @@ async def run_bench(
     if broker is None:
         embedded = EmbeddedBroker(log_path=workdir / "broker.log").start()
         broker = embedded.bootstrap
-    raw_proc = rtim_proc = None
+    raw_proc: subprocess.Popen[bytes] | None = None
+    rtim_worker: WorkerProcess | None = None
     try:
         from rtim.settings import Settings
         from rtim.stream.worker import topic_specs
@@ -358,25 +349,23 @@ async def run_bench(
         total = sum(ends.values())
         assert total == loaded, f"loaded {loaded} but the topic holds {total}"
 
-        env = dict(os.environ)
         echo("raw aiokafka baseline: consume -> parse -> update -> produce -> commit ...")
-        raw_proc = _spawn(["bench-raw", "--broker", broker], env, workdir / "raw.log")
+        raw_proc = _spawn(["bench-raw", "--broker", broker], workdir / "raw.log")
         report.raw = await measure_until_committed(broker, RAW_GROUP, total, partitions=partitions, timeout=600, proc=raw_proc)
         echo(f"  raw:  {report.raw.events_per_s:>10,.0f} events/s")
 
-        web_port = _free_port()
-        env.update(
-            RTIM_BROKER=broker,
-            RTIM_APP_ID=RTIM_APP,
-            RTIM_DATADIR=str(workdir / "rtim-data"),
-            RTIM_STORE=store,
-            RTIM_PARTITIONS=str(partitions),
-            RTIM_WEB_PORT=str(web_port),
-            RTIM_LOG_LEVEL="warning",
-        )
         echo(f"RTIM worker ({store} store): validate, dedupe, context, triggers, score, publish ...")
-        rtim_proc = _spawn(["worker"], env, workdir / "rtim.log")
-        report.rtim = await measure_until_committed(broker, RTIM_APP, total, partitions=partitions, timeout=900, proc=rtim_proc)
+        rtim_worker = WorkerProcess(
+            broker=broker,
+            app_id=RTIM_APP,
+            datadir=workdir / "rtim-data",
+            store=store,
+            log_path=workdir / "rtim.log",
+            env={"RTIM_PARTITIONS": str(partitions), "RTIM_LOG_LEVEL": "warning"},
+        ).start()
+        report.rtim = await measure_until_committed(
+            broker, RTIM_APP, total, partitions=partitions, timeout=900, proc=rtim_worker.proc
+        )
         echo(f"  rtim: {report.rtim.events_per_s:>10,.0f} events/s")
         report.ratio = round(report.rtim.events_per_s / report.raw.events_per_s, 3)
 
@@ -391,7 +380,8 @@ async def run_bench(
             report.rtim_latency = _latency(rtim_lat)
             report.rtim_triggers = len(rtim_lat)
     finally:
-        _stop(rtim_proc)
+        if rtim_worker is not None:
+            rtim_worker.stop()
         _stop(raw_proc)
         if embedded is not None:
             embedded.stop()

@@ -860,6 +860,20 @@ class JourneySimulator:
             "context": ctx,
         }
 
+    def _view_product(
+        self, c: _Customer, dev: _Device, product: Product, category: str, referrer: str | None = None
+    ) -> dict[str, Any]:
+        """The product page (or app screen) of ``product``."""
+        return self._view(
+            c,
+            dev,
+            "Product",
+            f"/p/{product.product_id}",
+            product.name,
+            {"category": category},
+            referrer=referrer,
+        )
+
     def _view(
         self,
         c: _Customer,
@@ -1014,15 +1028,7 @@ class JourneySimulator:
         elif referrer and rng.random() < 0.5:
             # Search-engine / social traffic lands on a product page.
             product = self._pick_product(c, category)
-            yield self._view(
-                c,
-                dev,
-                "Product",
-                f"/p/{product.product_id}",
-                product.name,
-                {"category": category},
-                referrer=referrer,
-            )
+            yield self._view_product(c, dev, product, category, referrer=referrer)
             c.clock += self._beat()
             yield self._track(c, dev, "Product Viewed", product.properties())
         else:
@@ -1093,14 +1099,7 @@ class JourneySimulator:
                 )
             elif action == "view":
                 product = self._pick_product(c, category)
-                yield self._view(
-                    c,
-                    dev,
-                    "Product",
-                    f"/p/{product.product_id}",
-                    product.name,
-                    {"category": category},
-                )
+                yield self._view_product(c, dev, product, category)
                 c.clock += self._beat()
                 yield self._track(c, dev, "Product Viewed", product.properties())
             elif action == "add":

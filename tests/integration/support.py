@@ -8,22 +8,19 @@ see each other's records.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from rtim.broker import EmbeddedBroker, create_topics
 from rtim.engine import Engine, Record
 from rtim.offers.catalog import load_catalog
-from rtim.settings import DEFAULT_CATALOG, Settings
+from rtim.settings import DEFAULT_CATALOG
 from rtim.stream.app import CLICKSTREAM_TOPIC
 from rtim.stream.endoffsets import true_end_offsets
 from rtim.stream.process import WorkerProcess
-from rtim.stream.worker import topic_specs
 
 PARTITIONS = 4
 # Short group timeouts, so that a killed worker's partitions move in seconds.
