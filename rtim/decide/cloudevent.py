@@ -18,8 +18,15 @@ def iso_ms(epoch_ms: int) -> str:
     >>> iso_ms(1_764_064_800_123)
     '2025-11-25T10:00:00.123Z'
     """
+    global _last
     seconds, millis = divmod(int(epoch_ms), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    last = _last  # one tuple, so that threads never pair a second with another's text
+    if last[0] != seconds:  # a batch's decisions share their second: format it once
+        last = _last = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+    return f"{last[1]}.{millis:03d}Z"
+
+
+_last: tuple[int, str] = (-1, "")
 
 
 def trigger_event(decision: Decision, *, source: str) -> dict:
