@@ -65,13 +65,14 @@ def decision_id(customer_id: str, message_id: str, trigger_id: str) -> str:
 
 def context_snapshot(ctx: Context) -> dict[str, Any]:
     """The part of the context a channel system may want with a trigger (no PII)."""
-    affinity = sorted(ctx["affinity"].items(), key=lambda kv: kv[1], reverse=True)[:3]
+    affinity = ctx["affinity"]
+    top = sorted(affinity, key=affinity.__getitem__, reverse=True)[:3]
     return {
         "cart_value": ctx["cart"]["value"],
         "cart_items": len(ctx["cart"]["items"]),
         "orders": ctx["orders"],
         "open_issues": ctx["issues"],
-        "top_categories": {k: round(v, 3) for k, v in affinity},
+        "top_categories": {k: round(affinity[k], 3) for k in top},
         "channels": {c: v["n"] for c, v in ctx["channels"].items()},
         "recent_pages": ctx["pages"][-3:],
         "events_seen": ctx["n"],

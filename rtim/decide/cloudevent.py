@@ -33,6 +33,7 @@ def trigger_event(decision: Decision, *, source: str) -> dict:
     """The CloudEvent (as a dict) for a decision; ``expiry`` is an extension attribute."""
     offer = decision.offer
     event = decision.event
+    expiry = iso_ms(decision.expires_ms)
     return {
         "specversion": "1.0",
         "id": decision.decision_id,
@@ -41,7 +42,7 @@ def trigger_event(decision: Decision, *, source: str) -> dict:
         "subject": decision.customer_id,
         "time": iso_ms(decision.decided_ms),
         "datacontenttype": "application/json",
-        "expiry": iso_ms(decision.expires_ms),
+        "expiry": expiry,
         "partitionkey": decision.customer_id,
         "data": {
             "decision_id": decision.decision_id,
@@ -51,7 +52,7 @@ def trigger_event(decision: Decision, *, source: str) -> dict:
                 "id": offer.id,
                 "name": offer.name,
                 "value": offer.value,
-                "creative": dict(offer.creative),
+                "creative": offer.creative,
             },
             "score": decision.score,
             "propensity": decision.propensity,
@@ -59,7 +60,7 @@ def trigger_event(decision: Decision, *, source: str) -> dict:
             "reasons": decision.reasons,
             "top_features": decision.features,
             "candidates": decision.candidates,
-            "expires_at": iso_ms(decision.expires_ms),
+            "expires_at": expiry,
             "event": {
                 "message_id": event.message_id,
                 "type": event.type,

@@ -83,13 +83,19 @@ class PropensityModel:
         self.updates += 1
 
     def contributions(self, offer_id: str, features: dict[str, float], top: int = 3) -> dict[str, float]:
-        """The features that moved this score most (weight x value), for reason codes."""
+        """The features that moved this score most (weight x value), for reason codes.
+
+        Features with no learned weight moved nothing and are left out, so a
+        model that has not learned yet explains nothing rather than noise.
+        """
         weights = self._model(offer_id).weights
-        scored = {
-            name: round(weights.get(name, 0.0) * value, 4) for name, value in features.items()
-        }
-        best = sorted(scored.items(), key=lambda kv: abs(kv[1]), reverse=True)[:top]
-        return dict(best)
+        if not weights:
+            return {}
+        scored = [
+            (name, weights[name] * value) for name, value in features.items() if name in weights
+        ]
+        scored.sort(key=lambda kv: abs(kv[1]), reverse=True)
+        return {name: round(value, 4) for name, value in scored[:top]}
 
     def inspect(self) -> dict[str, Any]:
         """Weights and intercept per offer, for people and dashboards."""
