@@ -223,12 +223,11 @@ def create_app(settings: Settings) -> RtimApp:
     consumer.route_batches({CLICKSTREAM_TOPIC}, to_agent, processor.wait_idle)
 
     install_views(app, processor)
-    app.rtim_processor = processor  # type: ignore[attr-defined]
     return app
 
 
 def is_ready(app: RtimApp) -> bool:
-    """Ready: running, not rebalancing, tables recovered, and the agent alive."""
+    """Ready: started, not rebalancing or stopping, and the tables recovered."""
     try:
         recovered = app.tables.recovery.completed.is_set()
     except Exception:  # noqa: BLE001 - not started yet

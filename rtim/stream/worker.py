@@ -7,6 +7,7 @@ import logging
 import os
 
 import faust
+from aiokafka import AIOKafkaProducer
 
 from rtim.broker import create_topics
 from rtim.offers.catalog import load_catalog
@@ -24,8 +25,35 @@ def topic_specs(settings: Settings) -> dict[str, int]:
     return specs
 
 
+class TopicMismatch(RuntimeError):
+    """An existing topic cannot be used as it is (for example, wrong partition count)."""
+
+
+async def check_copartitioning(settings: Settings) -> None:
+    """The clickstream must have RTIM_PARTITIONS partitions, like the context table.
+
+    Faust keeps a customer's context in the table partition numbered like the
+    clickstream partition its events arrive on: with other counts, contexts
+    would be split and recovered into the wrong partitions.
+    """
+    # A producer, as aiokafka's consumer cancels itself if stopped right after start.
+    producer = AIOKafkaProducer(bootstrap_servers=settings.broker)
+    await producer.start()
+    try:
+        found = await producer.partitions_for(CLICKSTREAM_TOPIC)
+    finally:
+        await producer.stop()
+    if len(found) != settings.partitions:
+        raise TopicMismatch(
+            f"{CLICKSTREAM_TOPIC} has {len(found)} partitions but RTIM_PARTITIONS is "
+            f"{settings.partitions}: set RTIM_PARTITIONS={len(found)}, or recreate the topic "
+            "(the clickstream and the context table must be co-partitioned)"
+        )
+
+
 async def ensure_topics(settings: Settings, *, give_up_after: float | None = None) -> None:
-    """Create missing topics, waiting for the broker if it is not there yet."""
+    """Create missing topics (waiting for the broker if it is not there yet), then
+    check the clickstream's partition count."""
     loop = asyncio.get_running_loop()
     deadline = None if give_up_after is None else loop.time() + give_up_after
     delay = 0.5
@@ -33,13 +61,14 @@ async def ensure_topics(settings: Settings, *, give_up_after: float | None = Non
     while True:
         try:
             await create_topics(settings.broker, specs, timeout=15.0)
-            return
+            break
         except Exception as exc:  # noqa: BLE001 - any broker error: wait and retry
             if deadline is not None and loop.time() > deadline:
                 raise
             log.warning("broker %s not available (%r); retrying in %.1f s", settings.broker, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
+    await check_copartitioning(settings)
 
 
 def run_worker(settings: Settings) -> None:
