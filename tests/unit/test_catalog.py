@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import calendar
 import copy
-import itertools
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 import rtim
 from rtim.conditions import ConditionError
 from rtim.context.model import apply_event, new_context
-from rtim.events import Event, parse_event
+from rtim.events import Event
 from rtim.offers.catalog import (
     CHANNELS,
     Catalog,
@@ -25,6 +23,8 @@ from rtim.offers.catalog import (
 )
 from rtim.triggers.rules import TriggerRule, event_namespace, fired_rules, parse_rule
 
+from .segment_calls import parsed, segment_call
+
 SAMPLE = Path(rtim.__file__).parent / "data" / "catalog.yaml"
 
 
@@ -33,7 +33,6 @@ def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) -> int:
 
 
 T0 = ms(2026, 11, 2, 9)
-_ids = itertools.count()
 
 
 def event(
@@ -44,20 +43,7 @@ def event(
     channel: str | None = None,
     **props: Any,
 ) -> Event:
-    obj: dict[str, Any] = {
-        "type": kind,
-        "messageId": f"m-{next(_ids)}",
-        "userId": "u-1",
-        "timestamp": ts,
-        "properties": props,
-    }
-    if kind == "track":
-        obj["event"] = name
-    elif name is not None:
-        obj["name"] = name
-    if channel is not None:
-        obj["channel"] = channel
-    return parse_event(orjson.dumps(obj), now_ms=ts)
+    return parsed(segment_call(kind, name, ts=ts, channel=channel, properties=props))
 
 
 def context_after(*events: Event) -> dict[str, Any]:

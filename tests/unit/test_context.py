@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import calendar
-import itertools
 import random
 from typing import Any
 
@@ -22,7 +21,9 @@ from rtim.context.model import (
     is_duplicate,
     new_context,
 )
-from rtim.events import Event, parse_event
+from rtim.events import Event
+
+from .segment_calls import parsed, segment_call
 
 
 def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) -> int:
@@ -33,7 +34,6 @@ T0 = ms(2026, 11, 2, 9)
 MINUTE = 60_000
 DAY = 86_400_000
 WEEK = 7 * DAY
-_ids = itertools.count()
 
 
 def event(
@@ -48,22 +48,13 @@ def event(
     user: str = "u-1",
 ) -> Event:
     """A Segment call as an SDK would send it, parsed by the real parser."""
-    obj: dict[str, Any] = {
-        "type": kind,
-        "messageId": message_id or f"msg-{next(_ids)}",
-        "userId": user,
-        "timestamp": ts,
-        "context": context if context is not None else {"library": {"name": "analytics.js"}},
-    }
-    if kind == "track":
-        obj["event"] = name
-    elif name is not None:
-        obj["name"] = name
-    if props is not None:
-        obj["properties"] = props
-    if traits is not None:
-        obj["traits"] = traits
-    return parse_event(orjson.dumps(obj), now_ms=ts)
+    return parsed(
+        segment_call(
+            kind, name, ts=ts, user=user, message_id=message_id, id_prefix="msg",
+            properties=props, traits=traits,
+            context=context if context is not None else {"library": {"name": "analytics.js"}},
+        )
+    )
 
 
 def page(url_path: str, *, ts: int = T0, name: str | None = None, **props: Any) -> Event:

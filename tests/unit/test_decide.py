@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import calendar
-import itertools
 import math
 import re
 import uuid
@@ -17,9 +16,11 @@ from rtim.context.model import apply_event, new_context
 from rtim.decide.arbitrate import Decision, context_snapshot, decide, decision_id
 from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE, encode_trigger, iso_ms, trigger_event
 from rtim.decide.scoring import PropensityModel, context_features, offer_features
-from rtim.events import Event, parse_event
+from rtim.events import Event
 from rtim.offers.catalog import Catalog, parse_catalog
 from rtim.triggers.rules import event_namespace
+
+from .segment_calls import parsed, segment_call
 
 
 def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) -> int:
@@ -29,7 +30,6 @@ def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) -> int:
 T0 = ms(2026, 11, 2, 9)
 NOW = T0 + 250  # decided a quarter of a second after the event
 TTL = 900_000
-_ids = itertools.count()
 RFC3339_MS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
@@ -44,19 +44,12 @@ def event(
     traits: dict[str, Any] | None = None,
     **props: Any,
 ) -> Event:
-    obj: dict[str, Any] = {
-        "type": kind,
-        "messageId": message_id or f"m-{next(_ids)}",
-        "userId": user,
-        "timestamp": ts,
-        "channel": channel,
-        "properties": props,
-    }
-    if kind == "track":
-        obj["event"] = name
-    if traits is not None:
-        obj["traits"] = traits
-    return parse_event(orjson.dumps(obj), now_ms=ts)
+    return parsed(
+        segment_call(
+            kind, name if kind == "track" else None, ts=ts, user=user, message_id=message_id,
+            channel=channel, properties=props, traits=traits,
+        )
+    )
 
 
 def build(*events: Event, user: str = "u-42") -> dict[str, Any]:

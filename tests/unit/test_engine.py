@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import calendar
-import itertools
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,6 +14,8 @@ from rtim.decide.arbitrate import decision_id
 from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE
 from rtim.engine import TRIGGER_TOPIC_PREFIX, BatchResult, Engine, Record
 from rtim.offers.catalog import parse_catalog
+
+from .segment_calls import segment_call
 
 
 def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0) -> int:
@@ -66,7 +67,6 @@ CATALOG = parse_catalog(
     }
 )
 
-_ids = itertools.count()
 
 
 def segment(
@@ -85,20 +85,10 @@ def segment(
         context = {"app": {"name": "Shop", "version": "3.1"}, "os": {"name": "iOS"}}
     else:
         context["page"] = {"path": props.pop("path", "/"), "title": "Shop"}
-    obj: dict[str, Any] = {
-        "type": kind,
-        "messageId": message_id or f"ajs-{next(_ids):08d}",
-        "userId": user,
-        "anonymousId": f"anon-{user}",
-        "timestamp": ts,
-        "context": context,
-        "properties": props,
-    }
-    if kind == "track":
-        obj["event"] = name
-    elif name is not None:
-        obj["name"] = name
-    return obj
+    return segment_call(
+        kind, name, ts=ts, user=user, message_id=message_id, id_prefix="ajs",
+        anonymous_id=f"anon-{user}", context=context, properties=props,
+    )
 
 
 def page(path: str, **kw: Any) -> dict[str, Any]:
