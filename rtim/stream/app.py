@@ -222,6 +222,11 @@ def create_app(settings: Settings) -> RtimApp:
     consumer.fetch_max_wait_ms = settings.fetch_max_wait_ms
     consumer.route_batches({CLICKSTREAM_TOPIC}, to_agent, processor.wait_idle)
 
+    @app.on_before_shutdown.connect
+    async def stop_publisher(sender: Any, **kwargs: Any) -> None:
+        # Sent after the consumer stopped and the last batch finished.
+        await processor.publisher.stop()
+
     install_views(app, processor)
     return app
 

@@ -68,16 +68,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with a batch path for selected topics."""
 
     fetch_max_wait_ms: int = 25
+    batch_topics: frozenset[str] = frozenset()
+    _batch_sink: BatchSink | None = None
+    _idle_waiters: list[Callable[[], Awaitable[None]]]
+    _probe: EndOffsetProbe | None = None
 
     def _new_consumer_thread(self) -> ConsumerThread:
         thread = ConsumerThread(self, loop=self.loop, beacon=self.beacon)
         thread.fetch_max_wait_ms = self.fetch_max_wait_ms
         return thread
-
-    batch_topics: frozenset[str] = frozenset()
-    _batch_sink: BatchSink | None = None
-    _idle_waiters: list[Callable[[], Awaitable[None]]]
-    _probe: EndOffsetProbe | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
