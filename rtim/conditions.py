@@ -66,7 +66,19 @@ class Condition:
     value: Any
 
     def __call__(self, namespace: Mapping[str, Any]) -> bool:
-        found = resolve(namespace, self.path)
+        return self._holds(resolve(namespace, self.path))
+
+    def test(self, ctx: Mapping[str, Any], event_fields: Callable[[], Mapping[str, Any]]) -> bool:
+        """Evaluate on a context and an event without building a namespace.
+
+        ``event_fields()`` gives what ``event.*`` paths see; it is only called
+        by conditions on the event (most read the context only).
+        """
+        if self.path[0] == "event":
+            return self._holds(resolve(event_fields(), self.path[1:]))
+        return self._holds(resolve(ctx, self.path))
+
+    def _holds(self, found: Any) -> bool:
         if self.op == "exists":
             return found is not _MISSING and found is not None
         if self.op == "missing":

@@ -36,7 +36,7 @@ from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
 from rtim.decide.scoring import PropensityModel
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, parse_event
 from rtim.offers.catalog import Catalog
-from rtim.triggers.rules import RuleIndex, event_namespace, fired_rules
+from rtim.triggers.rules import RuleIndex, fired_rules
 
 TRIGGER_TOPIC_PREFIX = "rtim.triggers."
 
@@ -181,7 +181,6 @@ class Engine:
         fired = fired_rules(self._rules, event, ctx, None)
         if not fired:
             return
-        namespace = event_namespace(ctx, event)
         for rule in fired:
             ctx["fired"][rule.id] = event.timestamp_ms
             decision = decide(
@@ -190,7 +189,6 @@ class Engine:
                 rule,
                 event,
                 ctx,
-                namespace,
                 now_ms=now_ms,
                 ttl_ms=self.trigger_ttl_ms,
             )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from rtim.context.model import Context
 from rtim.decide.scoring import PropensityModel, context_features, offer_features
 from rtim.events import Event
 from rtim.offers.catalog import Catalog, Offer
-from rtim.triggers.rules import TriggerRule
+from rtim.triggers.rules import TriggerRule, first_failed
 
 # Decision ids are derived from what caused the decision, so that a replayed
 # event yields the same id and channel systems can drop the repeat.
@@ -79,20 +80,13 @@ def context_snapshot(ctx: Context) -> dict[str, Any]:
     }
 
 
-def _first_failed(offer: Offer, namespace: Any) -> Any:
-    for cond in offer.eligibility:
-        if not cond(namespace):
-            return cond
-    return None
-
-
 def decide(
     catalog: Catalog,
     model: PropensityModel,
     rule: TriggerRule,
     event: Event,
     ctx: Context,
-    namespace: dict[str, Any],
+    namespace: Mapping[str, Any] | None = None,
     *,
     now_ms: int,
     ttl_ms: int,
@@ -106,7 +100,7 @@ def decide(
         if not offer.is_valid_at(event.timestamp_ms):
             reasons.append(f"rejected:{offer.id}:not-valid-now")
             continue
-        failed = _first_failed(offer, namespace)
+        failed = first_failed(offer.eligibility, event, ctx, namespace)
         if failed is not None:
             reasons.append(f"rejected:{offer.id}:{failed.text}")
             continue

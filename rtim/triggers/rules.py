@@ -130,60 +130,69 @@ def fired_rules(
     rules: tuple[TriggerRule, ...] | RuleIndex,
     event: Event,
     ctx: Context,
-    namespace: Mapping[str, Any] | None,
+    namespace: Mapping[str, Any] | None = None,
 ) -> list[TriggerRule]:
     """Return the rules this event fires for this customer (cool-downs respected).
 
-    ``namespace`` is built only when some pattern matched, so the common event
-    that matches no rule costs a dictionary lookup (with a :class:`RuleIndex`).
+    Conditions read the context directly (``namespace``, if given, is used
+    instead); with a :class:`RuleIndex`, an event that no rule can match
+    costs a dictionary lookup.
     """
     fired = []
     candidates = rules.candidates(event) if isinstance(rules, RuleIndex) else rules
     for rule in candidates:
         if not rule.matches_pattern(event) or not rule.cooled_down(ctx, event.timestamp_ms):
             continue
-        if namespace is None:
-            namespace = event_namespace(ctx, event)
-        for cond in rule.conditions:
-            if not cond(namespace):
-                break
-        else:
+        if conditions_hold(rule.conditions, event, ctx, namespace):
             fired.append(rule)
     return fired
 
 
-class _Namespace(dict):  # type: ignore[type-arg]
-    """The context's fields plus ``event``, without copying the context."""
-
-    __slots__ = ("_ctx", "_event")
-
-    def __init__(self, ctx: Context, event: Event) -> None:
-        super().__init__()
-        self._ctx = ctx
-        self._event = event
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key == "event":
-            event = self._event
-            return {
-                "type": event.type,
-                "name": event.name,
-                "channel": event.channel,
-                "properties": event.properties,
-                "timestamp_ms": event.timestamp_ms,
-            }
-        return self._ctx.get(key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        found = self.get(key, _ABSENT)
-        if found is _ABSENT:
-            raise KeyError(key)
-        return found
+def conditions_hold(
+    conditions: tuple[Condition, ...],
+    event: Event,
+    ctx: Context,
+    namespace: Mapping[str, Any] | None = None,
+) -> bool:
+    """True if every condition holds on the event and the context."""
+    return first_failed(conditions, event, ctx, namespace) is None
 
 
-_ABSENT = object()
+def first_failed(
+    conditions: tuple[Condition, ...],
+    event: Event,
+    ctx: Context,
+    namespace: Mapping[str, Any] | None = None,
+) -> Condition | None:
+    """The first condition that does not hold (None if all hold)."""
+    if namespace is not None:
+        for cond in conditions:
+            if not cond(namespace):
+                return cond
+        return None
+
+    def fields() -> dict[str, Any]:
+        return event_fields(event)
+
+    for cond in conditions:
+        if not cond.test(ctx, fields):
+            return cond
+    return None
 
 
-def event_namespace(ctx: Context, event: Event) -> Mapping[str, Any]:
+def event_fields(event: Event) -> dict[str, Any]:
+    """What ``event.*`` paths in conditions see."""
+    return {
+        "type": event.type,
+        "name": event.name,
+        "channel": event.channel,
+        "properties": event.properties,
+        "timestamp_ms": event.timestamp_ms,
+    }
+
+
+def event_namespace(ctx: Context, event: Event) -> dict[str, Any]:
     """The names conditions can see: the context's fields plus ``event``."""
-    return _Namespace(ctx, event)
+    namespace = dict(ctx)
+    namespace["event"] = event_fields(event)
+    return namespace
