@@ -178,7 +178,7 @@ class Engine:
     ) -> None:
         if not self._rules.candidates(event):
             return  # the common case: no rule can match this kind of event
-        fired = fired_rules(self._rules, event, ctx, None)
+        fired = fired_rules(self._rules, event, ctx)
         if not fired:
             return
         for rule in fired:

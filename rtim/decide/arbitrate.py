@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +85,6 @@ def decide(
     rule: TriggerRule,
     event: Event,
     ctx: Context,
-    namespace: Mapping[str, Any] | None = None,
     *,
     now_ms: int,
     ttl_ms: int,
@@ -100,7 +98,7 @@ def decide(
         if not offer.is_valid_at(event.timestamp_ms):
             reasons.append(f"rejected:{offer.id}:not-valid-now")
             continue
-        failed = first_failed(offer.eligibility, event, ctx, namespace)
+        failed = first_failed(offer.eligibility, event, ctx)
         if failed is not None:
             reasons.append(f"rejected:{offer.id}:{failed.text}")
             continue

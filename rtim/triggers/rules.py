@@ -127,49 +127,29 @@ class RuleIndex:
 
 
 def fired_rules(
-    rules: tuple[TriggerRule, ...] | RuleIndex,
-    event: Event,
-    ctx: Context,
-    namespace: Mapping[str, Any] | None = None,
+    rules: tuple[TriggerRule, ...] | RuleIndex, event: Event, ctx: Context
 ) -> list[TriggerRule]:
     """Return the rules this event fires for this customer (cool-downs respected).
 
-    Conditions read the context directly (``namespace``, if given, is used
-    instead); with a :class:`RuleIndex`, an event that no rule can match
-    costs a dictionary lookup.
+    With a :class:`RuleIndex`, an event that no rule can match costs a
+    dictionary lookup.
     """
     fired = []
     candidates = rules.candidates(event) if isinstance(rules, RuleIndex) else rules
     for rule in candidates:
         if not rule.matches_pattern(event) or not rule.cooled_down(ctx, event.timestamp_ms):
             continue
-        if conditions_hold(rule.conditions, event, ctx, namespace):
+        if first_failed(rule.conditions, event, ctx) is None:
             fired.append(rule)
     return fired
 
 
-def conditions_hold(
-    conditions: tuple[Condition, ...],
-    event: Event,
-    ctx: Context,
-    namespace: Mapping[str, Any] | None = None,
-) -> bool:
-    """True if every condition holds on the event and the context."""
-    return first_failed(conditions, event, ctx, namespace) is None
+def first_failed(conditions: tuple[Condition, ...], event: Event, ctx: Context) -> Condition | None:
+    """The first condition that does not hold on the event and the context (None if all do).
 
-
-def first_failed(
-    conditions: tuple[Condition, ...],
-    event: Event,
-    ctx: Context,
-    namespace: Mapping[str, Any] | None = None,
-) -> Condition | None:
-    """The first condition that does not hold (None if all hold)."""
-    if namespace is not None:
-        for cond in conditions:
-            if not cond(namespace):
-                return cond
-        return None
+    Conditions on ``event.*`` see :func:`event_fields`; the others read the
+    context directly (no copy of it is made).
+    """
 
     def fields() -> dict[str, Any]:
         return event_fields(event)
@@ -189,10 +169,3 @@ def event_fields(event: Event) -> dict[str, Any]:
         "properties": event.properties,
         "timestamp_ms": event.timestamp_ms,
     }
-
-
-def event_namespace(ctx: Context, event: Event) -> dict[str, Any]:
-    """The names conditions can see: the context's fields plus ``event``."""
-    namespace = dict(ctx)
-    namespace["event"] = event_fields(event)
-    return namespace

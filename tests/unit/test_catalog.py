@@ -21,7 +21,8 @@ from rtim.offers.catalog import (
     load_catalog,
     parse_catalog,
 )
-from rtim.triggers.rules import TriggerRule, event_namespace, fired_rules, parse_rule
+from rtim.conditions import compile_all
+from rtim.triggers.rules import TriggerRule, fired_rules, first_failed, parse_rule
 
 from .segment_calls import parsed, segment_call
 
@@ -466,7 +467,7 @@ def test_fired_rules_checks_conditions_on_the_context_after_the_event(sample: Ca
     ctx = new_context("u-1")
     for offset, e in enumerate(views):
         apply_event(ctx, e, 0, offset)
-        fired = fired_rules(sample.triggers, e, ctx, None)
+        fired = fired_rules(sample.triggers, e, ctx)
         fired_per_view.append([r.id for r in fired])
         for rule in fired:
             ctx["fired"][rule.id] = e.timestamp_ms
@@ -478,12 +479,12 @@ def test_fired_rules_respects_conditions_that_read_the_event(sample: Catalog) ->
     ctx = context_after(event("track", "Product Added", product_id="p", price=120, quantity=1))
     e = event("track", "Product Added", product_id="q", price=5)
     apply_event(ctx, e, 0, 99)
-    assert [r.id for r in fired_rules(sample.triggers, e, ctx, None)] == ["cart-builder"]
+    assert [r.id for r in fired_rules(sample.triggers, e, ctx)] == ["cart-builder"]
     ctx["fired"]["cart-builder"] = T0 - 1_799_000  # 29:59 ago, cooldown 30 min
-    assert fired_rules(sample.triggers, e, ctx, None) == []
+    assert fired_rules(sample.triggers, e, ctx) == []
     rule = parse_rule({"id": "red", "if": ["event.properties.colour == red"], "cooldown": 0}, 0)
-    assert fired_rules((rule,), event(colour="red", name="X"), ctx, None) == [rule]
-    assert fired_rules((rule,), event(colour="blue", name="X"), ctx, None) == []
+    assert fired_rules((rule,), event(colour="red", name="X"), ctx) == [rule]
+    assert fired_rules((rule,), event(colour="blue", name="X"), ctx) == []
 
 
 def test_a_cooldown_of_zero_fires_every_time(sample: Catalog) -> None:
@@ -491,21 +492,26 @@ def test_a_cooldown_of_zero_fires_every_time(sample: Catalog) -> None:
     for offset in range(3):
         e = event("track", "Support Ticket Opened", ts=T0)
         apply_event(ctx, e, 0, offset)
-        fired = fired_rules(sample.triggers, e, ctx, None)
+        fired = fired_rules(sample.triggers, e, ctx)
         assert [r.id for r in fired] == ["service-issue"]
         ctx["fired"]["service-issue"] = T0
 
 
-def test_event_namespace_exposes_the_context_and_the_event() -> None:
+def test_conditions_see_the_context_and_the_event() -> None:
     e = event("track", "Product Viewed", channel="web", category="shoes")
     ctx = context_after(e)
-    ns = event_namespace(ctx, e)
-    assert ns["event"] == {
-        "type": "track",
-        "name": "Product Viewed",
-        "channel": "web",
-        "properties": {"category": "shoes"},
-        "timestamp_ms": T0,
-    }
-    assert ns["events"] == {"Product Viewed": 1}
+    holding = compile_all(
+        [
+            "event.type == track",
+            "event.name == Product Viewed",
+            "event.channel == web",
+            "event.properties.category == shoes",
+            f"event.timestamp_ms == {T0}",
+            "events.Product Viewed == 1",
+        ],
+        "test",
+    )
+    assert first_failed(holding, e, ctx) is None
+    failing = compile_all(["events.Product Viewed == 1", "event.channel == app"], "test")
+    assert first_failed(failing, e, ctx) is failing[1]
     assert "event" not in ctx  # the context itself is not changed

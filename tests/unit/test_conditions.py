@@ -8,7 +8,7 @@ import pytest
 
 from rtim.conditions import Condition, ConditionError, compile_all, compile_condition
 
-# A context (after an event) plus the event, as rtim.triggers.rules.event_namespace builds it.
+# A context (after an event) plus the event under 'event', as conditions see them.
 NS: dict[str, Any] = {
     "cart": {"items": {"p-1": [2, 40.0]}, "value": 80.0},
     "events": {"Product Viewed": 3, "Order Completed": 1, "Home": 1},

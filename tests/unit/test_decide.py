@@ -18,7 +18,6 @@ from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE, encode_trigger, i
 from rtim.decide.scoring import PropensityModel, context_features, offer_features
 from rtim.events import Event
 from rtim.offers.catalog import Catalog, parse_catalog
-from rtim.triggers.rules import event_namespace
 
 from .segment_calls import parsed, segment_call
 
@@ -81,7 +80,6 @@ def run_decide(
         rule,
         e,
         ctx,
-        event_namespace(ctx, e),
         now_ms=NOW,
         ttl_ms=TTL,
     )
