@@ -39,7 +39,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from rtim.broker import EmbeddedBroker, create_topics
-from rtim.simulate import JourneySimulator, key_for
+from rtim.simulate import JourneySimulator, key_for, past_start_ms
+from rtim.simulate_kafka import produce_events
 from rtim.stream.endoffsets import true_end_offsets
 from rtim.stream.process import WorkerProcess
 
@@ -273,29 +274,8 @@ async def offered_load_latency(
 
 async def load_events(bootstrap: str, n: int, customers: int, progress: Callable[[int], None] | None) -> int:
     """Produce ``n`` simulated events (simulated time) into the clickstream."""
-    # Simulated time runs ahead of the wall clock (hours between sessions); start
-    # far enough back that no event is stamped in the future (clock_skew).
-    sim = JourneySimulator(customers=customers, seed=42, start_ms=int(time.time() * 1000) - 90 * 86_400_000)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024)
-    await producer.start()
-    try:
-        sent = 0
-        chunk = []
-        for event in sim.events(n):
-            chunk.append(await producer.send(CLICKSTREAM, orjson.dumps(event), key=key_for(event).encode()))
-            if len(chunk) >= 5000:
-                await asyncio.gather(*chunk)
-                sent += len(chunk)
-                if progress:
-                    progress(len(chunk))
-                chunk = []
-        await asyncio.gather(*chunk)
-        sent += len(chunk)
-        if progress:
-            progress(len(chunk))
-        return sent
-    finally:
-        await producer.stop()
+    sim = JourneySimulator(customers=customers, seed=42, start_ms=past_start_ms())
+    return await produce_events(bootstrap, CLICKSTREAM, sim.events(n), progress=progress)
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

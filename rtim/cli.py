@@ -93,18 +93,14 @@ def simulate(broker: str | None, customers: int, events: int | None, rate: float
     others sign in and are identified.
     """
     import asyncio
-    import time
 
-    from rtim.simulate import JourneySimulator
+    from rtim.simulate import JourneySimulator, past_start_ms
     from rtim.simulate_kafka import produce_events
 
     bootstrap = broker or Settings().broker
     if events is None and rate is None:
         events = 10_000
-    start_ms = None
-    if not live:
-        # Simulated time runs ahead; start in the past so no event is in the future.
-        start_ms = int(time.time() * 1000) - 90 * 86_400_000
+    start_ms = None if live else past_start_ms()
     sim = JourneySimulator(customers=customers, seed=seed, live=live, start_ms=start_ms)
     with click.progressbar(length=events, label=f"sending to {topic}", show_pos=True) as bar:
         try:

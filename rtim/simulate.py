@@ -438,6 +438,15 @@ def format_timestamp(ms: int) -> str:
     return prefix + _HMS[sec] + _MILLIS[milli]
 
 
+def past_start_ms(days: int = 90) -> int:
+    """A simulated-time start far enough back that no event lands in the future.
+
+    Simulated time runs ahead of the wall clock (hours pass between a
+    customer's sessions), and RTIM dead-letters events stamped in the future.
+    """
+    return int(time.time() * 1000) - days * 86_400_000
+
+
 def key_for(event: dict[str, Any]) -> str:
     """Kafka message key of an event: ``userId`` if present, else ``anonymousId``.
 
