@@ -1,9 +1,9 @@
-"""The Faust application: topics, the context table, the clickstream agent, web views.
+"""The Faust application: topics, the context table, the clickstream processor, web views.
 
 This is the shell around :class:`rtim.engine.Engine` (DESIGN.md §1). Data flow::
 
-    rtim.clickstream --(BatchConsumer, a fetch at a time)--> batches channel
-      --> agent `clickstream` --> Engine.process(batch)
+    rtim.clickstream --(BatchConsumer, a fetch at a time)--> ClickstreamProcessor
+      --> Engine (in parts of CORE_CHUNK records)
       --> publish changelog + triggers + dead letters (send_batch, awaited)
       --> write the context store --> acknowledge the batch's offsets
 """
@@ -203,24 +203,14 @@ def create_app(settings: Settings) -> RtimApp:
         partitions=settings.partitions,
     )
     processor = ClickstreamProcessor(app, settings, table)
-    batches = app.channel(maxsize=2)
 
-    @app.agent(batches, name="clickstream")
-    async def clickstream_agent(stream: Any) -> None:
-        """Apply each fetched batch of clickstream records (see ClickstreamProcessor)."""
-        async for batch in stream:
-            await processor.handle(batch)
-
-    async def to_agent(batch: FetchedBatch) -> None:
-        await batches.send(value=batch)
-
-    # Subscribe the consumer to the clickstream, and route its records to the
-    # agent a fetch at a time instead of one message at a time.
+    # Subscribe the consumer to the clickstream, and hand its records to the
+    # processor a fetch at a time instead of one message at a time.
     app.topics.add(clickstream)
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)
     consumer.fetch_max_wait_ms = settings.fetch_max_wait_ms
-    consumer.route_batches({CLICKSTREAM_TOPIC}, to_agent, processor.wait_idle)
+    consumer.route_batches({CLICKSTREAM_TOPIC}, processor.handle, processor.wait_idle)
 
     @app.on_before_shutdown.connect
     async def stop_publisher(sender: Any, **kwargs: Any) -> None:

@@ -10,9 +10,10 @@ rebalances:
 
 - a batch is acknowledged (:meth:`BatchConsumer.ack_batch`) only after its
   effects are durable, so Faust commits no offset past unprocessed work;
-- during a rebalance the flow is suspended: a batch that cannot be handed over
-  is dropped unacknowledged, Faust seeks back to the committed offsets and the
-  records come again (the engine recognises what it already applied);
+- a batch is processed in the drain loop itself (not queued, so nothing can
+  drop it after its read offsets moved on); records fetched while the flow is
+  suspended for a rebalance are dropped before that, and Faust seeks back to
+  the committed offsets (the engine recognises what it already applied);
 - :meth:`BatchConsumer.wait_empty`, which Faust awaits before it commits on
   revocation and at shutdown, also waits for the batch being processed.
 
@@ -165,10 +166,12 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     else:
                         others.extend((tp, r) for r in fresh)
                 if batch and self._batch_sink is not None:
-                    await self.wait_first(
-                        self._batch_sink(FetchedBatch(generation_id, batch)),
-                        self.suspend_flow.wait(),
-                    )
+                    # Awaited here, not queued: a queued batch can be dropped by
+                    # Faust (it clears stream buffers when the flow resumes) after
+                    # its read offsets moved on, which would leave a gap that no
+                    # commit passes. Not raced against suspend_flow either: a
+                    # batch always finishes (wait_empty waits for it on revocation).
+                    await self._batch_sink(FetchedBatch(generation_id, batch))
                 for tp, record in others:
                     if not self.flow_active or self.app.consumer_generation_id != generation_id:
                         break
