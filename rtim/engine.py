@@ -176,8 +176,6 @@ class Engine:
     def _decide(
         self, event: Any, ctx: Context, key: bytes, record: RecordLike, now_ms: int, result: BatchResult
     ) -> None:
-        if not self._rules.candidates(event):
-            return  # the common case: no rule can match this kind of event
         fired = fired_rules(self._rules, event, ctx)
         if not fired:
             return

@@ -42,9 +42,6 @@ class FetchedBatch:
     generation_id: int
     records: dict[TP, list[Any]]
 
-    def __len__(self) -> int:
-        return sum(len(r) for r in self.records.values())
-
 
 BatchSink = Callable[[FetchedBatch], Awaitable[None]]
 
