@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,6 +117,53 @@ class Latency:
 
 
 @dataclass
+class WorkerProfile:
+    """The RTIM worker's own account of the throughput phase (from its metrics)."""
+
+    batches: int
+    records_per_batch: float
+    #: Wall time per event in each batch stage, microseconds.
+    core_us: float
+    publish_us: float
+    store_us: float
+    #: Everything else per event: fetching, decoding, acknowledging, commits.
+    other_us: float
+    #: CPU seconds the worker process used per wall second (1.0 = one core).
+    cpu_cores: float
+    #: Time in the garbage collector per event (every thread stops), microseconds.
+    gc_us: float = 0.0
+
+
+def worker_profile(before: dict[str, float], after: dict[str, float], wall_s: float) -> WorkerProfile | None:
+    """Per-event stage times from two scrapes of a worker's metrics ``wall_s`` apart."""
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    events = delta('rtim_events_consumed_total{topic="rtim.clickstream"}')
+    batches = delta("rtim_batch_records_count")
+    if events <= 0 or batches <= 0 or wall_s <= 0:
+        return None
+
+    def per_event_us(stage: str) -> float:
+        return round(delta(f'rtim_batch_stage_seconds_sum{{stage="{stage}"}}') / events * 1e6, 1)
+
+    core, publish, store = per_event_us("core"), per_event_us("publish"), per_event_us("store")
+    return WorkerProfile(
+        batches=int(batches),
+        records_per_batch=round(events / batches, 1),
+        core_us=core,
+        publish_us=publish,
+        store_us=store,
+        other_us=round(wall_s / events * 1e6 - core - publish - store, 1),
+        cpu_cores=round(delta("process_cpu_seconds_total") / wall_s, 2),
+        gc_us=round(
+            sum(delta(f'rtim_gc_pause_seconds_sum{{generation="{g}"}}') for g in "012") / events * 1e6, 1
+        ),
+    )
+
+
+@dataclass
 class BenchReport:
     events: int
     partitions: int
@@ -129,7 +176,13 @@ class BenchReport:
     raw_latency: Latency | None = None
     rtim_latency: Latency | None = None
     rtim_triggers: int = 0
+    #: Where the RTIM worker's time went during the throughput phase.
+    rtim_profile: WorkerProfile | None = None
     notes: list[str] = field(default_factory=list)
+
+
+class TooFewEvents(RuntimeError):
+    """The load was processed too fast to measure a rate between two commits."""
 
 
 async def _committed_total(reader: AIOKafkaConsumer, tps: list[TopicPartition]) -> int:
@@ -148,8 +201,12 @@ async def measure_until_committed(
     partitions: int,
     timeout: float,
     proc: subprocess.Popen | None = None,
+    at_edges: Callable[[], Awaitable[None]] | None = None,
 ) -> Throughput:
-    """Poll the group's committed offsets until they reach ``total``."""
+    """Poll the group's committed offsets until they reach ``total``.
+
+    ``at_edges`` is awaited when the first commit is seen and when the last is.
+    """
     # A consumer of the group that never joins it: it only reads committed offsets.
     # (The admin client's OffsetFetch does not decode on the embedded broker.)
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
@@ -169,12 +226,19 @@ async def measure_until_committed(
             now = time.perf_counter()
             if first_t is None and done > 0:
                 first_t, first_n = now, done
+                if at_edges is not None:
+                    await at_edges()
             if done >= total:
+                if at_edges is not None:
+                    await at_edges()
                 assert first_t is not None
                 seconds = max(now - first_t, 1e-9)
                 n = total - first_n
-                if n <= 0:  # everything in the first commit: fall back to the whole time
-                    n, seconds = total, now - first_t + 1e-3
+                if n <= 0:
+                    raise TooFewEvents(
+                        f"{group}: all {total:,} events were in the first commit seen, so no rate "
+                        "can be measured; load more events (--events)"
+                    )
                 return Throughput(events=n, seconds=round(seconds, 3), events_per_s=round(n / seconds, 1))
             await asyncio.sleep(0.02)
         raise TimeoutError(f"{group}: committed offsets did not reach {total} in {timeout:.0f} s")
@@ -331,8 +395,13 @@ async def run_bench(
 
         echo("raw aiokafka baseline: consume -> parse -> update -> produce -> commit ...")
         raw_proc = _spawn(["bench-raw", "--broker", broker], workdir / "raw.log")
-        report.raw = await measure_until_committed(broker, RAW_GROUP, total, partitions=partitions, timeout=600, proc=raw_proc)
-        echo(f"  raw:  {report.raw.events_per_s:>10,.0f} events/s")
+        try:
+            report.raw = await measure_until_committed(
+                broker, RAW_GROUP, total, partitions=partitions, timeout=600, proc=raw_proc
+            )
+            echo(f"  raw:  {report.raw.events_per_s:>10,.0f} events/s")
+        except TooFewEvents as exc:
+            report.notes.append(str(exc))
 
         echo(f"RTIM worker ({store} store): validate, dedupe, context, triggers, score, publish ...")
         rtim_worker = WorkerProcess(
@@ -343,11 +412,28 @@ async def run_bench(
             log_path=workdir / "rtim.log",
             env={"RTIM_PARTITIONS": str(partitions), "RTIM_LOG_LEVEL": "warning"},
         ).start()
-        report.rtim = await measure_until_committed(
-            broker, RTIM_APP, total, partitions=partitions, timeout=900, proc=rtim_worker.proc
-        )
-        echo(f"  rtim: {report.rtim.events_per_s:>10,.0f} events/s")
-        report.ratio = round(report.rtim.events_per_s / report.raw.events_per_s, 3)
+        scrapes: list[tuple[float, dict[str, float]]] = []
+
+        async def scrape() -> None:
+            assert rtim_worker is not None
+            try:
+                scrapes.append((time.perf_counter(), await asyncio.to_thread(rtim_worker.metrics)))
+            except OSError as exc:
+                report.notes.append(f"could not read the worker's metrics: {exc}")
+
+        try:
+            report.rtim = await measure_until_committed(
+                broker, RTIM_APP, total, partitions=partitions, timeout=900, proc=rtim_worker.proc,
+                at_edges=scrape,
+            )
+            echo(f"  rtim: {report.rtim.events_per_s:>10,.0f} events/s")
+        except TooFewEvents as exc:
+            report.notes.append(str(exc))
+        if len(scrapes) == 2:
+            (t0, before), (t1, after) = scrapes
+            report.rtim_profile = worker_profile(before, after, t1 - t0)
+        if report.raw and report.rtim:
+            report.ratio = round(report.rtim.events_per_s / report.raw.events_per_s, 3)
 
         if latency_seconds > 0:
             echo(f"latency: {rate:,.0f} live events/s for {latency_seconds:.0f} s through both ...")
@@ -388,6 +474,17 @@ def format_report(report: BenchReport) -> str:
             if lat:
                 lines.append(f"{name:<28}{lat.p50_ms:>8.1f}{lat.p95_ms:>8.1f}{lat.p99_ms:>8.1f}"
                              f"{lat.max_ms:>8.1f}{lat.samples:>9,}")
+    prof = report.rtim_profile
+    if prof:
+        lines += [
+            "",
+            f"RTIM worker, throughput phase: {prof.batches:,} batches of "
+            f"{prof.records_per_batch:,.0f} records, {prof.cpu_cores:.2f} CPU cores busy;",
+            f"wall time per event: core {prof.core_us:.1f} us, publish {prof.publish_us:.1f} us, "
+            f"store {prof.store_us:.1f} us, the rest (fetch, decode, ack, commit) {prof.other_us:.1f} us;",
+            f"of all that, garbage collection {prof.gc_us:.1f} us",
+        ]
+    lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
 

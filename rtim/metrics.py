@@ -6,6 +6,9 @@ topics, partitions, channels, offers and error reasons only.
 
 from __future__ import annotations
 
+import gc
+import time
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 #: The decision latency objective (event in Kafka -> trigger acknowledged by Kafka);
@@ -70,9 +73,33 @@ CONTEXT_CUSTOMERS = Gauge(
 CONTEXT_WRITES = Counter(
     "rtim_context_writes_total", "Customer context versions written (store + changelog)."
 )
+GC_PAUSE_SECONDS = Histogram(
+    "rtim_gc_pause_seconds",
+    "Pauses of Python's cyclic garbage collector (every thread stops), by generation.",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
+)
 WORKER_READY = Gauge(
     "rtim_worker_ready", "1 when the worker has its partitions, has recovered and processes."
 )
+
+
+_gc_started: list[float] = []
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started.append(time.perf_counter())
+    elif _gc_started:
+        GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(
+            time.perf_counter() - _gc_started.pop()
+        )
+
+
+def observe_gc_pauses() -> None:
+    """Time every collection of the cyclic garbage collector into ``GC_PAUSE_SECONDS``."""
+    if _on_gc not in gc.callbacks:
+        gc.callbacks.append(_on_gc)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -11,6 +11,7 @@ This is the shell around :class:`rtim.engine.Engine` (DESIGN.md §1). Data flow:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -67,6 +68,28 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    """Keep the cyclic garbage collector off the per-event path.
+
+    A batch allocates tens of thousands of dicts (parsed events, contexts), so
+    with CPython's defaults the collector runs every few hundred of them and
+    its full collections walk every object the worker holds, Faust's and
+    river's included: about 3 us per event in ``rtim bench``. Objects alive
+    once the worker is up are frozen (never walked again; what is garbage
+    among them is still freed by reference counting), and young collections
+    run every ``GC_YOUNG_THRESHOLD`` allocations. The contexts themselves hold
+    no reference cycles.
+    """
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 class ClickstreamProcessor:
     """Runs each fetched batch through the engine and makes its effects durable."""
 
@@ -91,6 +114,7 @@ class ClickstreamProcessor:
         self._generation: int | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._gc_tuned = False
 
     async def wait_idle(self) -> None:
         """Return once no batch is being processed."""
@@ -110,6 +134,9 @@ class ClickstreamProcessor:
     async def _handle(self, batch: FetchedBatch) -> None:
         if not self._current(batch):
             return  # revoked meanwhile: the records come again from the committed offset
+        if not self._gc_tuned:
+            tune_gc()
+            self._gc_tuned = True
         if batch.generation_id != self._generation:
             # Recovery may have rewritten the store: cached contexts are stale.
             self.engine.invalidate()
@@ -231,6 +258,7 @@ def is_ready(app: RtimApp) -> bool:
 
 
 def install_views(app: RtimApp, processor: ClickstreamProcessor) -> None:
+    metrics.observe_gc_pauses()
     metrics.CONTEXT_CUSTOMERS.set_function(processor.store.size)
     metrics.WORKER_READY.set_function(lambda: 1.0 if is_ready(app) else 0.0)
 

@@ -107,3 +107,5 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers) -> Non
     assert worker.metric("rtim_events_applied_total") == len(events)
     assert worker.metric("rtim_triggers_total", channel="web", offer=web[0][1]["offer"]["id"]) >= 1
     assert worker.metric("rtim_decision_latency_seconds_count") == sum(len(r) for r in triggers.values())
+    # Garbage-collector pauses are on /metrics (the worker collects once when it starts processing).
+    assert sum(worker.metric("rtim_gc_pause_seconds_count", generation=g) for g in "012") >= 1
