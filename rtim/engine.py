@@ -36,7 +36,7 @@ from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
 from rtim.decide.scoring import PropensityModel
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, parse_event
 from rtim.offers.catalog import Catalog
-from rtim.triggers.rules import RuleIndex, fired_rules
+from rtim.triggers.rules import RuleIndex, TriggerRule, fired_rules
 
 TRIGGER_TOPIC_PREFIX = "rtim.triggers."
 
@@ -174,9 +174,16 @@ class Engine:
         return BatchRun(self, topic)
 
     def _decide(
-        self, event: Any, ctx: Context, key: bytes, record: RecordLike, now_ms: int, result: BatchResult
+        self,
+        event: Any,
+        ctx: Context,
+        key: bytes,
+        record: RecordLike,
+        now_ms: int,
+        result: BatchResult,
+        candidates: tuple[TriggerRule, ...],
     ) -> None:
-        fired = fired_rules(self._rules, event, ctx)
+        fired = fired_rules(candidates, event, ctx)
         if not fired:
             return
         for rule in fired:
@@ -240,7 +247,7 @@ class BatchRun:
         changed = self._changed
         topic = self.topic
         now_ms = self.now_ms
-        rules = engine.catalog.triggers
+        candidates_for = engine._rules.candidates
         parse = parse_event
         max_bytes = engine.max_event_bytes
         skew = engine.max_future_skew_ms
@@ -269,10 +276,14 @@ class BatchRun:
                     result.duplicates += 1
                     continue
                 apply_event(ctx, event, partition, offset)
-                changed.setdefault(partition, {})[key] = ctx
+                contexts = changed.get(partition)
+                if contexts is None:
+                    contexts = changed[partition] = {}
+                contexts[key] = ctx
                 result.applied += 1
-                if rules:
-                    engine._decide(event, ctx, key, record, now_ms, result)
+                candidates = candidates_for(event)
+                if candidates:
+                    engine._decide(event, ctx, key, record, now_ms, result, candidates)
             except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
                 result.invalid["internal_error"] += 1
                 result.dead_letters.append(

@@ -18,15 +18,19 @@ def iso_ms(epoch_ms: int) -> str:
     >>> iso_ms(1_764_064_800_123)
     '2025-11-25T10:00:00.123Z'
     """
-    global _last
     seconds, millis = divmod(int(epoch_ms), 1000)
-    last = _last  # one tuple, so that threads never pair a second with another's text
-    if last[0] != seconds:  # a batch's decisions share their second: format it once
-        last = _last = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
-    return f"{last[1]}.{millis:03d}Z"
+    text = _seconds_text.get(seconds)
+    if text is None:
+        # A trigger formats three times (now, expiry, its event's time), and a
+        # batch's triggers share the first two: each second is formatted once.
+        if len(_seconds_text) >= _SECONDS_CACHED:
+            _seconds_text.clear()
+        text = _seconds_text[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    return f"{text}.{millis:03d}Z"
 
 
-_last: tuple[int, str] = (-1, "")
+_SECONDS_CACHED = 4096
+_seconds_text: dict[int, str] = {}
 
 
 def trigger_event(decision: Decision, *, source: str) -> dict:
