@@ -52,9 +52,8 @@ Speed: this runs on every record (>20k events/s per core), so the checks are
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -172,9 +171,9 @@ def _rebuild_invalid_event(reason: str, message: str, field: str | None) -> Inva
     return InvalidEvent(reason, message, field=field)
 
 
-@dataclass(slots=True, frozen=True)
-class Event:
-    """One validated Segment call.
+class Event(NamedTuple):
+    """One validated Segment call (immutable; a named tuple, as it is built
+    for every record: about 0.2 us against 1 us for a frozen dataclass).
 
     The dicts are the ones inside :attr:`raw` (no copies, for speed): treat
     them as read-only.
@@ -218,25 +217,7 @@ class Event:
     raw: dict[str, Any]
 
 
-# A frozen dataclass's generated __init__ sets each field through the generic
-# object.__setattr__ (a by-name descriptor look-up per field): about 1.9 us for
-# 12 fields, a quarter of a parse. Calling each slot's member descriptor
-# directly does the same stores in about half the time. Only parse_event uses
-# this; the result is an ordinary, equal, frozen Event (a unit test checks it).
-(
-    _set_type,
-    _set_message_id,
-    _set_customer_id,
-    _set_user_id,
-    _set_anonymous_id,
-    _set_name,
-    _set_properties,
-    _set_traits,
-    _set_context,
-    _set_timestamp_ms,
-    _set_channel,
-    _set_raw,
-) = (Event.__dict__[f.name].__set__ for f in fields(Event))
+_new_tuple = tuple.__new__
 
 
 def _new_event(
@@ -253,20 +234,24 @@ def _new_event(
     channel: str,
     raw: dict[str, Any],
 ) -> Event:
-    event = object.__new__(Event)
-    _set_type(event, event_type)
-    _set_message_id(event, message_id)
-    _set_customer_id(event, customer_id)
-    _set_user_id(event, user_id)
-    _set_anonymous_id(event, anonymous_id)
-    _set_name(event, name)
-    _set_properties(event, properties)
-    _set_traits(event, traits)
-    _set_context(event, context)
-    _set_timestamp_ms(event, timestamp_ms)
-    _set_channel(event, channel)
-    _set_raw(event, raw)
-    return event
+    # tuple.__new__ directly: Event(...) would add a Python-level __new__ call.
+    return _new_tuple(  # type: ignore[no-any-return]
+        Event,
+        (
+            event_type,
+            message_id,
+            customer_id,
+            user_id,
+            anonymous_id,
+            name,
+            properties,
+            traits,
+            context,
+            timestamp_ms,
+            channel,
+            raw,
+        ),
+    )
 
 
 def derive_channel(
@@ -482,8 +467,15 @@ def parse_event(
             f"messageId must be a non-empty string, got {_got(obj, 'messageId')}",
             field="messageId",
         )
-    user_id = _identity(obj, "userId")
-    anonymous_id = _identity(obj, "anonymousId")
+    # The common cases inline (a non-blank string, or absent); _identity has the rest.
+    user_id = obj.get("userId")
+    if user_id is not None and (type(user_id) is not str or not user_id or user_id.isspace()):
+        user_id = _identity(obj, "userId")
+    anonymous_id = obj.get("anonymousId")
+    if anonymous_id is not None and (
+        type(anonymous_id) is not str or not anonymous_id or anonymous_id.isspace()
+    ):
+        anonymous_id = _identity(obj, "anonymousId")
     if user_id is None and anonymous_id is None:
         raise InvalidEvent(
             "missing_id", "userId or anonymousId is required (both absent or empty)", field="userId"
@@ -508,10 +500,19 @@ def parse_event(
     else:
         name = None
 
-    properties = _object(obj, "properties", "properties")
-    context = _object(obj, "context", "context")
-    traits = _object(obj, "traits", "traits")
-    context_traits = _object(context, "traits", "context.traits")
+    # _object when not a dict (absent, null, or wrong): the common case inline.
+    properties = obj.get("properties")
+    if type(properties) is not dict:
+        properties = _object(obj, "properties", "properties")
+    context = obj.get("context")
+    if type(context) is not dict:
+        context = _object(obj, "context", "context")
+    traits = obj.get("traits")
+    if type(traits) is not dict:
+        traits = _object(obj, "traits", "traits")
+    context_traits = context.get("traits")
+    if type(context_traits) is not dict:
+        context_traits = _object(context, "traits", "context.traits")
     if context_traits:
         traits = {**context_traits, **traits} if traits else context_traits
 
