@@ -252,8 +252,9 @@ class BatchRun:
         max_bytes = engine.max_event_bytes
         skew = engine.max_future_skew_ms
         cache = engine._cache
+        consumed = applied = 0
         for record in records:
-            result.consumed += 1
+            consumed += 1
             partition = record.partition
             offset = record.offset
             try:
@@ -280,7 +281,7 @@ class BatchRun:
                 if contexts is None:
                     contexts = changed[partition] = {}
                 contexts[key] = ctx
-                result.applied += 1
+                applied += 1
                 candidates = candidates_for(event)
                 if candidates:
                     engine._decide(event, ctx, key, record, now_ms, result, candidates)
@@ -289,6 +290,8 @@ class BatchRun:
                 result.dead_letters.append(
                     engine._dead_letter(topic, record, exc, stage="process")
                 )
+        result.consumed += consumed
+        result.applied += applied
 
     def finish(self) -> BatchResult:
         """Serialise every changed context once and return the batch's result."""

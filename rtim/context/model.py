@@ -93,11 +93,6 @@ def is_duplicate(ctx: Context, event: Event, partition: int, offset: int) -> boo
     return event.message_id in ctx["ids"]
 
 
-def _bump(counts: dict[str, int], name: str, limit: int) -> None:
-    if name in counts or len(counts) < limit:
-        counts[name] = counts.get(name, 0) + 1
-
-
 def _as_float(value: Any, default: float = 0.0) -> float:
     if isinstance(value, bool):
         return default
@@ -191,30 +186,44 @@ def _apply_commerce(ctx: Context, name: str, props: dict[str, Any], ts: int) -> 
 def apply_event(ctx: Context, event: Event, partition: int, offset: int) -> None:
     """Update ``ctx`` in place with one (already validated, non-duplicate) event."""
     ts = event.timestamp_ms
-    if ctx["first_ms"] is None or ts < ctx["first_ms"]:
+    first = ctx["first_ms"]
+    if first is None or ts < first:
         ctx["first_ms"] = ts
-    if ctx["last_ms"] is None or ts > ctx["last_ms"]:
+    last = ctx["last_ms"]
+    if last is None or ts > last:
         ctx["last_ms"] = ts
     ctx["n"] += 1
     if ctx["affinity"]:
         # Conditions and scores read the affinity as of this event: decay it
         # even when this event adds no interest (else old interests stay fresh).
-        _decay_affinity(ctx, ts)
+        aff_ms = ctx["aff_ms"]
+        if aff_ms is None or ts - aff_ms >= AFFINITY_DECAY_STEP_MS:
+            _decay_affinity(ctx, ts)
+    event_type = event.type
     types = ctx["types"]
-    types[event.type] = types.get(event.type, 0) + 1
+    types[event_type] = types.get(event_type, 0) + 1
 
-    channel = ctx["channels"].get(event.channel)
+    channels = ctx["channels"]
+    channel = channels.get(event.channel)
     if channel is None:
-        channel = ctx["channels"][event.channel] = {"n": 0, "last_ms": ts}
+        channel = channels[event.channel] = {"n": 0, "last_ms": ts}
     channel["n"] += 1
     if ts > channel["last_ms"]:
         channel["last_ms"] = ts
 
     name = event.name
     if name:
-        _bump(ctx["events"], name, MAX_NAMES)
-    if event.type in ("page", "screen"):
-        page = event.properties.get("path") if event.type == "page" else None
+        counts = ctx["events"]
+        if name in counts:
+            counts[name] += 1
+        elif len(counts) < MAX_NAMES:
+            counts[name] = 1
+    if event_type == "track":
+        if name:
+            _apply_commerce(ctx, name, event.properties, ts)
+    elif event_type == "page" or event_type == "screen":
+        properties = event.properties
+        page = properties.get("path") if event_type == "page" else None
         if not isinstance(page, str) or not page:
             ctx_page = event.context.get("page")
             page = ctx_page.get("path") if isinstance(ctx_page, dict) else None
@@ -224,12 +233,10 @@ def apply_event(ctx: Context, event: Event, partition: int, offset: int) -> None
             pages.append(page[:200])
             if len(pages) > MAX_PAGES:
                 del pages[0]
-        category = event.properties.get("category")
+        category = properties.get("category")
         if isinstance(category, str) and category:
             _add_affinity(ctx, category.lower(), 0.5, ts)
-    elif event.type == "track" and name:
-        _apply_commerce(ctx, name, event.properties, ts)
-    elif event.type == "identify":
+    elif event_type == "identify":
         traits = ctx["traits"]
         for trait in KEPT_TRAITS:
             value = event.traits.get(trait)
@@ -240,4 +247,9 @@ def apply_event(ctx: Context, event: Event, partition: int, offset: int) -> None
     ids.append(event.message_id)
     if len(ids) > MAX_IDS:
         del ids[0]
-    ctx["src"] = [partition, offset]
+    src = ctx["src"]
+    if src is None:
+        ctx["src"] = [partition, offset]
+    else:
+        src[0] = partition
+        src[1] = offset
