@@ -292,7 +292,8 @@ def derive_channel(
     """
     for value in (properties.get("channel"), top_level, context.get("channel")):
         if type(value) is str:
-            channel = _CHANNEL_ALIASES.get(value.strip().lower())
+            # Most producers send a canonical value: look it up as it is first.
+            channel = _CHANNEL_ALIASES.get(value) or _CHANNEL_ALIASES.get(value.strip().lower())
             if channel is not None:
                 return channel
     if event_type == "screen" or context.get("app") or context.get("os") or context.get("device"):
