@@ -217,41 +217,9 @@ class Event(NamedTuple):
     raw: dict[str, Any]
 
 
+# Events are built with tuple.__new__ directly: Event(...) would add a
+# Python-level __new__ call for every record.
 _new_tuple = tuple.__new__
-
-
-def _new_event(
-    event_type: str,
-    message_id: str,
-    customer_id: str,
-    user_id: str | None,
-    anonymous_id: str | None,
-    name: str | None,
-    properties: dict[str, Any],
-    traits: dict[str, Any],
-    context: dict[str, Any],
-    timestamp_ms: int,
-    channel: str,
-    raw: dict[str, Any],
-) -> Event:
-    # tuple.__new__ directly: Event(...) would add a Python-level __new__ call.
-    return _new_tuple(  # type: ignore[no-any-return]
-        Event,
-        (
-            event_type,
-            message_id,
-            customer_id,
-            user_id,
-            anonymous_id,
-            name,
-            properties,
-            traits,
-            context,
-            timestamp_ms,
-            channel,
-            raw,
-        ),
-    )
 
 
 def derive_channel(
@@ -501,19 +469,14 @@ def parse_event(
     else:
         name = None
 
-    # _object when not a dict (absent, null, or wrong): the common case inline.
     properties = obj.get("properties")
-    if type(properties) is not dict:
-        properties = _object(obj, "properties", "properties")
     context = obj.get("context")
-    if type(context) is not dict:
+    if type(properties) is not dict or type(context) is not dict:
+        # Absent, null or wrong: _object has the rules (the common case skips it).
+        properties = _object(obj, "properties", "properties")
         context = _object(obj, "context", "context")
-    traits = obj.get("traits")
-    if type(traits) is not dict:
-        traits = _object(obj, "traits", "traits")
-    context_traits = context.get("traits")
-    if type(context_traits) is not dict:
-        context_traits = _object(context, "traits", "context.traits")
+    traits = _object(obj, "traits", "traits")
+    context_traits = _object(context, "traits", "context.traits")
     if context_traits:
         traits = {**context_traits, **traits} if traits else context_traits
 
@@ -539,17 +502,20 @@ def parse_event(
             field=ts_field,
         )
 
-    return _new_event(
-        event_type,
-        message_id,
-        user_id if user_id is not None else anonymous_id,  # type: ignore[arg-type]
-        user_id,
-        anonymous_id,
-        name,
-        properties,
-        traits,
-        context,
-        timestamp_ms,
-        derive_channel(event_type, properties, obj.get("channel"), context),
-        obj,
+    return _new_tuple(  # type: ignore[no-any-return]
+        Event,
+        (
+            event_type,
+            message_id,
+            user_id if user_id is not None else anonymous_id,
+            user_id,
+            anonymous_id,
+            name,
+            properties,
+            traits,
+            context,
+            timestamp_ms,
+            derive_channel(event_type, properties, obj.get("channel"), context),
+            obj,
+        ),
     )
