@@ -26,7 +26,7 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -64,6 +64,13 @@ class Condition:
     path: tuple[str, ...]
     op: str
     value: Any
+    # Derived from the above once, so that an evaluation does no look-ups.
+    _compare: Callable[[Any, Any], bool] | None = field(init=False, repr=False, compare=False)
+    _on_event: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_compare", _BINARY.get(self.op))
+        object.__setattr__(self, "_on_event", self.path[0] == "event")
 
     def __call__(self, namespace: Mapping[str, Any]) -> bool:
         return self._holds(resolve(namespace, self.path))
@@ -74,19 +81,20 @@ class Condition:
         ``event_fields()`` gives what ``event.*`` paths see; it is only called
         by conditions on the event (most read the context only).
         """
-        if self.path[0] == "event":
+        if self._on_event:
             return self._holds(resolve(event_fields(), self.path[1:]))
         return self._holds(resolve(ctx, self.path))
 
     def _holds(self, found: Any) -> bool:
-        if self.op == "exists":
-            return found is not _MISSING and found is not None
-        if self.op == "missing":
-            return found is _MISSING or found is None
+        compare = self._compare
+        if compare is None:
+            if self.op == "exists":
+                return found is not _MISSING and found is not None
+            return found is _MISSING or found is None  # missing
         if found is _MISSING:
             return False
         try:
-            return bool(_BINARY[self.op](found, self.value))
+            return bool(compare(found, self.value))
         except TypeError:
             # Comparing a string with a number, say: the rule does not match.
             return False
