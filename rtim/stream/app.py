@@ -81,7 +81,7 @@ def tune_gc() -> None:
     river's included: 3 to 5 us per event in ``rtim bench``. Objects alive
     once the worker is up are frozen (never walked again; what is garbage
     among them is still freed by reference counting), and young collections
-    run every ``GC_YOUNG_THRESHOLD`` allocations: 0.3 to 0.4 us per event
+    run every ``GC_YOUNG_THRESHOLD`` allocations: 0.3 to 0.5 us per event
     (``rtim_gc_pause_seconds`` shows it live). The contexts themselves hold
     no reference cycles.
     """
