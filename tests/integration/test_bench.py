@@ -5,7 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from rtim.bench import format_report, run_bench
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from rtim.bench import BenchReport, TooFewEvents, format_report, measure_until_committed, run_bench
+from rtim.broker import EmbeddedBroker
+from rtim.stream.app import CLICKSTREAM_TOPIC
+from rtim.stream.endoffsets import true_end_offsets
+
+from .support import PARTITIONS, produce
 
 
 def test_bench_measures_both_pipelines_and_explains_the_worker(tmp_path: Path) -> None:
@@ -38,11 +46,29 @@ def test_bench_measures_both_pipelines_and_explains_the_worker(tmp_path: Path) -
     assert f"{prof.batches:,} batches" in text and "garbage collection" in text
 
 
-def test_bench_says_when_the_load_is_too_small_to_measure(tmp_path: Path) -> None:
-    report = asyncio.run(
-        run_bench(events=200, customers=20, latency_seconds=0, workdir=tmp_path, echo=lambda line: None)
-    )
-    # 200 events fit in one fetch and one commit: no rate is made up for either pipeline.
-    assert report.raw is None and report.rtim is None and report.ratio is None
-    assert any("all 200 events were in the first commit" in n for n in report.notes)
-    assert "load more events" in format_report(report)
+def test_a_load_committed_all_at_once_gives_no_made_up_rate(kafka: EmbeddedBroker) -> None:
+    # 200 events committed by one commit of the group: the first commit seen is
+    # already the last, so there is no interval to divide by.
+    sent = asyncio.run(produce(kafka.bootstrap, ((b"k%d" % i, b"{}") for i in range(200))))
+    tps = [TopicPartition(CLICKSTREAM_TOPIC, p) for p in range(PARTITIONS)]
+
+    async def commit_everything_then_measure() -> None:
+        ends = await true_end_offsets(kafka.bootstrap, tps)
+        committer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id="tiny", enable_auto_commit=False)
+        await committer.start()
+        try:
+            committer.assign(tps)
+            await committer.commit(ends)
+        finally:
+            await committer.stop()
+        await measure_until_committed(kafka.bootstrap, "tiny", sent, partitions=PARTITIONS, timeout=30)
+
+    with pytest.raises(TooFewEvents, match="all 200 events were in the first commit seen"):
+        asyncio.run(commit_everything_then_measure())
+
+    # The report then says why there is no number instead of printing one.
+    report = BenchReport(events=200, partitions=PARTITIONS, customers=20, store="rocksdb")
+    report.notes.append("rtim-bench: all 200 events were in the first commit seen; load more events (--events)")
+    text = format_report(report)
+    assert "RTIM worker" not in text and "raw aiokafka (ceiling)" not in text and "ratio" not in text
+    assert "note: rtim-bench: all 200 events were in the first commit seen" in text
