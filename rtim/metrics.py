@@ -6,10 +6,21 @@ topics, partitions, channels, offers and error reasons only.
 
 from __future__ import annotations
 
+import bisect
 import gc
+import itertools
 import time
+from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import HistogramMetricFamily
 
 #: The decision latency objective (event in Kafka -> trigger acknowledged by Kafka);
 #: the histogram has a bucket boundary exactly there.
@@ -73,33 +84,61 @@ CONTEXT_CUSTOMERS = Gauge(
 CONTEXT_WRITES = Counter(
     "rtim_context_writes_total", "Customer context versions written (store + changelog)."
 )
-GC_PAUSE_SECONDS = Histogram(
-    "rtim_gc_pause_seconds",
-    "Pauses of Python's cyclic garbage collector (every thread stops), by generation.",
-    ["generation"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5),
-)
 WORKER_READY = Gauge(
     "rtim_worker_ready", "1 when the worker has its partitions, has recovered and processes."
 )
 
 
-_gc_started: list[float] = []
+class GcPauses:
+    """``rtim_gc_pause_seconds{generation}``: pauses of Python's cyclic garbage
+    collector (every thread stops), as a histogram.
+
+    The collector's callback only adds to plain lists: it may run inside any
+    allocation, including one made while a prometheus_client metric holds its
+    (non-reentrant) lock, so it must take no lock itself. The histogram is
+    built when scraped.
+    """
+
+    name = "rtim_gc_pause_seconds"
+    documentation = "Pauses of Python's cyclic garbage collector (every thread stops), by generation."
+    buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
+    generations = (0, 1, 2)
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        # Per generation: a count per bucket (not cumulative; the last is +Inf), and the sum.
+        self._counts = [[0] * (len(self.buckets) + 1) for _ in self.generations]
+        self._sums = [0.0 for _ in self.generations]
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        """A ``gc.callbacks`` entry."""
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._started
+        generation = info["generation"]
+        self._counts[generation][bisect.bisect_left(self.buckets, pause)] += 1
+        self._sums[generation] += pause
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=["generation"])
+        for generation in self.generations:
+            cumulative = list(itertools.accumulate(self._counts[generation]))
+            bounds = [*(repr(b) for b in self.buckets), "+Inf"]
+            family.add_metric(
+                [str(generation)], list(zip(bounds, cumulative)), sum_value=self._sums[generation]
+            )
+        yield family
 
 
-def _on_gc(phase: str, info: dict[str, int]) -> None:
-    if phase == "start":
-        _gc_started.append(time.perf_counter())
-    elif _gc_started:
-        GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(
-            time.perf_counter() - _gc_started.pop()
-        )
+GC_PAUSES = GcPauses()
+REGISTRY.register(GC_PAUSES)
 
 
 def observe_gc_pauses() -> None:
-    """Time every collection of the cyclic garbage collector into ``GC_PAUSE_SECONDS``."""
-    if _on_gc not in gc.callbacks:
-        gc.callbacks.append(_on_gc)
+    """Time every collection of the cyclic garbage collector into ``rtim_gc_pause_seconds``."""
+    if GC_PAUSES.on_gc not in gc.callbacks:
+        gc.callbacks.append(GC_PAUSES.on_gc)
 
 
 def exposition() -> tuple[bytes, str]:

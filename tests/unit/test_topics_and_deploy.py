@@ -522,7 +522,8 @@ def registry() -> dict[str, tuple[str, ...]]:
     for family in REGISTRY.collect():
         if not family.name.startswith("rtim_"):
             continue
-        names = labels[family.name]
+        # Metrics built at scrape time (rtim.metrics.GcPauses) name their labels in their samples.
+        names = labels.get(family.name) or tuple(k for k in family.samples[0].labels if k != "le")
         if family.type == "counter":
             series[family.name + "_total"] = names
         elif family.type == "histogram":
