@@ -122,9 +122,9 @@ class GcPauses:
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=["generation"])
+        bounds = [*(repr(b) for b in self.buckets), "+Inf"]
         for generation in self.generations:
             cumulative = list(itertools.accumulate(self._counts[generation]))
-            bounds = [*(repr(b) for b in self.buckets), "+Inf"]
             family.add_metric(
                 [str(generation)], list(zip(bounds, cumulative)), sum_value=self._sums[generation]
             )
