@@ -103,7 +103,8 @@ async def wait_committed(bootstrap: str, group: str, timeout: float = 120.0, wor
         if worker is not None and not worker.alive:
             raise AssertionError(f"worker died:\n{worker.log_tail()}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"committed {done}, ends {ends}")
+            tail = f"\nworker log:\n{worker.log_tail(80)}" if worker is not None else ""
+            raise TimeoutError(f"committed {done}, ends {ends}{tail}")
         await asyncio.sleep(0.2)
 
 
