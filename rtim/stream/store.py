@@ -16,8 +16,10 @@ from faust.types import TP
 
 try:
     import rocksdict
+    from faust.stores.rocksdb import Store as RocksDBStore
 except ImportError:  # pragma: no cover - rocksdict is a dependency
     rocksdict = None
+    RocksDBStore = None
 
 
 class ContextStore:
@@ -33,7 +35,8 @@ class ContextStore:
 
     @property
     def durable(self) -> bool:
-        return hasattr(self._store, "set_persisted_offset")
+        # (Every Faust store has set_persisted_offset; the memory store's does nothing.)
+        return RocksDBStore is not None and isinstance(self._store, RocksDBStore)
 
     def get(self, partition: int, key: bytes) -> bytes | None:
         store = self._store

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import orjson
+import pytest
 
 from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG
@@ -48,11 +49,12 @@ def scripted_moments() -> list[dict]:
     return events
 
 
-def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers) -> None:
+@pytest.mark.parametrize("store", ["rocksdb", "memory"])
+def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store) -> None:
     sim = JourneySimulator(customers=40, seed=3, start_ms=NOW_MS - 30 * 86_400_000)
     events = list(sim.events(400)) + scripted_moments()
     assert {"page", "track", "identify"} <= {e["type"] for e in events}
-    worker = workers().wait_ready()
+    worker = workers(store=store).wait_ready()
     asyncio.run(produce(kafka.bootstrap, [segment(e) for e in events]))
     asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=worker))
 
@@ -105,6 +107,7 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers) -> Non
     changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
     assert changelog == expected_contexts(clickstream)
     assert worker.metric("rtim_events_applied_total") == len(events)
+    assert worker.metric("rtim_context_customers") == len(changelog)
     assert worker.metric("rtim_triggers_total", channel="web", offer=web[0][1]["offer"]["id"]) >= 1
     assert worker.metric("rtim_decision_latency_seconds_count") == sum(len(r) for r in triggers.values())
     # Garbage-collector pauses are on /metrics (the worker collects once when it starts processing).
