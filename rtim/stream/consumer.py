@@ -25,6 +25,8 @@ embedded broker, whose ListOffsets under-reports (DESIGN.md §4), and on Kafka.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +72,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
     _batch_sink: BatchSink | None = None
     _idle_waiters: list[Callable[[], Awaitable[None]]]
     _probe: EndOffsetProbe | None = None
+    #: Seconds before a partition whose commit is stuck is read again once more.
+    hole_repair_interval: float = 30.0
+    _hole_repairs: dict[TP, tuple[int, float]]
+    _repairing: set[asyncio.Future[None]]
 
     def _new_consumer_thread(self) -> ConsumerThread:
         thread = ConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -79,6 +85,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._idle_waiters = []
+        self._hole_repairs = {}
+        self._repairing = set()
 
     def route_batches(
         self, topics: set[str], sink: BatchSink, wait_idle: Callable[[], Awaitable[None]]
@@ -102,6 +110,105 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 acked_index.add(offset)
                 acked.append(offset)
 
+    def _new_offset(self, tp: TP) -> int | None:
+        """The offset to commit for ``tp`` (None: nothing new), from its acknowledged offsets.
+
+        Faust's own version breaks in two ways this one does not:
+
+        - gap offsets are merged into the ack list without its index, so an
+          offset can be in the list twice (Faust's gaps include the first
+          offset after them, which is acknowledged too); each duplicate cuts
+          the run of consecutive offsets, and a commit then moves by one
+          offset per commit interval, or not at all;
+        - offsets below the committed one (acknowledged again after a seek
+          back) are kept at the head of the list and returned as the run.
+
+        Here the list holds each offset once and only offsets from the
+        committed one on; the run is found by bisection (the list is sorted
+        and unique, so ``acked[i] - acked[0] == i`` exactly along the run).
+        Faust's tolerance of one missing offset at the head is kept: the
+        drain loop's read offset is either the last offset read or, after a
+        seek, the next one to read.
+        """
+        acked = self._acked[tp]
+        if not acked:
+            return None
+        index = self._acked_index[tp]
+        gaps = self._gap.get(tp)
+        if gaps:
+            # Offsets in gaps (never delivered: transaction markers, compacted
+            # records) up to the highest acknowledged one count as processed.
+            top = max(acked)
+            for interval in gaps.overlap(0, top + 1):
+                for offset in range(interval.begin, min(interval.end, top + 1)):
+                    if offset not in index:
+                        index.add(offset)
+                        acked.append(offset)
+            gaps.chop(0, top + 1)
+        acked.sort()
+        committed = self._committed_offset[tp]
+        if committed is not None:
+            below = bisect.bisect_left(acked, committed)
+            if below:
+                index.difference_update(acked[:below])
+                del acked[:below]
+            if not acked:
+                return None
+            if acked[0] - committed > 1:
+                self._repair_hole(tp, committed, acked[0])
+                return None
+        first = acked[0]
+        run = bisect.bisect_right(range(len(acked)), 0, key=lambda i: acked[i] - first - i)
+        index.difference_update(acked[:run])
+        last = acked[run - 1]
+        del acked[:run]
+        return last + 1
+
+    def _repair_hole(self, tp: TP, committed: int, acked_from: int) -> None:
+        """Fetch ``tp`` again from its committed offset: records before ``acked_from`` are missing.
+
+        Batches are acknowledged whole and in order, so acknowledged offsets
+        past unacknowledged ones mean records that were read but will never be
+        acknowledged, and Faust would never commit the partition again (its
+        lag would grow without bound). Read again from the commit, they are
+        processed (the engine recognises what it applied) and acknowledged.
+        Once per committed offset and :attr:`hole_repair_interval`.
+        """
+        now = time.monotonic()
+        last = self._hole_repairs.get(tp)
+        if last is not None and last[0] == committed and now - last[1] < self.hole_repair_interval:
+            return
+        self._hole_repairs[tp] = (committed, now)
+        self.log.warning(
+            "%s: offsets %d..%d were read but not acknowledged; reading again from %d",
+            tp, committed, acked_from - 1, committed,
+        )
+        task = asyncio.ensure_future(self.seek(tp, committed))
+        self._repairing.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._repairing.discard)
+
+    async def perform_seek(self) -> None:
+        """Seek to the committed offsets, never moving a tracked commit backwards.
+
+        Faust sets the commit offsets it tracks to what the broker answers here.
+        A commit of ours that lands while that answer is on its way makes it
+        stale, and the tracked offset would go back below records that were
+        acknowledged (and taken off the ack list by that commit) and read (so
+        the drain loop skips them when they come again). Faust commits a
+        partition only from its tracked offset on, so that partition would
+        never be committed again. Only this worker commits its partitions
+        (revocation forgets them), so the higher offset is the true one; the
+        records between the two come again and are recognised as applied.
+        """
+        before = {tp: o for tp, o in self._committed_offset.items() if o is not None}
+        await super().perform_seek()
+        for tp, offset in before.items():
+            if tp not in self._committed_offset:
+                continue  # revoked meanwhile
+            now = self._committed_offset[tp]
+            if now is None or now < offset:
+                self._committed_offset[tp] = offset
+
     async def wait_empty(self) -> None:
         for wait_idle in self._idle_waiters:
             await wait_idle()
@@ -114,6 +221,32 @@ class BatchConsumer(faust_aiokafka.Consumer):
             )
             self._probe = EndOffsetProbe(bootstrap_servers=servers)
         return await self._probe.end_offsets(partitions)
+
+    def partition_report(self) -> str:
+        """One line per assigned partition: where fetching, reading and committing stand.
+
+        For an operator asking why a partition makes no progress (``kill -USR1``
+        on a worker logs it). Read from the consumer thread's state without
+        locking: a snapshot, good enough to see a stuck or paused partition.
+        """
+        try:
+            consumer = self._thread._ensure_consumer()
+            assignment = consumer._subscription.subscription.assignment
+        except Exception as exc:  # noqa: BLE001 - not started or not assigned yet
+            return f"no assignment ({exc!r})"
+        lines = []
+        for tp in sorted(assignment.tps):
+            state = assignment.state_value(tp)
+            acked = self._acked.get(tp) or []
+            gaps = self._gap.get(tp)
+            lines.append(
+                f"{tp.topic}[{tp.partition}] position={state._position} "
+                f"highwater={state.highwater} paused={state.paused} "
+                f"read={self._read_offset.get(tp)} committed={self._committed_offset.get(tp)} "
+                f"acked={len(acked)} (from {min(acked) if acked else None}) "
+                f"gaps={sorted((i.begin, i.end) for i in gaps) if gaps else []}"
+            )
+        return "\n".join(lines) or "no partitions assigned"
 
     async def on_stop(self) -> None:
         await super().on_stop()

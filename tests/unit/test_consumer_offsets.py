@@ -1,0 +1,145 @@
+"""The batch consumer's offset bookkeeping: what Faust commits after a seek.
+
+Faust commits a partition from the offset it tracks as committed, over the
+offsets acknowledged since. Recovery seeks every partition to the committed
+offsets the broker returns; one of our own commits can land while that answer
+is on its way. The stale answer must not move the tracked offset backwards,
+or the partition is never committed again and its lag never goes down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from faust.types import TP
+
+from rtim.settings import Settings
+from rtim.stream.app import CLICKSTREAM_TOPIC, create_app
+from rtim.stream.consumer import BatchConsumer
+
+TP1 = TP(CLICKSTREAM_TOPIC, 1)
+TP2 = TP(CLICKSTREAM_TOPIC, 2)
+
+
+def consumer_for(tmp_path: Path, broker_committed: dict[TP, int]) -> BatchConsumer:
+    app = create_app(Settings(broker="127.0.0.1:9", partitions=4, datadir=tmp_path, store="memory"))
+    consumer = app.consumer
+    assert isinstance(consumer, BatchConsumer)
+
+    async def seek_to_committed() -> dict[TP, int]:
+        # What the broker answers (the aiokafka seek itself needs no check here).
+        return dict(broker_committed)
+
+    consumer.seek_to_committed = seek_to_committed  # type: ignore[method-assign]
+    return consumer
+
+
+def commit(consumer: BatchConsumer, tp: TP) -> int | None:
+    """What Faust's commit does with the acknowledged offsets of ``tp``."""
+    offset = consumer._new_offset(tp)
+    if offset is not None and consumer._should_commit(tp, offset):
+        consumer._committed_offset[tp] = offset
+        return offset
+    return None
+
+
+def test_a_stale_committed_offset_from_a_seek_does_not_stop_commits(tmp_path: Path) -> None:
+    consumer = consumer_for(tmp_path, {TP1: 1613, TP2: 1323})
+    asyncio.run(consumer.perform_seek())  # the worker starts where the group left off
+    assert consumer._committed_offset[TP1] == 1613
+
+    consumer.ack_batch(TP1, list(range(1613, 1700)))
+    assert commit(consumer, TP1) == 1700
+    # Recovery seeks again; the broker's answer was read before that commit landed.
+    asyncio.run(consumer.perform_seek())
+    # Records fetched before the seek, processed after it, are acknowledged...
+    consumer.ack_batch(TP1, list(range(1700, 1801)))
+    # ...and the partition's commit moves on past them.
+    assert commit(consumer, TP1) == 1801
+    # A partition with nothing newer keeps the broker's offset.
+    assert consumer._committed_offset[TP2] == 1323
+
+
+def test_records_fetched_again_after_the_seek_are_not_committed_twice(tmp_path: Path) -> None:
+    consumer = consumer_for(tmp_path, {TP1: 1613})
+    asyncio.run(consumer.perform_seek())
+    consumer.ack_batch(TP1, list(range(1613, 1700)))
+    assert commit(consumer, TP1) == 1700
+    asyncio.run(consumer.perform_seek())  # stale: the position goes back to 1613
+    # The records 1613..1699 come again (the engine sees them as applied); their
+    # acknowledgement changes nothing, the new ones are committed.
+    consumer.ack_batch(TP1, list(range(1613, 1750)))
+    assert commit(consumer, TP1) == 1750
+    assert commit(consumer, TP1) is None
+
+
+def test_a_revoked_partition_takes_the_broker_offset_when_assigned_again(tmp_path: Path) -> None:
+    broker = {TP1: 1613}
+    consumer = consumer_for(tmp_path, broker)
+    asyncio.run(consumer.perform_seek())
+    consumer.ack_batch(TP1, list(range(1613, 1700)))
+    assert commit(consumer, TP1) == 1700
+    # Revoked (as Faust does it), another worker goes on, then it comes back.
+    consumer._committed_offset.pop(TP1)
+    consumer._acked.pop(TP1, None)
+    consumer._acked_index.pop(TP1, None)
+    broker[TP1] = 2500
+    asyncio.run(consumer.perform_seek())
+    assert consumer._committed_offset[TP1] == 2500
+    consumer.ack_batch(TP1, [2400, 2500, 2501])  # the old offset is below the commit: ignored
+    assert commit(consumer, TP1) == 2502
+
+
+def test_offsets_in_a_gap_count_once_and_the_commit_moves_in_one_step(tmp_path: Path) -> None:
+    consumer = consumer_for(tmp_path, {TP1: 100})
+    asyncio.run(consumer.perform_seek())
+    consumer.ack_batch(TP1, list(range(100, 150)))
+    # Offsets 150..159 never come (transaction markers); Faust's gap takes in 160 too,
+    # which is then acknowledged with its batch.
+    asyncio.run(consumer._add_gap(TP1, 150, 160))
+    consumer.ack_batch(TP1, list(range(160, 200)))
+    assert commit(consumer, TP1) == 200
+    assert consumer._acked[TP1] == []
+    assert commit(consumer, TP1) is None
+
+
+def test_offsets_below_the_commit_are_dropped_not_committed(tmp_path: Path) -> None:
+    consumer = consumer_for(tmp_path, {TP1: 100})
+    asyncio.run(consumer.perform_seek())
+    consumer.ack_batch(TP1, list(range(100, 160)))
+    consumer._committed_offset[TP1] = 150  # committed meanwhile up to 149
+    consumer.ack_batch(TP1, list(range(160, 170)))
+    assert commit(consumer, TP1) == 170
+    assert commit(consumer, TP1) is None
+
+
+def test_a_partition_whose_commit_is_stuck_is_read_again_from_the_commit(tmp_path: Path, caplog) -> None:
+    consumer = consumer_for(tmp_path, {TP1: 100})
+    sought: list[tuple[TP, int]] = []
+
+    async def record_seek(tp: TP, offset: int) -> None:  # the aiokafka seek itself
+        sought.append((tp, offset))
+
+    consumer._seek = record_seek  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await consumer.perform_seek()
+        consumer._read_offset[TP1] = 349
+        # Records 100..299 were read but are not acknowledged and never will be.
+        consumer.ack_batch(TP1, list(range(300, 350)))
+        with caplog.at_level("WARNING"):
+            assert commit(consumer, TP1) is None
+        await asyncio.sleep(0)  # the seek runs as a task of the consumer
+        assert sought == [(TP1, 100)]
+        assert consumer._read_offset[TP1] == 100  # so the drain loop takes them again
+        assert "offsets 100..299 were read but not acknowledged" in caplog.text
+        # Not once per commit interval: the records are on their way.
+        assert commit(consumer, TP1) is None
+        await asyncio.sleep(0)
+        assert sought == [(TP1, 100)]
+        # They come again and are acknowledged: the commit moves past all of them.
+        consumer.ack_batch(TP1, list(range(100, 350)))
+        assert commit(consumer, TP1) == 350
+
+    asyncio.run(scenario())
