@@ -126,6 +126,18 @@ class WorkerProcess:
             key += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
         return self.metrics().get(key, 0.0)
 
+    def report_state(self, wait: float = 2.0) -> str:
+        """Ask the worker to log its partitions and task stacks (SIGUSR1); return them."""
+        if not self.alive:
+            return self.log_tail()
+        assert self.proc is not None
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(wait)
+        with self.log_path.open("rb") as f:
+            f.seek(start)
+            return f.read().decode(errors="replace")
+
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as when a machine dies."""
         if self.alive:

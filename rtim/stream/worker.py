@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 from rtim.broker import create_topics
 from rtim.offers.catalog import load_catalog
 from rtim.settings import Settings
+from rtim.stream.consumer import BatchConsumer
 from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX, create_app
 
 log = logging.getLogger("rtim.worker")
@@ -71,6 +72,19 @@ async def ensure_topics(settings: Settings, *, give_up_after: float | None = Non
     await check_copartitioning(settings)
 
 
+class Worker(faust.Worker):
+    """Faust's worker; ``kill -USR1`` also logs where each partition stands.
+
+    (Faust's own SIGUSR1 handler, kept, prints every thread's and task's stack.)
+    """
+
+    def _on_sigusr1(self) -> None:
+        consumer = self.app.consumer
+        if isinstance(consumer, BatchConsumer):
+            log.warning("partitions:\n%s", consumer.partition_report())
+        super()._on_sigusr1()
+
+
 def run_worker(settings: Settings) -> None:
     """Run a worker until it is stopped (SIGINT/SIGTERM)."""
     logging.basicConfig(
@@ -82,5 +96,5 @@ def run_worker(settings: Settings) -> None:
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
     app = create_app(settings)
-    worker = faust.Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
+    worker = Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -103,7 +103,9 @@ async def wait_committed(bootstrap: str, group: str, timeout: float = 120.0, wor
         if worker is not None and not worker.alive:
             raise AssertionError(f"worker died:\n{worker.log_tail()}")
         if time.monotonic() > deadline:
-            tail = f"\nworker log:\n{worker.log_tail(80)}" if worker is not None else ""
+            tail = ""
+            if worker is not None:
+                tail = f"\nworker log:\n{worker.log_tail(60)}\nworker state:\n{worker.report_state()}"
             raise TimeoutError(f"committed {done}, ends {ends}{tail}")
         await asyncio.sleep(0.2)
 
