@@ -183,9 +183,18 @@ class BatchConsumer(faust_aiokafka.Consumer):
             "%s: offsets %d..%d were read but not acknowledged; reading again from %d",
             tp, committed, acked_from - 1, committed,
         )
-        task = asyncio.ensure_future(self.seek(tp, committed))
+        task = asyncio.ensure_future(self._read_again(tp, committed))
         self._repairing.add(task)  # held until done (the loop keeps only weak references)
         task.add_done_callback(self._repairing.discard)
+
+    async def _read_again(self, tp: TP, offset: int) -> None:
+        # In the consumer's own thread (Faust's plain seek calls aiokafka from this one).
+        try:
+            await self.seek_wait({tp: offset})
+        except Exception as exc:  # noqa: BLE001 - tried again after hole_repair_interval
+            self.log.warning("%s: reading again from %d failed: %r", tp, offset, exc)
+            return
+        self._read_offset[tp] = offset if offset else None  # what the drain loop reads from
 
     async def perform_seek(self) -> None:
         """Seek to the committed offsets, never moving a tracked commit backwards.

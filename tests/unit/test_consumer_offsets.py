@@ -118,10 +118,10 @@ def test_a_partition_whose_commit_is_stuck_is_read_again_from_the_commit(tmp_pat
     consumer = consumer_for(tmp_path, {TP1: 100})
     sought: list[tuple[TP, int]] = []
 
-    async def record_seek(tp: TP, offset: int) -> None:  # the aiokafka seek itself
-        sought.append((tp, offset))
+    async def record_seek(partitions: dict[TP, int]) -> None:  # done by the consumer thread
+        sought.extend(partitions.items())
 
-    consumer._seek = record_seek  # type: ignore[method-assign]
+    consumer.seek_wait = record_seek  # type: ignore[method-assign]
 
     async def scenario() -> None:
         await consumer.perform_seek()
