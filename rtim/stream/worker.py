@@ -12,8 +12,8 @@ from aiokafka import AIOKafkaProducer
 from rtim.broker import create_topics
 from rtim.offers.catalog import load_catalog
 from rtim.settings import Settings
-from rtim.stream.consumer import BatchConsumer
 from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX, create_app
+from rtim.stream.consumer import BatchConsumer
 
 log = logging.getLogger("rtim.worker")
 

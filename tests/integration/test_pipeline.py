@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import time
 import uuid
 
@@ -15,7 +16,7 @@ from rtim.settings import DEFAULT_CATALOG
 from rtim.simulate import JourneySimulator
 from rtim.stream.app import TRIGGER_TOPIC_PREFIX
 
-from .support import expected_contexts, latest_values, produce, read_topic, segment, wait_committed
+from .support import committed, expected_contexts, latest_values, produce, read_topic, segment, wait_committed
 
 NOW_MS = int(time.time() * 1000)
 
@@ -110,5 +111,13 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store)
     assert worker.metric("rtim_context_customers") == len(changelog)
     assert worker.metric("rtim_triggers_total", channel="web", offer=web[0][1]["offer"]["id"]) >= 1
     assert worker.metric("rtim_decision_latency_seconds_count") == sum(len(r) for r in triggers.values())
+    # kill -USR1: the worker logs where each partition stands (and keeps running).
+    state = worker.report_state()
+    committed_now = asyncio.run(committed(kafka.bootstrap, "rtim"))
+    for p, offset in committed_now.items():
+        assert f"rtim.clickstream[{p}] position={offset} " in state
+        assert re.search(rf"rtim\.clickstream\[{p}\] .* committed={offset} acked=0 ", state)
+    assert "TASKS" in state  # Faust's stack dump of every task follows
+    assert worker.status("/health/ready") == 200
     # Garbage-collector pauses are on /metrics (the worker collects once when it starts processing).
     assert sum(worker.metric("rtim_gc_pause_seconds_count", generation=g) for g in "012") >= 1
