@@ -33,13 +33,20 @@ from .support import (
 NOW_MS = int(time.time() * 1000)
 
 
+def applied(ctx: dict | None, record) -> bool:
+    """Whether this context already has the record's effect (its last applied offset is past it)."""
+    return ctx is not None and ctx["src"][0] == record.partition and record.offset <= ctx["src"][1]
+
+
 @pytest.mark.parametrize("datadir", ["same", "fresh"])
 def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(kafka, workers, tmp_path, datadir) -> None:
     sim = JourneySimulator(customers=300, seed=5, start_ms=NOW_MS - 60 * 86_400_000)
     events = [segment(e) for e in sim.events(24_000)]
     first, second = events[:16_000], events[16_000:]
 
-    doomed = workers("doomed", datadir=tmp_path / "doomed-data").wait_ready()
+    # Commits every 2 s: most of the time, some applied records are not committed yet.
+    doomed = workers("doomed", datadir=tmp_path / "doomed-data", env={"RTIM_COMMIT_INTERVAL_S": "2"})
+    doomed.wait_ready()
     asyncio.run(produce(kafka.bootstrap, first))
     deadline = time.monotonic() + 60
     while doomed.metric("rtim_events_consumed_total", topic="rtim.clickstream") < 4_000:
@@ -47,28 +54,24 @@ def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(kafka, workers,
         time.sleep(0.02)
     # Kill it in the middle of the stream, at a moment when some records are
     # applied (their contexts in the changelog) but their offsets not committed:
-    # stopped (SIGSTOP), it can neither apply nor commit while we look.
+    # these come again to the survivor, which must recognise them. Stopped
+    # (SIGSTOP), the worker can neither apply nor commit while we look.
     while True:
         os.kill(doomed.proc.pid, signal.SIGSTOP)
         done = asyncio.run(committed(kafka.bootstrap, "rtim"))
         snapshot = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
-        applied = {p: max((c["src"][1] for c in snapshot.values() if c["src"][0] == p), default=-1) for p in done}
-        if any(applied[p] >= done[p] for p in done):
+        redelivered = [
+            r
+            for r in asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
+            if r.offset >= done[r.partition] and applied(snapshot.get(r.key.decode()), r)
+        ]
+        if redelivered:
             break
         assert time.monotonic() < deadline, f"never caught uncommitted work: {done}"
         os.kill(doomed.proc.pid, signal.SIGCONT)
         time.sleep(0.05)
     doomed.kill()
     assert sum(done.values()) < len(first)
-    # The records the survivor gets again, whose effects are in the changelog already.
-    redelivered = [
-        r
-        for r in asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
-        if r.offset >= done[r.partition]
-        and snapshot.get(r.key.decode(), {}).get("src", [-1, -1])[0] == r.partition
-        and r.offset <= snapshot[r.key.decode()]["src"][1]
-    ]
-    assert redelivered
 
     survivor_dir = tmp_path / "doomed-data" if datadir == "same" else tmp_path / "fresh-data"
     survivor = workers("survivor", datadir=survivor_dir)
