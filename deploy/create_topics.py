@@ -65,7 +65,9 @@ async def create(bootstrap: str, plans: list[TopicPlan], replication_factor: int
 
     for p in plans:
         created = await create_topics(
-            bootstrap, {p.name: p.partitions}, config=p.configs,
+            bootstrap,
+            {p.name: p.partitions},
+            config=p.configs,
             replication_factor=replication_factor,
         )
         print(f"{'created' if created else 'exists '} {p.name}", flush=True)
@@ -80,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", default=settings.broker)
     parser.add_argument("--partitions", type=int, default=settings.partitions)
     parser.add_argument("--app-id", default=settings.app_id)
-    parser.add_argument("--replication-factor", type=int, default=None,
-                        help="default: topics.yaml defaults.replication_factor")
+    parser.add_argument(
+        "--replication-factor",
+        type=int,
+        default=None,
+        help="default: topics.yaml defaults.replication_factor",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan only")
     args = parser.parse_args(argv)
 

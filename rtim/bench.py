@@ -53,7 +53,9 @@ RTIM_APP = "rtim-bench"
 # -- the baseline -----------------------------------------------------------
 
 
-async def raw_pipeline(bootstrap: str, *, group: str = RAW_GROUP, max_records: int = 10_000) -> None:
+async def raw_pipeline(
+    bootstrap: str, *, group: str = RAW_GROUP, max_records: int = 10_000
+) -> None:
     """The ceiling: consume -> parse -> dict update -> produce -> commit, nothing else."""
     consumer = AIOKafkaConsumer(
         CLICKSTREAM,
@@ -84,7 +86,9 @@ async def raw_pipeline(bootstrap: str, *, group: str = RAW_GROUP, max_records: i
                     event = orjson.loads(rec.value)
                     customer = event.get("userId") or event.get("anonymousId")
                     counts[customer] += 1
-                    value = orjson.dumps({"c": customer, "n": counts[customer], "ts": event.get("timestamp")})
+                    value = orjson.dumps(
+                        {"c": customer, "n": counts[customer], "ts": event.get("timestamp")}
+                    )
                     if batch.append(key=rec.key, value=value, timestamp=None) is None:
                         futures.append(await producer.send_batch(batch, RAW_OUT, partition=part))
                         batch = producer.create_batch()
@@ -134,7 +138,9 @@ class WorkerProfile:
     gc_us: float = 0.0
 
 
-def worker_profile(before: dict[str, float], after: dict[str, float], wall_s: float) -> WorkerProfile | None:
+def worker_profile(
+    before: dict[str, float], after: dict[str, float], wall_s: float
+) -> WorkerProfile | None:
     """Per-event stage times from two scrapes of a worker's metrics ``wall_s`` apart."""
 
     def delta(name: str) -> float:
@@ -158,7 +164,10 @@ def worker_profile(before: dict[str, float], after: dict[str, float], wall_s: fl
         other_us=round(wall_s / events * 1e6 - core - publish - store, 1),
         cpu_cores=round(delta("process_cpu_seconds_total") / wall_s, 2),
         gc_us=round(
-            sum(delta(f'rtim_gc_pause_seconds_sum{{generation="{g}"}}') for g in "012") / events * 1e6, 1
+            sum(delta(f'rtim_gc_pause_seconds_sum{{generation="{g}"}}') for g in "012")
+            / events
+            * 1e6,
+            1,
         ),
     )
 
@@ -239,7 +248,9 @@ async def measure_until_committed(
                         f"{group}: all {total:,} events were in the first commit seen, so no rate "
                         "can be measured; load more events (--events)"
                     )
-                return Throughput(events=n, seconds=round(seconds, 3), events_per_s=round(n / seconds, 1))
+                return Throughput(
+                    events=n, seconds=round(seconds, 3), events_per_s=round(n / seconds, 1)
+                )
             await asyncio.sleep(0.02)
         raise TimeoutError(f"{group}: committed offsets did not reach {total} in {timeout:.0f} s")
     finally:
@@ -249,7 +260,7 @@ async def measure_until_committed(
 def _percentile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
-    idx = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
+    idx = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[idx]
 
 
@@ -268,7 +279,7 @@ def _latency(values: list[float]) -> Latency | None:
 
 def _iso_now() -> tuple[str, int]:
     now_ms = time.time_ns() // 1_000_000
-    moment = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.timezone.utc)
+    moment = dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"), now_ms
 
 
@@ -283,8 +294,13 @@ async def offered_load_latency(
     raw_lat: list[float] = []
     rtim_lat: list[float] = []
     consumer = AIOKafkaConsumer(
-        RAW_OUT, *trigger_topics, bootstrap_servers=bootstrap, auto_offset_reset="latest",
-        enable_auto_commit=False, group_id=None, fetch_max_wait_ms=10,
+        RAW_OUT,
+        *trigger_topics,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=10,
     )
     await consumer.start()
     # Make sure the consumer has its positions before the first event is sent.
@@ -336,7 +352,9 @@ async def offered_load_latency(
     return raw_lat, rtim_lat
 
 
-async def load_events(bootstrap: str, n: int, customers: int, progress: Callable[[int], None] | None) -> int:
+async def load_events(
+    bootstrap: str, n: int, customers: int, progress: Callable[[int], None] | None
+) -> int:
     """Produce ``n`` simulated events (simulated time) into the clickstream."""
     sim = JourneySimulator(customers=customers, seed=42, start_ms=past_start_ms())
     return await produce_events(bootstrap, CLICKSTREAM, sim.events(n), progress=progress)
@@ -387,9 +405,14 @@ async def run_bench(
         settings = Settings(broker=broker, partitions=partitions)
         trigger_topics = [t for t in topic_specs(settings) if t.startswith("rtim.triggers.")]
         await create_topics(broker, {**topic_specs(settings), RAW_OUT: partitions})
-        echo(f"loading {events:,} simulated events ({customers:,} customers, {partitions} partitions)...")
+        echo(
+            f"loading {events:,} simulated events "
+            f"({customers:,} customers, {partitions} partitions)..."
+        )
         loaded = await load_events(broker, events, customers, progress)
-        ends = await true_end_offsets(broker, [TopicPartition(CLICKSTREAM, p) for p in range(partitions)])
+        ends = await true_end_offsets(
+            broker, [TopicPartition(CLICKSTREAM, p) for p in range(partitions)]
+        )
         total = sum(ends.values())
         assert total == loaded, f"loaded {loaded} but the topic holds {total}"
 
@@ -403,7 +426,9 @@ async def run_bench(
         except TooFewEvents as exc:
             report.notes.append(str(exc))
 
-        echo(f"RTIM worker ({store} store): validate, dedupe, context, triggers, score, publish ...")
+        echo(
+            f"RTIM worker ({store} store): validate, dedupe, context, triggers, score, publish ..."
+        )
         rtim_worker = WorkerProcess(
             broker=broker,
             app_id=RTIM_APP,
@@ -423,7 +448,12 @@ async def run_bench(
 
         try:
             report.rtim = await measure_until_committed(
-                broker, RTIM_APP, total, partitions=partitions, timeout=900, proc=rtim_worker.proc,
+                broker,
+                RTIM_APP,
+                total,
+                partitions=partitions,
+                timeout=900,
+                proc=rtim_worker.proc,
                 at_edges=scrape,
             )
             echo(f"  rtim: {report.rtim.events_per_s:>10,.0f} events/s")
@@ -439,7 +469,10 @@ async def run_bench(
             echo(f"latency: {rate:,.0f} live events/s for {latency_seconds:.0f} s through both ...")
             report.offered_rate = rate
             raw_lat, rtim_lat = await offered_load_latency(
-                broker, rate=rate, seconds=latency_seconds, customers=customers,
+                broker,
+                rate=rate,
+                seconds=latency_seconds,
+                customers=customers,
                 trigger_topics=trigger_topics,
             )
             report.raw_latency = _latency(raw_lat)
@@ -467,13 +500,21 @@ def format_report(report: BenchReport) -> str:
     if report.ratio is not None:
         lines.append(f"{'ratio RTIM / raw':<28}{report.ratio:>12.2f}")
     if report.raw_latency or report.rtim_latency:
-        lines += ["", f"latency at {report.offered_rate:,.0f} events/s offered "
-                  "(event timestamp -> output at a consumer), ms:",
-                  f"{'pipeline':<28}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'samples':>9}"]
-        for name, lat in (("raw aiokafka", report.raw_latency), ("RTIM (triggers)", report.rtim_latency)):
+        lines += [
+            "",
+            f"latency at {report.offered_rate:,.0f} events/s offered "
+            "(event timestamp -> output at a consumer), ms:",
+            f"{'pipeline':<28}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}{'samples':>9}",
+        ]
+        for name, lat in (
+            ("raw aiokafka", report.raw_latency),
+            ("RTIM (triggers)", report.rtim_latency),
+        ):
             if lat:
-                lines.append(f"{name:<28}{lat.p50_ms:>8.1f}{lat.p95_ms:>8.1f}{lat.p99_ms:>8.1f}"
-                             f"{lat.max_ms:>8.1f}{lat.samples:>9,}")
+                lines.append(
+                    f"{name:<28}{lat.p50_ms:>8.1f}{lat.p95_ms:>8.1f}{lat.p99_ms:>8.1f}"
+                    f"{lat.max_ms:>8.1f}{lat.samples:>9,}"
+                )
     prof = report.rtim_profile
     if prof:
         lines += [
@@ -481,7 +522,8 @@ def format_report(report: BenchReport) -> str:
             f"RTIM worker, throughput phase: {prof.batches:,} batches of "
             f"{prof.records_per_batch:,.0f} records, {prof.cpu_cores:.2f} CPU cores busy;",
             f"wall time per event: core {prof.core_us:.1f} us, publish {prof.publish_us:.1f} us, "
-            f"store {prof.store_us:.1f} us, the rest (fetch, decode, ack, commit) {prof.other_us:.1f} us;",
+            f"store {prof.store_us:.1f} us, "
+            f"the rest (fetch, decode, ack, commit) {prof.other_us:.1f} us;",
             f"of all that, garbage collection {prof.gc_us:.1f} us",
         ]
     lines += [f"note: {n}" for n in report.notes]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 
 import click
 
@@ -53,9 +54,16 @@ def broker(port: int | None) -> None:
 @main.command()
 @click.option("--customers", type=int, default=200, show_default=True)
 @click.option("--rate", type=float, default=100, show_default=True, help="Events per second.")
-@click.option("--duration", type=float, default=0, show_default=True,
-              help="Stop after this many seconds (0: run until Ctrl-C).")
-@click.option("--web-port", type=int, default=6066, show_default=True, help="Worker metrics/health port.")
+@click.option(
+    "--duration",
+    type=float,
+    default=0,
+    show_default=True,
+    help="Stop after this many seconds (0: run until Ctrl-C).",
+)
+@click.option(
+    "--web-port", type=int, default=6066, show_default=True, help="Worker metrics/health port."
+)
 def demo(customers: int, rate: float, duration: float, web_port: int) -> None:
     """Embedded broker + worker + simulator: watch triggers flow, no Kafka needed.
 
@@ -68,8 +76,15 @@ def demo(customers: int, rate: float, duration: float, web_port: int) -> None:
     from rtim.demo import run_demo
 
     try:
-        asyncio.run(run_demo(customers=customers, rate=rate, duration=duration,
-                             web_port=web_port, echo=click.echo))
+        asyncio.run(
+            run_demo(
+                customers=customers,
+                rate=rate,
+                duration=duration,
+                web_port=web_port,
+                echo=click.echo,
+            )
+        )
     except KeyboardInterrupt:
         click.echo("stopped.")
 
@@ -77,15 +92,33 @@ def demo(customers: int, rate: float, duration: float, web_port: int) -> None:
 @main.command()
 @click.option("--broker", default=None, help="Bootstrap servers (default: RTIM_BROKER).")
 @click.option("--customers", type=int, default=1000, show_default=True)
-@click.option("--events", "-n", type=int, default=None,
-              help="Events to send (default: 10,000, or endless with --rate).")
-@click.option("--rate", type=float, default=None, help="Events per second (default: as fast as possible).")
+@click.option(
+    "--events",
+    "-n",
+    type=int,
+    default=None,
+    help="Events to send (default: 10,000, or endless with --rate).",
+)
+@click.option(
+    "--rate", type=float, default=None, help="Events per second (default: as fast as possible)."
+)
 @click.option("--seed", type=int, default=None, help="Seed for a reproducible stream.")
-@click.option("--live/--simulated-time", default=True, show_default=True,
-              help="Stamp events with the wall clock, or with simulated journey time.")
+@click.option(
+    "--live/--simulated-time",
+    default=True,
+    show_default=True,
+    help="Stamp events with the wall clock, or with simulated journey time.",
+)
 @click.option("--topic", default="rtim.clickstream", show_default=True)
-def simulate(broker: str | None, customers: int, events: int | None, rate: float | None,
-             seed: int | None, live: bool, topic: str) -> None:
+def simulate(
+    broker: str | None,
+    customers: int,
+    events: int | None,
+    rate: float | None,
+    seed: int | None,
+    live: bool,
+    topic: str,
+) -> None:
     """Send realistic multi-channel customer journeys (Segment events) to Kafka.
 
     Customers browse on web and app, search, add to cart, abandon or buy, open
@@ -104,27 +137,55 @@ def simulate(broker: str | None, customers: int, events: int | None, rate: float
     sim = JourneySimulator(customers=customers, seed=seed, live=live, start_ms=start_ms)
     with click.progressbar(length=events, label=f"sending to {topic}", show_pos=True) as bar:
         try:
-            sent = asyncio.run(produce_events(bootstrap, topic, sim.events(events), rate=rate,
-                                              progress=bar.update))
+            sent = asyncio.run(
+                produce_events(bootstrap, topic, sim.events(events), rate=rate, progress=bar.update)
+            )
         except KeyboardInterrupt:
             sent = None
     click.echo(f"sent {sent:,} events" if sent is not None else "stopped.")
 
 
 @main.command()
-@click.option("--events", "-n", type=int, default=100_000, show_default=True, help="Events to load.")
+@click.option(
+    "--events", "-n", type=int, default=100_000, show_default=True, help="Events to load."
+)
 @click.option("--partitions", type=int, default=4, show_default=True)
 @click.option("--customers", type=int, default=5_000, show_default=True)
-@click.option("--rate", type=float, default=2_000, show_default=True,
-              help="Offered rate (events/s) of the latency phase.")
-@click.option("--latency-seconds", type=float, default=10, show_default=True,
-              help="Length of the latency phase (0 skips it).")
-@click.option("--store", type=click.Choice(["rocksdb", "memory"]), default="rocksdb", show_default=True)
+@click.option(
+    "--rate",
+    type=float,
+    default=2_000,
+    show_default=True,
+    help="Offered rate (events/s) of the latency phase.",
+)
+@click.option(
+    "--latency-seconds",
+    type=float,
+    default=10,
+    show_default=True,
+    help="Length of the latency phase (0 skips it).",
+)
+@click.option(
+    "--store", type=click.Choice(["rocksdb", "memory"]), default="rocksdb", show_default=True
+)
 @click.option("--broker", default=None, help="Use this broker instead of an embedded one.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also write the report as JSON to this file.")
-def bench(events: int, partitions: int, customers: int, rate: float, latency_seconds: float,
-          store: str, broker: str | None, json_path: str | None) -> None:
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the report as JSON to this file.",
+)
+def bench(
+    events: int,
+    partitions: int,
+    customers: int,
+    rate: float,
+    latency_seconds: float,
+    store: str,
+    broker: str | None,
+    json_path: str | None,
+) -> None:
     """Benchmark RTIM against a raw aiokafka loop, in one run, on one broker.
 
     Reports events/s for each (from first to last committed offset), their
@@ -135,12 +196,19 @@ def bench(events: int, partitions: int, customers: int, rate: float, latency_sec
     from rtim.bench import format_report, report_json, run_bench
 
     with click.progressbar(length=events, label="loading", file=None) as bar:
-        report = asyncio.run(run_bench(
-            events=events, partitions=partitions, customers=customers, rate=rate,
-            latency_seconds=latency_seconds, store=store, broker=broker,
-            echo=lambda m: click.echo("\n" + m if not m.startswith(" ") else m),
-            progress=bar.update,
-        ))
+        report = asyncio.run(
+            run_bench(
+                events=events,
+                partitions=partitions,
+                customers=customers,
+                rate=rate,
+                latency_seconds=latency_seconds,
+                store=store,
+                broker=broker,
+                echo=lambda m: click.echo("\n" + m if not m.startswith(" ") else m),
+                progress=bar.update,
+            )
+        )
     click.echo("")
     click.echo(format_report(report))
     if json_path:
@@ -156,10 +224,8 @@ def bench_raw(broker: str) -> None:
 
     from rtim.bench import raw_pipeline
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(raw_pipeline(broker))
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -46,7 +46,9 @@ _BINARY: dict[str, Callable[[Any, Any], bool]] = {
 }
 _UNARY = ("exists", "missing")
 # Longest operators first so that ">=" is not read as ">".
-_BINARY_RE = re.compile(r"^(?P<path>.+?)\s+(?P<op>not in|contains|in|==|!=|>=|<=|>|<)\s+(?P<value>.+)$")
+_BINARY_RE = re.compile(
+    r"^(?P<path>.+?)\s+(?P<op>not in|contains|in|==|!=|>=|<=|>|<)\s+(?P<value>.+)$"
+)
 _UNARY_RE = re.compile(r"^(?P<path>.+?)\s+(?P<op>exists|missing)$")
 # "status == missing" compares with the word "missing"; no key ends in "==".
 _ENDS_WITH_SYMBOL_OP = re.compile(r"\s(?:==|!=|>=|<=|>|<)$")
@@ -105,7 +107,7 @@ def resolve(namespace: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     node: Any = namespace
     for key in path:
         # Contexts and events are dicts: skip the slower ABC check for them.
-        if isinstance(node, dict) or isinstance(node, Mapping):
+        if isinstance(node, (dict, Mapping)):
             node = node.get(key, _MISSING)
             if node is _MISSING:
                 return _MISSING

@@ -37,10 +37,16 @@ def format_trigger(topic: str, value: bytes) -> str:
     )
 
 
-async def _print_triggers(bootstrap: str, topics: list[str], echo: Echo, counts: dict[str, int]) -> None:
+async def _print_triggers(
+    bootstrap: str, topics: list[str], echo: Echo, counts: dict[str, int]
+) -> None:
     consumer = AIOKafkaConsumer(
-        *topics, DLQ_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="latest",
-        enable_auto_commit=False, fetch_max_wait_ms=50,
+        *topics,
+        DLQ_TOPIC,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=50,
     )
     await consumer.start()
     try:
@@ -95,16 +101,21 @@ async def run_demo(
         specs = topic_specs(settings)
         await create_topics(broker.bootstrap, specs)
         worker = WorkerProcess(
-            broker=broker.bootstrap, datadir=workdir / "worker-data", web_port=web_port,
-            log_path=workdir / "worker.log", env={"RTIM_LOG_LEVEL": "warning"},
+            broker=broker.bootstrap,
+            datadir=workdir / "worker-data",
+            web_port=web_port,
+            log_path=workdir / "worker.log",
+            env={"RTIM_LOG_LEVEL": "warning"},
         )
         worker.start()
         try:
             await asyncio.to_thread(worker.wait_ready, 120.0)
             echo(f"worker ready: metrics {worker.url}/metrics, health {worker.url}/health/ready")
             echo(f"worker log: {worker.log_path}")
-            echo(f"simulating {customers} customers at {rate:g} events/s on web, app, email, "
-                 "call centre and store; triggers below (Ctrl-C stops)\n")
+            echo(
+                f"simulating {customers} customers at {rate:g} events/s on web, app, email, "
+                "call centre and store; triggers below (Ctrl-C stops)\n"
+            )
             trigger_topics = [t for t in specs if t.startswith("rtim.triggers.")]
             sim = JourneySimulator(customers=customers, live=True)
 
@@ -112,10 +123,14 @@ async def run_demo(
                 counts["events"] += n
 
             tasks = [
-                asyncio.create_task(_print_triggers(broker.bootstrap, trigger_topics, echo, counts)),
+                asyncio.create_task(
+                    _print_triggers(broker.bootstrap, trigger_topics, echo, counts)
+                ),
                 asyncio.create_task(_status(worker, echo, counts, every=5.0)),
                 asyncio.create_task(
-                    produce_events(broker.bootstrap, CLICKSTREAM_TOPIC, sim.events(), rate=rate, progress=sent)
+                    produce_events(
+                        broker.bootstrap, CLICKSTREAM_TOPIC, sim.events(), rate=rate, progress=sent
+                    )
                 ),
             ]
             started = time.monotonic()
@@ -136,6 +151,8 @@ async def run_demo(
         finally:
             echo("\nstopping worker and broker ...")
             worker.stop()
-    echo(f"sent {counts['events']:,} events, received {counts['triggers']:,} triggers, "
-         f"{counts['dead letters']:,} dead letters")
+    echo(
+        f"sent {counts['events']:,} events, received {counts['triggers']:,} triggers, "
+        f"{counts['dead letters']:,} dead letters"
+    )
     return counts

@@ -285,11 +285,9 @@ class BatchRun:
                 candidates = candidates_for(event)
                 if candidates:
                     engine._decide(event, ctx, key, record, now_ms, result, candidates)
-            except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
+            except Exception as exc:
                 result.invalid["internal_error"] += 1
-                result.dead_letters.append(
-                    engine._dead_letter(topic, record, exc, stage="process")
-                )
+                result.dead_letters.append(engine._dead_letter(topic, record, exc, stage="process"))
         result.consumed += consumed
         result.applied += applied
 

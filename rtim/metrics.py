@@ -26,12 +26,8 @@ from prometheus_client.core import HistogramMetricFamily
 #: the histogram has a bucket boundary exactly there.
 LATENCY_OBJECTIVE_S = 0.1
 
-EVENTS_CONSUMED = Counter(
-    "rtim_events_consumed_total", "Clickstream records consumed.", ["topic"]
-)
-EVENTS_APPLIED = Counter(
-    "rtim_events_applied_total", "Valid events applied to a customer context."
-)
+EVENTS_CONSUMED = Counter("rtim_events_consumed_total", "Clickstream records consumed.", ["topic"])
+EVENTS_APPLIED = Counter("rtim_events_applied_total", "Valid events applied to a customer context.")
 EVENTS_DUPLICATE = Counter(
     "rtim_events_duplicate_total",
     "Events not applied because already applied (same messageId, or redelivery).",
@@ -100,7 +96,9 @@ class GcPauses:
     """
 
     name = "rtim_gc_pause_seconds"
-    documentation = "Pauses of Python's cyclic garbage collector (every thread stops), by generation."
+    documentation = (
+        "Pauses of Python's cyclic garbage collector (every thread stops), by generation."
+    )
     buckets = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
     generations = (0, 1, 2)
 
@@ -126,7 +124,9 @@ class GcPauses:
         for generation in self.generations:
             cumulative = list(itertools.accumulate(self._counts[generation]))
             family.add_metric(
-                [str(generation)], list(zip(bounds, cumulative)), sum_value=self._sums[generation]
+                [str(generation)],
+                list(zip(bounds, cumulative, strict=True)),
+                sum_value=self._sums[generation],
             )
         yield family
 

@@ -38,9 +38,7 @@ class Settings(BaseSettings):
         description="Context table store: 'rocksdb' (durable on disk) or 'memory' "
         "(rebuilt from the changelog at every start).",
     )
-    catalog: Path = Field(
-        DEFAULT_CATALOG, description="Offers and trigger rules (YAML)."
-    )
+    catalog: Path = Field(DEFAULT_CATALOG, description="Offers and trigger rules (YAML).")
     partitions: int = Field(
         4, ge=1, description="Partitions of the topics RTIM creates (clickstream, tables)."
     )

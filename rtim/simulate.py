@@ -870,7 +870,12 @@ class JourneySimulator:
         }
 
     def _view_product(
-        self, c: _Customer, dev: _Device, product: Product, category: str, referrer: str | None = None
+        self,
+        c: _Customer,
+        dev: _Device,
+        product: Product,
+        category: str,
+        referrer: str | None = None,
     ) -> dict[str, Any]:
         """The product page (or app screen) of ``product``."""
         return self._view(
@@ -1064,7 +1069,7 @@ class JourneySimulator:
                 p.w_search + p.w_browse + p.w_view + w_add + w_remove + w_cart
                 + w_checkout + w_help
             )  # fmt: skip
-            for action, w in (
+            for action, w in (  # noqa: B007 - the action is the one the loop stops at
                 ("search", p.w_search),
                 ("browse", p.w_browse),
                 ("view", p.w_view),

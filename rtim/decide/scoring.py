@@ -82,7 +82,9 @@ class PropensityModel:
         self._model(offer_id).learn_one(features, accepted)
         self.updates += 1
 
-    def contributions(self, offer_id: str, features: dict[str, float], top: int = 3) -> dict[str, float]:
+    def contributions(
+        self, offer_id: str, features: dict[str, float], top: int = 3
+    ) -> dict[str, float]:
         """The features that moved this score most (weight x value), for reason codes.
 
         Features with no learned weight moved nothing and are left out, so a

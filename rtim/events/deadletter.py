@@ -184,7 +184,8 @@ def dead_letter(
         ``headers`` is a new list; the caller's list is not modified.
     """
     headers: list[tuple[str, bytes]] = [
-        (k, v) for k, v in (original_headers or ())  # type: ignore[misc]
+        (k, v)
+        for k, v in (original_headers or ())  # type: ignore[misc]
     ]
     headers.extend(
         dead_letter_headers(topic=topic, partition=partition, offset=offset, exc=exc, stage=stage)

@@ -52,7 +52,7 @@ Speed: this runs on every record (>20k events/s per core), so the checks are
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import orjson
@@ -104,7 +104,7 @@ _CHANNEL_ALIASES.update(
     }
 )
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 # 10**11 ms is 1973-03-03; 10**11 s is the year 5138. Below it, an integer is
 # far more likely to be epoch seconds than a real 1970s event.
@@ -151,7 +151,7 @@ class InvalidEvent(ValueError):
         or None when the whole record is at fault.
     """
 
-    __slots__ = ("reason", "field")
+    __slots__ = ("field", "reason")
 
     def __init__(self, reason: str, message: str, *, field: str | None = None) -> None:
         # A typo here would create a new label value (and a new DLQ header

@@ -35,8 +35,17 @@ from rtim.triggers.rules import TriggerRule, parse_rule
 
 CHANNELS = frozenset({"web", "app", "email", "sms", "push", "call_centre", "store"})
 _OFFER_KEYS = {
-    "id", "name", "channels", "value", "priority", "category", "triggers",
-    "eligibility", "valid_from", "valid_to", "creative",
+    "id",
+    "name",
+    "channels",
+    "value",
+    "priority",
+    "category",
+    "triggers",
+    "eligibility",
+    "valid_from",
+    "valid_to",
+    "creative",
 }
 
 
@@ -98,16 +107,16 @@ def _date_ms(value: Any, where: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, dt.datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+        moment = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
     elif isinstance(value, dt.date):
-        moment = dt.datetime(value.year, value.month, value.day, tzinfo=dt.timezone.utc)
+        moment = dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
     elif isinstance(value, str):
         try:
             moment = dt.datetime.fromisoformat(value)
         except ValueError:
             raise CatalogError(f"{where}: not an ISO date: {value!r}") from None
         if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=dt.timezone.utc)
+            moment = moment.replace(tzinfo=dt.UTC)
     else:
         raise CatalogError(f"{where}: not a date: {value!r}")
     return int(moment.timestamp() * 1000)

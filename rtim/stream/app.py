@@ -187,7 +187,7 @@ class ClickstreamProcessor:
             try:
                 await self.publisher.start()
                 return await self.publisher.publish(out)
-            except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, KafkaError, OSError) as exc:
                 metrics.PUBLISH_RETRIES.inc()
                 log.warning("publish failed (%r); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
@@ -253,7 +253,7 @@ def is_ready(app: RtimApp) -> bool:
     """Ready: started, not rebalancing or stopping, and the tables recovered."""
     try:
         recovered = app.tables.recovery.completed.is_set()
-    except Exception:  # noqa: BLE001 - not started yet
+    except Exception:
         return False
     return bool(app.started and not app.rebalancing and recovered and not app.should_stop)
 

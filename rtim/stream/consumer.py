@@ -181,7 +181,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._hole_repairs[tp] = (committed, now)
         self.log.warning(
             "%s: offsets %d..%d were read but not acknowledged; reading again from %d",
-            tp, committed, acked_from - 1, committed,
+            tp,
+            committed,
+            acked_from - 1,
+            committed,
         )
         task = asyncio.ensure_future(self._read_again(tp, committed))
         self._repairing.add(task)  # held until done (the loop keeps only weak references)
@@ -191,7 +194,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         # In the consumer's own thread (Faust's plain seek calls aiokafka from this one).
         try:
             await self.seek_wait({tp: offset})
-        except Exception as exc:  # noqa: BLE001 - tried again after hole_repair_interval
+        except Exception as exc:
             self.log.warning("%s: reading again from %d failed: %r", tp, offset, exc)
             return
         self._read_offset[tp] = offset if offset else None  # what the drain loop reads from
@@ -241,7 +244,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         try:
             consumer = self._thread._ensure_consumer()
             assignment = consumer._subscription.subscription.assignment
-        except Exception as exc:  # noqa: BLE001 - not started or not assigned yet
+        except Exception as exc:
             return f"no assignment ({exc!r})"
         lines = []
         for tp in sorted(assignment.tps):
@@ -262,7 +265,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         if self._probe is not None:
             await self._probe.stop()
 
-    async def _drain_messages(self, fetcher: Any) -> None:  # noqa: C901 - mirrors Faust's
+    async def _drain_messages(self, fetcher: Any) -> None:
         # Faust's loop (faust.transport.consumer.Consumer._drain_messages) with
         # the batch path added; the per-record path is kept for other topics.
         callback = self.callback
@@ -291,9 +294,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     ):
                         continue
                     r_offset = read_offset[tp]
-                    fresh = [
-                        r for r in tp_records if r_offset is None or r.offset >= r_offset
-                    ]
+                    fresh = [r for r in tp_records if r_offset is None or r.offset >= r_offset]
                     if not fresh:
                         continue
                     first = fresh[0].offset

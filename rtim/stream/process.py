@@ -102,7 +102,9 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive:
-                raise WorkerError(f"worker exited ({self.proc and self.proc.returncode}):\n{self.log_tail()}")
+                raise WorkerError(
+                    f"worker exited ({self.proc and self.proc.returncode}):\n{self.log_tail()}"
+                )
             if self.status("/health/ready") == 200:
                 return self
             time.sleep(0.1)

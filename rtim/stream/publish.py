@@ -115,21 +115,27 @@ class BatchPublisher:
             batch = producer.create_batch()
             count = 0
             for rec in recs:
-                if batch.append(key=rec.key, value=rec.value, timestamp=None, headers=rec.headers) is None:
+                if (
+                    batch.append(key=rec.key, value=rec.value, timestamp=None, headers=rec.headers)
+                    is None
+                ):
                     fut = await producer.send_batch(batch, topic, partition=partition)
                     pending.append(((topic, partition), count, fut))
                     batch = producer.create_batch()
                     count = 0
-                    if batch.append(
-                        key=rec.key, value=rec.value, timestamp=None, headers=rec.headers
-                    ) is None:
+                    if (
+                        batch.append(
+                            key=rec.key, value=rec.value, timestamp=None, headers=rec.headers
+                        )
+                        is None
+                    ):
                         raise ValueError(f"record too large for one batch on {topic}")
                 count += 1
             fut = await producer.send_batch(batch, topic, partition=partition)
             pending.append(((topic, partition), count, fut))
         last: dict[tuple[str, int], int] = {}
         results = await asyncio.gather(*(fut for _, _, fut in pending))
-        for (tp, count, _), meta in zip(pending, results):
+        for (tp, count, _), meta in zip(pending, results, strict=False):
             end = meta.offset + count - 1
             if end > last.get(tp, -1):
                 last[tp] = end

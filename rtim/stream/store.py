@@ -80,8 +80,8 @@ class ContextStore:
                 total = 0
                 for db in list(store._dbs.values()):
                     try:
-                        total += sum(1 for key in db.keys() if not key.startswith(b"__faust"))
-                    except Exception:  # noqa: BLE001 - a db closed during a rebalance
+                        total += sum(1 for key in db if not key.startswith(b"__faust"))
+                    except Exception:
                         continue
                 self._count = total
         return float(self._count)

@@ -63,10 +63,12 @@ async def ensure_topics(settings: Settings, *, give_up_after: float | None = Non
         try:
             await create_topics(settings.broker, specs, timeout=15.0)
             break
-        except Exception as exc:  # noqa: BLE001 - any broker error: wait and retry
+        except Exception as exc:
             if deadline is not None and loop.time() > deadline:
                 raise
-            log.warning("broker %s not available (%r); retrying in %.1f s", settings.broker, exc, delay)
+            log.warning(
+                "broker %s not available (%r); retrying in %.1f s", settings.broker, exc, delay
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
     await check_copartitioning(settings)

@@ -51,10 +51,7 @@ class TriggerRule:
         if self.channels is not None and event.channel not in self.channels:
             return False
         props = event.properties
-        for key, expected in self.properties.items():
-            if props.get(key) != expected:
-                return False
-        return True
+        return all(props.get(key) == expected for key, expected in self.properties.items())
 
     def cooled_down(self, ctx: Context, now_ms: int) -> bool:
         last = ctx["fired"].get(self.id)

@@ -16,9 +16,21 @@ TRIGGER_LINE = re.compile(
 def test_demo_shows_triggers_flowing_and_metrics_moving_then_stops_cleanly() -> None:
     port = free_port()
     done = subprocess.run(
-        [sys.executable, "-m", "rtim", "demo", "--duration", "20", "--rate", "200",
-         "--web-port", str(port)],
-        capture_output=True, text=True, timeout=150,
+        [
+            sys.executable,
+            "-m",
+            "rtim",
+            "demo",
+            "--duration",
+            "20",
+            "--rate",
+            "200",
+            "--web-port",
+            str(port),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=150,
     )
     out = done.stdout
     assert done.returncode == 0, out + done.stderr

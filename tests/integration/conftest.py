@@ -52,5 +52,3 @@ def workers(kafka: EmbeddedBroker, tmp_path: Path) -> Iterator[Callable[..., Wor
     yield make
     for worker in started:
         worker.stop(timeout=15)
-
-

@@ -32,9 +32,15 @@ TEST_ENV = {
 }
 
 
-async def produce(bootstrap: str, items: Iterable[tuple[bytes | None, bytes | None]], topic: str = CLICKSTREAM_TOPIC) -> int:
+async def produce(
+    bootstrap: str,
+    items: Iterable[tuple[bytes | None, bytes | None]],
+    topic: str = CLICKSTREAM_TOPIC,
+) -> int:
     """Produce (key, value) pairs in order; return how many."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_request_size=4 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, max_request_size=4 * 1024 * 1024
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, value, key=key) for key, value in items]
@@ -53,10 +59,18 @@ def segment(event: dict[str, Any]) -> tuple[bytes, bytes]:
 
 async def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list[Any]:
     """Every record of a topic, up to its true end offsets, in (partition, offset) order."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=20
+    )
     await consumer.start()
     try:
-        parts = sorted(await consumer._client._wait_on_metadata(topic) and consumer.partitions_for_topic(topic) or ())
+        parts = sorted(
+            (
+                await consumer._client._wait_on_metadata(topic)
+                and consumer.partitions_for_topic(topic)
+            )
+            or ()
+        )
         tps = [TopicPartition(topic, p) for p in parts]
         ends = await true_end_offsets(bootstrap, tps)
         if not any(ends.values()):
@@ -84,12 +98,16 @@ async def committed(bootstrap: str, group: str, topic: str = CLICKSTREAM_TOPIC) 
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
     await reader.start()
     try:
-        return {p: (await reader.committed(TopicPartition(topic, p))) or 0 for p in range(PARTITIONS)}
+        return {
+            p: (await reader.committed(TopicPartition(topic, p))) or 0 for p in range(PARTITIONS)
+        }
     finally:
         await reader.stop()
 
 
-async def wait_committed(bootstrap: str, group: str, timeout: float = 120.0, worker: WorkerProcess | None = None) -> None:
+async def wait_committed(
+    bootstrap: str, group: str, timeout: float = 120.0, worker: WorkerProcess | None = None
+) -> None:
     """Wait until the group committed every clickstream record."""
     import asyncio
 
@@ -105,7 +123,9 @@ async def wait_committed(bootstrap: str, group: str, timeout: float = 120.0, wor
         if time.monotonic() > deadline:
             tail = ""
             if worker is not None:
-                tail = f"\nworker log:\n{worker.log_tail(60)}\nworker state:\n{worker.report_state()}"
+                tail = (
+                    f"\nworker log:\n{worker.log_tail(60)}\nworker state:\n{worker.report_state()}"
+                )
             raise TimeoutError(f"committed {done}, ends {ends}{tail}")
         await asyncio.sleep(0.2)
 
@@ -115,7 +135,9 @@ def expected_contexts(records: list[Any]) -> dict[str, dict[str, Any]]:
     store: dict[bytes, bytes] = {}
     engine = Engine(catalog=load_catalog(DEFAULT_CATALOG), load=lambda p, k: store.get(k))
     for record in records:
-        result = engine.process(CLICKSTREAM_TOPIC, [Record(record.partition, record.offset, record.key, record.value)])
+        result = engine.process(
+            CLICKSTREAM_TOPIC, [Record(record.partition, record.offset, record.key, record.value)]
+        )
         for items in result.updates.values():
             store.update(items)
     return {k.decode(): orjson.loads(v) for k, v in store.items()}
@@ -139,7 +161,9 @@ def read_store(datadir: Path, table: str = "customers") -> dict[str, dict[str, A
     contexts: dict[str, dict[str, Any]] = {}
     for path in sorted((datadir / "v1" / "tables").glob(f"{table}-*.db")):
         db = rocksdict.Rdict(
-            str(path), options=rocksdict.Options(raw_mode=True), access_type=rocksdict.AccessType.read_only()
+            str(path),
+            options=rocksdict.Options(raw_mode=True),
+            access_type=rocksdict.AccessType.read_only(),
         )
         try:
             for key, value in db.items():

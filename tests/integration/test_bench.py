@@ -19,8 +19,12 @@ from .support import PARTITIONS, produce
 def test_bench_measures_both_pipelines_and_explains_the_worker(tmp_path: Path) -> None:
     report = asyncio.run(
         run_bench(
-            events=60_000, customers=2_000, rate=300.0, latency_seconds=3.0,
-            workdir=tmp_path, echo=lambda line: None,
+            events=60_000,
+            customers=2_000,
+            rate=300.0,
+            latency_seconds=3.0,
+            workdir=tmp_path,
+            echo=lambda line: None,
         )
     )
 
@@ -54,21 +58,29 @@ def test_a_load_committed_all_at_once_gives_no_made_up_rate(kafka: EmbeddedBroke
 
     async def commit_everything_then_measure() -> None:
         ends = await true_end_offsets(kafka.bootstrap, tps)
-        committer = AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id="tiny", enable_auto_commit=False)
+        committer = AIOKafkaConsumer(
+            bootstrap_servers=kafka.bootstrap, group_id="tiny", enable_auto_commit=False
+        )
         await committer.start()
         try:
             committer.assign(tps)
             await committer.commit(ends)
         finally:
             await committer.stop()
-        await measure_until_committed(kafka.bootstrap, "tiny", sent, partitions=PARTITIONS, timeout=30)
+        await measure_until_committed(
+            kafka.bootstrap, "tiny", sent, partitions=PARTITIONS, timeout=30
+        )
 
     with pytest.raises(TooFewEvents, match="all 200 events were in the first commit seen"):
         asyncio.run(commit_everything_then_measure())
 
     # The report then says why there is no number instead of printing one.
     report = BenchReport(events=200, partitions=PARTITIONS, customers=20, store="rocksdb")
-    report.notes.append("rtim-bench: all 200 events were in the first commit seen; load more events (--events)")
+    report.notes.append(
+        "rtim-bench: all 200 events were in the first commit seen; load more events (--events)"
+    )
     text = format_report(report)
-    assert "RTIM worker" not in text and "raw aiokafka (ceiling)" not in text and "ratio" not in text
+    assert (
+        "RTIM worker" not in text and "raw aiokafka (ceiling)" not in text and "ratio" not in text
+    )
     assert "note: rtim-bench: all 200 events were in the first commit seen" in text

@@ -16,8 +16,13 @@ NOW_MS = int(time.time() * 1000)
 
 def malformed() -> list[tuple[str, bytes | None, bytes | None]]:
     """(expected reason, key, value) for each kind of bad record."""
-    ok = {"type": "track", "event": "Product Viewed", "messageId": "m-bad", "userId": "u-bad",
-          "timestamp": "2026-01-01T00:00:00.000Z"}
+    ok = {
+        "type": "track",
+        "event": "Product Viewed",
+        "messageId": "m-bad",
+        "userId": "u-bad",
+        "timestamp": "2026-01-01T00:00:00.000Z",
+    }
 
     def variant(**changes: object) -> bytes:
         event = dict(ok)
@@ -69,7 +74,9 @@ def test_malformed_events_are_dead_lettered_and_the_rest_processed(kafka, worker
 
     dlq = asyncio.run(read_topic(kafka.bootstrap, "rtim.dlq"))
     assert len(dlq) == len(expected_bad)
-    got = sorted((dict(r.headers)["rtim.errors.reason"].decode(), r.key or b"", r.value or b"") for r in dlq)
+    got = sorted(
+        (dict(r.headers)["rtim.errors.reason"].decode(), r.key or b"", r.value or b"") for r in dlq
+    )
     want = sorted((reason, key or b"", value or b"") for reason, key, value in expected_bad)
     assert got == want  # original key and value bytes, and the reason
     for rec in dlq:

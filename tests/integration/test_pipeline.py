@@ -16,20 +16,41 @@ from rtim.settings import DEFAULT_CATALOG
 from rtim.simulate import JourneySimulator
 from rtim.stream.app import TRIGGER_TOPIC_PREFIX
 
-from .support import committed, expected_contexts, latest_values, produce, read_topic, segment, wait_committed
+from .support import (
+    committed,
+    expected_contexts,
+    latest_values,
+    produce,
+    read_topic,
+    segment,
+    wait_committed,
+)
 
 NOW_MS = int(time.time() * 1000)
 
 
 def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return (
+        dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
 
 
 def track(user: str, name: str, channel: str, ms: int, **props: object) -> dict:
-    ctx = {"app": {"name": "shop", "version": "5.1"}} if channel == "app" else {"page": {"path": "/p"}}
+    ctx = (
+        {"app": {"name": "shop", "version": "5.1"}}
+        if channel == "app"
+        else {"page": {"path": "/p"}}
+    )
     return {
-        "type": "track", "event": name, "messageId": str(uuid.uuid4()), "userId": user,
-        "properties": props, "context": ctx, "timestamp": iso(ms),
+        "type": "track",
+        "event": name,
+        "messageId": str(uuid.uuid4()),
+        "userId": user,
+        "properties": props,
+        "context": ctx,
+        "timestamp": iso(ms),
     }
 
 
@@ -39,14 +60,36 @@ def scripted_moments() -> list[dict]:
     events = []
     # Web: a cart passing 100 -> cart-builder -> a web offer.
     for i, price in enumerate((40.0, 35.0, 50.0)):
-        events.append(track("cust-web", "Product Added", "web", t + i * 1000,
-                            product_id=f"p{i}", price=price, quantity=1, category="shoes"))
+        events.append(
+            track(
+                "cust-web",
+                "Product Added",
+                "web",
+                t + i * 1000,
+                product_id=f"p{i}",
+                price=price,
+                quantity=1,
+                category="shoes",
+            )
+        )
     # App: same moment, on the app.
     for i, price in enumerate((90.0, 80.0)):
-        events.append(track("cust-app", "Product Added", "app", t + i * 1000,
-                            product_id=f"q{i}", price=price, quantity=1, category="electronics"))
+        events.append(
+            track(
+                "cust-app",
+                "Product Added",
+                "app",
+                t + i * 1000,
+                product_id=f"q{i}",
+                price=price,
+                quantity=1,
+                category="electronics",
+            )
+        )
     # Service: an opened ticket -> service recovery on the call-centre channel.
-    events.append(track("cust-svc", "Support Ticket Opened", "web", t, ticket_id="T1", issue_type="delivery"))
+    events.append(
+        track("cust-svc", "Support Ticket Opened", "web", t, ticket_id="T1", issue_type="delivery")
+    )
     return events
 
 
@@ -110,7 +153,9 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store)
     assert worker.metric("rtim_events_applied_total") == len(events)
     assert worker.metric("rtim_context_customers") == len(changelog)
     assert worker.metric("rtim_triggers_total", channel="web", offer=web[0][1]["offer"]["id"]) >= 1
-    assert worker.metric("rtim_decision_latency_seconds_count") == sum(len(r) for r in triggers.values())
+    assert worker.metric("rtim_decision_latency_seconds_count") == sum(
+        len(r) for r in triggers.values()
+    )
     # kill -USR1: the worker logs where each partition stands (and keeps running).
     state = worker.report_state()
     committed_now = asyncio.run(committed(kafka.bootstrap, "rtim"))

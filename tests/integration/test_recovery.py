@@ -39,13 +39,17 @@ def applied(ctx: dict | None, record) -> bool:
 
 
 @pytest.mark.parametrize("datadir", ["same", "fresh"])
-def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(kafka, workers, tmp_path, datadir) -> None:
+def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(
+    kafka, workers, tmp_path, datadir
+) -> None:
     sim = JourneySimulator(customers=300, seed=5, start_ms=NOW_MS - 60 * 86_400_000)
     events = [segment(e) for e in sim.events(24_000)]
     first, second = events[:16_000], events[16_000:]
 
     # Commits every 2 s: most of the time, some applied records are not committed yet.
-    doomed = workers("doomed", datadir=tmp_path / "doomed-data", env={"RTIM_COMMIT_INTERVAL_S": "2"})
+    doomed = workers(
+        "doomed", datadir=tmp_path / "doomed-data", env={"RTIM_COMMIT_INTERVAL_S": "2"}
+    )
     doomed.wait_ready()
     asyncio.run(produce(kafka.bootstrap, first))
     deadline = time.monotonic() + 60
@@ -59,7 +63,9 @@ def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(kafka, workers,
     while True:
         os.kill(doomed.proc.pid, signal.SIGSTOP)
         done = asyncio.run(committed(kafka.bootstrap, "rtim"))
-        snapshot = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+        snapshot = latest_values(
+            asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog"))
+        )
         redelivered = [
             r
             for r in asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))

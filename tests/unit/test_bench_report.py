@@ -5,8 +5,9 @@ from __future__ import annotations
 from rtim.bench import worker_profile
 
 
-def scrape(events: float, batches: float, core: float, publish: float, store: float,
-           cpu: float, gc: float) -> dict[str, float]:
+def scrape(
+    events: float, batches: float, core: float, publish: float, store: float, cpu: float, gc: float
+) -> dict[str, float]:
     return {
         'rtim_events_consumed_total{topic="rtim.clickstream"}': events,
         "rtim_batch_records_count": batches,

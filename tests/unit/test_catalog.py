@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import rtim
-from rtim.conditions import ConditionError
+from rtim.conditions import ConditionError, compile_all
 from rtim.context.model import apply_event, new_context
 from rtim.events import Event
 from rtim.offers.catalog import (
@@ -21,7 +21,6 @@ from rtim.offers.catalog import (
     load_catalog,
     parse_catalog,
 )
-from rtim.conditions import compile_all
 from rtim.triggers.rules import TriggerRule, fired_rules, first_failed, parse_rule
 
 from .segment_calls import parsed, segment_call
@@ -311,7 +310,7 @@ def test_load_catalog_names_the_file(tmp_path: Path, text: str, expected: str) -
 
 
 def test_load_catalog_of_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(CatalogError, match="cannot read catalog .*nowhere.yaml"):
+    with pytest.raises(CatalogError, match=r"cannot read catalog .*nowhere\.yaml"):
         load_catalog(tmp_path / "nowhere.yaml")
 
 

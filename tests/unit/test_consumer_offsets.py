@@ -113,7 +113,9 @@ def test_offsets_below_the_commit_are_dropped_not_committed(tmp_path: Path) -> N
     assert commit(consumer, TP1) is None
 
 
-def test_a_partition_whose_commit_is_stuck_is_read_again_from_the_commit(tmp_path: Path, caplog) -> None:
+def test_a_partition_whose_commit_is_stuck_is_read_again_from_the_commit(
+    tmp_path: Path, caplog
+) -> None:
     consumer = consumer_for(tmp_path, {TP1: 100})
     sought: list[tuple[TP, int]] = []
 

@@ -50,8 +50,14 @@ def event(
     """A Segment call as an SDK would send it, parsed by the real parser."""
     return parsed(
         segment_call(
-            kind, name, ts=ts, user=user, message_id=message_id, id_prefix="msg",
-            properties=props, traits=traits,
+            kind,
+            name,
+            ts=ts,
+            user=user,
+            message_id=message_id,
+            id_prefix="msg",
+            properties=props,
+            traits=traits,
             context=context if context is not None else {"library": {"name": "analytics.js"}},
         )
     )

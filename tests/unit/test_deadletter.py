@@ -15,10 +15,10 @@ from rtim.events import (
     InvalidEvent,
     dead_letter,
     dead_letter_headers,
+    deadletter,
     error_reason,
     parse_event,
 )
-from rtim.events import deadletter
 
 CONNECT_KEYS = [
     "__connect.errors.topic",
@@ -71,8 +71,9 @@ def test_headers_for_an_invalid_event() -> None:
         (ValueError("not an InvalidEvent"), b"ValueError", b"not an InvalidEvent"),
     ],
 )
-def test_other_exceptions_are_internal_errors(exc: BaseException, class_name: bytes,
-                                              message: bytes) -> None:
+def test_other_exceptions_are_internal_errors(
+    exc: BaseException, class_name: bytes, message: bytes
+) -> None:
     headers = headers_of(exc, stage="apply")
     assert headers["rtim.errors.reason"] == b"internal_error"
     assert headers["__connect.errors.exception.class.name"] == class_name
@@ -135,20 +136,29 @@ def test_error_reason() -> None:
 # dead_letter
 # --------------------------------------------------------------------------
 
+
 def test_dead_letter_keeps_the_original_record() -> None:
     key = b"user-1"
     value = b'{"type": "track", "properties": []}'
     original = [("traceparent", b"00-abc-def-01"), ("source", None), ("traceparent", b"dup")]
     snapshot = list(original)
     exc = InvalidEvent("wrong_type", "properties must be an object, got array")
-    letter = dead_letter(key=key, value=value, original_headers=original, topic="clickstream",
-                         partition=1, offset=99, exc=exc)
+    letter = dead_letter(
+        key=key,
+        value=value,
+        original_headers=original,
+        topic="clickstream",
+        partition=1,
+        offset=99,
+        exc=exc,
+    )
     assert isinstance(letter, DeadLetter)
     assert letter.key is key and letter.value is value
     # original headers first, in order, repeated keys and null values kept
     assert letter.headers[:3] == snapshot
-    assert letter.headers[3:] == dead_letter_headers(topic="clickstream", partition=1, offset=99,
-                                                     exc=exc)
+    assert letter.headers[3:] == dead_letter_headers(
+        topic="clickstream", partition=1, offset=99, exc=exc
+    )
     assert letter.reason == "wrong_type"
     # the caller's list is neither modified nor reused
     assert original == snapshot
@@ -157,25 +167,54 @@ def test_dead_letter_keeps_the_original_record() -> None:
 
 @pytest.mark.parametrize("original", [None, [], ()])
 def test_dead_letter_without_original_headers(original: Any) -> None:
-    letter = dead_letter(key=None, value=None, original_headers=original, topic="t", partition=0,
-                         offset=0, exc=Boom("x"))
+    letter = dead_letter(
+        key=None,
+        value=None,
+        original_headers=original,
+        topic="t",
+        partition=0,
+        offset=0,
+        exc=Boom("x"),
+    )
     assert [k for k, _ in letter.headers] == CONNECT_KEYS
     assert letter.key is None and letter.value is None
     assert letter.reason == "internal_error"
 
 
 def test_dead_letter_accepts_any_iterable_of_headers() -> None:
-    letter = dead_letter(key=b"k", value=b"v", original_headers=iter([("a", b"1")]), topic="t",
-                         partition=0, offset=5, exc=Boom("x"), stage="decide")
+    letter = dead_letter(
+        key=b"k",
+        value=b"v",
+        original_headers=iter([("a", b"1")]),
+        topic="t",
+        partition=0,
+        offset=5,
+        exc=Boom("x"),
+        stage="decide",
+    )
     assert letter.headers[0] == ("a", b"1")
     assert dict(letter.headers)["__connect.errors.stage"] == b"decide"
 
 
 def test_dead_lettering_twice_keeps_both_histories_newest_last() -> None:
-    first = dead_letter(key=b"k", value=b"{", original_headers=None, topic="clickstream",
-                        partition=0, offset=7, exc=InvalidEvent("malformed_json", "bad"))
-    second = dead_letter(key=first.key, value=first.value, original_headers=first.headers,
-                         topic="clickstream.replay", partition=2, offset=1, exc=Boom("still bad"))
+    first = dead_letter(
+        key=b"k",
+        value=b"{",
+        original_headers=None,
+        topic="clickstream",
+        partition=0,
+        offset=7,
+        exc=InvalidEvent("malformed_json", "bad"),
+    )
+    second = dead_letter(
+        key=first.key,
+        value=first.value,
+        original_headers=first.headers,
+        topic="clickstream.replay",
+        partition=2,
+        offset=1,
+        exc=Boom("still bad"),
+    )
     reasons = [v for k, v in second.headers if k == "rtim.errors.reason"]
     assert reasons == [b"malformed_json", b"internal_error"]
     # Kafka's lastHeader semantics: the last pair is the latest failure
@@ -195,8 +234,15 @@ def test_dead_lettering_twice_keeps_both_histories_newest_last() -> None:
 def test_parse_failure_to_dead_letter(value: bytes | None, reason: str) -> None:
     with pytest.raises(InvalidEvent) as info:
         parse_event(value, now_ms=0)
-    letter = dead_letter(key=b"k", value=value, original_headers=[], topic="clickstream",
-                         partition=0, offset=11, exc=info.value)
+    letter = dead_letter(
+        key=b"k",
+        value=value,
+        original_headers=[],
+        topic="clickstream",
+        partition=0,
+        offset=11,
+        exc=info.value,
+    )
     headers = dict(letter.headers)
     assert letter.reason == reason
     assert headers["rtim.errors.reason"] == reason.encode()

@@ -45,8 +45,14 @@ def event(
 ) -> Event:
     return parsed(
         segment_call(
-            kind, name if kind == "track" else None, ts=ts, user=user, message_id=message_id,
-            channel=channel, properties=props, traits=traits,
+            kind,
+            name if kind == "track" else None,
+            ts=ts,
+            user=user,
+            message_id=message_id,
+            channel=channel,
+            properties=props,
+            traits=traits,
         )
     )
 

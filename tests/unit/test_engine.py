@@ -68,7 +68,6 @@ CATALOG = parse_catalog(
 )
 
 
-
 def segment(
     kind: str,
     name: str | None = None,
@@ -86,8 +85,15 @@ def segment(
     else:
         context["page"] = {"path": props.pop("path", "/"), "title": "Shop"}
     return segment_call(
-        kind, name, ts=ts, user=user, message_id=message_id, id_prefix="ajs",
-        anonymous_id=f"anon-{user}", context=context, properties=props,
+        kind,
+        name,
+        ts=ts,
+        user=user,
+        message_id=message_id,
+        id_prefix="ajs",
+        anonymous_id=f"anon-{user}",
+        context=context,
+        properties=props,
     )
 
 

@@ -42,7 +42,9 @@ def test_a_collection_never_waits_for_a_metric_lock() -> None:
     metrics.observe_gc_pauses()
     wrappers = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
     # Labelled metrics lock in the parent (labels()), the others in their values.
-    locks = [getattr(m, "_lock", None) or (getattr(m, "_value", None) or m._sum)._lock for m in wrappers]
+    locks = [
+        getattr(m, "_lock", None) or (getattr(m, "_value", None) or m._sum)._lock for m in wrappers
+    ]
     before = samples(metrics.GC_PAUSES)[("rtim_gc_pause_seconds_count", "2", "")]
     for lock in locks:
         lock.acquire()

@@ -8,7 +8,9 @@ from rtim.stream import publish
 from rtim.stream.publish import BatchPublisher
 
 
-def test_partition_for_matches_kafkas_default_partitioner_with_and_without_the_cache(monkeypatch) -> None:
+def test_partition_for_matches_kafkas_default_partitioner_with_and_without_the_cache(
+    monkeypatch,
+) -> None:
     publisher = BatchPublisher(bootstrap_servers="127.0.0.1:1")
     monkeypatch.setattr(publish, "KEY_HASHES_CACHED", 50)  # forces the cache to be cleared
     keys = [f"customer-{i}".encode() for i in range(200)] + [b"", b"\xff\x00\x10", "é".encode()]

@@ -20,8 +20,8 @@ from rtim.events import (
     InvalidEvent,
     derive_channel,
     parse_event,
+    segment,
 )
-from rtim.events import segment
 
 
 def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0, millis: int = 0) -> int:
@@ -90,8 +90,10 @@ ANALYTICS_JS_TRACK = {
 
 ANALYTICS_JS_IDENTIFY = {
     "anonymousId": "507f191e810c19729de860ea",
-    "context": {"library": {"name": "analytics.js", "version": "next-1.64.0"},
-                "page": {"path": "/account"}},
+    "context": {
+        "library": {"name": "analytics.js", "version": "next-1.64.0"},
+        "page": {"path": "/account"},
+    },
     "messageId": "ajs-identify-1",
     "timestamp": "2024-05-01T11:00:00.000Z",
     "traits": {"name": "Peter Gibbons", "email": "peter@example.com", "plan": "premium"},
@@ -103,8 +105,12 @@ SEGMENT_IOS_SCREEN = {
     "anonymousId": "3a12eab0-bca7-11e4-8dfc-aa07a5b093db",
     "channel": "client",
     "context": {
-        "app": {"build": "1.1.1.160", "name": "Shop", "namespace": "com.shop.ios",
-                "version": "1.1.1"},
+        "app": {
+            "build": "1.1.1.160",
+            "name": "Shop",
+            "namespace": "com.shop.ios",
+            "version": "1.1.1",
+        },
         "device": {"manufacturer": "Apple", "model": "iPhone15,2", "type": "ios"},
         "library": {"name": "analytics-ios", "version": "4.1.8"},
         "os": {"name": "iOS", "version": "17.4"},
@@ -140,9 +146,12 @@ RUDDER_JS_TRACK = {
     "anonymousId": "c82cbdff-e5be-4009-ac78-cdeea09ab4b1",
     "channel": "web",
     "context": {
-        "app": {"build": "1.0.0", "name": "RudderLabs JavaScript SDK",
-                "namespace": "com.rudderlabs.javascript",
-                "version": "3.0.0"},
+        "app": {
+            "build": "1.0.0",
+            "name": "RudderLabs JavaScript SDK",
+            "namespace": "com.rudderlabs.javascript",
+            "version": "3.0.0",
+        },
         "library": {"name": "RudderLabs JavaScript SDK", "version": "3.0.0"},
         "os": {"name": "", "version": ""},
         "page": {"path": "/checkout", "url": "https://shop.example/checkout"},
@@ -181,8 +190,10 @@ RUDDER_ANDROID_SCREEN = {
 RUDDER_NODE_IDENTIFY = {
     "anonymousId": "",
     "channel": "server",
-    "context": {"library": {"name": "analytics-node", "version": "2.0.0"},
-                "traits": {"plan": "basic", "company": "Initrode"}},
+    "context": {
+        "library": {"name": "analytics-node", "version": "2.0.0"},
+        "traits": {"plan": "basic", "company": "Initrode"},
+    },
     "messageId": "node-1714564000000-ffff",
     "originalTimestamp": "2024-05-01T11:46:40.000Z",
     "traits": {"plan": "gold", "email": "m@example.com"},
@@ -195,8 +206,11 @@ EMAIL_CLICK = {
     "event": "Email Link Clicked",
     "messageId": "esp-evt-123",
     "userId": "u-5",
-    "properties": {"channel": "Email", "campaign_id": "spring-sale",
-                   "link": "https://shop.example/sale"},
+    "properties": {
+        "channel": "Email",
+        "campaign_id": "spring-sale",
+        "link": "https://shop.example/sale",
+    },
     "context": {"library": {"name": "esp-webhook-bridge", "version": "0.3"}},
     "timestamp": 1714564799000,  # epoch ms, as custom producers send Date.now()
 }
@@ -206,73 +220,129 @@ VALID_SAMPLES = [
     (
         "analytics.js page",
         ANALYTICS_JS_PAGE,
-        dict(type="page", customer_id="97980cfea0067", user_id="97980cfea0067",
-             anonymous_id="507f191e810c19729de860ea", name="Home", channel="web",
-             # timestamp (skew-corrected by Segment) wins over originalTimestamp
-             timestamp_ms=ms(2015, 12, 12, 19, 11, 1, 249), traits={}),
+        dict(
+            type="page",
+            customer_id="97980cfea0067",
+            user_id="97980cfea0067",
+            anonymous_id="507f191e810c19729de860ea",
+            name="Home",
+            channel="web",
+            # timestamp (skew-corrected by Segment) wins over originalTimestamp
+            timestamp_ms=ms(2015, 12, 12, 19, 11, 1, 249),
+            traits={},
+        ),
     ),
     (
         "analytics.js track, anonymous",
         ANALYTICS_JS_TRACK,
-        dict(type="track", customer_id="23adfd82-aa0f-45a7-a756-24f2a7a4c895", user_id=None,
-             anonymous_id="23adfd82-aa0f-45a7-a756-24f2a7a4c895", name="Product Added",
-             channel="web", timestamp_ms=ms(2024, 5, 1, 11, 59, 58, 250),
-             traits={"plan": "gold", "email": "ann@example.com"}),
+        dict(
+            type="track",
+            customer_id="23adfd82-aa0f-45a7-a756-24f2a7a4c895",
+            user_id=None,
+            anonymous_id="23adfd82-aa0f-45a7-a756-24f2a7a4c895",
+            name="Product Added",
+            channel="web",
+            timestamp_ms=ms(2024, 5, 1, 11, 59, 58, 250),
+            traits={"plan": "gold", "email": "ann@example.com"},
+        ),
     ),
     (
         "analytics.js identify",
         ANALYTICS_JS_IDENTIFY,
-        dict(type="identify", customer_id="97980cfea0067", name=None, channel="web",
-             timestamp_ms=ms(2024, 5, 1, 11),
-             traits={"name": "Peter Gibbons", "email": "peter@example.com", "plan": "premium"}),
+        dict(
+            type="identify",
+            customer_id="97980cfea0067",
+            name=None,
+            channel="web",
+            timestamp_ms=ms(2024, 5, 1, 11),
+            traits={"name": "Peter Gibbons", "email": "peter@example.com", "plan": "premium"},
+        ),
     ),
     (
         "analytics-ios screen with offset",
         SEGMENT_IOS_SCREEN,
-        dict(type="screen", customer_id="u-1", name="Cart", channel="app",
-             timestamp_ms=ms(2024, 5, 1, 11, 59, 0, 123)),
+        dict(
+            type="screen",
+            customer_id="u-1",
+            name="Cart",
+            channel="app",
+            timestamp_ms=ms(2024, 5, 1, 11, 59, 0, 123),
+        ),
     ),
     (
         "analytics-node group",
         SEGMENT_NODE_GROUP,
-        dict(type="group", customer_id="97980cfea0067", anonymous_id=None, name=None,
-             channel="server", timestamp_ms=ms(2024, 5, 1, 11, 46, 40),
-             traits={"name": "Initech", "industry": "Technology", "employees": 329}),
+        dict(
+            type="group",
+            customer_id="97980cfea0067",
+            anonymous_id=None,
+            name=None,
+            channel="server",
+            timestamp_ms=ms(2024, 5, 1, 11, 46, 40),
+            traits={"name": "Initech", "industry": "Technology", "employees": 329},
+        ),
     ),
     (
         "analytics-python alias, integer userId",
         SEGMENT_ALIAS,
-        dict(type="alias", customer_id="42", user_id="42", name=None, channel="server",
-             timestamp_ms=ms(2024, 5, 1, 11, 0, 0, 500)),
+        dict(
+            type="alias",
+            customer_id="42",
+            user_id="42",
+            name=None,
+            channel="server",
+            timestamp_ms=ms(2024, 5, 1, 11, 0, 0, 500),
+        ),
     ),
     (
         "RudderStack JS track, userId empty, originalTimestamp only",
         RUDDER_JS_TRACK,
-        dict(type="track", customer_id="c82cbdff-e5be-4009-ac78-cdeea09ab4b1", user_id=None,
-             name="Checkout Started",
-             # explicit channel "web" beats the context.app/os the JS SDK sends
-             channel="web", timestamp_ms=ms(2024, 5, 1, 11, 59, 50), traits={}),
+        dict(
+            type="track",
+            customer_id="c82cbdff-e5be-4009-ac78-cdeea09ab4b1",
+            user_id=None,
+            name="Checkout Started",
+            # explicit channel "web" beats the context.app/os the JS SDK sends
+            channel="web",
+            timestamp_ms=ms(2024, 5, 1, 11, 59, 50),
+            traits={},
+        ),
     ),
     (
         "RudderStack Android screen",
         RUDDER_ANDROID_SCREEN,
-        dict(type="screen", customer_id="u-77", name="MainActivity", channel="app",
-             timestamp_ms=ms(2024, 5, 1, 11, 58, 20),
-             traits={"anonymousId": "f3c2a1b0-d9e8-47f6-a5b4-c3d2e1f0a9b8", "plan": "free"}),
+        dict(
+            type="screen",
+            customer_id="u-77",
+            name="MainActivity",
+            channel="app",
+            timestamp_ms=ms(2024, 5, 1, 11, 58, 20),
+            traits={"anonymousId": "f3c2a1b0-d9e8-47f6-a5b4-c3d2e1f0a9b8", "plan": "free"},
+        ),
     ),
     (
         "RudderStack node identify, traits merged",
         RUDDER_NODE_IDENTIFY,
-        dict(type="identify", customer_id="u-9", anonymous_id=None, channel="server",
-             timestamp_ms=ms(2024, 5, 1, 11, 46, 40),
-             # top-level traits win over context.traits on a conflict
-             traits={"plan": "gold", "company": "Initrode", "email": "m@example.com"}),
+        dict(
+            type="identify",
+            customer_id="u-9",
+            anonymous_id=None,
+            channel="server",
+            timestamp_ms=ms(2024, 5, 1, 11, 46, 40),
+            # top-level traits win over context.traits on a conflict
+            traits={"plan": "gold", "company": "Initrode", "email": "m@example.com"},
+        ),
     ),
     (
         "server-side email click, epoch ms",
         EMAIL_CLICK,
-        dict(type="track", customer_id="u-5", name="Email Link Clicked", channel="email",
-             timestamp_ms=1714564799000),
+        dict(
+            type="track",
+            customer_id="u-5",
+            name="Email Link Clicked",
+            channel="email",
+            timestamp_ms=1714564799000,
+        ),
     ),
 ]
 
@@ -352,6 +422,7 @@ def test_null_objects_count_as_absent() -> None:
 # Identity
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("user_id", "anonymous_id", "customer", "user", "anon"),
     [
@@ -412,16 +483,26 @@ INVALID = [
     ("tombstone", None, "empty", ["empty"], None),
     ("zero bytes", b"", "empty", ["empty"], None),
     # oversize: checked on the length alone
-    ("over the default limit", b"x" * 32_769, "oversize", ["32769 bytes", "32768-byte limit"],
-     None),
+    (
+        "over the default limit",
+        b"x" * 32_769,
+        "oversize",
+        ["32769 bytes", "32768-byte limit"],
+        None,
+    ),
     # malformed JSON
     ("truncated", b'{"type": "track", "messageId": ', "malformed_json", ["not valid JSON"], None),
     ("single quotes", b"{'type': 'track'}", "malformed_json", ["not valid JSON"], None),
     ("trailing garbage", variant() + b"}", "malformed_json", ["not valid JSON"], None),
     ("NaN", b'{"type": "track", "x": NaN}', "malformed_json", ["not valid JSON"], None),
     ("BOM", b"\xef\xbb\xbf" + variant(), "malformed_json", ["not valid JSON"], None),
-    ("latin-1 bytes", variant(event="Caf\u00e9").replace(b"\xc3\xa9", b"\xe9"), "malformed_json",
-     ["not valid JSON", "UTF-8"], None),
+    (
+        "latin-1 bytes",
+        variant(event="Caf\u00e9").replace(b"\xc3\xa9", b"\xe9"),
+        "malformed_json",
+        ["not valid JSON", "UTF-8"],
+        None,
+    ),
     ("binary garbage", bytes(range(256)), "malformed_json", ["not valid JSON"], None),
     ("too deep", b"[" * 2000 + b"]" * 2000, "malformed_json", ["not valid JSON"], None),
     ("whitespace only", b"   \n", "malformed_json", ["not valid JSON"], None),
@@ -440,100 +521,273 @@ INVALID = [
     ("type null", variant(type=None), "unknown_type", ["type", "null"], "type"),
     ("type batch", variant(type="batch"), "unknown_type", ["type", "'batch'"], "type"),
     # messageId
-    ("messageId missing", variant(messageId=_DROP), "missing_id", ["messageId", "nothing"],
-     "messageId"),
+    (
+        "messageId missing",
+        variant(messageId=_DROP),
+        "missing_id",
+        ["messageId", "nothing"],
+        "messageId",
+    ),
     ("messageId empty", variant(messageId=""), "missing_id", ["messageId", "blank"], "messageId"),
     ("messageId blank", variant(messageId="  "), "missing_id", ["messageId", "blank"], "messageId"),
     ("messageId null", variant(messageId=None), "missing_id", ["messageId", "null"], "messageId"),
-    ("messageId number", variant(messageId=123), "missing_id", ["messageId", "number"],
-     "messageId"),
+    (
+        "messageId number",
+        variant(messageId=123),
+        "missing_id",
+        ["messageId", "number"],
+        "messageId",
+    ),
     # customer identity
-    ("no ids", variant(userId=_DROP, anonymousId=_DROP), "missing_id", ["userId", "anonymousId"],
-     "userId"),
-    ("null ids", variant(userId=None, anonymousId=None), "missing_id", ["userId", "anonymousId"],
-     "userId"),
-    ("empty ids", variant(userId="", anonymousId=""), "missing_id", ["userId", "anonymousId"],
-     "userId"),
+    (
+        "no ids",
+        variant(userId=_DROP, anonymousId=_DROP),
+        "missing_id",
+        ["userId", "anonymousId"],
+        "userId",
+    ),
+    (
+        "null ids",
+        variant(userId=None, anonymousId=None),
+        "missing_id",
+        ["userId", "anonymousId"],
+        "userId",
+    ),
+    (
+        "empty ids",
+        variant(userId="", anonymousId=""),
+        "missing_id",
+        ["userId", "anonymousId"],
+        "userId",
+    ),
     ("userId float", variant(userId=1.5), "wrong_type", ["userId", "string", "number"], "userId"),
     ("userId boolean", variant(userId=True), "wrong_type", ["userId", "boolean"], "userId"),
     ("userId object", variant(userId={"id": 1}), "wrong_type", ["userId", "object"], "userId"),
-    ("anonymousId array", variant(anonymousId=["a"]), "wrong_type", ["anonymousId", "array"],
-     "anonymousId"),
+    (
+        "anonymousId array",
+        variant(anonymousId=["a"]),
+        "wrong_type",
+        ["anonymousId", "array"],
+        "anonymousId",
+    ),
     # track event name
-    ("track without event", variant(event=_DROP), "wrong_type", ["event", "track", "nothing"],
-     "event"),
+    (
+        "track without event",
+        variant(event=_DROP),
+        "wrong_type",
+        ["event", "track", "nothing"],
+        "event",
+    ),
     ("track event empty", variant(event=""), "wrong_type", ["event", "blank"], "event"),
     ("track event null", variant(event=None), "wrong_type", ["event", "null"], "event"),
     ("track event number", variant(event=7), "wrong_type", ["event", "number"], "event"),
-    ("page name number", variant(type="page", name=5), "wrong_type", ["name", "page", "number"],
-     "name"),
-    ("screen name object", variant(type="screen", name={}), "wrong_type", ["name", "object"],
-     "name"),
+    (
+        "page name number",
+        variant(type="page", name=5),
+        "wrong_type",
+        ["name", "page", "number"],
+        "name",
+    ),
+    (
+        "screen name object",
+        variant(type="screen", name={}),
+        "wrong_type",
+        ["name", "object"],
+        "name",
+    ),
     # objects
-    ("properties array", variant(properties=[]), "wrong_type",
-     ["properties must be an object, got array"], "properties"),
-    ("properties string", variant(properties="{}"), "wrong_type", ["properties", "string"],
-     "properties"),
-    ("properties number", variant(properties=1), "wrong_type", ["properties", "number"],
-     "properties"),
+    (
+        "properties array",
+        variant(properties=[]),
+        "wrong_type",
+        ["properties must be an object, got array"],
+        "properties",
+    ),
+    (
+        "properties string",
+        variant(properties="{}"),
+        "wrong_type",
+        ["properties", "string"],
+        "properties",
+    ),
+    (
+        "properties number",
+        variant(properties=1),
+        "wrong_type",
+        ["properties", "number"],
+        "properties",
+    ),
     ("context array", variant(context=[1]), "wrong_type", ["context", "array"], "context"),
-    ("traits string", variant(type="identify", traits="gold"), "wrong_type", ["traits", "string"],
-     "traits"),
-    ("context.traits array", variant(context={"traits": []}), "wrong_type",
-     ["context.traits", "array"], "context.traits"),
+    (
+        "traits string",
+        variant(type="identify", traits="gold"),
+        "wrong_type",
+        ["traits", "string"],
+        "traits",
+    ),
+    (
+        "context.traits array",
+        variant(context={"traits": []}),
+        "wrong_type",
+        ["context.traits", "array"],
+        "context.traits",
+    ),
     # timestamp
     ("no timestamp", variant(timestamp=_DROP), "missing_timestamp", ["timestamp"], "timestamp"),
-    ("null timestamps", variant(timestamp=None, originalTimestamp=None), "missing_timestamp",
-     ["timestamp"], "timestamp"),
+    (
+        "null timestamps",
+        variant(timestamp=None, originalTimestamp=None),
+        "missing_timestamp",
+        ["timestamp"],
+        "timestamp",
+    ),
     # sentAt is when a batch left the device, not when the event happened
-    ("sentAt only", variant(timestamp=_DROP, sentAt="2024-05-01T11:00:00Z"), "missing_timestamp",
-     ["timestamp"], "timestamp"),
-    ("receivedAt only", variant(timestamp=_DROP, receivedAt="2024-05-01T11:00:00Z"),
-     "missing_timestamp", ["timestamp"], "timestamp"),
-    ("timestamp words", variant(timestamp="yesterday"), "bad_timestamp",
-     ["timestamp", "'yesterday'"], "timestamp"),
+    (
+        "sentAt only",
+        variant(timestamp=_DROP, sentAt="2024-05-01T11:00:00Z"),
+        "missing_timestamp",
+        ["timestamp"],
+        "timestamp",
+    ),
+    (
+        "receivedAt only",
+        variant(timestamp=_DROP, receivedAt="2024-05-01T11:00:00Z"),
+        "missing_timestamp",
+        ["timestamp"],
+        "timestamp",
+    ),
+    (
+        "timestamp words",
+        variant(timestamp="yesterday"),
+        "bad_timestamp",
+        ["timestamp", "'yesterday'"],
+        "timestamp",
+    ),
     ("timestamp empty", variant(timestamp=""), "bad_timestamp", ["timestamp"], "timestamp"),
-    ("month 13", variant(timestamp="2024-13-01T00:00:00Z"), "bad_timestamp", ["timestamp"],
-     "timestamp"),
-    ("leap second", variant(timestamp="2016-12-31T23:59:60Z"), "bad_timestamp", ["timestamp"],
-     "timestamp"),
-    ("RFC 2822", variant(timestamp="Wed, 01 May 2024 11:00:00 GMT"), "bad_timestamp",
-     ["timestamp"], "timestamp"),
-    ("no offset", variant(timestamp="2024-05-01T11:00:00"), "bad_timestamp",
-     ["timestamp", "UTC offset"], "timestamp"),
-    ("date only", variant(timestamp="2024-05-01"), "bad_timestamp", ["timestamp", "UTC offset"],
-     "timestamp"),
-    ("epoch seconds", variant(timestamp=1714561200), "bad_timestamp",
-     ["timestamp", "epoch seconds"], "timestamp"),
+    (
+        "month 13",
+        variant(timestamp="2024-13-01T00:00:00Z"),
+        "bad_timestamp",
+        ["timestamp"],
+        "timestamp",
+    ),
+    (
+        "leap second",
+        variant(timestamp="2016-12-31T23:59:60Z"),
+        "bad_timestamp",
+        ["timestamp"],
+        "timestamp",
+    ),
+    (
+        "RFC 2822",
+        variant(timestamp="Wed, 01 May 2024 11:00:00 GMT"),
+        "bad_timestamp",
+        ["timestamp"],
+        "timestamp",
+    ),
+    (
+        "no offset",
+        variant(timestamp="2024-05-01T11:00:00"),
+        "bad_timestamp",
+        ["timestamp", "UTC offset"],
+        "timestamp",
+    ),
+    (
+        "date only",
+        variant(timestamp="2024-05-01"),
+        "bad_timestamp",
+        ["timestamp", "UTC offset"],
+        "timestamp",
+    ),
+    (
+        "epoch seconds",
+        variant(timestamp=1714561200),
+        "bad_timestamp",
+        ["timestamp", "epoch seconds"],
+        "timestamp",
+    ),
     ("epoch zero", variant(timestamp=0), "bad_timestamp", ["timestamp"], "timestamp"),
     ("negative epoch", variant(timestamp=-5), "bad_timestamp", ["timestamp"], "timestamp"),
-    ("epoch ms as float", variant(timestamp=1714561200000.0), "bad_timestamp",
-     ["timestamp", "number"], "timestamp"),
-    ("numeric string", variant(timestamp="1714561200000"), "bad_timestamp", ["timestamp"],
-     "timestamp"),
-    ("timestamp boolean", variant(timestamp=True), "bad_timestamp", ["timestamp", "boolean"],
-     "timestamp"),
-    ("timestamp object", variant(timestamp={"s": 1}), "bad_timestamp", ["timestamp", "object"],
-     "timestamp"),
-    ("bad originalTimestamp", variant(timestamp=_DROP, originalTimestamp="soon"),
-     "bad_timestamp", ["originalTimestamp", "'soon'"], "originalTimestamp"),
+    (
+        "epoch ms as float",
+        variant(timestamp=1714561200000.0),
+        "bad_timestamp",
+        ["timestamp", "number"],
+        "timestamp",
+    ),
+    (
+        "numeric string",
+        variant(timestamp="1714561200000"),
+        "bad_timestamp",
+        ["timestamp"],
+        "timestamp",
+    ),
+    (
+        "timestamp boolean",
+        variant(timestamp=True),
+        "bad_timestamp",
+        ["timestamp", "boolean"],
+        "timestamp",
+    ),
+    (
+        "timestamp object",
+        variant(timestamp={"s": 1}),
+        "bad_timestamp",
+        ["timestamp", "object"],
+        "timestamp",
+    ),
+    (
+        "bad originalTimestamp",
+        variant(timestamp=_DROP, originalTimestamp="soon"),
+        "bad_timestamp",
+        ["originalTimestamp", "'soon'"],
+        "originalTimestamp",
+    ),
     # a good originalTimestamp does not rescue a bad timestamp: the producer is broken
-    ("bad timestamp, good original",
-     variant(timestamp="x", originalTimestamp="2024-05-01T11:00:00Z"),
-     "bad_timestamp", ["timestamp"], "timestamp"),
+    (
+        "bad timestamp, good original",
+        variant(timestamp="x", originalTimestamp="2024-05-01T11:00:00Z"),
+        "bad_timestamp",
+        ["timestamp"],
+        "timestamp",
+    ),
     # clock skew (NOW is 2024-05-01T12:00:00Z, limit one hour)
-    ("2 h ahead", variant(timestamp="2024-05-01T14:00:00Z"), "clock_skew",
-     ["timestamp", "future", "7200 s"], "timestamp"),
-    ("next year", variant(timestamp="2025-05-01T12:00:00Z"), "clock_skew", ["timestamp", "future"],
-     "timestamp"),
-    ("ahead via offset", variant(timestamp="2024-05-01T23:00:00+09:00"), "clock_skew",
-     ["timestamp"], "timestamp"),
-    ("original ahead", variant(timestamp=_DROP, originalTimestamp="2024-05-01T13:00:00.001Z"),
-     "clock_skew", ["originalTimestamp", "future"], "originalTimestamp"),
-    ("epoch ms ahead", variant(timestamp=NOW + HOUR + 1), "clock_skew", ["timestamp"],
-     "timestamp"),
-    ("year 9999", variant(timestamp="9999-12-31T23:59:59Z"), "clock_skew", ["timestamp"],
-     "timestamp"),
+    (
+        "2 h ahead",
+        variant(timestamp="2024-05-01T14:00:00Z"),
+        "clock_skew",
+        ["timestamp", "future", "7200 s"],
+        "timestamp",
+    ),
+    (
+        "next year",
+        variant(timestamp="2025-05-01T12:00:00Z"),
+        "clock_skew",
+        ["timestamp", "future"],
+        "timestamp",
+    ),
+    (
+        "ahead via offset",
+        variant(timestamp="2024-05-01T23:00:00+09:00"),
+        "clock_skew",
+        ["timestamp"],
+        "timestamp",
+    ),
+    (
+        "original ahead",
+        variant(timestamp=_DROP, originalTimestamp="2024-05-01T13:00:00.001Z"),
+        "clock_skew",
+        ["originalTimestamp", "future"],
+        "originalTimestamp",
+    ),
+    ("epoch ms ahead", variant(timestamp=NOW + HOUR + 1), "clock_skew", ["timestamp"], "timestamp"),
+    (
+        "year 9999",
+        variant(timestamp="9999-12-31T23:59:59Z"),
+        "clock_skew",
+        ["timestamp"],
+        "timestamp",
+    ),
 ]
 
 
@@ -561,8 +815,16 @@ def test_invalid_cases_cover_every_reason() -> None:
 
 def test_reasons_are_the_documented_codes() -> None:
     assert set(REASONS) == {
-        "malformed_json", "not_an_object", "oversize", "unknown_type", "missing_id",
-        "missing_timestamp", "bad_timestamp", "clock_skew", "wrong_type", "empty",
+        "malformed_json",
+        "not_an_object",
+        "oversize",
+        "unknown_type",
+        "missing_id",
+        "missing_timestamp",
+        "bad_timestamp",
+        "clock_skew",
+        "wrong_type",
+        "empty",
     }
     assert len(REASONS) == len(set(REASONS))
 
@@ -587,6 +849,7 @@ def test_error_messages_are_bounded_even_for_huge_field_values() -> None:
 # --------------------------------------------------------------------------
 # Size
 # --------------------------------------------------------------------------
+
 
 def padded(size: int) -> bytes:
     """A valid event of exactly ``size`` bytes."""
@@ -628,6 +891,7 @@ def test_memoryview_and_bytearray_values_are_accepted() -> None:
 # --------------------------------------------------------------------------
 # Timestamps
 # --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("stamp", "expected"),
@@ -671,8 +935,9 @@ def test_timestamp_beats_original_timestamp_and_original_is_the_fallback() -> No
     original = variant(timestamp=None, originalTimestamp="2024-05-01T10:00:00Z")
     assert parse_event(original, now_ms=NOW).timestamp_ms == ms(2024, 5, 1, 10)
     # sentAt never overrides either
-    sent = variant(originalTimestamp="2024-05-01T10:00:00Z", timestamp=_DROP,
-                   sentAt="2024-05-01T11:30:00Z")
+    sent = variant(
+        originalTimestamp="2024-05-01T10:00:00Z", timestamp=_DROP, sentAt="2024-05-01T11:30:00Z"
+    )
     assert parse_event(sent, now_ms=NOW).timestamp_ms == ms(2024, 5, 1, 10)
 
 
@@ -712,6 +977,7 @@ def test_now_defaults_to_the_wall_clock() -> None:
 # --------------------------------------------------------------------------
 # Channel
 # --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("changes", "expected"),
@@ -762,8 +1028,17 @@ def test_channel(changes: dict[str, Any], expected: str) -> None:
 
 
 def test_every_channel_value_is_known() -> None:
-    assert CHANNELS == {"web", "app", "email", "sms", "push", "call_centre", "store", "service",
-                        "server"}
+    assert {
+        "web",
+        "app",
+        "email",
+        "sms",
+        "push",
+        "call_centre",
+        "store",
+        "service",
+        "server",
+    } == CHANNELS
     for channel in CHANNELS:
         assert derive_channel("track", {"channel": channel.upper()}, None, {}) == channel
 
@@ -778,11 +1053,15 @@ def test_derive_channel_directly() -> None:
 # InvalidEvent
 # --------------------------------------------------------------------------
 
+
 def test_invalid_event_is_a_value_error_with_reason_and_field() -> None:
     exc = InvalidEvent("wrong_type", "properties must be an object, got array", field="properties")
     assert isinstance(exc, ValueError)
     assert (exc.reason, exc.field, str(exc)) == (
-        "wrong_type", "properties", "properties must be an object, got array")
+        "wrong_type",
+        "properties",
+        "properties must be an object, got array",
+    )
 
 
 def test_invalid_event_refuses_an_unknown_reason() -> None:
@@ -808,9 +1087,19 @@ def test_malformed_json_is_not_chained_to_the_decoder_error() -> None:
 # Package surface and docs
 # --------------------------------------------------------------------------
 
+
 def test_public_names_are_exported() -> None:
-    for name in ("Event", "InvalidEvent", "parse_event", "REASONS", "CHANNELS", "derive_channel",
-                 "DeadLetter", "dead_letter", "dead_letter_headers"):
+    for name in (
+        "Event",
+        "InvalidEvent",
+        "parse_event",
+        "REASONS",
+        "CHANNELS",
+        "derive_channel",
+        "DeadLetter",
+        "dead_letter",
+        "dead_letter_headers",
+    ):
         assert name in rtim.events.__all__
         assert hasattr(rtim.events, name)
 

@@ -287,8 +287,11 @@ def test_trigger_headers_match_the_code(
 
 # --------------------------------------------------------------------------- schemas
 
-SCHEMA_FILES = ["segment-event.schema.json", "trigger.cloudevent.schema.json",
-                "customer-context.schema.json"]
+SCHEMA_FILES = [
+    "segment-event.schema.json",
+    "trigger.cloudevent.schema.json",
+    "customer-context.schema.json",
+]
 
 
 @pytest.mark.parametrize("name", SCHEMA_FILES)
@@ -433,8 +436,11 @@ def engine_run() -> dict[str, Any]:
         for offset, event in enumerate(sim.events(300)):
             key = sim.key_for(event).encode()
             records.append(Record(sum(key) % 4, offset, key, orjson.dumps(event), (), now_ms))
-        engine = Engine(catalog=load_catalog(DEFAULT_CATALOG), load=lambda p, k: None,
-                        source=f"/rtim/{DEFAULTS.app_id}")
+        engine = Engine(
+            catalog=load_catalog(DEFAULT_CATALOG),
+            load=lambda p, k: None,
+            source=f"/rtim/{DEFAULTS.app_id}",
+        )
         result = engine.process(CLICKSTREAM_TOPIC, records)
     finally:
         mp.undo()
@@ -514,7 +520,7 @@ def test_context_schema_budgets_match_the_model() -> None:
 def registry() -> dict[str, tuple[str, ...]]:
     """Series name -> label names, for every rtim_ metric registered by rtim.metrics."""
     labels = {
-        m._name: tuple(m._labelnames)  # noqa: SLF001 - prometheus_client keeps them here
+        m._name: tuple(m._labelnames)
         for m in vars(metrics).values()
         if isinstance(m, MetricWrapperBase)
     }
@@ -605,8 +611,11 @@ def test_dashboard_and_alerts_use_existing_labels() -> None:
 
 def test_dashboard_shows_every_metric() -> None:
     families = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in registry()}
-    shown = {re.sub(r"_(total|bucket|sum|count)$", "", n)
-             for e in dashboard_exprs() for n in METRIC.findall(e)}
+    shown = {
+        re.sub(r"_(total|bucket|sum|count)$", "", n)
+        for e in dashboard_exprs()
+        for n in METRIC.findall(e)
+    }
     missing = families - shown
     assert not missing, f"metrics with no panel in deploy/grafana/dashboards/rtim.json: {missing}"
 
@@ -620,7 +629,7 @@ def test_dashboard_is_well_formed() -> None:
     assert {"datasource", "instance"} <= variables
     for panel in board["panels"]:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
         if panel["type"] == "row":
             continue
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
@@ -650,10 +659,10 @@ def test_latency_alert_uses_the_objective_and_a_bucket_boundary() -> None:
     assert threshold == metrics.LATENCY_OBJECTIVE_S
     assert "histogram_quantile(0.99" in rule["expr"]
     # The threshold must be a bucket boundary, or the quantile is an interpolation.
-    assert threshold in metrics.DECISION_LATENCY._upper_bounds  # noqa: SLF001
+    assert threshold in metrics.DECISION_LATENCY._upper_bounds
     for expr in dashboard_exprs():
         for le in re.findall(r'le="([^"]+)"', expr):
-            assert float(le) in metrics.DECISION_LATENCY._upper_bounds  # noqa: SLF001
+            assert float(le) in metrics.DECISION_LATENCY._upper_bounds
 
 
 # --------------------------------------------------------------------------- deploy
@@ -674,7 +683,7 @@ def test_dockerfile() -> None:
     user = next(line for line in lines if line.startswith("USER "))
     assert user.split()[1] not in {"root", "0"}
     assert 'VOLUME ["/data"]' in lines and "RTIM_DATADIR=/data" in text
-    healthcheck = text[text.index("HEALTHCHECK"):]
+    healthcheck = text[text.index("HEALTHCHECK") :]
     assert "/health/live" in healthcheck.split("CMD", 1)[1].splitlines()[0]
     assert lines[-1] == 'CMD ["rtim", "worker"]'
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8")
@@ -689,7 +698,8 @@ def compose() -> dict[str, Any]:
 
 def compose_workers(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
-        name: svc for name, svc in compose["services"].items()
+        name: svc
+        for name, svc in compose["services"].items()
         if "command" not in svc and svc.get("image") == "rtim:dev"
     }
 
@@ -755,9 +765,7 @@ def k8s() -> dict[str, Any]:
         for doc in yaml.safe_load_all((K8S / resource).read_text(encoding="utf-8")):
             objects[doc["kind"]] = doc
     generators = {g["name"]: g for g in kustomization["configMapGenerator"]}
-    settings = dict(
-        item.split("=", 1) for item in generators["rtim-settings"]["literals"]
-    )
+    settings = dict(item.split("=", 1) for item in generators["rtim-settings"]["literals"])
     settings = {k: v.split("#")[0].strip() for k, v in settings.items()}
     return {"objects": objects, "generators": generators, "settings": settings}
 
@@ -813,8 +821,11 @@ def test_k8s_keda_scaler_is_capped_at_the_partitions(
     sts = k8s["objects"]["StatefulSet"]
     settings = k8s["settings"]
     spec = scaled["spec"]
-    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
-                                      "name": sts["metadata"]["name"]}
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": sts["metadata"]["name"],
+    }
     partitions = topics_by_name[CLICKSTREAM_TOPIC]["partitions"]
     assert spec["maxReplicaCount"] == partitions == int(settings["RTIM_PARTITIONS"])
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
@@ -840,16 +851,19 @@ def test_create_topics_plan(topics_doc: dict[str, Any]) -> None:
         del sys.modules[spec.name]
     plans = {
         p.name: p
-        for p in module.plan(topics_doc, partitions=DEFAULTS.partitions,
-                             app_id=DEFAULTS.app_id, replication_factor=1)
+        for p in module.plan(
+            topics_doc, partitions=DEFAULTS.partitions, app_id=DEFAULTS.app_id, replication_factor=1
+        )
     }
     assert code_topics() <= set(plans)
     for name, partitions in topic_specs(DEFAULTS).items():
         assert plans[name].partitions == partitions
     for p in plans.values():
         assert int(p.configs["min.insync.replicas"]) <= 1, p
-    other = {p.name: p for p in module.plan(topics_doc, partitions=8, app_id="shop",
-                                            replication_factor=3)}
+    other = {
+        p.name: p
+        for p in module.plan(topics_doc, partitions=8, app_id="shop", replication_factor=3)
+    }
     changelog = other[changelog_topic("shop")]
     assert changelog.partitions == 8 and changelog.configs["cleanup.policy"] == "compact"
     assert other[CLICKSTREAM_TOPIC].partitions == 8
