@@ -326,7 +326,7 @@ class EmbeddedBroker:
                     # Own session and process group: a Ctrl-C in the terminal reaches
                     # only our CLI, which then stops the broker in order.
                     start_new_session=True,
-                    preexec_fn=_pdeathsig_preexec(),
+                    preexec_fn=_pdeathsig_preexec(),  # single-threaded only
                 )
             except OSError as exc:
                 raise BrokerError(f"cannot run the broker binary {binary}: {exc}") from exc

@@ -285,7 +285,7 @@ class BatchRun:
                 candidates = candidates_for(event)
                 if candidates:
                     engine._decide(event, ctx, key, record, now_ms, result, candidates)
-            except Exception as exc:
+            except Exception as exc:  # one bad event must not stop the stream
                 result.invalid["internal_error"] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc, stage="process"))
         result.consumed += consumed

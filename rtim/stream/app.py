@@ -253,7 +253,7 @@ def is_ready(app: RtimApp) -> bool:
     """Ready: started, not rebalancing or stopping, and the tables recovered."""
     try:
         recovered = app.tables.recovery.completed.is_set()
-    except Exception:
+    except Exception:  # not started yet
         return False
     return bool(app.started and not app.rebalancing and recovered and not app.should_stop)
 

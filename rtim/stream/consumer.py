@@ -194,7 +194,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         # In the consumer's own thread (Faust's plain seek calls aiokafka from this one).
         try:
             await self.seek_wait({tp: offset})
-        except Exception as exc:
+        except Exception as exc:  # tried again after hole_repair_interval
             self.log.warning("%s: reading again from %d failed: %r", tp, offset, exc)
             return
         self._read_offset[tp] = offset if offset else None  # what the drain loop reads from
@@ -244,7 +244,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         try:
             consumer = self._thread._ensure_consumer()
             assignment = consumer._subscription.subscription.assignment
-        except Exception as exc:
+        except Exception as exc:  # not started or not assigned yet
             return f"no assignment ({exc!r})"
         lines = []
         for tp in sorted(assignment.tps):
@@ -265,7 +265,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         if self._probe is not None:
             await self._probe.stop()
 
-    async def _drain_messages(self, fetcher: Any) -> None:
+    async def _drain_messages(self, fetcher: Any) -> None:  # mirrors Faust's loop
         # Faust's loop (faust.transport.consumer.Consumer._drain_messages) with
         # the batch path added; the per-record path is kept for other topics.
         callback = self.callback

@@ -80,8 +80,10 @@ class ContextStore:
                 total = 0
                 for db in list(store._dbs.values()):
                     try:
-                        total += sum(1 for key in db if not key.startswith(b"__faust"))
-                    except Exception:
+                        # keys(): iterating an Rdict itself yields (key, value) pairs.
+                        keys = db.keys()
+                        total += sum(1 for key in keys if not key.startswith(b"__faust"))
+                    except Exception:  # a db closed during a rebalance
                         continue
                 self._count = total
         return float(self._count)

@@ -63,7 +63,7 @@ async def ensure_topics(settings: Settings, *, give_up_after: float | None = Non
         try:
             await create_topics(settings.broker, specs, timeout=15.0)
             break
-        except Exception as exc:
+        except Exception as exc:  # any broker error: wait and retry
             if deadline is not None and loop.time() > deadline:
                 raise
             log.warning(
