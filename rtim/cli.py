@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import click
 
+from rtim.errors import ConfigError
 from rtim.settings import Settings, describe
+
+log = logging.getLogger("rtim.cli")
+
+#: Exit code for a configuration the user must fix (as for a usage error).
+CONFIG_ERROR_EXIT = 2
 
 
 def _settings_help() -> str:
@@ -15,7 +22,19 @@ def _settings_help() -> str:
     return "\b\n" + "\n".join(lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """Turns a :class:`ConfigError` into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            log.debug("configuration error", exc_info=True)
+            click.echo(f"rtim: {exc}", err=True)
+            ctx.exit(CONFIG_ERROR_EXIT)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """RTIM: a streaming real-time interaction manager.
 
