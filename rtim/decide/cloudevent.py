@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 
@@ -33,7 +34,7 @@ _SECONDS_CACHED = 4096
 _seconds_text: dict[int, str] = {}
 
 
-def trigger_event(decision: Decision, *, source: str) -> dict:
+def trigger_event(decision: Decision, *, source: str) -> dict[str, Any]:
     """The CloudEvent (as a dict) for a decision; ``expiry`` is an extension attribute."""
     offer = decision.offer
     event = decision.event

@@ -75,7 +75,8 @@ class PropensityModel:
 
     def predict(self, offer_id: str, features: dict[str, float]) -> float:
         """Probability that the customer responds to the offer."""
-        return float(self._model(offer_id).predict_proba_one(features)[True])
+        proba = self._model(offer_id).predict_proba_one(features)  # type: ignore[no-untyped-call]
+        return float(proba[True])
 
     def learn(self, offer_id: str, features: dict[str, float], accepted: bool) -> None:
         """Learn from one response (or from its absence, as a negative)."""

@@ -183,10 +183,8 @@ def dead_letter(
     DeadLetter
         ``headers`` is a new list; the caller's list is not modified.
     """
-    headers: list[tuple[str, bytes]] = [
-        (k, v)
-        for k, v in (original_headers or ())  # type: ignore[misc]
-    ]
+    # Kafka header values may be None; they are kept as they came.
+    headers: list[tuple[str, bytes]] = list(original_headers or ())  # type: ignore[arg-type]
     headers.extend(
         dead_letter_headers(topic=topic, partition=partition, offset=offset, exc=exc, stage=stage)
     )

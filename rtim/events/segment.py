@@ -333,7 +333,7 @@ def _timestamp_ms(value: Any, field: str) -> int:
                 f"{field} {value} is too small for epoch milliseconds (epoch seconds?)",
                 field=field,
             )
-        return value
+        return int(value)
     raise InvalidEvent(
         "bad_timestamp",
         f"{field} must be an ISO-8601 string or epoch milliseconds, got {_json_type(value)}",
@@ -502,7 +502,7 @@ def parse_event(
             field=ts_field,
         )
 
-    return _new_tuple(  # type: ignore[no-any-return]
+    return _new_tuple(
         Event,
         (
             event_type,
