@@ -206,10 +206,10 @@ class Engine:
                     offer_id=decision.offer.id,
                     key=key,
                     value=encode_trigger(decision, source=self.source),
-                    headers=[
-                        ("content-type", CONTENT_TYPE),
-                        ("ce_id", decision.decision_id.encode()),
-                    ],
+                    # Structured mode, as the CloudEvents Kafka binding defines it: the
+                    # content-type header and no ce_ header (a ce_ header makes readers
+                    # take the message for binary mode and look for the attributes there).
+                    headers=[("content-type", CONTENT_TYPE)],
                     source_ms=getattr(record, "timestamp", None),
                 )
             )

@@ -271,7 +271,7 @@ def test_dead_letter_headers_match_the_code(
 
 
 def test_trigger_headers_match_the_code(
-    topics_by_name: dict[str, Any], asyncapi: dict[str, Any]
+    topics_by_name: dict[str, Any], asyncapi: dict[str, Any], engine_run: dict[str, Any]
 ) -> None:
     content_type = CONTENT_TYPE.decode()
     trigger_topic = topics_by_name[TRIGGER_TOPIC_PREFIX + "web"]
@@ -279,6 +279,10 @@ def test_trigger_headers_match_the_code(
     message = asyncapi["components"]["messages"]["Trigger"]
     assert message["contentType"] == content_type
     assert message["headers"]["properties"]["content-type"]["const"] == content_type
+    for trigger in engine_run["result"].triggers:
+        names = [name for name, _ in trigger.headers]
+        assert names == trigger_topic["headers"]["names"]
+        assert names == message["headers"]["required"] == list(message["headers"]["properties"])
     params = asyncapi["components"]["parameters"]["channel"]["enum"]
     assert set(params) == set(OFFER_CHANNELS)
 
