@@ -12,9 +12,9 @@ retention, and ListOffsets(latest) answers the *last batch's* base offset + 1; u
 
 Examples
 --------
->>> with EmbeddedBroker() as broker:  # doctest: +SKIP
-...     print(broker.bootstrap)
-127.0.0.1:40123
+>>> with EmbeddedBroker() as broker:
+...     print(broker.bootstrap)  # doctest: +ELLIPSIS
+127.0.0.1:...
 """
 
 from __future__ import annotations
@@ -203,8 +203,11 @@ class EmbeddedBroker:
 
     Examples
     --------
-    >>> with EmbeddedBroker() as broker:  # doctest: +SKIP
-    ...     run_app(bootstrap_servers=broker.bootstrap)
+    >>> with EmbeddedBroker() as broker:
+    ...     broker.running
+    True
+    >>> broker.running  # stopped on leaving the block
+    False
     """
 
     def __init__(
