@@ -269,7 +269,7 @@ def test_no_orphan_broker_when_the_owner_is_killed(tmp_path: Path) -> None:
         import time
         from rtim.broker import EmbeddedBroker
         print(EmbeddedBroker(log_path={str(tmp_path / "tansu.log")!r}).start().port, flush=True)
-        time.sleep(60)
+        time.sleep(60)  # the owner lives on until the test kills it
         """
     )
     try:

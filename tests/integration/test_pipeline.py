@@ -17,6 +17,7 @@ from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG
 from rtim.simulate import JourneySimulator
 from rtim.stream.app import TRIGGER_TOPIC_PREFIX
+from rtim.stream.worker import STATE_REPORT_END
 
 from .support import (
     committed,
@@ -179,6 +180,7 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store)
         assert f"rtim.clickstream[{p}] position={offset} " in state
         assert re.search(rf"rtim\.clickstream\[{p}\] .* committed={offset} acked=0 ", state)
     assert "TASKS" in state  # Faust's stack dump of every task follows
+    assert STATE_REPORT_END in state  # and the report says it is complete
     assert worker.status("/health/ready") == 200
     # Garbage-collector pauses are on /metrics (the worker collects once when it starts processing).
     assert sum(worker.metric("rtim_gc_pause_seconds_count", generation=g) for g in "012") >= 1

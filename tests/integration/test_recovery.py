@@ -75,7 +75,7 @@ def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(
             break
         assert time.monotonic() < deadline, f"never caught uncommitted work: {done}"
         os.kill(doomed.proc.pid, signal.SIGCONT)
-        time.sleep(0.05)
+        time.sleep(0.05)  # let it work a little before the next look (bounded by the deadline)
     doomed.kill()
     assert sum(done.values()) < len(first)
 
