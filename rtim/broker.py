@@ -6,9 +6,10 @@ build of the Tansu broker (Apache-2.0) inside its platform wheels, and
 loopback port. State is lost when the broker stops. Production points ``RTIM_BROKER``
 at a real Kafka or Redpanda cluster instead.
 
-Known limits of this broker (see DESIGN.md §4): no transactions, no compaction or
-retention, and ListOffsets(latest) answers the *last batch's* base offset + 1; use
-:mod:`rtim.stream.endoffsets` wherever an end offset matters.
+Known limits of this broker: no transactions, no compaction or retention, and
+ListOffsets(latest) answers the *last batch's* base offset + 1 (docs/architecture.md,
+"The embedded broker's end offsets"); use :mod:`rtim.stream.endoffsets` wherever an end
+offset matters.
 
 Examples
 --------

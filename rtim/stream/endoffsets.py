@@ -1,9 +1,10 @@
 """True end offsets on the embedded broker and on real Kafka.
 
 Why this exists: the embedded Tansu broker answers ListOffsets(latest) with the
-*last batch's base offset + 1* instead of the last offset + 1 (DESIGN.md §4): 100
-records produced in one batch at offset 0 report an end offset of 1. Its Fetch
-responses carry the right high watermark, though. Anything that trusts
+*last batch's base offset + 1* instead of the last offset + 1: 100 records
+produced in one batch at offset 0 report an end offset of 1. Its Fetch responses
+carry the right high watermark, though (docs/architecture.md, "The embedded
+broker's end offsets"). Anything that trusts
 ``consumer.end_offsets`` (lag, "have I read everything", table recovery) is short by
 the last batch's size minus one.
 

@@ -85,8 +85,9 @@ async def test_one_batch_of_100_end_offset_is_short_but_probe_is_exact(
 
     async with AIOKafkaConsumer(bootstrap_servers=broker.bootstrap) as consumer:
         reported = (await consumer.end_offsets([tp]))[tp]
-    # The defect this module works around (DESIGN.md §4): base offset of the last
-    # batch + 1. If this starts failing, Tansu was fixed: update DESIGN.md.
+    # The defect EndOffsetProbe works around: base offset of the last batch + 1. If this
+    # starts failing, Tansu was fixed: update docs/architecture.md, "The embedded broker's
+    # end offsets".
     assert reported < 100
 
     async with EndOffsetProbe(bootstrap_servers=broker.bootstrap) as probe:
