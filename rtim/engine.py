@@ -206,9 +206,9 @@ class Engine:
                     offer_id=decision.offer.id,
                     key=key,
                     value=encode_trigger(decision, source=self.source),
-                    # Structured mode, as the CloudEvents Kafka binding defines it: the
-                    # content-type header and no ce_ header (a ce_ header makes readers
-                    # take the message for binary mode and look for the attributes there).
+                    # Structured mode with the content-type header only. The Kafka binding
+                    # lets ce_ headers come along, but readers that look for them first
+                    # (the official Python SDK) then take the record for binary mode.
                     headers=[("content-type", CONTENT_TYPE)],
                     source_ms=getattr(record, "timestamp", None),
                 )
