@@ -6,15 +6,16 @@ build of the Tansu broker (Apache-2.0) inside its platform wheels, and
 loopback port. State is lost when the broker stops. Production points ``RTIM_BROKER``
 at a real Kafka or Redpanda cluster instead.
 
-Known limits of this broker (see DESIGN.md §4): no transactions, no compaction or
-retention, and ListOffsets(latest) answers the *last batch's* base offset + 1; use
-:mod:`rtim.stream.endoffsets` wherever an end offset matters.
+Known limits of this broker: no transactions, no compaction or retention, and
+ListOffsets(latest) answers the *last batch's* base offset + 1 (docs/architecture.md,
+"The embedded broker's end offsets"); use :mod:`rtim.stream.endoffsets` wherever an end
+offset matters.
 
 Examples
 --------
->>> with EmbeddedBroker() as broker:  # doctest: +SKIP
-...     print(broker.bootstrap)
-127.0.0.1:40123
+>>> with EmbeddedBroker() as broker:
+...     print(broker.bootstrap)  # doctest: +ELLIPSIS
+127.0.0.1:...
 """
 
 from __future__ import annotations
@@ -203,8 +204,11 @@ class EmbeddedBroker:
 
     Examples
     --------
-    >>> with EmbeddedBroker() as broker:  # doctest: +SKIP
-    ...     run_app(bootstrap_servers=broker.bootstrap)
+    >>> with EmbeddedBroker() as broker:
+    ...     broker.running
+    True
+    >>> broker.running  # stopped on leaving the block
+    False
     """
 
     def __init__(

@@ -206,10 +206,10 @@ class Engine:
                     offer_id=decision.offer.id,
                     key=key,
                     value=encode_trigger(decision, source=self.source),
-                    headers=[
-                        ("content-type", CONTENT_TYPE),
-                        ("ce_id", decision.decision_id.encode()),
-                    ],
+                    # Structured mode with the content-type header only. The Kafka binding
+                    # lets ce_ headers come along, but readers that look for them first
+                    # (the official Python SDK) then take the record for binary mode.
+                    headers=[("content-type", CONTENT_TYPE)],
                     source_ms=getattr(record, "timestamp", None),
                 )
             )

@@ -10,7 +10,7 @@ import bisect
 import gc
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -21,6 +21,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import HistogramMetricFamily
+
+from rtim.events import INTERNAL_ERROR, REASONS
 
 #: The decision latency objective (event in Kafka -> trigger acknowledged by Kafka);
 #: the histogram has a bucket boundary exactly there.
@@ -83,6 +85,23 @@ CONTEXT_WRITES = Counter(
 WORKER_READY = Gauge(
     "rtim_worker_ready", "1 when the worker has its partitions, has recovered and processes."
 )
+
+# A labelled series exists only once its labels are used: a dashboard panel or an alert
+# on a reason no event has had yet would show "No data" instead of 0. Every label value
+# known in advance is created at 0 here (channels and offers come from the catalog:
+# :func:`start_at_zero`).
+for _reason in (*REASONS, INTERNAL_ERROR):
+    EVENTS_DEAD_LETTERED.labels(_reason)
+#: The stages of :data:`BATCH_STAGE_SECONDS`, one child each.
+BATCH_STAGES = {stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store")}
+
+
+def start_at_zero(topic: str, channel_offers: Iterable[tuple[str, str]]) -> None:
+    """Create the series a worker will count into, at 0: its input topic and every
+    (channel, offer) pair its catalog can trigger."""
+    EVENTS_CONSUMED.labels(topic)
+    for channel, offer in channel_offers:
+        TRIGGERS_SENT.labels(channel, offer)
 
 
 class GcPauses:

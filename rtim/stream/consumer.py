@@ -1,12 +1,12 @@
 """A Faust consumer that hands the clickstream to RTIM a whole fetch at a time.
 
 Faust's own drain loop turns every record into a message and awaits a
-conductor -> channel -> stream round for each (DESIGN.md §3: that path stays
-near 4-10k events/s). :class:`BatchConsumer` changes one thing: records of the
-*batch topics* are collected per fetch and handed over as one
-:class:`FetchedBatch`; records of every other topic take Faust's normal path.
-Faust still owns the group, assignment, tables, recovery, commits and
-rebalances:
+conductor -> channel -> stream round for each (that path stays near 4-10k
+events/s: docs/architecture.md, "Why Faust's consumer is subclassed").
+:class:`BatchConsumer` changes one thing: records of the *batch topics* are
+collected per fetch and handed over as one :class:`FetchedBatch`; records of
+every other topic take Faust's normal path. Faust still owns the group,
+assignment, tables, recovery, commits and rebalances:
 
 - a batch is acknowledged (:meth:`BatchConsumer.ack_batch`) only after its
   effects are durable, so Faust commits no offset past unprocessed work;
@@ -19,7 +19,62 @@ rebalances:
 
 It also replaces ``highwaters`` (the end offsets that table recovery reads up
 to) with :class:`~rtim.stream.endoffsets.EndOffsetProbe`, which is exact on the
-embedded broker, whose ListOffsets under-reports (DESIGN.md §4), and on Kafka.
+embedded broker, whose ListOffsets under-reports (docs/architecture.md, "The
+embedded broker's end offsets"), and on Kafka.
+
+What this module depends on inside Faust and aiokafka
+-----------------------------------------------------
+tests/unit/test_faust_overrides.py fails, naming the method and what to re-check,
+when the source of any method below changes; pyproject.toml pins the versions it
+was checked against (faust-streaming 0.15.3, aiokafka 0.14.0, mode-streaming 0.7.1).
+
+Methods replaced: ``Consumer._drain_messages`` and ``Consumer._new_offset``
+(copied with changes), ``Consumer.perform_seek`` and ``wait_empty`` (wrapped),
+``ThreadDelegateConsumer.highwaters``, the aiokafka driver's
+``Consumer._new_consumer_thread``, ``AIOKafkaConsumerThread._create_worker_consumer``
+(wrapped), and ``Transport.Consumer``; in rtim/stream/app.py ``App._new_transport``,
+in rtim/stream/worker.py ``Worker._on_sigusr1`` (wrapped).
+
+Private state read or written, on Faust's consumer (created in its ``__init__``):
+
+- ``_acked`` (per partition, the acknowledged offsets not yet committed, sorted by
+  ``_new_offset``) and ``_acked_index`` (the same as a set): written by
+  :meth:`BatchConsumer.ack_batch` and :meth:`BatchConsumer._new_offset`;
+- ``_committed_offset`` (per partition, the offset Faust last committed or sought
+  to): read by both, and raised back by :meth:`BatchConsumer.perform_seek`;
+- ``_read_offset`` (per partition, the last offset the drain loop handed on):
+  read and written by :meth:`BatchConsumer._drain_messages` and ``_read_again``;
+- ``_gap`` (per partition, an ``IntervalTree`` of offsets never delivered):
+  written through ``_add_gap``, read and chopped by ``_new_offset``;
+- ``_buffered_partitions``, and the methods ``_wait_next_records``, ``_add_gap``,
+  ``_to_message``: used by the drain loop as Faust's own uses them;
+- ``_stopped`` (mode's service event), on the consumer and on the fetcher;
+- ``_thread`` and its ``_ensure_consumer()``: read by :meth:`partition_report`.
+
+On aiokafka's ``AIOKafkaConsumer``: ``_fetch_max_wait_ms`` (written by
+:class:`ConsumerThread` before ``start()`` builds the fetcher from it), and, read
+only by :meth:`partition_report`, ``_subscription.subscription.assignment`` and
+each partition state's ``_position``. Elsewhere: the app's ``_crashed`` (the
+liveness view in rtim/stream/app.py) and, in rtim/stream/store.py, the RocksDB
+store's ``_db_for_partition`` and ``_dbs``.
+
+What the copied code leaves out compared with Faust's:
+
+- ``_drain_messages`` (Faust's loop together with its ``getmany``): the
+  ``broker_commit_every`` commit after N acknowledgements (RTIM commits on
+  ``broker_commit_interval`` only); the scheduler's round-robin over topics (the
+  batch path takes the whole fetch; other topics go in fetch order); the monitor's
+  ``track_tp_end_offset`` per record (RTIM's lag gauge comes from the fetch high
+  watermarks); the consumer-fetching diagnostic flag; the ``sleep(0)`` every 100
+  records (the processor yields every ``CORE_CHUNK`` records); the debug log of
+  records dropped below the read offset; and Faust's catching of a failing
+  ``perform_seek`` when a fetch arrives with the flow suspended (here the error
+  ends the loop, as any other error of the loop does).
+- ``_new_offset``: Faust's merge of whole gap intervals past the highest
+  acknowledged offset (here only up to it), its treatment of a committed offset of
+  0 as none, and its ``None`` forever when the head of the list is missing (here
+  :meth:`BatchConsumer._repair_hole` reads the partition again).
+- ``perform_seek``: nothing; Faust's runs first, unchanged.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """True end offsets on the embedded broker and on real Kafka.
 
 Why this exists: the embedded Tansu broker answers ListOffsets(latest) with the
-*last batch's base offset + 1* instead of the last offset + 1 (DESIGN.md §4): 100
-records produced in one batch at offset 0 report an end offset of 1. Its Fetch
-responses carry the right high watermark, though. Anything that trusts
+*last batch's base offset + 1* instead of the last offset + 1: 100 records
+produced in one batch at offset 0 report an end offset of 1. Its Fetch responses
+carry the right high watermark, though (docs/architecture.md, "The embedded
+broker's end offsets"). Anything that trusts
 ``consumer.end_offsets`` (lag, "have I read everything", table recovery) is short by
 the last batch's size minus one.
 
@@ -15,8 +16,23 @@ value if records arrived meanwhile), so the same code holds on both.
 
 Examples
 --------
->>> async with EndOffsetProbe(bootstrap_servers="127.0.0.1:9092") as probe:  # doctest: +SKIP
-...     ends = await probe.end_offsets([TopicPartition("clicks", 0)])
+100 records produced in one batch to the embedded broker, which reports an end offset
+of 1 for them:
+
+>>> import asyncio
+>>> from aiokafka import AIOKafkaProducer
+>>> from rtim.broker import EmbeddedBroker
+>>> async def produce_then_probe(bootstrap: str) -> dict:
+...     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=100)
+...     await producer.start()
+...     for _ in range(100):
+...         await producer.send("clicks", b"click", partition=0)
+...     await producer.stop()  # sends the batch
+...     async with EndOffsetProbe(bootstrap_servers=bootstrap) as probe:
+...         return await probe.end_offsets([TopicPartition("clicks", 0)])
+>>> with EmbeddedBroker() as broker:
+...     asyncio.run(produce_then_probe(broker.bootstrap))
+{TopicPartition(topic='clicks', partition=0): 100}
 """
 
 from __future__ import annotations

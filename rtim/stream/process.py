@@ -128,17 +128,24 @@ class WorkerProcess:
             key += "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
         return self.metrics().get(key, 0.0)
 
-    def report_state(self, wait: float = 2.0) -> str:
-        """Ask the worker to log its partitions and task stacks (SIGUSR1); return them."""
+    def report_state(self, wait: float = 10.0) -> str:
+        """Ask the worker to log its partitions and task stacks (SIGUSR1); return them
+        (what it logged within ``wait`` seconds if the report does not finish)."""
+        from rtim.stream.worker import STATE_REPORT_END  # (Faust is not loaded before this)
+
         if not self.alive:
             return self.log_tail()
         assert self.proc is not None
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.proc.send_signal(signal.SIGUSR1)
-        time.sleep(wait)
-        with self.log_path.open("rb") as f:
-            f.seek(start)
-            return f.read().decode(errors="replace")
+        deadline = time.monotonic() + wait
+        while True:
+            with self.log_path.open("rb") as f:
+                f.seek(start)
+                report = f.read().decode(errors="replace")
+            if STATE_REPORT_END in report or time.monotonic() > deadline or not self.alive:
+                return report
+            time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown code runs, as when a machine dies."""

@@ -2,7 +2,8 @@
 
 One :class:`~aiokafka.producer.message_accumulator.BatchBuilder` per
 topic-partition (more if it fills up), sent with ``send_batch``: one produce
-call per partition instead of one per record (DESIGN.md §3). The caller awaits
+call per partition instead of one per record (docs/architecture.md, "Why Faust's
+consumer is subclassed"). The caller awaits
 :meth:`BatchPublisher.publish` before it acknowledges the input, which is what
 makes the pipeline at-least-once.
 """

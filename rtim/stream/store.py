@@ -1,11 +1,12 @@
 """Direct access to the context table's store, a batch at a time.
 
 Faust's table API writes one key per event and needs the current event's
-partition (DESIGN.md §3). RTIM writes a batch's contexts itself: one RocksDB
-``WriteBatch`` per partition, plus the changelog offset Faust's recovery
-resumes from (what ``Store.apply_changelog_batch`` does during recovery). For
-the memory store it updates the store's dict. Reads go to the partition's
-database directly, as the key's partition is known.
+partition (docs/architecture.md, "Why Faust's consumer is subclassed"). RTIM
+writes a batch's contexts itself: one RocksDB ``WriteBatch`` per partition,
+plus the changelog offset Faust's recovery resumes from (what
+``Store.apply_changelog_batch`` does during recovery). For the memory store it
+updates the store's dict. Reads go to the partition's database directly, as the
+key's partition is known.
 """
 
 from __future__ import annotations

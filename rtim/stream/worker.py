@@ -17,6 +17,9 @@ from rtim.stream.consumer import BatchConsumer
 
 log = logging.getLogger("rtim.worker")
 
+#: Logged at the end of the ``kill -USR1`` report.
+STATE_REPORT_END = "end of state report"
+
 
 def topic_specs(settings: Settings) -> dict[str, int]:
     """The topics a worker reads and writes, with their partition counts."""
@@ -85,6 +88,12 @@ class Worker(faust.Worker):
         if isinstance(consumer, BatchConsumer):
             log.warning("partitions:\n%s", consumer.partition_report())
         super()._on_sigusr1()
+        # After Faust's dump (a task scheduled before this one), so that a reader of the
+        # log knows the report is complete.
+        self.add_future(self._report_done())
+
+    async def _report_done(self) -> None:
+        log.warning(STATE_REPORT_END)
 
 
 def run_worker(settings: Settings) -> None:

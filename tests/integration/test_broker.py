@@ -85,8 +85,9 @@ async def test_one_batch_of_100_end_offset_is_short_but_probe_is_exact(
 
     async with AIOKafkaConsumer(bootstrap_servers=broker.bootstrap) as consumer:
         reported = (await consumer.end_offsets([tp]))[tp]
-    # The defect this module works around (DESIGN.md §4): base offset of the last
-    # batch + 1. If this starts failing, Tansu was fixed: update DESIGN.md.
+    # The defect EndOffsetProbe works around: base offset of the last batch + 1. If this
+    # starts failing, Tansu was fixed: update docs/architecture.md, "The embedded broker's
+    # end offsets".
     assert reported < 100
 
     async with EndOffsetProbe(bootstrap_servers=broker.bootstrap) as probe:
@@ -269,7 +270,7 @@ def test_no_orphan_broker_when_the_owner_is_killed(tmp_path: Path) -> None:
         import time
         from rtim.broker import EmbeddedBroker
         print(EmbeddedBroker(log_path={str(tmp_path / "tansu.log")!r}).start().port, flush=True)
-        time.sleep(60)
+        time.sleep(60)  # the owner lives on until the test kills it
         """
     )
     try:

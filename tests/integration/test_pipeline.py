@@ -10,11 +10,14 @@ import uuid
 
 import orjson
 import pytest
+from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka
+from cloudevents.core.formats.json import JSONFormat
 
 from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG
 from rtim.simulate import JourneySimulator
 from rtim.stream.app import TRIGGER_TOPIC_PREFIX
+from rtim.stream.worker import STATE_REPORT_END
 
 from .support import (
     committed,
@@ -122,6 +125,20 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store)
             assert ce["id"] == ce["data"]["decision_id"]
             assert dict(rec.headers)["content-type"].startswith(b"application/cloudevents+json")
             sent = dt.datetime.fromisoformat(ce["time"].replace("Z", "+00:00"))
+            # The official CloudEvents SDK reads the record as the Kafka protocol binding
+            # says (it picks the content mode from the headers itself).
+            message = KafkaMessage(headers=dict(rec.headers), key=rec.key, value=rec.value)
+            event = from_kafka(message, JSONFormat())
+            assert event.get_specversion() == "1.0"
+            assert event.get_id() == ce["data"]["decision_id"]
+            assert event.get_source() == "/rtim/rtim"
+            assert event.get_type() == "dev.rtim.trigger.v1"
+            assert event.get_subject() == rec.key.decode()
+            assert event.get_time() == sent
+            assert event.get_datacontenttype() == "application/json"
+            assert event.get_extension("partitionkey") == rec.key.decode()
+            assert event.get_extension("expiry") == ce["expiry"]
+            assert event.get_data() == ce["data"]
             expiry = dt.datetime.fromisoformat(ce["expiry"].replace("Z", "+00:00"))
             assert expiry - sent == dt.timedelta(seconds=900)
             data = ce["data"]
@@ -163,6 +180,7 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store)
         assert f"rtim.clickstream[{p}] position={offset} " in state
         assert re.search(rf"rtim\.clickstream\[{p}\] .* committed={offset} acked=0 ", state)
     assert "TASKS" in state  # Faust's stack dump of every task follows
+    assert STATE_REPORT_END in state  # and the report says it is complete
     assert worker.status("/health/ready") == 200
     # Garbage-collector pauses are on /metrics (the worker collects once when it starts processing).
     assert sum(worker.metric("rtim_gc_pause_seconds_count", generation=g) for g in "012") >= 1

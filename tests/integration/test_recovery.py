@@ -4,8 +4,9 @@ The replacement worker either restarts on the dead worker's RocksDB data dir
 or starts on a fresh one (and rebuilds the table from the changelog). Both
 must end with exactly the contexts an uninterrupted run builds from the same
 records: in the changelog, and in the new worker's own store on disk. The
-embedded broker under-reports end offsets (DESIGN.md §4); without RTIM's exact
-end offsets, recovery stops short (fresh dir) or crashes (same dir).
+embedded broker under-reports end offsets (docs/architecture.md, "The embedded
+broker's end offsets"); without RTIM's exact end offsets, recovery stops short
+(fresh dir) or crashes (same dir).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(
             break
         assert time.monotonic() < deadline, f"never caught uncommitted work: {done}"
         os.kill(doomed.proc.pid, signal.SIGCONT)
-        time.sleep(0.05)
+        time.sleep(0.05)  # let it work a little before the next look (bounded by the deadline)
     doomed.kill()
     assert sum(done.values()) < len(first)
 

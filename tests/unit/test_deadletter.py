@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 from typing import Any
 
 import pytest
@@ -15,7 +14,6 @@ from rtim.events import (
     InvalidEvent,
     dead_letter,
     dead_letter_headers,
-    deadletter,
     error_reason,
     parse_event,
 )
@@ -250,9 +248,3 @@ def test_parse_failure_to_dead_letter(value: bytes | None, reason: str) -> None:
     assert len(message) <= MAX_MESSAGE_BYTES  # short enough to be kept whole
     assert headers["__connect.errors.exception.message"] == message
     assert letter.value is value
-
-
-def test_docstring_examples_run() -> None:
-    result = doctest.testmod(deadletter)
-    assert result.attempted >= 3
-    assert result.failed == 0

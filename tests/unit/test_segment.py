@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import calendar
 import copy
-import doctest
 import pickle
 from typing import Any
 
@@ -20,7 +19,6 @@ from rtim.events import (
     InvalidEvent,
     derive_channel,
     parse_event,
-    segment,
 )
 
 
@@ -1102,9 +1100,3 @@ def test_public_names_are_exported() -> None:
     ):
         assert name in rtim.events.__all__
         assert hasattr(rtim.events, name)
-
-
-def test_docstring_examples_run() -> None:
-    result = doctest.testmod(segment)
-    assert result.attempted >= 5
-    assert result.failed == 0

@@ -461,7 +461,7 @@ class FakeProducer:
             fut.set_exception(RuntimeError("broker said no"))
         else:
             fut.set_result(None)
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a real send_batch awaits the network: other tasks run
         return fut
 
     async def stop(self) -> None:
@@ -533,7 +533,10 @@ async def test_produce_events_stops_cleanly_when_cancelled(fake_kafka):
             "k:9092", "t", sim.events(), rate=2000, progress=progressed.append
         )
     )
-    await asyncio.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while sum(progressed) <= 100:  # cancelled while producing
+        assert time.monotonic() < deadline and not task.done(), progressed
+        await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -10,19 +10,25 @@ produced by the engine.
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
-import inspect
 import json
+import os
 import re
+import shlex
+import subprocess
 import sys
+import threading
 import time
+import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jsonschema
 import orjson
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 from prometheus_client import REGISTRY
 from prometheus_client.metrics import MetricWrapperBase
 
@@ -38,7 +44,6 @@ from rtim.offers.catalog import CHANNELS as OFFER_CHANNELS
 from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG, Settings
 from rtim.simulate import JourneySimulator
-from rtim.stream import app as stream_app
 from rtim.stream.app import CLICKSTREAM_TOPIC, CONTEXT_TABLE, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX
 from rtim.stream.worker import topic_specs
 
@@ -273,7 +278,7 @@ def test_dead_letter_headers_match_the_code(
 
 
 def test_trigger_headers_match_the_code(
-    topics_by_name: dict[str, Any], asyncapi: dict[str, Any]
+    topics_by_name: dict[str, Any], asyncapi: dict[str, Any], engine_run: dict[str, Any]
 ) -> None:
     content_type = CONTENT_TYPE.decode()
     trigger_topic = topics_by_name[TRIGGER_TOPIC_PREFIX + "web"]
@@ -281,6 +286,10 @@ def test_trigger_headers_match_the_code(
     message = asyncapi["components"]["messages"]["Trigger"]
     assert message["contentType"] == content_type
     assert message["headers"]["properties"]["content-type"]["const"] == content_type
+    for trigger in engine_run["result"].triggers:
+        names = [name for name, _ in trigger.headers]
+        assert names == trigger_topic["headers"]["names"]
+        assert names == message["headers"]["required"] == list(message["headers"]["properties"])
     params = asyncapi["components"]["parameters"]["channel"]["enum"]
     assert set(params) == set(OFFER_CHANNELS)
 
@@ -668,27 +677,109 @@ def test_latency_alert_uses_the_objective_and_a_bucket_boundary() -> None:
 # --------------------------------------------------------------------------- deploy
 
 
-def test_app_serves_the_probed_endpoints() -> None:
-    source = inspect.getsource(stream_app.install_views)
-    for path in ("/metrics", "/health/live", "/health/ready"):
-        assert f'"{path}"' in source, path
+def dockerfile() -> list[tuple[str, str]]:
+    """deploy/Dockerfile as Docker reads it: (INSTRUCTION, arguments), in order."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (DEPLOY / "Dockerfile").read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue  # also inside a continued instruction, as Docker does
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        pending = ""
+    return instructions
 
 
-def test_dockerfile() -> None:
-    text = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert any(line == "FROM python:3.11-slim" for line in lines)
-    assert "pip install /tmp/src" in text or "pip install ." in text
-    assert f"EXPOSE {DEFAULTS.web_port}" in lines
-    user = next(line for line in lines if line.startswith("USER "))
-    assert user.split()[1] not in {"root", "0"}
-    assert 'VOLUME ["/data"]' in lines and "RTIM_DATADIR=/data" in text
-    healthcheck = text[text.index("HEALTHCHECK") :]
-    assert "/health/live" in healthcheck.split("CMD", 1)[1].splitlines()[0]
-    assert lines[-1] == 'CMD ["rtim", "worker"]'
-    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8")
-    for needed in ("!pyproject.toml", "!rtim/", "!topics/", "!deploy/create_topics.py"):
-        assert needed in ignore
+def image_env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, args in instructions:
+        if keyword == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(args))
+    return env
+
+
+def the(instructions: list[tuple[str, str]], keyword: str) -> str:
+    (args,) = [a for k, a in instructions if k == keyword]
+    return args
+
+
+def test_docker_image_runs_a_worker_as_users_expect() -> None:
+    instructions = dockerfile()
+    env = image_env(instructions)
+    # The image's Python is the oldest that the package supports (the one CI must hold).
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    base = re.fullmatch(r"python:(\d+)\.(\d+)[-\w.]*", instructions[0][1].split()[0])
+    assert instructions[0][0] == "FROM" and base, instructions[0]
+    major, minor = int(base[1]), int(base[2])
+    supported = SpecifierSet(project["requires-python"])
+    assert f"{major}.{minor}" in supported
+    assert f"{major}.{minor - 1}" not in supported
+    # Not root.
+    assert the(instructions, "USER").split(":")[0] not in {"root", "0"}
+    # The web port: the exposed one is the one the worker listens on.
+    assert int(the(instructions, "EXPOSE")) == int(env.get("RTIM_WEB_PORT", DEFAULTS.web_port))
+    assert int(env.get("RTIM_WEB_PORT", DEFAULTS.web_port)) == DEFAULTS.web_port
+    # The context store lives on the volume.
+    assert json.loads(the(instructions, "VOLUME")) == [env["RTIM_DATADIR"]]
+    # The command is the worker.
+    command = json.loads(the(instructions, "CMD"))
+    assert command == ["rtim", "worker"]
+    assert project["scripts"]["rtim"] == "rtim.cli:main"
+    from rtim.cli import main
+
+    assert "worker" in main.commands
+
+
+class _Probe(http.server.BaseHTTPRequestHandler):
+    status = 200
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.paths.append(self.path)
+        self.send_response(self.status)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False)])
+def test_docker_healthcheck_asks_the_workers_liveness(status: int, healthy: bool) -> None:
+    # Run the HEALTHCHECK command as Docker would, in the image's environment, against
+    # a stand-in for the worker's web server.
+    instructions = dockerfile()
+    options, _, command = the(instructions, "HEALTHCHECK").partition("CMD ")
+    argv = json.loads(command)
+    assert argv[0] == "python"
+    handler = type("Probe", (_Probe,), {"status": status, "paths": []})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**image_env(instructions), "RTIM_WEB_PORT": str(server.server_port)}
+        env["PATH"] = os.environ.get("PATH", "")
+        result = subprocess.run(
+            [sys.executable, *argv[1:]], env=env, capture_output=True, timeout=30, check=False
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert handler.paths == ["/health/live"]
+    assert (result.returncode == 0) is healthy, result.stderr
+    assert "--start-period=" in options  # the wait for the broker is not counted
+
+
+def test_docker_build_context_holds_what_the_image_copies() -> None:
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text(encoding="utf-8").splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for keyword, args in dockerfile():
+        if keyword == "COPY":
+            *sources, _ = shlex.split(args)
+            for source in sources:
+                assert source.rstrip("*").rstrip("/") in allowed, source
 
 
 @pytest.fixture(scope="module")

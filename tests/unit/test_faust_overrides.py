@@ -1,0 +1,166 @@
+"""The Faust and aiokafka code that RTIM's shell replaces, copies or reaches into is the
+code it was written against.
+
+rtim/stream/consumer.py, app.py, worker.py and store.py override Faust methods, copy
+two of them with changes, and read or write private attributes of Faust and aiokafka
+objects (their module docstrings list them). A new release can change any of that
+without an error: the overrides would then silently do something else. Each entry below
+is the hash of the source of one method RTIM depends on that way, for the versions
+pinned in pyproject.toml; when one changes, the test names it and says what to re-check.
+After re-checking, update the hash (the failure message shows the new one) and the pins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from importlib.metadata import version
+
+import pytest
+
+#: "module:Class.method" -> (sha256 of its source, first 16 hex digits; what to re-check).
+GUARDED: dict[str, tuple[str, str]] = {
+    # BatchConsumer (rtim/stream/consumer.py)
+    "faust.transport.consumer:Consumer.__init__": (
+        "302410d59e6972d1",
+        "the private state BatchConsumer reads and writes (_acked, _acked_index, _gap, "
+        "_read_offset, _committed_offset, _buffered_partitions): names and types",
+    ),
+    "faust.transport.consumer:Consumer._drain_messages": (
+        "44a2500309e83c63",
+        "BatchConsumer._drain_messages is a copy of it with the batch path added: port "
+        "the change into the copy",
+    ),
+    "faust.transport.consumer:Consumer._new_offset": (
+        "1d2c7ea89a7ad4f1",
+        "BatchConsumer._new_offset replaces it (ack list without duplicates, no offsets "
+        "below the commit): check the fixed defects are still there and the gap handling",
+    ),
+    "faust.transport.consumer:Consumer.perform_seek": (
+        "0e8c130ff4b0afd8",
+        "BatchConsumer.perform_seek wraps it and undoes a stale committed offset: check "
+        "that it still sets _committed_offset from the broker's answer",
+    ),
+    "faust.transport.consumer:Consumer.ack": (
+        "5fcf41cf45153475",
+        "BatchConsumer.ack_batch keeps the same books as ack (_acked, _acked_index) for a "
+        "whole batch: keep them in step",
+    ),
+    "faust.transport.consumer:Consumer._add_gap": (
+        "4df2573ded7c1c2c",
+        "BatchConsumer._drain_messages calls it as Faust's loop does",
+    ),
+    "faust.transport.consumer:Consumer._wait_next_records": (
+        "6218e1969a636b3f",
+        "BatchConsumer._drain_messages calls it instead of getmany(): its return value",
+    ),
+    "faust.transport.consumer:Consumer._filter_committable_offsets": (
+        "dc5e9baf5d994485",
+        "Faust's commit path calls _new_offset (replaced by BatchConsumer) from here",
+    ),
+    "faust.transport.consumer:Consumer.wait_empty": (
+        "e4662fe24f094819",
+        "BatchConsumer.wait_empty awaits the batch in progress, then this",
+    ),
+    "faust.transport.consumer:ThreadDelegateConsumer.highwaters": (
+        "3a2723b22582ffb7",
+        "BatchConsumer.highwaters replaces it with EndOffsetProbe (table recovery reads "
+        "up to these offsets)",
+    ),
+    "faust.transport.consumer:ThreadDelegateConsumer.seek_wait": (
+        "e9db5bbc4ceb2543",
+        "BatchConsumer._read_again seeks with it from the consumer's own thread",
+    ),
+    "faust.transport.drivers.aiokafka:Consumer._new_consumer_thread": (
+        "0870ec53dea75083",
+        "BatchConsumer._new_consumer_thread replaces it with ConsumerThread",
+    ),
+    "faust.transport.drivers.aiokafka:Consumer._to_message": (
+        "7c24f6511b2fcef7",
+        "BatchConsumer._drain_messages builds messages with it for the other topics",
+    ),
+    # ConsumerThread
+    "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread._create_worker_consumer": (
+        "c2701bfc3e6f6cad",
+        "ConsumerThread._create_worker_consumer sets the aiokafka consumer's "
+        "_fetch_max_wait_ms after it: check Faust still hard-codes fetch_max_wait_ms",
+    ),
+    "aiokafka.consumer.consumer:AIOKafkaConsumer.start": (
+        "2f1ba70443327538",
+        "ConsumerThread relies on start() reading _fetch_max_wait_ms into its Fetcher",
+    ),
+    "aiokafka.consumer.subscription_state:Assignment.state_value": (
+        "183fea82ef48f3e6",
+        "BatchConsumer.partition_report reads _subscription.subscription.assignment and "
+        "each state's _position, highwater, paused",
+    ),
+    "aiokafka.consumer.subscription_state:TopicPartitionState.__init__": (
+        "f0b391da1b87af04",
+        "BatchConsumer.partition_report reads _position, highwater and paused",
+    ),
+    # Transport, RtimApp, Worker
+    "faust.transport.drivers.aiokafka:Transport": (
+        "966a67907f33524d",
+        "rtim.stream.consumer.Transport only sets Consumer = BatchConsumer",
+    ),
+    "faust.app.base:App._new_transport": (
+        "42db531312dd776f",
+        "RtimApp._new_transport replaces it to build rtim.stream.consumer.Transport",
+    ),
+    "mode.services:Service.__init__": (
+        "ab4d12a25b93044a",
+        "BatchConsumer._drain_messages reads _stopped (its own and the fetcher's); the "
+        "/health/live view in rtim/stream/app.py reads the app's _crashed",
+    ),
+    "mode.worker:Worker._on_sigusr1": (
+        "46183ffb2553ce8e",
+        "rtim.stream.worker.Worker._on_sigusr1 logs the partitions, then calls it",
+    ),
+    # ContextStore (rtim/stream/store.py)
+    "faust.stores.rocksdb:Store.apply_changelog_batch": (
+        "ea3344d369fc4ab5",
+        "ContextStore.write does what it does for a batch (WriteBatch per partition, then "
+        "set_persisted_offset): keep the two in step",
+    ),
+    "faust.stores.rocksdb:Store.set_persisted_offset": (
+        "b4c811926678346e",
+        "ContextStore.write records the changelog offset recovery resumes from with it",
+    ),
+    "faust.stores.rocksdb:Store._db_for_partition": (
+        "cb7e67d5f9efc4bc",
+        "ContextStore reads and writes each partition's database through it",
+    ),
+    "faust.stores.rocksdb:Store.__init__": (
+        "c7c0fa2989e8ab4a",
+        "ContextStore.size iterates _dbs (partition -> Rdict)",
+    ),
+    "faust.stores.memory:Store.__post_init__": (
+        "e59c82f3785458b2",
+        "ContextStore reads and updates the memory store's data dict",
+    ),
+}
+
+
+def source_of(target: str) -> str:
+    module_name, _, qualname = target.partition(":")
+    obj: object = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = inspect.getattr_static(obj, part)
+    return inspect.getsource(obj)  # type: ignore[arg-type]
+
+
+def digest(target: str) -> str:
+    return hashlib.sha256(source_of(target).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("target", sorted(GUARDED))
+def test_overridden_library_code_is_unchanged(target: str) -> None:
+    expected, recheck = GUARDED[target]
+    got = digest(target)
+    assert got == expected, (
+        f"{target} changed (faust-streaming {version('faust-streaming')}, aiokafka "
+        f"{version('aiokafka')}, mode-streaming {version('mode-streaming')}). "
+        f"Re-check: {recheck}. Then set its hash here to {got!r} and the pins in "
+        "pyproject.toml to the versions checked."
+    )
