@@ -61,7 +61,7 @@ def plan(
 
 
 async def create(bootstrap: str, plans: list[TopicPlan], replication_factor: int) -> None:
-    from rtim.broker import create_topics  # checks names and counts the way Kafka does
+    from rtim.stream.topics import create_topics  # checks names and counts the way Kafka does
 
     for p in plans:
         created = await create_topics(

@@ -38,8 +38,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from rtim.broker import EmbeddedBroker, create_topics
-from rtim.simulate import JourneySimulator, key_for, past_start_ms
+from rtim.broker import EmbeddedBroker
+from rtim.events import customer_key
+from rtim.simulate import JourneySimulator, past_start_ms
 from rtim.simulate_kafka import produce_events
 from rtim.stream.endoffsets import true_end_offsets
 from rtim.stream.process import WorkerProcess
@@ -338,7 +339,9 @@ async def offered_load_latency(
             for _ in range(int(owed)):
                 event = next(stream)
                 event["timestamp"], _ = _iso_now()
-                await producer.send(CLICKSTREAM, orjson.dumps(event), key=key_for(event).encode())
+                await producer.send(
+                    CLICKSTREAM, orjson.dumps(event), key=customer_key(event).encode()
+                )
             owed -= int(owed)
             next_t += tick
             await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
@@ -400,7 +403,7 @@ async def run_bench(
     rtim_worker: WorkerProcess | None = None
     try:
         from rtim.settings import Settings
-        from rtim.stream.worker import topic_specs
+        from rtim.stream.topics import create_topics, topic_specs
 
         settings = Settings(broker=broker, partitions=partitions)
         trigger_topics = [t for t in topic_specs(settings) if t.startswith("rtim.triggers.")]

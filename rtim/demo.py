@@ -12,13 +12,13 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from rtim.broker import EmbeddedBroker, create_topics
+from rtim.broker import EmbeddedBroker
 from rtim.settings import Settings
 from rtim.simulate import JourneySimulator
 from rtim.simulate_kafka import produce_events
 from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC
 from rtim.stream.process import WorkerProcess
-from rtim.stream.worker import topic_specs
+from rtim.stream.topics import create_topics, topic_specs
 
 Echo = Callable[[str], None]
 

@@ -1,8 +1,7 @@
 """Ship simulated (or any Segment) events to Kafka, fast and optionally paced.
 
 Kept apart from :mod:`rtim.simulate` so that the journey generator stays free
-of asyncio and aiokafka; ``rtim.simulate.produce_events`` is a lazy alias of
-:func:`produce_events`.
+of asyncio and aiokafka.
 
 Why the batch API
 -----------------
@@ -30,7 +29,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from rtim.simulate import key_for
+from rtim.events import customer_key
 
 __all__ = ["produce_events"]
 
@@ -100,7 +99,7 @@ async def produce_events(
 
     Notes
     -----
-    Records are keyed by :func:`rtim.simulate.key_for` (``userId``, else
+    Records are keyed by :func:`rtim.events.customer_key` (``userId``, else
     ``anonymousId``) and serialised with :func:`orjson.dumps`. Their Kafka
     timestamp is the produce time, not the event's ``timestamp``: simulated
     time may lie days in the future, which brokers with
@@ -177,7 +176,7 @@ async def produce_events(
             if not chunk:
                 break
             for event in chunk:
-                key = key_for(event)
+                key = customer_key(event)
                 cached = key_cache.get(key)
                 if cached is None:
                     if len(key_cache) >= _KEY_CACHE_MAX:

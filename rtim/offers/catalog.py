@@ -31,9 +31,10 @@ from typing import Any
 import yaml
 
 from rtim.conditions import Condition, ConditionError, compile_all
+from rtim.names import OFFER_CHANNELS
 from rtim.triggers.rules import TriggerRule, parse_rule
 
-CHANNELS = frozenset({"web", "app", "email", "sms", "push", "call_centre", "store"})
+CHANNELS = OFFER_CHANNELS
 _OFFER_KEYS = {
     "id",
     "name",

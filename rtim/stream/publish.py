@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
+from rtim.settings import KafkaConnection
+
 #: Keys whose murmur2 hash is remembered (aiokafka's murmur2 is pure Python,
 #: about 20 us for a customer id; the same customers come back all the time).
 KEY_HASHES_CACHED = 100_000
@@ -37,8 +39,8 @@ class BatchPublisher:
 
     def __init__(
         self,
+        kafka: KafkaConnection | str,
         *,
-        bootstrap_servers: str,
         client_id: str = "rtim",
         max_batch_size: int = 512 * 1024,
         linger_ms: int = 0,
@@ -46,7 +48,7 @@ class BatchPublisher:
     ) -> None:
         # aiokafka binds its producer to the running loop: it is built in start().
         self._config = {
-            "bootstrap_servers": bootstrap_servers,
+            **KafkaConnection.parse(kafka).client_config(),
             "client_id": client_id,
             "acks": "all",
             "max_batch_size": max_batch_size,

@@ -9,24 +9,17 @@ import os
 import faust
 from aiokafka import AIOKafkaProducer
 
-from rtim.broker import create_topics
-from rtim.offers.catalog import load_catalog
+from rtim.errors import ConfigError
+from rtim.names import CLICKSTREAM_TOPIC
 from rtim.settings import Settings
-from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX, create_app
+from rtim.stream.app import create_app
 from rtim.stream.consumer import BatchConsumer
+from rtim.stream.topics import create_topics, topic_specs
 
 log = logging.getLogger("rtim.worker")
 
 
-def topic_specs(settings: Settings) -> dict[str, int]:
-    """The topics a worker reads and writes, with their partition counts."""
-    channels = load_catalog(settings.catalog).channels
-    specs = {CLICKSTREAM_TOPIC: settings.partitions, DLQ_TOPIC: settings.partitions}
-    specs.update({TRIGGER_TOPIC_PREFIX + c: settings.partitions for c in sorted(channels)})
-    return specs
-
-
-class TopicMismatch(RuntimeError):
+class TopicMismatch(ConfigError):
     """An existing topic cannot be used as it is (for example, wrong partition count)."""
 
 
@@ -38,7 +31,7 @@ async def check_copartitioning(settings: Settings) -> None:
     would be split and recovered into the wrong partitions.
     """
     # A producer, as aiokafka's consumer cancels itself if stopped right after start.
-    producer = AIOKafkaProducer(bootstrap_servers=settings.broker)
+    producer = AIOKafkaProducer(**settings.kafka.client_config())
     await producer.start()
     try:
         found = await producer.partitions_for(CLICKSTREAM_TOPIC)
@@ -61,7 +54,9 @@ async def ensure_topics(settings: Settings, *, give_up_after: float | None = Non
     specs = topic_specs(settings)
     while True:
         try:
-            await create_topics(settings.broker, specs, timeout=15.0)
+            await create_topics(
+                settings.kafka, specs, replication_factor=settings.replication_factor, timeout=15.0
+            )
             break
         except Exception as exc:  # any broker error: wait and retry
             if deadline is not None and loop.time() > deadline:

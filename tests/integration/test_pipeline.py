@@ -11,10 +11,10 @@ import uuid
 import orjson
 import pytest
 
+from rtim.names import TRIGGER_TOPIC_PREFIX
 from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG
 from rtim.simulate import JourneySimulator
-from rtim.stream.app import TRIGGER_TOPIC_PREFIX
 
 from .support import (
     committed,
