@@ -20,6 +20,7 @@ customer's events stay in order on one partition.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
@@ -27,9 +28,13 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 
 from rtim.events import customer_key
+from rtim.settings import KafkaConnection
+
+log = logging.getLogger("rtim.simulate")
 
 __all__ = ["produce_events"]
 
@@ -42,10 +47,44 @@ _PACE_CHUNK_S = 0.005
 _MAX_PACING_DEBT_S = 0.02
 # Bound on the key -> (bytes, partition) cache for arbitrary event iterables.
 _KEY_CACHE_MAX = 1_000_000
+# Back-off while the broker (or the topic) is not there yet, as a worker starting.
+_FIRST_RETRY_S = 0.5
+_LONGEST_RETRY_S = 10.0
+
+
+async def _start(config: dict[str, Any], topic: str) -> tuple[AIOKafkaProducer, list[int]]:
+    """A started producer and the topic's partitions, once the broker and the topic are there.
+
+    Waits with back-off and one warning per retry (a simulator started with
+    its broker, or before the worker created the topic, starts sending when
+    they are up); cancellation ends the wait.
+    """
+    delay = _FIRST_RETRY_S
+    while True:
+        producer = AIOKafkaProducer(**config)
+        try:
+            await producer.start()
+            partitions = sorted(await producer.partitions_for(topic))
+            if partitions:
+                return producer, partitions
+            problem = f"topic {topic} has no partitions yet"  # pragma: no cover
+        except KafkaConnectionError:
+            problem = "broker not available"
+        except (UnknownTopicOrPartitionError, KafkaTimeoutError):
+            problem = f"topic {topic} does not exist yet"
+        except BaseException:
+            await producer.stop()
+            raise
+        await producer.stop()
+        log.warning(
+            "%s at %s; retrying in %.1f s", problem, ",".join(config["bootstrap_servers"]), delay
+        )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _LONGEST_RETRY_S)
 
 
 async def produce_events(
-    bootstrap: str,
+    kafka: KafkaConnection | str,
     topic: str,
     events: Iterable[dict[str, Any]],
     *,
@@ -59,8 +98,10 @@ async def produce_events(
 
     Parameters
     ----------
-    bootstrap : str
-        Kafka bootstrap servers, e.g. ``"localhost:9092"``.
+    kafka : KafkaConnection or str
+        The connection, or bootstrap servers (``"localhost:9092"``). Until the
+        broker answers and the topic exists, waits and retries with back-off,
+        logging one warning per retry.
     topic : str
         Destination topic (must exist, or be auto-creatable by the broker).
     events : iterable of dict
@@ -95,7 +136,7 @@ async def produce_events(
     ValueError
         For a non-positive ``rate`` / ``batch_size`` or an event without ids.
     aiokafka.errors.KafkaError
-        If the broker cannot be reached or rejects a batch.
+        If the broker rejects a batch or goes away.
 
     Notes
     -----
@@ -116,10 +157,13 @@ async def produce_events(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
 
-    config: dict[str, Any] = {"bootstrap_servers": bootstrap, "max_batch_size": max_batch_bytes}
+    config: dict[str, Any] = {
+        **KafkaConnection.parse(kafka).client_config(),
+        "max_batch_size": max_batch_bytes,
+    }
     if producer_config:
         config.update(producer_config)
-    producer = AIOKafkaProducer(**config)
+    producer, partitions = await _start(config, topic)
 
     acked = 0  # updated by delivery callbacks
     reported = 0  # part of `acked` already passed to `progress`
@@ -146,10 +190,6 @@ async def produce_events(
             progress(delta)
 
     try:
-        await producer.start()
-        partitions = sorted(await producer.partitions_for(topic))
-        if not partitions:  # pragma: no cover - aiokafka waits for leaders
-            raise RuntimeError(f"topic {topic!r} has no partitions")
         partitioner = DefaultPartitioner()
         key_cache: dict[str, tuple[bytes, int]] = {}
         builders: dict[int, Any] = {}  # partition -> open BatchBuilder

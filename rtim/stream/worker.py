@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 
 import faust
 from aiokafka import AIOKafkaProducer
@@ -69,6 +70,30 @@ async def ensure_topics(settings: Settings, *, give_up_after: float | None = Non
     await check_copartitioning(settings)
 
 
+def check_web_port(settings: Settings) -> None:
+    """Fail at once, naming the setting, if the web port cannot be listened on.
+
+    Faust would find out only once the worker runs, with a long traceback.
+    """
+    host, port = settings.web_host, settings.web_port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"RTIM_WEB_HOST={host!r}: not an address to listen on ({exc})") from None
+    with socket.socket(family, kind, proto) as sock:
+        # As the web server itself binds: a port in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"RTIM_WEB_PORT={port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                "set RTIM_WEB_PORT to a free port"
+            ) from None
+
+
 class Worker(faust.Worker):
     """Faust's worker; ``kill -USR1`` also logs where each partition stands.
 
@@ -89,6 +114,7 @@ def run_worker(settings: Settings) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     os.makedirs(settings.datadir, exist_ok=True)
+    check_web_port(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))

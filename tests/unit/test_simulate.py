@@ -504,7 +504,7 @@ async def test_produce_events_keys_partitions_and_counts(fake_kafka):
     )
     assert sent == 3000 and sum(progressed) == 3000
     (producer,) = fake_kafka.instances
-    assert producer.config["bootstrap_servers"] == "kafka:9092"
+    assert producer.config["bootstrap_servers"] == ["kafka:9092"]
     assert producer.started and producer.stopped
     assert len(producer.batches) > 5  # full batches were shipped along the way
     records = producer.records()
