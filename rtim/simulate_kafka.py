@@ -8,8 +8,9 @@ Why the batch API
 ``AIOKafkaProducer.send`` costs a coroutine, a metadata check, a pure-Python
 murmur2 hash and a future per record, which tops out well below what the
 20k events/s benchmark needs once the generator also runs in the process.
-Instead we fill one :class:`aiokafka.producer.message_accumulator.BatchBuilder`
-per partition ourselves and hand complete batches to ``send_batch``. The
+Instead :class:`rtim.stream.publish.BatchWriter` (the publisher's too) fills one
+:class:`aiokafka.producer.message_accumulator.BatchBuilder` per partition and
+hands complete batches to ``send_batch``. The
 partition of each key is computed once with aiokafka's own
 :class:`~aiokafka.partitioner.DefaultPartitioner` (murmur2, like the Java
 client and Kafka Streams/Faust), so records land exactly where
@@ -33,6 +34,7 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from rtim.events import customer_key
 from rtim.settings import KafkaConnection
+from rtim.stream.publish import BatchWriter, Sent
 
 log = logging.getLogger("rtim.simulate")
 
@@ -189,22 +191,17 @@ async def produce_events(
             delta, reported = acked - reported, acked
             progress(delta)
 
+    def track(sent: Sent | None) -> None:
+        if sent is not None:
+            _, count, fut = sent
+            in_flight.add(fut)
+            fut.add_done_callback(lambda f, n=count: on_delivered(f, n))
+
     try:
         partitioner = DefaultPartitioner()
         key_cache: dict[str, tuple[bytes, int]] = {}
-        builders: dict[int, Any] = {}  # partition -> open BatchBuilder
+        writer = BatchWriter(producer)
         dumps = orjson.dumps
-
-        async def submit(partition: int) -> None:
-            builder = builders.pop(partition)
-            count = builder.record_count()
-            if not count:
-                return
-            # Closed batches skip the producer's linger and go out at once.
-            builder.close()
-            fut = await producer.send_batch(builder, topic, partition=partition)
-            in_flight.add(fut)
-            fut.add_done_callback(lambda f, n=count: on_delivered(f, n))
 
         chunk_size = batch_size
         if rate is not None:
@@ -227,28 +224,19 @@ async def produce_events(
                         partitioner(key_bytes, partitions, partitions),
                     )
                 key_bytes, partition = cached
-                value = dumps(event)
-                builder = builders.get(partition)
-                if builder is None:
-                    builder = builders[partition] = producer.create_batch()
-                if builder.append(timestamp=None, key=key_bytes, value=value) is None:
-                    # Full: ship it and start a new one (the first record of a
-                    # batch is always accepted, whatever its size).
-                    await submit(partition)
-                    builder = builders[partition] = producer.create_batch()
-                    builder.append(timestamp=None, key=key_bytes, value=value)
+                track(await writer.append(topic, partition, key_bytes, dumps(event)))
             if rate is None:
                 # Let the sender task, delivery callbacks and any UI run.
                 await asyncio.sleep(0)
             else:
-                for partition in list(builders):
-                    await submit(partition)
+                for sent in await writer.flush():
+                    track(sent)
                 now = time.monotonic()
                 next_at = max(next_at + len(chunk) / rate, now - _MAX_PACING_DEBT_S)
                 await asyncio.sleep(max(0.0, next_at - now))
             report()
-        for partition in list(builders):
-            await submit(partition)
+        for sent in await writer.flush():
+            track(sent)
         if in_flight:
             await asyncio.wait(list(in_flight))
         report()
