@@ -10,7 +10,7 @@ import click
 
 from rtim.errors import ConfigError
 from rtim.names import CLICKSTREAM_TOPIC
-from rtim.settings import describe, load_settings
+from rtim.settings import DEFAULTS, describe, load_settings
 
 #: Exit code for a configuration the user must fix (as for a usage error).
 CONFIG_ERROR_EXIT = 2
@@ -180,7 +180,7 @@ def simulate(
 @click.option(
     "--events", "-n", type=int, default=100_000, show_default=True, help="Events to load."
 )
-@click.option("--partitions", type=int, default=4, show_default=True)
+@click.option("--partitions", type=int, default=DEFAULTS.partitions, show_default=True)
 @click.option("--customers", type=int, default=5_000, show_default=True)
 @click.option(
     "--rate",
@@ -197,7 +197,7 @@ def simulate(
     help="Length of the latency phase (0 skips it).",
 )
 @click.option(
-    "--store", type=click.Choice(["rocksdb", "memory"]), default="rocksdb", show_default=True
+    "--store", type=click.Choice(["rocksdb", "memory"]), default=DEFAULTS.store, show_default=True
 )
 @click.option("--broker", default=None, help="Use this broker instead of an embedded one.")
 @click.option(

@@ -195,7 +195,7 @@ async def produce_events(
         if sent is not None:
             _, count, fut = sent
             in_flight.add(fut)
-            fut.add_done_callback(lambda f, n=count: on_delivered(f, n))
+            fut.add_done_callback(lambda f: on_delivered(f, count))
 
     try:
         partitioner = DefaultPartitioner()

@@ -67,7 +67,7 @@ class Lines:
         self._lines: dict[int, tuple[int, dict[Any, int]]] = {}
 
     def record(self, mapping: dict[Any, Any], node: yaml.MappingNode) -> None:
-        keys = {}
+        keys: dict[Any, int] = {}
         for key_node, _ in node.value:
             if isinstance(key_node, yaml.ScalarNode):
                 keys.setdefault(key_node.value, key_node.start_mark.line + 1)
@@ -99,7 +99,16 @@ def _load_yaml(text: str) -> tuple[Any, Lines]:
         yield mapping
         mapping.update(yaml.SafeLoader.construct_mapping(loader, node))
 
+    def construct_timestamp(loader: Loader, node: yaml.ScalarNode) -> Any:
+        try:
+            return yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+        except ValueError as exc:  # a date YAML recognises but cannot build (2026-02-30)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value}: {exc}", node.start_mark
+            ) from None
+
     Loader.add_constructor("tag:yaml.org,2002:map", construct_map)
+    Loader.add_constructor("tag:yaml.org,2002:timestamp", construct_timestamp)
     return yaml.load(text, Loader=Loader), lines
 
 
@@ -305,7 +314,6 @@ def load_catalog(path: str | Path) -> Catalog:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = "; ".join(p for p in (exc.context, exc.problem) if p)
         raise CatalogError(f"{where}: not valid YAML: {problem}") from None
-    except (yaml.YAMLError, ValueError) as exc:
-        # ValueError: a date YAML recognises but cannot build (2026-02-30).
+    except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
     return parse_catalog(data, source=str(path), lines=lines)
