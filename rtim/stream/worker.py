@@ -113,7 +113,10 @@ def run_worker(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    os.makedirs(settings.datadir, exist_ok=True)
+    try:
+        os.makedirs(settings.datadir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"RTIM_DATADIR={str(settings.datadir)!r}: {exc.strerror}") from None
     check_web_port(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)

@@ -93,6 +93,13 @@ def test_bad_setting_names_the_variable(variable: str, value: str, tmp_path: Pat
     assert "partitions" not in line.replace("RTIM_PARTITIONS", "")  # not pydantic's field name
 
 
+def test_unusable_datadir(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory", encoding="utf-8")
+    datadir = tmp_path / "file" / "data"
+    code, stderr = rtim_worker(tmp_path, {"RTIM_DATADIR": str(datadir)})
+    assert_one_line(code, stderr, f"RTIM_DATADIR='{datadir}'")
+
+
 def test_debug_level_shows_the_traceback(tmp_path: Path) -> None:
     code, stderr = rtim_worker(tmp_path, {"RTIM_PARTITIONS": "0", "RTIM_LOG_LEVEL": "debug"})
     assert code == 2
