@@ -11,7 +11,8 @@ Usage::
     python deploy/create_topics.py --bootstrap localhost:9092 --dry-run
 
 The broker, the partition count and the app id default to RTIM_BROKER, RTIM_PARTITIONS
-and RTIM_APP_ID, read by the worker's own Settings, so the topics match the workers.
+and RTIM_APP_ID, read by the worker's own Settings, so the topics match the workers; the
+replication factor to RTIM_REPLICATION_FACTOR if it is set, else to topics.yaml's.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def plan(
 
 
 async def create(bootstrap: str, plans: list[TopicPlan], replication_factor: int) -> None:
-    from rtim.broker import create_topics  # checks names and counts the way Kafka does
+    from rtim.stream.topics import create_topics  # checks names and counts the way Kafka does
 
     for p in plans:
         created = await create_topics(
@@ -86,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         "--replication-factor",
         type=int,
         default=None,
-        help="default: topics.yaml defaults.replication_factor",
+        help="default: RTIM_REPLICATION_FACTOR, else topics.yaml defaults.replication_factor",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan only")
     args = parser.parse_args(argv)
 
     doc = yaml.safe_load(args.topics.read_text(encoding="utf-8"))
-    rf = args.replication_factor or int(doc.get("defaults", {}).get("replication_factor", 1))
+    rf = args.replication_factor
+    if rf is None and "replication_factor" in settings.model_fields_set:
+        rf = settings.replication_factor
+    rf = rf or int(doc.get("defaults", {}).get("replication_factor", 1))
     plans = plan(doc, partitions=args.partitions, app_id=args.app_id, replication_factor=rf)
     for p in plans:
         configs = ", ".join(f"{k}={v}" for k, v in sorted(p.configs.items()))

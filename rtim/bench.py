@@ -38,13 +38,17 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from rtim.broker import EmbeddedBroker, create_topics
-from rtim.simulate import JourneySimulator, key_for, past_start_ms
+from rtim.broker import EmbeddedBroker
+from rtim.events import customer_key
+from rtim.names import CLICKSTREAM_TOPIC, TRIGGER_TOPIC_PREFIX
+from rtim.settings import KafkaConnection
+from rtim.simulate import JourneySimulator, past_start_ms
 from rtim.simulate_kafka import produce_events
 from rtim.stream.endoffsets import true_end_offsets
 from rtim.stream.process import WorkerProcess
+from rtim.stream.publish import BatchWriter
 
-CLICKSTREAM = "rtim.clickstream"
+CLICKSTREAM = CLICKSTREAM_TOPIC
 RAW_OUT = "bench.raw.out"
 RAW_GROUP = "bench-raw"
 RTIM_APP = "rtim-bench"
@@ -59,7 +63,7 @@ async def raw_pipeline(
     """The ceiling: consume -> parse -> dict update -> produce -> commit, nothing else."""
     consumer = AIOKafkaConsumer(
         CLICKSTREAM,
-        bootstrap_servers=bootstrap,
+        **KafkaConnection.parse(bootstrap).client_config(),
         group_id=group,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
@@ -68,7 +72,9 @@ async def raw_pipeline(
         rebalance_timeout_ms=5_000,
         fetch_max_wait_ms=25,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_batch_size=512 * 1024)
+    producer = AIOKafkaProducer(
+        **KafkaConnection.parse(bootstrap).client_config(), acks="all", max_batch_size=512 * 1024
+    )
     await consumer.start()
     await producer.start()
     counts: dict[str, int] = defaultdict(int)
@@ -78,23 +84,20 @@ async def raw_pipeline(
             fetched = await consumer.getmany(timeout_ms=1000, max_records=max_records)
             if not fetched:
                 continue
-            futures = []
+            writer = BatchWriter(producer)
+            sent = []
             for tp, records in fetched.items():
-                batch = producer.create_batch()
                 part = out_parts[tp.partition % len(out_parts)]
                 for rec in records:
                     event = orjson.loads(rec.value)
-                    customer = event.get("userId") or event.get("anonymousId")
+                    customer = customer_key(event)
                     counts[customer] += 1
                     value = orjson.dumps(
                         {"c": customer, "n": counts[customer], "ts": event.get("timestamp")}
                     )
-                    if batch.append(key=rec.key, value=value, timestamp=None) is None:
-                        futures.append(await producer.send_batch(batch, RAW_OUT, partition=part))
-                        batch = producer.create_batch()
-                        batch.append(key=rec.key, value=value, timestamp=None)
-                futures.append(await producer.send_batch(batch, RAW_OUT, partition=part))
-            await asyncio.gather(*futures)
+                    sent.append(await writer.append(RAW_OUT, part, rec.key, value))
+            sent.extend(await writer.flush())
+            await asyncio.gather(*(fut for _, _, fut in filter(None, sent)))
             await consumer.commit()
     finally:
         await producer.stop()
@@ -146,7 +149,7 @@ def worker_profile(
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    events = delta('rtim_events_consumed_total{topic="rtim.clickstream"}')
+    events = delta(f'rtim_events_consumed_total{{topic="{CLICKSTREAM}"}}')
     batches = delta("rtim_batch_records_count")
     if events <= 0 or batches <= 0 or wall_s <= 0:
         return None
@@ -218,7 +221,9 @@ async def measure_until_committed(
     """
     # A consumer of the group that never joins it: it only reads committed offsets.
     # (The admin client's OffsetFetch does not decode on the embedded broker.)
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    reader = AIOKafkaConsumer(
+        **KafkaConnection.parse(bootstrap).client_config(), group_id=group, enable_auto_commit=False
+    )
     await reader.start()
     tps = [TopicPartition(CLICKSTREAM, p) for p in range(partitions)]
     try:
@@ -296,7 +301,7 @@ async def offered_load_latency(
     consumer = AIOKafkaConsumer(
         RAW_OUT,
         *trigger_topics,
-        bootstrap_servers=bootstrap,
+        **KafkaConnection.parse(bootstrap).client_config(),
         auto_offset_reset="latest",
         enable_auto_commit=False,
         group_id=None,
@@ -307,7 +312,7 @@ async def offered_load_latency(
     await consumer.getmany(timeout_ms=200)
     for tp in consumer.assignment():
         await consumer.position(tp)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
+    producer = AIOKafkaProducer(**KafkaConnection.parse(bootstrap).client_config(), linger_ms=0)
     await producer.start()
     sim = JourneySimulator(customers=customers, seed=7, live=True)
     stream = sim.events()
@@ -338,7 +343,9 @@ async def offered_load_latency(
             for _ in range(int(owed)):
                 event = next(stream)
                 event["timestamp"], _ = _iso_now()
-                await producer.send(CLICKSTREAM, orjson.dumps(event), key=key_for(event).encode())
+                await producer.send(
+                    CLICKSTREAM, orjson.dumps(event), key=customer_key(event).encode()
+                )
             owed -= int(owed)
             next_t += tick
             await asyncio.sleep(max(0.0, next_t - time.perf_counter()))
@@ -400,10 +407,10 @@ async def run_bench(
     rtim_worker: WorkerProcess | None = None
     try:
         from rtim.settings import Settings
-        from rtim.stream.worker import topic_specs
+        from rtim.stream.topics import create_topics, topic_specs
 
         settings = Settings(broker=broker, partitions=partitions)
-        trigger_topics = [t for t in topic_specs(settings) if t.startswith("rtim.triggers.")]
+        trigger_topics = [t for t in topic_specs(settings) if t.startswith(TRIGGER_TOPIC_PREFIX)]
         await create_topics(broker, {**topic_specs(settings), RAW_OUT: partitions})
         echo(
             f"loading {events:,} simulated events "

@@ -20,12 +20,10 @@ Examples
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import importlib.resources
 import os
-import re
 import signal
 import socket
 import struct
@@ -44,12 +42,10 @@ __all__ = [
     "BrokerError",
     "EmbeddedBroker",
     "broker_binary",
-    "create_topics",
     "run_forever",
 ]
 
 _HOST = "127.0.0.1"
-_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # Kafka's own rule
 
 # Tansu reads these from the environment (clap `env`); a stray STORAGE_ENGINE or
 # OTLP endpoint in the caller's shell must not change what the embedded broker is.
@@ -455,72 +451,3 @@ def run_forever(port: int | None = None, *, log_path: Path | None = None) -> Non
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-async def create_topics(
-    bootstrap: str,
-    specs: Mapping[str, int],
-    *,
-    config: Mapping[str, Any] | None = None,
-    replication_factor: int = 1,
-    timeout: float = 30.0,
-) -> list[str]:
-    """Create the topics that do not exist yet. Idempotent.
-
-    Parameters
-    ----------
-    bootstrap
-        Kafka bootstrap servers.
-    specs
-        Topic name -> number of partitions. Existing topics are left as they are,
-        even if their partition count differs.
-    config
-        Topic configs applied to every created topic (values are sent as strings).
-    replication_factor
-        1 on the embedded broker; raise it for real clusters.
-    timeout
-        Seconds for the whole operation.
-
-    Returns
-    -------
-    list of str
-        The topics this call created.
-
-    Raises
-    ------
-    ValueError
-        For a name or partition count real Kafka would refuse; the embedded broker
-        accepts them silently, so we check here to behave the same on both.
-    """
-    # aiokafka is imported here so that `rtim broker` and child processes that only
-    # manage the process stay light.
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError, for_code
-
-    for name, partitions in specs.items():
-        if not _TOPIC_NAME.fullmatch(name) or name in (".", ".."):
-            raise ValueError(f"invalid topic name {name!r}: use 1-249 of [a-zA-Z0-9._-]")
-        if partitions < 1:
-            raise ValueError(f"topic {name!r} needs at least one partition, not {partitions}")
-    if not specs:
-        return []
-    configs = {k: str(v) for k, v in (config or {}).items()}
-    new = [
-        NewTopic(name, n, replication_factor, topic_configs=configs) for name, n in specs.items()
-    ]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
-    async with asyncio.timeout(timeout):
-        await admin.start()
-        try:
-            # Per-topic errors come back as codes in the response, not as exceptions.
-            response = await admin.create_topics(new)
-        finally:
-            await admin.close()
-    created = []
-    for name, code, *rest in response.topic_errors:
-        if code == 0:
-            created.append(name)
-        elif for_code(code) is not TopicAlreadyExistsError:
-            message = rest[0] if rest else None
-            raise for_code(code)(f"cannot create topic {name!r}: {message}")
-    return created

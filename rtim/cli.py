@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import logging
+import os
+import traceback
 
 import click
 
 from rtim.errors import ConfigError
-from rtim.settings import Settings, describe
-
-log = logging.getLogger("rtim.cli")
+from rtim.names import CLICKSTREAM_TOPIC
+from rtim.settings import DEFAULTS, describe, load_settings
 
 #: Exit code for a configuration the user must fix (as for a usage error).
 CONFIG_ERROR_EXIT = 2
@@ -23,13 +23,18 @@ def _settings_help() -> str:
 
 
 class _Commands(click.Group):
-    """Turns a :class:`ConfigError` into one line on stderr and exit code 2."""
+    """Turns a :class:`ConfigError` into one line on stderr and exit code 2.
+
+    The traceback comes first with ``RTIM_LOG_LEVEL=debug`` (read as it is: the
+    error may be in the settings themselves).
+    """
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except ConfigError as exc:
-            log.debug("configuration error", exc_info=True)
+            if os.environ.get("RTIM_LOG_LEVEL", "").strip().lower() == "debug":
+                traceback.print_exc()
             click.echo(f"rtim: {exc}", err=True)
             ctx.exit(CONFIG_ERROR_EXIT)
 
@@ -57,7 +62,7 @@ def worker(broker: str | None, web_port: int | None, datadir: str | None) -> Non
     from rtim.stream.worker import run_worker
 
     overrides = {"broker": broker, "web_port": web_port, "datadir": datadir}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    settings = load_settings(**{k: v for k, v in overrides.items() if v is not None})
     run_worker(settings)
 
 
@@ -128,7 +133,7 @@ def demo(customers: int, rate: float, duration: float, web_port: int) -> None:
     show_default=True,
     help="Stamp events with the wall clock, or with simulated journey time.",
 )
-@click.option("--topic", default="rtim.clickstream", show_default=True)
+@click.option("--topic", default=CLICKSTREAM_TOPIC, show_default=True)
 def simulate(
     broker: str | None,
     customers: int,
@@ -142,14 +147,21 @@ def simulate(
 
     Customers browse on web and app, search, add to cart, abandon or buy, open
     e-mails, call the service centre and visit stores; some stay anonymous,
-    others sign in and are identified.
+    others sign in and are identified. Waits for the broker and the topic if
+    they are not there yet.
     """
     import asyncio
+    import logging
 
+    from rtim.settings import KafkaConnection
     from rtim.simulate import JourneySimulator, past_start_ms
     from rtim.simulate_kafka import produce_events
 
-    bootstrap = broker or Settings().broker
+    logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # aiokafka reports each failed connection attempt as an error of its own;
+    # the simulator's one line per retry says it all.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    kafka = KafkaConnection.parse(broker) if broker else load_settings().kafka
     if events is None and rate is None:
         events = 10_000
     start_ms = None if live else past_start_ms()
@@ -157,7 +169,7 @@ def simulate(
     with click.progressbar(length=events, label=f"sending to {topic}", show_pos=True) as bar:
         try:
             sent = asyncio.run(
-                produce_events(bootstrap, topic, sim.events(events), rate=rate, progress=bar.update)
+                produce_events(kafka, topic, sim.events(events), rate=rate, progress=bar.update)
             )
         except KeyboardInterrupt:
             sent = None
@@ -168,7 +180,7 @@ def simulate(
 @click.option(
     "--events", "-n", type=int, default=100_000, show_default=True, help="Events to load."
 )
-@click.option("--partitions", type=int, default=4, show_default=True)
+@click.option("--partitions", type=int, default=DEFAULTS.partitions, show_default=True)
 @click.option("--customers", type=int, default=5_000, show_default=True)
 @click.option(
     "--rate",
@@ -185,7 +197,7 @@ def simulate(
     help="Length of the latency phase (0 skips it).",
 )
 @click.option(
-    "--store", type=click.Choice(["rocksdb", "memory"]), default="rocksdb", show_default=True
+    "--store", type=click.Choice(["rocksdb", "memory"]), default=DEFAULTS.store, show_default=True
 )
 @click.option("--broker", default=None, help="Use this broker instead of an embedded one.")
 @click.option(

@@ -12,13 +12,14 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from rtim.broker import EmbeddedBroker, create_topics
-from rtim.settings import Settings
+from rtim.broker import EmbeddedBroker
+from rtim.names import TRIGGER_TOPIC_PREFIX
+from rtim.settings import KafkaConnection, Settings
 from rtim.simulate import JourneySimulator
 from rtim.simulate_kafka import produce_events
 from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC
 from rtim.stream.process import WorkerProcess
-from rtim.stream.worker import topic_specs
+from rtim.stream.topics import create_topics, topic_specs
 
 Echo = Callable[[str], None]
 
@@ -43,7 +44,7 @@ async def _print_triggers(
     consumer = AIOKafkaConsumer(
         *topics,
         DLQ_TOPIC,
-        bootstrap_servers=bootstrap,
+        **KafkaConnection.parse(bootstrap).client_config(),
         auto_offset_reset="latest",
         enable_auto_commit=False,
         fetch_max_wait_ms=50,
@@ -116,7 +117,7 @@ async def run_demo(
                 f"simulating {customers} customers at {rate:g} events/s on web, app, email, "
                 "call centre and store; triggers below (Ctrl-C stops)\n"
             )
-            trigger_topics = [t for t in specs if t.startswith("rtim.triggers.")]
+            trigger_topics = [t for t in specs if t.startswith(TRIGGER_TOPIC_PREFIX)]
             sim = JourneySimulator(customers=customers, live=True)
 
             def sent(n: int) -> None:

@@ -35,10 +35,10 @@ from rtim.decide.arbitrate import decide
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
 from rtim.decide.scoring import PropensityModel
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, parse_event
+from rtim.names import trigger_topic
 from rtim.offers.catalog import Catalog
+from rtim.settings import DEFAULTS
 from rtim.triggers.rules import RuleIndex, TriggerRule, fired_rules
-
-TRIGGER_TOPIC_PREFIX = "rtim.triggers."
 
 
 class RecordLike(Protocol):
@@ -73,7 +73,7 @@ class Trigger:
 
     @property
     def topic(self) -> str:
-        return TRIGGER_TOPIC_PREFIX + self.channel
+        return trigger_topic(self.channel)
 
 
 @dataclass(slots=True)
@@ -117,10 +117,10 @@ class Engine:
         load: Callable[[int, bytes], bytes | None],
         model: PropensityModel | None = None,
         source: str = "/rtim",
-        max_event_bytes: int = 32_768,
-        max_future_skew_ms: int = 3_600_000,
-        trigger_ttl_ms: int = 900_000,
-        cache_size: int = 200_000,
+        max_event_bytes: int = DEFAULTS.max_event_bytes,
+        max_future_skew_ms: int = int(DEFAULTS.max_future_skew_s * 1000),
+        trigger_ttl_ms: int = int(DEFAULTS.trigger_ttl_s * 1000),
+        cache_size: int = DEFAULTS.cache_customers,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalog = catalog

@@ -6,11 +6,14 @@ Each field is read from the environment variable ``RTIM_<NAME>`` (for example
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rtim.errors import ConfigError
 
 DEFAULT_CATALOG = Path(__file__).parent / "data" / "catalog.yaml"
 
@@ -71,10 +74,89 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(
         10.0, description="Consumer group session timeout (how fast a dead worker is noticed)."
     )
+    replication_factor: int = Field(
+        1,
+        ge=1,
+        description="Replication factor of the topics RTIM creates, its table changelogs "
+        "included (3 on a production cluster).",
+    )
 
     @property
-    def bootstrap_servers(self) -> list[str]:
-        return [s.strip() for s in self.broker.split(",") if s.strip()]
+    def kafka(self) -> KafkaConnection:
+        """How every client of this worker connects to Kafka."""
+        return KafkaConnection.parse(self.broker)
+
+
+#: The default of every setting, whatever ``RTIM_*`` the environment sets; the
+#: core's parameters default to these (so each default is written once, above).
+DEFAULTS: Settings = Settings.model_construct()
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaConnection:
+    """How RTIM's Kafka clients connect: the one place for connection settings.
+
+    Every client (the Faust app, the publisher, the end-offset probe, topic
+    creation, the simulator, the bench, the CLI) is configured from
+    :meth:`client_config` or, for Faust, :meth:`faust_config`. Security settings
+    (``security_protocol``, SASL, SSL) become fields here, set from new
+    :class:`Settings` fields in :meth:`Settings.kafka`, and entries of those two
+    methods (aiokafka keyword arguments; Faust's ``broker_credentials``).
+
+    >>> KafkaConnection.parse("k1:9092, k2:9092").client_config()
+    {'bootstrap_servers': ['k1:9092', 'k2:9092']}
+    """
+
+    bootstrap_servers: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, servers: str | KafkaConnection) -> KafkaConnection:
+        """From ``host:port[,host:port]`` (an existing connection is returned as it is)."""
+        if isinstance(servers, KafkaConnection):
+            return servers
+        found = tuple(s.strip() for s in servers.split(",") if s.strip())
+        if not found:
+            raise ConfigError(f"RTIM_BROKER={servers!r}: no bootstrap server (host:port)")
+        return cls(found)
+
+    def __str__(self) -> str:
+        return ",".join(self.bootstrap_servers)
+
+    def client_config(self) -> dict[str, Any]:
+        """Keyword arguments for every aiokafka client (producer, consumer, admin)."""
+        return {"bootstrap_servers": list(self.bootstrap_servers)}
+
+    def faust_config(self) -> dict[str, Any]:
+        """Faust app settings for the same connection."""
+        return {"broker": [f"kafka://{server}" for server in self.bootstrap_servers]}
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a setting (``partitions`` -> ``RTIM_PARTITIONS``)."""
+    return f"RTIM_{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from ``RTIM_*`` (``overrides`` win, e.g. command-line options).
+
+    An invalid value raises :class:`ConfigError` naming the variable, the value
+    and what is expected:
+
+    >>> try:
+    ...     load_settings(partitions="four")
+    ... except ConfigError as exc:
+    ...     print(exc)
+    RTIM_PARTITIONS='four': Input should be a valid integer, unable to parse string as an integer
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            value = overrides[field] if field in overrides else error.get("input")
+            problems.append(f"{env_name(field)}={value!r}: {error['msg']}")
+        raise ConfigError("; ".join(problems)) from None
 
 
 def describe() -> list[tuple[str, str, str]]:
@@ -82,5 +164,5 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for name, field in Settings.model_fields.items():
         default = field.default
-        rows.append((f"RTIM_{name.upper()}", str(default), field.description or ""))
+        rows.append((env_name(name), str(default), field.description or ""))
     return rows

@@ -3,8 +3,8 @@
 The simulator feeds ``rtim simulate``, ``rtim demo``, the tests and the
 benchmark. It is deliberately free of asyncio and Kafka so that it can be used
 (and tested) as a plain iterator; the Kafka producer that ships its output lives
-in :mod:`rtim.simulate_kafka` and is re-exported here lazily as
-:func:`produce_events`.
+in :mod:`rtim.simulate_kafka`, which keys the events with
+:func:`rtim.events.customer_key`.
 
 What it models
 --------------
@@ -41,10 +41,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover - only for type checkers
-    from rtim.simulate_kafka import produce_events
+from typing import Any
 
 __all__ = [
     "CATALOG",
@@ -56,8 +53,6 @@ __all__ = [
     "JourneySimulator",
     "Product",
     "format_timestamp",
-    "key_for",
-    "produce_events",
 ]
 
 CHANNELS: tuple[str, ...] = ("web", "app", "email", "call_centre", "store")
@@ -447,31 +442,6 @@ def past_start_ms(days: int = 90) -> int:
     return int(time.time() * 1000) - days * 86_400_000
 
 
-def key_for(event: dict[str, Any]) -> str:
-    """Kafka message key of an event: ``userId`` if present, else ``anonymousId``.
-
-    Parameters
-    ----------
-    event : dict
-        A Segment-spec event.
-
-    Returns
-    -------
-    str
-        The partitioning key, so that all of a known customer's events (on
-        every channel) land on one partition.
-
-    Raises
-    ------
-    ValueError
-        If the event has neither id (invalid per the Segment spec).
-    """
-    key = event.get("userId") or event.get("anonymousId")
-    if not key:
-        raise ValueError("event has neither userId nor anonymousId")
-    return key
-
-
 def _uuid4(getrandbits: Any) -> str:
     """RFC 4122 version-4 UUID string drawn from ``getrandbits`` (the seeded RNG).
 
@@ -592,8 +562,6 @@ class JourneySimulator:
             event = next(journey)
             self._heap.append((c.clock, c.idx, event))
         heapq.heapify(self._heap)
-
-    key_for = staticmethod(key_for)
 
     # ---------------------------------------------------------------- public
 
@@ -1330,15 +1298,3 @@ class JourneySimulator:
             "satisfaction": satisfaction,
             "resolution_hours": round((c.clock - opened_at) / _HOUR_MS, 1),
         })  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    """Lazily expose :func:`rtim.simulate_kafka.produce_events` as ``produce_events``.
-
-    Keeps ``import rtim.simulate`` free of aiokafka/asyncio for the pure core.
-    """
-    if name == "produce_events":
-        from rtim.simulate_kafka import produce_events
-
-        return produce_events
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

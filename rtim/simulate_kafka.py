@@ -1,16 +1,16 @@
 """Ship simulated (or any Segment) events to Kafka, fast and optionally paced.
 
 Kept apart from :mod:`rtim.simulate` so that the journey generator stays free
-of asyncio and aiokafka; ``rtim.simulate.produce_events`` is a lazy alias of
-:func:`produce_events`.
+of asyncio and aiokafka.
 
 Why the batch API
 -----------------
 ``AIOKafkaProducer.send`` costs a coroutine, a metadata check, a pure-Python
 murmur2 hash and a future per record, which tops out well below what the
 20k events/s benchmark needs once the generator also runs in the process.
-Instead we fill one :class:`aiokafka.producer.message_accumulator.BatchBuilder`
-per partition ourselves and hand complete batches to ``send_batch``. The
+Instead :class:`rtim.stream.publish.BatchWriter` (the publisher's too) fills one
+:class:`aiokafka.producer.message_accumulator.BatchBuilder` per partition and
+hands complete batches to ``send_batch``. The
 partition of each key is computed once with aiokafka's own
 :class:`~aiokafka.partitioner.DefaultPartitioner` (murmur2, like the Java
 client and Kafka Streams/Faust), so records land exactly where
@@ -21,6 +21,7 @@ customer's events stay in order on one partition.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
@@ -28,9 +29,14 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError, UnknownTopicOrPartitionError
 from aiokafka.partitioner import DefaultPartitioner
 
-from rtim.simulate import key_for
+from rtim.events import customer_key
+from rtim.settings import KafkaConnection
+from rtim.stream.publish import BatchWriter, Sent
+
+log = logging.getLogger("rtim.simulate")
 
 __all__ = ["produce_events"]
 
@@ -43,10 +49,44 @@ _PACE_CHUNK_S = 0.005
 _MAX_PACING_DEBT_S = 0.02
 # Bound on the key -> (bytes, partition) cache for arbitrary event iterables.
 _KEY_CACHE_MAX = 1_000_000
+# Back-off while the broker (or the topic) is not there yet, as a worker starting.
+_FIRST_RETRY_S = 0.5
+_LONGEST_RETRY_S = 10.0
+
+
+async def _start(config: dict[str, Any], topic: str) -> tuple[AIOKafkaProducer, list[int]]:
+    """A started producer and the topic's partitions, once the broker and the topic are there.
+
+    Waits with back-off and one warning per retry (a simulator started with
+    its broker, or before the worker created the topic, starts sending when
+    they are up); cancellation ends the wait.
+    """
+    delay = _FIRST_RETRY_S
+    while True:
+        producer = AIOKafkaProducer(**config)
+        try:
+            await producer.start()
+            partitions = sorted(await producer.partitions_for(topic))
+            if partitions:
+                return producer, partitions
+            problem = f"topic {topic} has no partitions yet"  # pragma: no cover
+        except KafkaConnectionError:
+            problem = "broker not available"
+        except (UnknownTopicOrPartitionError, KafkaTimeoutError):
+            problem = f"topic {topic} does not exist yet"
+        except BaseException:
+            await producer.stop()
+            raise
+        await producer.stop()
+        log.warning(
+            "%s at %s; retrying in %.1f s", problem, ",".join(config["bootstrap_servers"]), delay
+        )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _LONGEST_RETRY_S)
 
 
 async def produce_events(
-    bootstrap: str,
+    kafka: KafkaConnection | str,
     topic: str,
     events: Iterable[dict[str, Any]],
     *,
@@ -60,8 +100,10 @@ async def produce_events(
 
     Parameters
     ----------
-    bootstrap : str
-        Kafka bootstrap servers, e.g. ``"localhost:9092"``.
+    kafka : KafkaConnection or str
+        The connection, or bootstrap servers (``"localhost:9092"``). Until the
+        broker answers and the topic exists, waits and retries with back-off,
+        logging one warning per retry.
     topic : str
         Destination topic (must exist, or be auto-creatable by the broker).
     events : iterable of dict
@@ -96,11 +138,11 @@ async def produce_events(
     ValueError
         For a non-positive ``rate`` / ``batch_size`` or an event without ids.
     aiokafka.errors.KafkaError
-        If the broker cannot be reached or rejects a batch.
+        If the broker rejects a batch or goes away.
 
     Notes
     -----
-    Records are keyed by :func:`rtim.simulate.key_for` (``userId``, else
+    Records are keyed by :func:`rtim.events.customer_key` (``userId``, else
     ``anonymousId``) and serialised with :func:`orjson.dumps`. Their Kafka
     timestamp is the produce time, not the event's ``timestamp``: simulated
     time may lie days in the future, which brokers with
@@ -117,10 +159,13 @@ async def produce_events(
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
 
-    config: dict[str, Any] = {"bootstrap_servers": bootstrap, "max_batch_size": max_batch_bytes}
+    config: dict[str, Any] = {
+        **KafkaConnection.parse(kafka).client_config(),
+        "max_batch_size": max_batch_bytes,
+    }
     if producer_config:
         config.update(producer_config)
-    producer = AIOKafkaProducer(**config)
+    producer, partitions = await _start(config, topic)
 
     acked = 0  # updated by delivery callbacks
     reported = 0  # part of `acked` already passed to `progress`
@@ -146,26 +191,17 @@ async def produce_events(
             delta, reported = acked - reported, acked
             progress(delta)
 
+    def track(sent: Sent | None) -> None:
+        if sent is not None:
+            _, count, fut = sent
+            in_flight.add(fut)
+            fut.add_done_callback(lambda f: on_delivered(f, count))
+
     try:
-        await producer.start()
-        partitions = sorted(await producer.partitions_for(topic))
-        if not partitions:  # pragma: no cover - aiokafka waits for leaders
-            raise RuntimeError(f"topic {topic!r} has no partitions")
         partitioner = DefaultPartitioner()
         key_cache: dict[str, tuple[bytes, int]] = {}
-        builders: dict[int, Any] = {}  # partition -> open BatchBuilder
+        writer = BatchWriter(producer)
         dumps = orjson.dumps
-
-        async def submit(partition: int) -> None:
-            builder = builders.pop(partition)
-            count = builder.record_count()
-            if not count:
-                return
-            # Closed batches skip the producer's linger and go out at once.
-            builder.close()
-            fut = await producer.send_batch(builder, topic, partition=partition)
-            in_flight.add(fut)
-            fut.add_done_callback(lambda f, n=count: on_delivered(f, n))
 
         chunk_size = batch_size
         if rate is not None:
@@ -177,7 +213,7 @@ async def produce_events(
             if not chunk:
                 break
             for event in chunk:
-                key = key_for(event)
+                key = customer_key(event)
                 cached = key_cache.get(key)
                 if cached is None:
                     if len(key_cache) >= _KEY_CACHE_MAX:
@@ -188,28 +224,19 @@ async def produce_events(
                         partitioner(key_bytes, partitions, partitions),
                     )
                 key_bytes, partition = cached
-                value = dumps(event)
-                builder = builders.get(partition)
-                if builder is None:
-                    builder = builders[partition] = producer.create_batch()
-                if builder.append(timestamp=None, key=key_bytes, value=value) is None:
-                    # Full: ship it and start a new one (the first record of a
-                    # batch is always accepted, whatever its size).
-                    await submit(partition)
-                    builder = builders[partition] = producer.create_batch()
-                    builder.append(timestamp=None, key=key_bytes, value=value)
+                track(await writer.append(topic, partition, key_bytes, dumps(event)))
             if rate is None:
                 # Let the sender task, delivery callbacks and any UI run.
                 await asyncio.sleep(0)
             else:
-                for partition in list(builders):
-                    await submit(partition)
+                for sent in await writer.flush():
+                    track(sent)
                 now = time.monotonic()
                 next_at = max(next_at + len(chunk) / rate, now - _MAX_PACING_DEBT_S)
                 await asyncio.sleep(max(0.0, next_at - now))
             report()
-        for partition in list(builders):
-            await submit(partition)
+        for sent in await writer.flush():
+            track(sent)
         if in_flight:
             await asyncio.wait(list(in_flight))
         report()

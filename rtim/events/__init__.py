@@ -16,6 +16,7 @@ from rtim.events.segment import (
     REASONS,
     Event,
     InvalidEvent,
+    customer_key,
     derive_channel,
     parse_event,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "DeadLetter",
     "Event",
     "InvalidEvent",
+    "customer_key",
     "dead_letter",
     "dead_letter_headers",
     "derive_channel",

@@ -57,12 +57,16 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from rtim.names import EVENT_CHANNELS
+from rtim.settings import DEFAULTS
+
 __all__ = [
     "CHANNELS",
     "EVENT_TYPES",
     "REASONS",
     "Event",
     "InvalidEvent",
+    "customer_key",
     "derive_channel",
     "parse_event",
 ]
@@ -86,9 +90,7 @@ _REASON_SET = frozenset(REASONS)
 EVENT_TYPES: frozenset[str] = frozenset({"page", "screen", "track", "identify", "group", "alias"})
 
 #: Every value :attr:`Event.channel` can take.
-CHANNELS: frozenset[str] = frozenset(
-    {"web", "app", "email", "sms", "push", "call_centre", "store", "service", "server"}
-)
+CHANNELS: frozenset[str] = EVENT_CHANNELS
 
 # Explicit channel values (lower-cased, stripped) -> channel. Values not listed
 # here (Segment's "client", RudderStack's "sources", a campaign name...) are
@@ -287,6 +289,45 @@ def _identity(obj: dict[str, Any], field: str) -> str | None:
     )
 
 
+def _identities(obj: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """(customer id, userId, anonymousId): the identity rule (module docstring)."""
+    # The common cases inline (a non-blank string, or absent); _identity has the rest.
+    user_id = obj.get("userId")
+    if user_id is not None and (type(user_id) is not str or not user_id or user_id.isspace()):
+        user_id = _identity(obj, "userId")
+    anonymous_id = obj.get("anonymousId")
+    if anonymous_id is not None and (
+        type(anonymous_id) is not str or not anonymous_id or anonymous_id.isspace()
+    ):
+        anonymous_id = _identity(obj, "anonymousId")
+    if user_id is not None:
+        return user_id, user_id, anonymous_id
+    if anonymous_id is None:
+        raise InvalidEvent(
+            "missing_id", "userId or anonymousId is required (both absent or empty)", field="userId"
+        )
+    return anonymous_id, user_id, anonymous_id
+
+
+def customer_key(event: dict[str, Any]) -> str:
+    """The customer id of a Segment call, which is also its Kafka key.
+
+    ``userId``, else ``anonymousId``; integers as decimal strings (see the
+    module docstring). Producers key records with it so that all of a
+    customer's events land on one partition, in order.
+
+    >>> customer_key({"userId": 42, "anonymousId": "a-7"}), customer_key({"anonymousId": "a-7"})
+    ('42', 'a-7')
+
+    Raises
+    ------
+    InvalidEvent
+        ``missing_id`` if neither id is there, ``wrong_type`` for an id that
+        is neither a string nor an integer.
+    """
+    return _identities(event)[0]
+
+
 def _object(obj: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     value = obj.get(key)
     if value is None:
@@ -344,9 +385,9 @@ def _timestamp_ms(value: Any, field: str) -> int:
 def parse_event(
     value: bytes | None,
     *,
-    max_bytes: int = 32_768,
+    max_bytes: int = DEFAULTS.max_event_bytes,
     now_ms: int | None = None,
-    max_future_skew_ms: int = 3_600_000,
+    max_future_skew_ms: int = int(DEFAULTS.max_future_skew_s * 1000),
 ) -> Event:
     """Parse and validate one record value as a Segment call.
 
@@ -436,19 +477,7 @@ def parse_event(
             f"messageId must be a non-empty string, got {_got(obj, 'messageId')}",
             field="messageId",
         )
-    # The common cases inline (a non-blank string, or absent); _identity has the rest.
-    user_id = obj.get("userId")
-    if user_id is not None and (type(user_id) is not str or not user_id or user_id.isspace()):
-        user_id = _identity(obj, "userId")
-    anonymous_id = obj.get("anonymousId")
-    if anonymous_id is not None and (
-        type(anonymous_id) is not str or not anonymous_id or anonymous_id.isspace()
-    ):
-        anonymous_id = _identity(obj, "anonymousId")
-    if user_id is None and anonymous_id is None:
-        raise InvalidEvent(
-            "missing_id", "userId or anonymousId is required (both absent or empty)", field="userId"
-        )
+    customer_id, user_id, anonymous_id = _identities(obj)
 
     if event_type == "track":
         name = obj.get("event")
@@ -507,7 +536,7 @@ def parse_event(
         (
             event_type,
             message_id,
-            user_id if user_id is not None else anonymous_id,
+            customer_id,
             user_id,
             anonymous_id,
             name,

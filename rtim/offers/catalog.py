@@ -17,7 +17,8 @@ see :mod:`rtim.triggers.rules`) and ``offers``::
         creative: {title: "Shipping is on us", text: "..."}
 
 Loading checks everything (unknown fields, types, conditions, references from
-offers to triggers) and raises :class:`CatalogError` naming the place.
+offers to triggers) and raises :class:`CatalogError` naming the place: the
+file and line of the offending trigger, offer or field, and what is wrong.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from typing import Any
 import yaml
 
 from rtim.conditions import Condition, ConditionError, compile_all
+from rtim.errors import ConfigError
+from rtim.names import OFFER_CHANNELS
 from rtim.triggers.rules import TriggerRule, parse_rule
 
-CHANNELS = frozenset({"web", "app", "email", "sms", "push", "call_centre", "store"})
+CHANNELS = OFFER_CHANNELS
 _OFFER_KEYS = {
     "id",
     "name",
@@ -49,8 +52,64 @@ _OFFER_KEYS = {
 }
 
 
-class CatalogError(ValueError):
+class CatalogError(ConfigError, ValueError):
     """The catalog file cannot be used; the message says where and why."""
+
+
+class Lines:
+    """Line numbers of the mappings of a YAML document, and of their keys.
+
+    Keyed by the identity of the mapping the loader built, so the document
+    stays plain dicts and lists.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[int, tuple[int, dict[Any, int]]] = {}
+
+    def record(self, mapping: dict[Any, Any], node: yaml.MappingNode) -> None:
+        keys: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                keys.setdefault(key_node.value, key_node.start_mark.line + 1)
+        self._lines[id(mapping)] = (node.start_mark.line + 1, keys)
+
+    def of(self, mapping: Any, message: str = "") -> int | None:
+        """The line of ``mapping``, or of its key the message names (``'key'``, ``.key``)."""
+        found = self._lines.get(id(mapping))
+        if found is None:
+            return None
+        line, keys = found
+        for key, key_line in keys.items():
+            if f"'{key}'" in message or f"'{key}." in message or f".{key}" in message:
+                return key_line
+        return line
+
+
+def _load_yaml(text: str) -> tuple[Any, Lines]:
+    lines = Lines()
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # As SafeLoader's construct_yaml_map: an empty dict first (it may be
+    # referred to by an alias inside itself), filled afterwards.
+    def construct_map(loader: Loader, node: yaml.MappingNode) -> Any:
+        mapping: dict[Any, Any] = {}
+        lines.record(mapping, node)
+        yield mapping
+        mapping.update(yaml.SafeLoader.construct_mapping(loader, node))
+
+    def construct_timestamp(loader: Loader, node: yaml.ScalarNode) -> Any:
+        try:
+            return yaml.SafeLoader.construct_yaml_timestamp(loader, node)
+        except ValueError as exc:  # a date YAML recognises but cannot build (2026-02-30)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value}: {exc}", node.start_mark
+            ) from None
+
+    Loader.add_constructor("tag:yaml.org,2002:map", construct_map)
+    Loader.add_constructor("tag:yaml.org,2002:timestamp", construct_timestamp)
+    return yaml.load(text, Loader=Loader), lines
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,43 +247,73 @@ def _duplicates(ids: list[str]) -> list[str]:
     return sorted({i for i in ids if ids.count(i) > 1})
 
 
-def parse_catalog(data: Any, source: str = "<memory>") -> Catalog:
-    """Build a :class:`Catalog` from the parsed YAML document."""
+def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = None) -> Catalog:
+    """Build a :class:`Catalog` from the parsed YAML document.
+
+    With the document's ``lines`` (:func:`load_catalog` has them), errors name
+    ``source:line``.
+    """
+    lines = lines or Lines()
+
+    def error(message: str, where: Any = None) -> CatalogError:
+        line = lines.of(where if where is not None else data, message)
+        return CatalogError(f"{source}:{line}: {message}" if line else f"{source}: {message}")
+
     if not isinstance(data, dict):
-        raise CatalogError(f"{source}: the catalog must be a mapping with 'triggers' and 'offers'")
+        raise error("the catalog must be a mapping with 'triggers' and 'offers'")
     unknown = set(data) - {"triggers", "offers"}
     if unknown:
-        raise CatalogError(f"{source}: unknown top-level field(s) {sorted(map(str, unknown))}")
+        raise error(f"unknown top-level field(s) {sorted(map(str, unknown))}")
     raw_triggers = data.get("triggers") or []
     raw_offers = data.get("offers") or []
     if not isinstance(raw_triggers, list) or not isinstance(raw_offers, list):
-        raise CatalogError(f"{source}: 'triggers' and 'offers' must be lists")
-    try:
-        triggers = tuple(parse_rule(raw, i) for i, raw in enumerate(raw_triggers))
-    except ConditionError as exc:
-        raise CatalogError(f"{source}: {exc}") from None
+        raise error("'triggers' and 'offers' must be lists")
+    triggers = []
+    for i, raw in enumerate(raw_triggers):
+        try:
+            triggers.append(parse_rule(raw, i))
+        except ConditionError as exc:
+            raise error(str(exc), raw) from None
     ids = [t.id for t in triggers]
     if len(set(ids)) != len(ids):
-        raise CatalogError(f"{source}: duplicate trigger id(s) {_duplicates(ids)}")
+        raise error(f"duplicate trigger id(s) {_duplicates(ids)}", _second(raw_triggers, ids))
     trigger_ids = frozenset(ids)
-    try:
-        offers = tuple(parse_offer(raw, i, trigger_ids) for i, raw in enumerate(raw_offers))
-    except CatalogError as exc:
-        raise CatalogError(f"{source}: {exc}") from None
+    offers = []
+    for i, raw in enumerate(raw_offers):
+        try:
+            offers.append(parse_offer(raw, i, trigger_ids))
+        except CatalogError as exc:
+            raise error(str(exc), raw) from None
     offer_ids = [o.id for o in offers]
     if len(set(offer_ids)) != len(offer_ids):
-        raise CatalogError(f"{source}: duplicate offer id(s) {_duplicates(offer_ids)}")
-    return Catalog(triggers=triggers, offers=offers, source=source)
+        raise error(
+            f"duplicate offer id(s) {_duplicates(offer_ids)}", _second(raw_offers, offer_ids)
+        )
+    return Catalog(triggers=tuple(triggers), offers=tuple(offers), source=source)
+
+
+def _second(raws: list[Any], ids: list[str]) -> Any:
+    """The first entry whose id was used before (where a duplicate shows)."""
+    seen: set[str] = set()
+    for raw, id_ in zip(raws, ids, strict=True):
+        if id_ in seen:
+            return raw
+        seen.add(id_)
+    return None
 
 
 def load_catalog(path: str | Path) -> Catalog:
     """Read and check a catalog file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data, lines = _load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise CatalogError(f"cannot read catalog {path}: {exc}") from None
-    except (yaml.YAMLError, ValueError) as exc:
-        # ValueError: a date YAML recognises but cannot build (2026-02-30).
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = "; ".join(p for p in (exc.context, exc.problem) if p)
+        raise CatalogError(f"{where}: not valid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
-    return parse_catalog(data, source=str(path))
+    return parse_catalog(data, source=str(path), lines=lines)

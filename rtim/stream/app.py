@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 
 from rtim import metrics
 from rtim.engine import Engine
+from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE, DLQ_TOPIC
 from rtim.offers.catalog import load_catalog
 from rtim.settings import Settings
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
@@ -30,16 +31,21 @@ from rtim.stream.store import ContextStore
 
 log = logging.getLogger("rtim.stream")
 
-CLICKSTREAM_TOPIC = "rtim.clickstream"
-DLQ_TOPIC = "rtim.dlq"
-TRIGGER_TOPIC_PREFIX = "rtim.triggers."
-CONTEXT_TABLE = "customers"
 #: Records the core handles between two turns of the event loop.
 CORE_CHUNK = 500
 
 
 class RtimApp(faust.App):
-    """A Faust app whose consumer has RTIM's batch path (:mod:`rtim.stream.consumer`)."""
+    """A Faust app whose consumer has RTIM's batch path (:mod:`rtim.stream.consumer`).
+
+    It carries RTIM's settings for the parts Faust has no setting for (the
+    consumer's fetch wait, the end-offset probe's connection): Faust builds
+    those when the consumer is first used, so they must be known from the start.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.rtim_settings = settings
+        super().__init__(settings.app_id, **faust_settings(settings))
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
@@ -53,14 +59,14 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
     its old member's session timeout before the group rebalances.
     """
     return {
-        "broker": [f"kafka://{server}" for server in settings.bootstrap_servers],
+        **settings.kafka.faust_config(),
         "store": "rocksdb://" if settings.store == "rocksdb" else "memory://",
         "datadir": str(settings.datadir),
         "web_enabled": True,
         "web_port": settings.web_port,
         "web_bind": settings.web_host,
         "topic_partitions": settings.partitions,
-        "topic_replication_factor": 1,
+        "topic_replication_factor": settings.replication_factor,
         "broker_max_poll_records": settings.max_fetch_records,
         "broker_commit_interval": settings.commit_interval_s,
         "broker_session_timeout": settings.session_timeout_s,
@@ -114,9 +120,7 @@ class ClickstreamProcessor:
             trigger_ttl_ms=int(settings.trigger_ttl_s * 1000),
             cache_size=settings.cache_customers,
         )
-        self.publisher = BatchPublisher(
-            bootstrap_servers=settings.broker, client_id=f"{settings.app_id}-publisher"
-        )
+        self.publisher = BatchPublisher(settings.kafka, client_id=f"{settings.app_id}-publisher")
         self.changelog_topic = table.changelog_topic.get_topic_name()
         self._generation: int | None = None
         self._idle = asyncio.Event()
@@ -221,7 +225,7 @@ class ClickstreamProcessor:
 
 def create_app(settings: Settings) -> RtimApp:
     """Build the RTIM Faust app for these settings."""
-    app = RtimApp(settings.app_id, **faust_settings(settings))
+    app = RtimApp(settings)
     clickstream = app.topic(
         CLICKSTREAM_TOPIC,
         key_type=bytes,
@@ -243,7 +247,6 @@ def create_app(settings: Settings) -> RtimApp:
     app.topics.add(clickstream)
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)
-    consumer.fetch_max_wait_ms = settings.fetch_max_wait_ms
     consumer.route_batches({CLICKSTREAM_TOPIC}, processor.handle, processor.wait_idle)
 
     @app.on_before_shutdown.connect

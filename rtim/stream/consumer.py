@@ -108,21 +108,21 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     Faust hard-codes ``fetch_max_wait_ms=1500``; a broker that holds each fetch
     for the whole wait when little data is there (the embedded one does) then
-    adds up to 1.5 s to every decision.
+    adds up to 1.5 s to every decision. ``RTIM_FETCH_MAX_WAIT_MS`` is read from
+    the app when the consumer is built (Faust builds this thread earlier, with
+    the consumer).
     """
-
-    fetch_max_wait_ms: int = 25
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = self.fetch_max_wait_ms  # read by start()
+        # Read by start(), when it builds the fetcher.
+        consumer._fetch_max_wait_ms = self.app.rtim_settings.fetch_max_wait_ms
         return consumer
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with a batch path for selected topics."""
 
-    fetch_max_wait_ms: int = 25
     batch_topics: frozenset[str] = frozenset()
     _batch_sink: BatchSink | None = None
     _idle_waiters: list[Callable[[], Awaitable[None]]]
@@ -133,9 +133,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
     _repairing: set[asyncio.Future[None]]
 
     def _new_consumer_thread(self) -> ConsumerThread:
-        thread = ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-        thread.fetch_max_wait_ms = self.fetch_max_wait_ms
-        return thread
+        return ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -283,10 +281,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         if self._probe is None:
-            servers = ",".join(
-                f"{url.host}:{url.port or 9092}" for url in self.app.conf.broker_consumer
-            )
-            self._probe = EndOffsetProbe(bootstrap_servers=servers)
+            self._probe = EndOffsetProbe(self.app.rtim_settings.kafka)
         return await self._probe.end_offsets(partitions)
 
     def partition_report(self) -> str:

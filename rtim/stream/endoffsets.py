@@ -28,7 +28,7 @@ of 1 for them:
 ...     for _ in range(100):
 ...         await producer.send("clicks", b"click", partition=0)
 ...     await producer.stop()  # sends the batch
-...     async with EndOffsetProbe(bootstrap_servers=bootstrap) as probe:
+...     async with EndOffsetProbe(bootstrap) as probe:
 ...         return await probe.end_offsets([TopicPartition("clicks", 0)])
 >>> with EmbeddedBroker() as broker:
 ...     asyncio.run(produce_then_probe(broker.bootstrap))
@@ -44,6 +44,8 @@ from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from rtim.settings import KafkaConnection
+
 __all__ = ["EndOffsetProbe", "true_end_offsets"]
 
 
@@ -55,24 +57,24 @@ class EndOffsetProbe:
 
     Parameters
     ----------
-    bootstrap_servers
-        Kafka bootstrap servers.
+    kafka
+        The connection (or bootstrap servers, ``host:port[,host:port]``).
     timeout
         Default deadline in seconds for one :meth:`end_offsets` call.
     **consumer_config
-        Extra :class:`aiokafka.AIOKafkaConsumer` arguments (security settings, ...).
+        Extra :class:`aiokafka.AIOKafkaConsumer` arguments.
     """
 
     def __init__(
         self,
+        kafka: KafkaConnection | str,
         *,
-        bootstrap_servers: str | list[str],
         timeout: float = 10.0,
         **consumer_config: Any,
     ) -> None:
         self.timeout = timeout
         self._config: dict[str, Any] = {
-            "bootstrap_servers": bootstrap_servers,
+            **KafkaConnection.parse(kafka).client_config(),
             "group_id": None,
             "enable_auto_commit": False,
             # read_uncommitted, so ListOffsets and the fetch both speak of the high
@@ -196,11 +198,11 @@ class EndOffsetProbe:
 
 
 async def true_end_offsets(
-    bootstrap_servers: str | list[str],
+    kafka: KafkaConnection | str,
     tps: Iterable[TopicPartition],
     *,
     timeout: float = 10.0,
 ) -> dict[TopicPartition, int]:
     """One-shot :meth:`EndOffsetProbe.end_offsets` with its own short-lived consumer."""
-    async with EndOffsetProbe(bootstrap_servers=bootstrap_servers, timeout=timeout) as probe:
+    async with EndOffsetProbe(kafka, timeout=timeout) as probe:
         return await probe.end_offsets(tps)

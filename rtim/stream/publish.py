@@ -6,16 +6,21 @@ call per partition instead of one per record (docs/architecture.md, "Why Faust's
 consumer is subclassed"). The caller awaits
 :meth:`BatchPublisher.publish` before it acknowledges the input, which is what
 makes the pipeline at-least-once.
+
+:class:`BatchWriter` is that way of producing, for every RTIM client that
+produces in bulk: the publisher, the simulator and the bench.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+
+from rtim.settings import KafkaConnection
 
 #: Keys whose murmur2 hash is remembered (aiokafka's murmur2 is pure Python,
 #: about 20 us for a customer id; the same customers come back all the time).
@@ -33,13 +38,67 @@ class OutRecord:
     partition: int | None = None
 
 
+_NO_HEADERS: list[tuple[str, bytes]] = []
+
+#: A batch handed to the producer: (topic, partition), its record count, its delivery.
+Sent = tuple[tuple[str, int], int, "asyncio.Future[Any]"]
+
+
+class BatchWriter:
+    """Fills one aiokafka batch per (topic, partition) and hands full ones to ``send_batch``.
+
+    :meth:`append` records, then :meth:`flush`; each returns the batches it
+    handed over (:data:`Sent`), whose futures resolve to the batch's record
+    metadata (its base offset) once the broker has it.
+    """
+
+    __slots__ = ("_open", "_producer")
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._open: dict[tuple[str, int], tuple[Any, int]] = {}
+
+    async def append(
+        self,
+        topic: str,
+        partition: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> Sent | None:
+        """Add a record; returns the full batch it sent first, if its batch was full."""
+        if headers is None:
+            headers = _NO_HEADERS  # aiokafka's builder takes a list only
+        tp = (topic, partition)
+        builder, count = self._open.get(tp) or (self._producer.create_batch(), 0)
+        sent = None
+        if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+            sent = await self._send(tp, builder, count)
+            builder, count = self._producer.create_batch(), 0
+            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                raise ValueError(f"record too large for one batch on {topic}")
+        self._open[tp] = (builder, count + 1)
+        return sent
+
+    async def flush(self) -> list[Sent]:
+        """Send every batch not sent yet."""
+        open_, self._open = self._open, {}
+        return [await self._send(tp, builder, count) for tp, (builder, count) in open_.items()]
+
+    async def _send(self, tp: tuple[str, int], builder: Any, count: int) -> Sent:
+        # Closed batches go out at once, whatever the producer's linger.
+        builder.close()
+        fut = await self._producer.send_batch(builder, tp[0], partition=tp[1])
+        return tp, count, fut
+
+
 class BatchPublisher:
     """An aiokafka producer that publishes lists of records, batch per partition."""
 
     def __init__(
         self,
+        kafka: KafkaConnection | str,
         *,
-        bootstrap_servers: str,
         client_id: str = "rtim",
         max_batch_size: int = 512 * 1024,
         linger_ms: int = 0,
@@ -47,7 +106,7 @@ class BatchPublisher:
     ) -> None:
         # aiokafka binds its producer to the running loop: it is built in start().
         self._config = {
-            "bootstrap_servers": bootstrap_servers,
+            **KafkaConnection.parse(kafka).client_config(),
             "client_id": client_id,
             "acks": "all",
             "max_batch_size": max_batch_size,
@@ -102,38 +161,18 @@ class BatchPublisher:
         Raises whatever aiokafka raises if Kafka does not take them (the caller
         retries the whole batch: at-least-once).
         """
-        grouped: dict[tuple[str, int], list[OutRecord]] = defaultdict(list)
+        assert self._producer is not None, "start() the publisher first"
+        writer = BatchWriter(self._producer)
+        pending: list[Sent] = []
         for rec in records:
             partition = rec.partition
             if partition is None:
                 parts = await self._partitions_of(rec.topic)
                 partition = self.partition_for(rec.key, parts)
-            grouped[(rec.topic, partition)].append(rec)
-        producer = self._producer
-        assert producer is not None, "start() the publisher first"
-        pending: list[tuple[tuple[str, int], int, asyncio.Future]] = []
-        for (topic, partition), recs in grouped.items():
-            batch = producer.create_batch()
-            count = 0
-            for rec in recs:
-                if (
-                    batch.append(key=rec.key, value=rec.value, timestamp=None, headers=rec.headers)
-                    is None
-                ):
-                    fut = await producer.send_batch(batch, topic, partition=partition)
-                    pending.append(((topic, partition), count, fut))
-                    batch = producer.create_batch()
-                    count = 0
-                    if (
-                        batch.append(
-                            key=rec.key, value=rec.value, timestamp=None, headers=rec.headers
-                        )
-                        is None
-                    ):
-                        raise ValueError(f"record too large for one batch on {topic}")
-                count += 1
-            fut = await producer.send_batch(batch, topic, partition=partition)
-            pending.append(((topic, partition), count, fut))
+            sent = await writer.append(rec.topic, partition, rec.key, rec.value, rec.headers)
+            if sent is not None:
+                pending.append(sent)
+        pending.extend(await writer.flush())
         last: dict[tuple[str, int], int] = {}
         results = await asyncio.gather(*(fut for _, _, fut in pending))
         for (tp, count, _), meta in zip(pending, results, strict=False):

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 
 import faust
 from aiokafka import AIOKafkaProducer
 
-from rtim.broker import create_topics
-from rtim.offers.catalog import load_catalog
+from rtim.errors import ConfigError
+from rtim.names import CLICKSTREAM_TOPIC
 from rtim.settings import Settings
-from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX, create_app
+from rtim.stream.app import create_app
 from rtim.stream.consumer import BatchConsumer
+from rtim.stream.topics import create_topics, topic_specs
 
 log = logging.getLogger("rtim.worker")
 
@@ -21,15 +23,7 @@ log = logging.getLogger("rtim.worker")
 STATE_REPORT_END = "end of state report"
 
 
-def topic_specs(settings: Settings) -> dict[str, int]:
-    """The topics a worker reads and writes, with their partition counts."""
-    channels = load_catalog(settings.catalog).channels
-    specs = {CLICKSTREAM_TOPIC: settings.partitions, DLQ_TOPIC: settings.partitions}
-    specs.update({TRIGGER_TOPIC_PREFIX + c: settings.partitions for c in sorted(channels)})
-    return specs
-
-
-class TopicMismatch(RuntimeError):
+class TopicMismatch(ConfigError):
     """An existing topic cannot be used as it is (for example, wrong partition count)."""
 
 
@@ -41,7 +35,7 @@ async def check_copartitioning(settings: Settings) -> None:
     would be split and recovered into the wrong partitions.
     """
     # A producer, as aiokafka's consumer cancels itself if stopped right after start.
-    producer = AIOKafkaProducer(bootstrap_servers=settings.broker)
+    producer = AIOKafkaProducer(**settings.kafka.client_config())
     await producer.start()
     try:
         found = await producer.partitions_for(CLICKSTREAM_TOPIC)
@@ -64,7 +58,9 @@ async def ensure_topics(settings: Settings, *, give_up_after: float | None = Non
     specs = topic_specs(settings)
     while True:
         try:
-            await create_topics(settings.broker, specs, timeout=15.0)
+            await create_topics(
+                settings.kafka, specs, replication_factor=settings.replication_factor, timeout=15.0
+            )
             break
         except Exception as exc:  # any broker error: wait and retry
             if deadline is not None and loop.time() > deadline:
@@ -75,6 +71,30 @@ async def ensure_topics(settings: Settings, *, give_up_after: float | None = Non
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
     await check_copartitioning(settings)
+
+
+def check_web_port(settings: Settings) -> None:
+    """Fail at once, naming the setting, if the web port cannot be listened on.
+
+    Faust would find out only once the worker runs, with a long traceback.
+    """
+    host, port = settings.web_host, settings.web_port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"RTIM_WEB_HOST={host!r}: not an address to listen on ({exc})") from None
+    with socket.socket(family, kind, proto) as sock:
+        # As the web server itself binds: a port in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(
+                f"RTIM_WEB_PORT={port}: cannot listen on {host}:{port} ({exc.strerror}); "
+                "set RTIM_WEB_PORT to a free port"
+            ) from None
 
 
 class Worker(faust.Worker):
@@ -102,7 +122,11 @@ def run_worker(settings: Settings) -> None:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    os.makedirs(settings.datadir, exist_ok=True)
+    try:
+        os.makedirs(settings.datadir, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"RTIM_DATADIR={str(settings.datadir)!r}: {exc.strerror}") from None
+    check_web_port(settings)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))

@@ -17,8 +17,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from rtim.broker import BrokerError, EmbeddedBroker, create_topics
+from rtim.broker import BrokerError, EmbeddedBroker
 from rtim.stream.endoffsets import EndOffsetProbe, true_end_offsets
+from rtim.stream.topics import create_topics
 
 pytestmark = pytest.mark.integration
 
@@ -90,7 +91,7 @@ async def test_one_batch_of_100_end_offset_is_short_but_probe_is_exact(
     # end offsets".
     assert reported < 100
 
-    async with EndOffsetProbe(bootstrap_servers=broker.bootstrap) as probe:
+    async with EndOffsetProbe(broker.bootstrap) as probe:
         assert await probe.end_offsets([tp]) == {tp: 100}
 
 
@@ -108,7 +109,7 @@ async def test_probe_handles_many_batches_single_records_and_empty_partitions_in
         expected[TopicPartition(topic, p)] = sum(sizes)
 
     started = time.monotonic()
-    async with EndOffsetProbe(bootstrap_servers=broker.bootstrap, timeout=10) as probe:
+    async with EndOffsetProbe(broker.bootstrap, timeout=10) as probe:
         assert await probe.end_offsets(expected) == expected
     # All partitions are fetched in one assignment, not one by one with waits.
     assert time.monotonic() - started < 3
@@ -122,7 +123,7 @@ async def test_probe_reused_after_more_records_reports_the_new_end(
     topic = topic_name()
     tps = [TopicPartition(topic, 0), TopicPartition(topic, 1)]
     await create_topics(broker.bootstrap, {topic: 2})
-    async with EndOffsetProbe(bootstrap_servers=broker.bootstrap) as probe:
+    async with EndOffsetProbe(broker.bootstrap) as probe:
         assert await probe.end_offsets(tps) == {tps[0]: 0, tps[1]: 0}
         await produce_batches(broker.bootstrap, topic, 0, [30])
         assert await probe.end_offsets(tps) == {tps[0]: 30, tps[1]: 0}
@@ -163,7 +164,7 @@ async def test_probe_times_out_on_a_partition_that_does_not_exist_and_stays_usab
     good = TopicPartition(topic, 0)
     await create_topics(broker.bootstrap, {topic: 1})
     await produce_batches(broker.bootstrap, topic, 0, [10])
-    async with EndOffsetProbe(bootstrap_servers=broker.bootstrap) as probe:
+    async with EndOffsetProbe(broker.bootstrap) as probe:
         started = time.monotonic()
         with pytest.raises(TimeoutError, match=rf"{topic}\[99\]"):
             await probe.end_offsets([good, TopicPartition(topic, 99)], timeout=1)

@@ -13,10 +13,10 @@ import pytest
 from cloudevents.core.bindings.kafka import KafkaMessage, from_kafka
 from cloudevents.core.formats.json import JSONFormat
 
+from rtim.names import TRIGGER_TOPIC_PREFIX
 from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG
 from rtim.simulate import JourneySimulator
-from rtim.stream.app import TRIGGER_TOPIC_PREFIX
 from rtim.stream.worker import STATE_REPORT_END
 
 from .support import (

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from rtim.broker import EmbeddedBroker, create_topics
+from rtim.broker import EmbeddedBroker
 from rtim.settings import Settings
+from rtim.stream.topics import create_topics
 from rtim.stream.worker import TopicMismatch, ensure_topics
 
 

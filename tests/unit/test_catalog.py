@@ -290,23 +290,36 @@ def test_catalog_error_is_a_value_error_and_rule_errors_are_condition_errors() -
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("triggers: [\n  - id: x\n", "not valid YAML"),
+        ("triggers: [\n  - id: x\n", ":2: not valid YAML"),
         (
             "offers:\n  - id: o\n    channels: [web]\n    valid_to: 2026-02-30\n",
-            "day is out of range",
+            ":4: not valid YAML: 2026-02-30: day is out of range",
         ),
-        ("offers:\n  - id: o\n    channels: [web]\n    valid_to: 2026-13-01\n", "month"),
-        ("- just\n- a list\n", "must be a mapping"),
-        ("offers:\n  - id: o\n    channels: [fax]\n", "unknown channel"),
+        ("offers:\n  - id: o\n    channels: [web]\n    valid_to: 2026-13-01\n", ":4: not valid"),
+        ("- just\n- a list\n", ": the catalog must be a mapping"),
+        ("offers:\n  - id: o\n    channels: [fax]\n", ":2: offer 'o': unknown channel"),
+        ("triggers: []\n\nofers: []\n", ":3: unknown top-level field(s) ['ofers']"),
+        (
+            "triggers:\n  - id: t\n    when: {type: track}\n    cooldown: -1\n",
+            ":4: trigger 't': 'cooldown' must be",
+        ),
+        (
+            "triggers:\n  - id: t\n    when: {type: track}\n    if:\n      - 'orders >'\n",
+            ":4: trigger 't'.if: cannot read condition 'orders >'",
+        ),
+        (
+            "offers:\n  - id: o\n    channels: [web]\n  - id: p\n    channels: [web]\n"
+            "  - id: o\n    channels: [app]\n",
+            ":6: duplicate offer id(s) ['o']",
+        ),
     ],
 )
-def test_load_catalog_names_the_file(tmp_path: Path, text: str, expected: str) -> None:
+def test_load_catalog_names_the_file_and_line(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "bad-catalog.yaml"
     path.write_text(text, encoding="utf-8")
     with pytest.raises(CatalogError) as info:
         load_catalog(path)
-    assert str(path) in str(info.value)
-    assert expected in str(info.value)
+    assert str(info.value).startswith(f"{path}{expected}"), str(info.value)
 
 
 def test_load_catalog_of_a_missing_file(tmp_path: Path) -> None:

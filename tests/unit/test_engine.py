@@ -12,7 +12,8 @@ import pytest
 import rtim.engine
 from rtim.decide.arbitrate import decision_id
 from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE
-from rtim.engine import TRIGGER_TOPIC_PREFIX, BatchResult, Engine, Record
+from rtim.engine import BatchResult, Engine, Record
+from rtim.names import TRIGGER_TOPIC_PREFIX
 from rtim.offers.catalog import parse_catalog
 
 from .segment_calls import segment_call

@@ -19,6 +19,7 @@ from aiokafka.producer.message_accumulator import BatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 
 import rtim.simulate_kafka
+from rtim.events import InvalidEvent, customer_key, parse_event
 from rtim.simulate import (
     CATALOG,
     CATEGORIES,
@@ -26,7 +27,6 @@ from rtim.simulate import (
     EVENT_NAMES,
     JourneySimulator,
     format_timestamp,
-    key_for,
 )
 
 START_MS = 1_714_557_600_000  # 2024-05-01T10:00:00Z
@@ -396,13 +396,23 @@ def test_default_start_is_now_and_live_mode_uses_wall_clock():
     assert before <= stamps[0] and stamps[-1] <= after + 1
 
 
-def test_key_for_prefers_user_id():
-    assert key_for({"userId": "u1", "anonymousId": "a1"}) == "u1"
-    assert key_for({"userId": None, "anonymousId": "a1"}) == "a1"
-    assert key_for({"anonymousId": "a1"}) == "a1"
-    assert JourneySimulator.key_for({"userId": "u1"}) == "u1"
-    with pytest.raises(ValueError):
-        key_for({"type": "track"})
+def test_events_are_keyed_by_the_customer_id_the_parser_files_them_under():
+    """A key that differs from the parser's customer id would put a customer's events
+    on two partitions (two workers, two contexts)."""
+    ids = [
+        {"userId": "u1", "anonymousId": "a1"},
+        {"userId": None, "anonymousId": "a1"},
+        {"userId": " ", "anonymousId": "a1"},
+        {"anonymousId": "a1"},
+        {"userId": 42, "anonymousId": "a1"},
+        {"anonymousId": 7},
+    ]
+    for event in ids:
+        call = {"type": "page", "messageId": "m", "timestamp": "2024-05-01T10:00:00Z", **event}
+        assert customer_key(call) == parse_event(orjson.dumps(call)).customer_id
+    assert [customer_key(e) for e in ids] == ["u1", "a1", "a1", "a1", "42", "7"]
+    with pytest.raises(InvalidEvent):
+        customer_key({"type": "track"})
 
 
 def test_format_timestamp():
@@ -485,7 +495,7 @@ def fake_kafka(monkeypatch):
 
 
 async def test_produce_events_keys_partitions_and_counts(fake_kafka):
-    from rtim.simulate import produce_events  # the lazy alias
+    from rtim.simulate_kafka import produce_events
 
     events = list(JourneySimulator(customers=50, seed=2, start_ms=START_MS).events(3000))
     progressed: list[int] = []
@@ -494,7 +504,7 @@ async def test_produce_events_keys_partitions_and_counts(fake_kafka):
     )
     assert sent == 3000 and sum(progressed) == 3000
     (producer,) = fake_kafka.instances
-    assert producer.config["bootstrap_servers"] == "kafka:9092"
+    assert producer.config["bootstrap_servers"] == ["kafka:9092"]
     assert producer.started and producer.stopped
     assert len(producer.batches) > 5  # full batches were shipped along the way
     records = producer.records()
@@ -503,7 +513,7 @@ async def test_produce_events_keys_partitions_and_counts(fake_kafka):
     )
     partitions = list(range(5))
     for partition, key, value in records:
-        assert key == key_for(orjson.loads(value)).encode()
+        assert key == customer_key(orjson.loads(value)).encode()
         # Same partition as producer.send(key=...) and the Java client.
         assert partition == DefaultPartitioner()(key, partitions, partitions)
     # Each key's events keep their order.

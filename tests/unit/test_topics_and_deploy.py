@@ -38,14 +38,19 @@ from rtim.context import model as context_model
 from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE, trigger_event
 from rtim.engine import Engine, Record
 from rtim.events.deadletter import INTERNAL_ERROR
-from rtim.events.segment import CHANNELS as EVENT_CHANNELS
-from rtim.events.segment import EVENT_TYPES, REASONS, InvalidEvent, parse_event
-from rtim.offers.catalog import CHANNELS as OFFER_CHANNELS
+from rtim.events.segment import EVENT_TYPES, REASONS, InvalidEvent, customer_key, parse_event
+from rtim.names import (
+    CLICKSTREAM_TOPIC,
+    CONTEXT_TABLE,
+    DLQ_TOPIC,
+    EVENT_CHANNELS,
+    OFFER_CHANNELS,
+    TRIGGER_TOPIC_PREFIX,
+)
 from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG, Settings
 from rtim.simulate import JourneySimulator
-from rtim.stream.app import CLICKSTREAM_TOPIC, CONTEXT_TABLE, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX
-from rtim.stream.worker import topic_specs
+from rtim.stream.topics import topic_specs
 
 ROOT = Path(__file__).resolve().parents[2]
 TOPICS = ROOT / "topics"
@@ -443,7 +448,7 @@ def engine_run() -> dict[str, Any]:
         sim = JourneySimulator(customers=5, seed=1, start_ms=now_ms - 30 * 86_400_000)
         records = []
         for offset, event in enumerate(sim.events(300)):
-            key = sim.key_for(event).encode()
+            key = customer_key(event).encode()
             records.append(Record(sum(key) % 4, offset, key, orjson.dumps(event), (), now_ms))
         engine = Engine(
             catalog=load_catalog(DEFAULT_CATALOG),

@@ -1,0 +1,84 @@
+"""``rtim simulate`` started before its broker waits for it, then sends everything."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rtim.broker import EmbeddedBroker
+from rtim.names import CLICKSTREAM_TOPIC
+from rtim.stream.process import free_port
+from rtim.stream.topics import create_topics
+
+from .support import read_topic
+
+pytestmark = pytest.mark.integration
+
+EVENTS = 300
+
+
+def simulate(bootstrap: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtim", "simulate", "--broker", bootstrap, "-n", str(EVENTS)],
+        env={k: v for k, v in os.environ.items() if not k.startswith("RTIM_")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stderr is not None
+    os.set_blocking(proc.stderr.fileno(), False)
+    return proc
+
+
+def wait_for_output(proc: subprocess.Popen[bytes], text: bytes, timeout: float = 20) -> bytes:
+    assert proc.stderr is not None
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text not in seen:
+        assert time.monotonic() < deadline, seen.decode()
+        assert proc.poll() is None, seen.decode()
+        seen += proc.stderr.read() or b""
+        time.sleep(0.05)
+    return seen
+
+
+def test_simulate_waits_for_the_broker_then_sends_everything(tmp_path: Path) -> None:
+    port = free_port()
+    proc = simulate(f"127.0.0.1:{port}")
+    try:
+        waited = wait_for_output(proc, b"retrying in")
+        with EmbeddedBroker(port=port, log_path=tmp_path / "broker.log") as broker:
+            asyncio.run(create_topics(broker.bootstrap, {CLICKSTREAM_TOPIC: 2}))
+            stdout, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, (waited + stderr).decode()
+            assert f"sent {EVENTS:,} events" in stdout.decode()
+            assert len(asyncio.run(read_topic(broker.bootstrap, CLICKSTREAM_TOPIC))) == EVENTS
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    retries = [line for line in (waited + stderr).decode().splitlines() if line.strip()]
+    # One line per retry, nothing else (aiokafka's own connection errors stay out).
+    assert retries and all("retrying in" in line for line in retries), retries
+    assert "Traceback" not in (waited + stderr).decode()
+
+
+def test_simulate_stops_cleanly_on_ctrl_c_while_waiting() -> None:
+    proc = simulate(f"127.0.0.1:{free_port()}")
+    try:
+        waited = wait_for_output(proc, b"retrying in")
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in (waited + stderr).decode()
+    assert "stopped." in stdout.decode()
