@@ -38,7 +38,7 @@ import gc
 import heapq
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -716,7 +716,8 @@ class JourneySimulator:
         # first contact in the simulation may be on any channel; visitors who
         # never sign in only ever shop on the web or in the app.
         c.clock = self.start_ms + int(rng.random() * _FIRST_ARRIVAL_WINDOW_MS)
-        kind, data = self._pick_session(c), None
+        data: Any = None  # its shape depends on the kind of session
+        kind = self._pick_session(c)
         while True:
             if kind == "shop":
                 yield from self._shop(c, self._pick_device(c), rng.choice(_EXTERNAL_REFERRERS))
@@ -872,7 +873,7 @@ class JourneySimulator:
             props: dict[str, Any] = {"name": name}
             if extra:
                 props.update(extra)
-            event = {
+            event: dict[str, Any] = {
                 "type": "screen",
                 "messageId": "",
                 "timestamp": "",
@@ -1129,7 +1130,9 @@ class JourneySimulator:
             c.reminded_cart_id = c.cart_id
             self._schedule(c, _HOUR_MS + int(rng.random() * 5 * _HOUR_MS), "email", "cart_reminder")
 
-    def _checkout(self, c: _Customer, dev: _Device, boost: float) -> Iterator[dict[str, Any]]:
+    def _checkout(
+        self, c: _Customer, dev: _Device, boost: float
+    ) -> Generator[dict[str, Any], None, bool]:
         """Checkout Started, then Order Completed or abandonment. Returns bought?"""
         rng = self._rng
         p = c.persona

@@ -13,14 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import rocksdict
+from faust.stores.rocksdb import Store as RocksDBStore
 from faust.types import TP
-
-try:
-    import rocksdict
-    from faust.stores.rocksdb import Store as RocksDBStore
-except ImportError:  # pragma: no cover - rocksdict is a dependency
-    rocksdict = None
-    RocksDBStore = None
 
 
 class ContextStore:
@@ -37,7 +32,7 @@ class ContextStore:
     @property
     def durable(self) -> bool:
         # (Every Faust store has set_persisted_offset; the memory store's does nothing.)
-        return RocksDBStore is not None and isinstance(self._store, RocksDBStore)
+        return isinstance(self._store, RocksDBStore)
 
     def get(self, partition: int, key: bytes) -> bytes | None:
         store = self._store
