@@ -38,13 +38,33 @@ class Demo:
         self.err = tmp_path / "demo.err"
         self.env = dict(os.environ, TMPDIR=str(self.tmpdir), RTIM_WEB_PORT=str(self.port))
         self.env.pop("RTIM_LOG_LEVEL", None)
+        self.tee: subprocess.Popen[bytes] | None = None
 
-    def start(self, *args: str) -> subprocess.Popen[bytes]:
-        """The demo in its own process group, as a shell runs a foreground job."""
-        with self.out.open("wb") as out, self.err.open("wb") as err:
-            return subprocess.Popen(
-                [*DEMO, *args], env=self.env, stdout=out, stderr=err, process_group=0
+    def start(self, *args: str, tee: bool = False) -> subprocess.Popen[bytes]:
+        """The demo in its own process group, as a shell runs a foreground job.
+
+        With ``tee``, as ``rtim demo | tee demo.out``: both in that group.
+        """
+        self.out.write_bytes(b"")  # to read before tee has opened it
+        with self.err.open("wb") as err:
+            if not tee:
+                with self.out.open("wb") as out:
+                    return subprocess.Popen(
+                        [*DEMO, *args], env=self.env, stdout=out, stderr=err, process_group=0
+                    )
+            proc = subprocess.Popen(
+                [*DEMO, *args], env=self.env, stdout=subprocess.PIPE, stderr=err, process_group=0
             )
+        assert proc.stdout is not None
+        with proc.stdout:  # tee's alone to read
+            self.tee = subprocess.Popen(
+                ["tee", str(self.out)],
+                env=self.env,
+                stdin=proc.stdout,
+                stdout=subprocess.DEVNULL,
+                process_group=proc.pid,
+            )
+        return proc
 
     def processes(self) -> dict[int, str]:
         """Live processes of this demo (pid -> command line)."""
@@ -79,7 +99,7 @@ class Demo:
     def assert_nothing_left(self) -> None:
         """No process of the demo, a free port and an empty TMPDIR, within GONE_S."""
         until(lambda: not self.processes(), GONE_S, lambda: f"still running: {self.processes()}")
-        assert not self.port_taken()
+        until(lambda: not self.port_taken(), GONE_S, lambda: f"port {self.port} still taken")
         until(lambda: not self.leftovers(), GONE_S, lambda: f"left behind: {self.leftovers()}")
 
 
@@ -104,9 +124,9 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
             os.kill(pid, signal.SIGKILL)
 
 
-def start_until_ready(demo: Demo) -> subprocess.Popen[bytes]:
+def start_until_ready(demo: Demo, tee: bool = False) -> subprocess.Popen[bytes]:
     """A running demo whose worker answers on RTIM_WEB_PORT (no --web-port given)."""
-    proc = demo.start()
+    proc = demo.start(tee=tee)
     until(
         lambda: "worker ready" in demo.out.read_text() or proc.poll() is not None,
         READY_S,
@@ -136,21 +156,22 @@ def test_demo_piped_into_head_ends_and_takes_its_worker_and_broker_with_it(demo:
     demo.assert_nothing_left()
 
 
-@pytest.mark.parametrize(
-    "how",
-    ["ctrl-c to the process group", "SIGTERM", "SIGHUP"],
-)
+@pytest.mark.parametrize("how", ["Ctrl-C on rtim demo | tee", "SIGTERM", "SIGHUP"])
 def test_demo_stopped_by_a_signal_stops_everything_and_exits_0(demo: Demo, how: str) -> None:
-    proc = start_until_ready(demo)
-    if how == "ctrl-c to the process group":  # what the terminal does on Ctrl-C
+    piped = how.endswith("| tee")
+    proc = start_until_ready(demo, tee=piped)
+    if piped:  # the terminal sends SIGINT to the whole job: tee dies, the demo's output too
         os.killpg(proc.pid, signal.SIGINT)
+        assert demo.tee is not None
+        demo.tee.wait(timeout=10)
     else:
         proc.send_signal(signal.Signals[how])
     assert proc.wait(timeout=30) == 0, demo.err.read_text()
     err = demo.err.read_text()
     assert "Traceback" not in err, err
-    out = demo.out.read_text()
-    assert "stopping worker and broker" in out and "sent " in out, out
+    if not piped:
+        out = demo.out.read_text()
+        assert "stopping worker and broker" in out and "sent " in out, out
     demo.assert_nothing_left()
 
 
