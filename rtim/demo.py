@@ -267,12 +267,13 @@ async def run_demo(
     counts = {"triggers": 0, "dead letters": 0, "events": 0}
     stop = asyncio.Event()
     out = _Output(echo, on_closed=stop.set)
-    workdir = Path(tempfile.mkdtemp(prefix="rtim-demo-"))
-    janitor = _Janitor(workdir)
-    try:
-        logdir = keep_logs or workdir
-        logdir.mkdir(parents=True, exist_ok=True)
-        with _stop_on_signals(stop):
+    # A signal during the clean-up below only sets `stop` again.
+    with _stop_on_signals(stop):
+        workdir = Path(tempfile.mkdtemp(prefix="rtim-demo-"))
+        janitor = _Janitor(workdir)
+        try:
+            logdir = keep_logs or workdir
+            logdir.mkdir(parents=True, exist_ok=True)
             await _run(
                 customers=customers,
                 rate=rate,
@@ -285,13 +286,13 @@ async def run_demo(
                 counts=counts,
                 out=out,
             )
-    except DemoError as exc:
-        if keep_logs is None:
-            raise
-        raise DemoError(f"{exc}\nlogs kept in {keep_logs}") from None
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        janitor.close()
+        except DemoError as exc:
+            if keep_logs is None:
+                raise
+            raise DemoError(f"{exc}\nlogs kept in {keep_logs}") from None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            janitor.close()
     out(
         f"sent {counts['events']:,} events, received {counts['triggers']:,} triggers, "
         f"{counts['dead letters']:,} dead letters"
