@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+from pathlib import Path
 
 import click
 
@@ -86,18 +87,35 @@ def broker(port: int | None) -> None:
     help="Stop after this many seconds (0: run until Ctrl-C).",
 )
 @click.option(
-    "--web-port", type=int, default=6066, show_default=True, help="Worker metrics/health port."
+    "--web-port",
+    type=int,
+    default=None,
+    help="Worker metrics/health port (overrides RTIM_WEB_PORT).",
 )
-def demo(customers: int, rate: float, duration: float, web_port: int) -> None:
+@click.option(
+    "--keep-logs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the broker's and the worker's logs in this directory.",
+)
+def demo(
+    customers: int, rate: float, duration: float, web_port: int | None, keep_logs: Path | None
+) -> None:
     """Embedded broker + worker + simulator: watch triggers flow, no Kafka needed.
 
     Starts a Kafka-compatible broker on a free local port, an RTIM worker, and
     the journey simulator; prints every trigger as it is published and a
-    metrics line every 5 s. Ctrl-C stops everything cleanly.
+    metrics line every 5 s.
+
+    It stops everything it started and removes its working directory however
+    it ends. Exit status 0 when stopped: after --duration, by Ctrl-C, SIGTERM
+    or SIGHUP, or when the reader of its output goes away (rtim demo | head);
+    1 if the worker fails (the end of its log is shown); 2 if the web port is
+    taken.
     """
     import asyncio
 
-    from rtim.demo import run_demo
+    from rtim.demo import DemoError, run_demo
 
     try:
         asyncio.run(
@@ -106,11 +124,16 @@ def demo(customers: int, rate: float, duration: float, web_port: int) -> None:
                 rate=rate,
                 duration=duration,
                 web_port=web_port,
+                keep_logs=keep_logs,
                 echo=click.echo,
             )
         )
-    except KeyboardInterrupt:
-        click.echo("stopped.")
+    except DemoError as exc:
+        click.echo(f"rtim: {exc}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:  # before or after the demo's own signal handling
+        with contextlib.suppress(OSError):
+            click.echo("stopped.")
 
 
 @main.command()

@@ -1,18 +1,33 @@
-"""``rtim demo``: embedded broker + worker + simulator, triggers printed as they arrive."""
+"""``rtim demo``: embedded broker + worker + simulator, triggers printed as they arrive.
+
+The demo leaves nothing behind, however it ends: after ``--duration``; on Ctrl-C,
+SIGTERM or SIGHUP (the terminal closing), which stop the worker, then the broker, in
+order; when whatever reads its output goes away (``rtim demo | head``), which is a
+normal end too; or killed outright, when the kernel kills the worker and the broker
+with it (see :mod:`rtim.stream.process`) and a small janitor process removes the
+working directory.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaConsumer
 
 from rtim.broker import EmbeddedBroker
+from rtim.errors import ConfigError
 from rtim.names import TRIGGER_TOPIC_PREFIX
 from rtim.settings import KafkaConnection, Settings
 from rtim.simulate import JourneySimulator
@@ -22,6 +37,148 @@ from rtim.stream.process import WorkerProcess
 from rtim.stream.topics import create_topics, topic_specs
 
 Echo = Callable[[str], None]
+
+#: Signals that end the demo in order (SIGINT: Ctrl-C; SIGHUP: the terminal closed).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Grace period of the worker's own shutdown before it is killed.
+WORKER_STOP_TIMEOUT_S = 10.0
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on (its worker died); the message carries the worker's log tail."""
+
+
+class _Output:
+    """The demo's lines. A reader that goes away ends the demo; it is not an error.
+
+    ``rtim demo | head -3`` closes the pipe (BrokenPipeError) and a closed terminal
+    answers EIO: then the demo stops everything and ends with status 0, as on Ctrl-C.
+    """
+
+    def __init__(self, echo: Echo, on_closed: Callable[[], None]) -> None:
+        self._echo = echo
+        self._on_closed = on_closed
+        self.closed = False
+
+    def __call__(self, line: str) -> None:
+        if self.closed:
+            return
+        try:
+            self._echo(line)
+        except OSError:
+            self.closed = True
+            # Python flushes stdout once more at exit; what is still buffered there
+            # would fail again (a message and status 120), so let it go nowhere.
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            self._on_closed()
+
+
+# Removes the demo's working directory once the demo has gone, even when it was
+# SIGKILLed: it reads the pids of the demo's children from its stdin, a pipe whose
+# other end only the demo holds, so end of file means the demo has ended; it waits
+# until those children are gone too (the kernel kills them with the demo), then
+# removes the directory. Standard library only, so it starts in milliseconds.
+_JANITOR = """
+import os, shutil, sys, time
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+pids = [int(line) for line in sys.stdin]
+deadline = time.monotonic() + 15
+while any(alive(p) for p in pids) and time.monotonic() < deadline:
+    time.sleep(0.05)
+shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
+class _Janitor:
+    """The process running :data:`_JANITOR` for one working directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _JANITOR, str(workdir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal must not end it first
+        )
+
+    def watch(self, pid: int) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{pid}\n".encode())
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def check_port_free(port: int) -> None:
+    """Raise :class:`ConfigError` if the worker could not listen on ``port``.
+
+    Binds as the worker's web server does (loopback, SO_REUSEADDR), so a port still
+    in TIME_WAIT from the previous run counts as free and any listener as taken.
+    """
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ConfigError(
+                f"web port {port} is taken ({exc.strerror}): choose another with "
+                "RTIM_WEB_PORT or --web-port"
+            ) from exc
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        yield
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def _until_ready(worker: WorkerProcess, stop: asyncio.Event, timeout: float) -> bool:
+    """Wait until the worker is ready (True) or a stop is asked for (False)."""
+    deadline = time.monotonic() + timeout
+    while not stop.is_set():
+        if not worker.alive:
+            raise DemoError(_worker_died(worker, "during start-up"))
+        if await asyncio.to_thread(worker.status, "/health/ready", 1.0) == 200:
+            return True
+        if time.monotonic() > deadline:
+            raise DemoError(
+                f"the worker was not ready after {timeout:.0f} s; the end of its log:\n"
+                + worker.log_tail()
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+    return False
+
+
+def _worker_died(worker: WorkerProcess, when: str) -> str:
+    code = worker.proc.returncode if worker.proc else None
+    tail = worker.log_tail()
+    log = f"the end of its log:\n{tail}" if tail.strip() else "its log is empty"
+    return f"the worker exited {when} (status {code}); {log}"
 
 
 def format_trigger(topic: str, value: bytes) -> str:
@@ -89,31 +246,104 @@ async def run_demo(
     customers: int = 200,
     rate: float = 100.0,
     duration: float = 0.0,
-    web_port: int = 6066,
-    workdir: Path | None = None,
+    web_port: int | None = None,
+    keep_logs: Path | None = None,
     echo: Echo = print,
 ) -> dict[str, int]:
-    """Run until ``duration`` seconds have passed (0: until cancelled); return the counts."""
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="rtim-demo-"))
+    """Run until ``duration`` seconds have passed (0: until stopped); return the counts.
+
+    ``web_port`` defaults to the ``RTIM_WEB_PORT`` setting. The working directory
+    (worker data, logs) is removed at the end; ``keep_logs`` names a directory that
+    keeps the broker's and the worker's logs.
+
+    Raises
+    ------
+    ConfigError
+        If the web port is taken (checked before anything is started).
+    DemoError
+        If the worker dies; the message ends with its log tail.
+    """
+    port = web_port if web_port is not None else Settings().web_port
+    check_port_free(port)
     counts = {"triggers": 0, "dead letters": 0, "events": 0}
-    with EmbeddedBroker(log_path=workdir / "broker.log") as broker:
-        echo(f"embedded broker on {broker.bootstrap} (memory only)")
+    stop = asyncio.Event()
+    out = _Output(echo, on_closed=stop.set)
+    # A signal during the clean-up below only sets `stop` again.
+    with _stop_on_signals(stop):
+        workdir = Path(tempfile.mkdtemp(prefix="rtim-demo-"))
+        janitor = _Janitor(workdir)
+        try:
+            logdir = keep_logs or workdir
+            logdir.mkdir(parents=True, exist_ok=True)
+            await _run(
+                customers=customers,
+                rate=rate,
+                duration=duration,
+                port=port,
+                workdir=workdir,
+                logdir=logdir,
+                janitor=janitor,
+                stop=stop,
+                counts=counts,
+                out=out,
+            )
+        except DemoError as exc:
+            if keep_logs is None:
+                raise
+            raise DemoError(f"{exc}\nlogs kept in {keep_logs}") from None
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+            janitor.close()
+    out(
+        f"sent {counts['events']:,} events, received {counts['triggers']:,} triggers, "
+        f"{counts['dead letters']:,} dead letters"
+    )
+    if keep_logs is not None:
+        out(f"logs kept in {keep_logs}")
+    return counts
+
+
+async def _run(
+    *,
+    customers: int,
+    rate: float,
+    duration: float,
+    port: int,
+    workdir: Path,
+    logdir: Path,
+    janitor: _Janitor,
+    stop: asyncio.Event,
+    counts: dict[str, int],
+    out: Echo,
+) -> None:
+    # The broker first, while this process has no other thread: only then can the
+    # broker ask the kernel to end it with this process (see rtim.broker).
+    with EmbeddedBroker(log_path=logdir / "broker.log") as broker:
+        assert broker.pid is not None
+        janitor.watch(broker.pid)
+        out(f"embedded broker on {broker.bootstrap} (memory only)")
         settings = Settings(broker=broker.bootstrap)
         specs = topic_specs(settings)
         await create_topics(broker.bootstrap, specs)
+        if stop.is_set():  # stopped while the broker was starting
+            return
         worker = WorkerProcess(
             broker=broker.bootstrap,
             datadir=workdir / "worker-data",
-            web_port=web_port,
-            log_path=workdir / "worker.log",
+            web_port=port,
+            log_path=logdir / "worker.log",
             env={"RTIM_LOG_LEVEL": "warning"},
         )
-        worker.start()
+        worker.start()  # from the main thread, which lives as long as the worker
+        assert worker.proc is not None
+        janitor.watch(worker.proc.pid)
+        tasks: list[asyncio.Task[object]] = []
         try:
-            await asyncio.to_thread(worker.wait_ready, 120.0)
-            echo(f"worker ready: metrics {worker.url}/metrics, health {worker.url}/health/ready")
-            echo(f"worker log: {worker.log_path}")
-            echo(
+            if not await _until_ready(worker, stop, timeout=120.0):
+                return
+            out(f"worker ready: metrics {worker.url}/metrics, health {worker.url}/health/ready")
+            out(f"worker log: {worker.log_path}")
+            out(
                 f"simulating {customers} customers at {rate:g} events/s on web, app, email, "
                 "call centre and store; triggers below (Ctrl-C stops)\n"
             )
@@ -124,10 +354,8 @@ async def run_demo(
                 counts["events"] += n
 
             tasks = [
-                asyncio.create_task(
-                    _print_triggers(broker.bootstrap, trigger_topics, echo, counts)
-                ),
-                asyncio.create_task(_status(worker, echo, counts, every=5.0)),
+                asyncio.create_task(_print_triggers(broker.bootstrap, trigger_topics, out, counts)),
+                asyncio.create_task(_status(worker, out, counts, every=5.0)),
                 asyncio.create_task(
                     produce_events(
                         broker.bootstrap, CLICKSTREAM_TOPIC, sim.events(), rate=rate, progress=sent
@@ -135,25 +363,19 @@ async def run_demo(
                 ),
             ]
             started = time.monotonic()
-            try:
-                while duration <= 0 or time.monotonic() - started < duration:
-                    done = [t for t in tasks if t.done()]
-                    for task in done:
+            while not stop.is_set() and (duration <= 0 or time.monotonic() - started < duration):
+                for task in tasks:
+                    if task.done():
                         task.result()  # surface a crashed task
-                    if not worker.alive:
-                        raise RuntimeError(f"worker exited:\n{worker.log_tail()}")
-                    await asyncio.sleep(0.2)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                for task in tasks:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                if not worker.alive:
+                    raise DemoError(_worker_died(worker, "while the demo ran"))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
         finally:
-            echo("\nstopping worker and broker ...")
-            worker.stop()
-    echo(
-        f"sent {counts['events']:,} events, received {counts['triggers']:,} triggers, "
-        f"{counts['dead letters']:,} dead letters"
-    )
-    return counts
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            out("\nstopping worker and broker ...")
+            worker.stop(timeout=WORKER_STOP_TIMEOUT_S)

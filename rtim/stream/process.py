@@ -2,6 +2,12 @@
 
 Used by ``rtim demo``, ``rtim bench`` and the integration tests, which all need
 a real worker process (one that can be SIGKILLed) next to the embedded broker.
+
+The child never outlives the process that started it: it runs in its own session
+(a Ctrl-C in the terminal reaches only the parent, which then stops it in order)
+and, on Linux, asks the kernel to SIGKILL it when its parent dies, however that
+happens (SIGKILL, an unhandled signal, a crash), so no orphan keeps the web port
+or logs errors about a broker that has gone with its parent.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -66,14 +74,21 @@ class WorkerProcess:
         return f"http://127.0.0.1:{self.web_port}"
 
     def start(self) -> WorkerProcess:
+        """Start the worker (it does not wait until it is ready: see :meth:`wait_ready`).
+
+        Linux ties the child's life to the *thread* that starts it, not only to the
+        process: call this from the main thread, or from a thread that lives as long
+        as the worker (not from ``asyncio.to_thread``).
+        """
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rtim", "worker"],
+            [sys.executable, "-m", __name__, str(os.getpid()), "worker"],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         return self
 
@@ -178,3 +193,27 @@ class WorkerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` dies (Linux only).
+
+    Set here, in the child after ``exec``, rather than in a ``preexec_fn``, which is
+    unsafe when the parent runs threads (the demo's event loop and the tests do).
+    SIGKILL, not SIGTERM: the broker usually dies at the same moment, and a worker
+    whose broker has gone must not linger in a graceful shutdown.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+if __name__ == "__main__":
+    # The child of WorkerProcess.start: ``python -m rtim.stream.process PARENT_PID worker``.
+    _die_with_parent(int(sys.argv[1]))
+    from rtim.cli import main
+
+    main(args=sys.argv[2:], prog_name="rtim")
