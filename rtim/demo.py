@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer
 from rtim.broker import EmbeddedBroker
 from rtim.errors import ConfigError
 from rtim.names import TRIGGER_TOPIC_PREFIX
-from rtim.settings import KafkaConnection, Settings
+from rtim.settings import KafkaConnection, Settings, load_settings
 from rtim.simulate import JourneySimulator
 from rtim.simulate_kafka import produce_events
 from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC
@@ -263,7 +263,7 @@ async def run_demo(
     DemoError
         If the worker dies; the message ends with its log tail.
     """
-    port = web_port if web_port is not None else Settings().web_port
+    port = web_port if web_port is not None else load_settings().web_port
     check_port_free(port)
     counts = {"triggers": 0, "dead letters": 0, "events": 0}
     stop = asyncio.Event()
