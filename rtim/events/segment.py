@@ -32,7 +32,9 @@ Identity
     the same customer. ``null``, ``""`` and blank strings count as absent
     (analytics.js sends ``"userId": null`` for anonymous visitors). Any other
     type (float, boolean, object, array) is ``wrong_type``: falling back to
-    the other id would file the event under a different customer.
+    the other id would file the event under a different customer. An id longer
+    than :data:`MAX_CUSTOMER_ID_CHARS` is ``too_long`` (it keys and is stored in
+    the customer's context, which has a size budget).
     ``messageId`` must be a non-blank string (``missing_id`` otherwise).
 Channel
     See :func:`derive_channel`.
@@ -60,6 +62,8 @@ import orjson
 __all__ = [
     "CHANNELS",
     "EVENT_TYPES",
+    "MAX_CUSTOMER_ID_CHARS",
+    "PARSE_REASONS",
     "REASONS",
     "Event",
     "InvalidEvent",
@@ -79,7 +83,16 @@ REASONS: tuple[str, ...] = (
     "missing_timestamp",
     "bad_timestamp",
     "clock_skew",
+    "too_long",
+    # Raised by rtim.context.model when an event cannot be applied to its
+    # customer's context (see apply_event) or would make it too large.
+    "too_old",
+    "out_of_range",
+    "too_large",
 )
+#: The reasons :func:`parse_event` raises (the others are raised when an event
+#: is applied to its customer's context).
+PARSE_REASONS: tuple[str, ...] = REASONS[: REASONS.index("too_long") + 1]
 _REASON_SET = frozenset(REASONS)
 
 #: The Segment call types.
@@ -103,6 +116,10 @@ _CHANNEL_ALIASES.update(
         "callcenter": "call_centre",
     }
 )
+
+#: Longest customer id (``userId`` or ``anonymousId``) accepted; the id is the
+#: context's key and is stored in it, so it must be bounded (``too_long``).
+MAX_CUSTOMER_ID_CHARS = 256
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
@@ -449,6 +466,15 @@ def parse_event(
         raise InvalidEvent(
             "missing_id", "userId or anonymousId is required (both absent or empty)", field="userId"
         )
+    customer_id = user_id if user_id is not None else anonymous_id
+    if len(customer_id) > MAX_CUSTOMER_ID_CHARS:
+        field = "userId" if user_id is not None else "anonymousId"
+        raise InvalidEvent(
+            "too_long",
+            f"{field} is {len(customer_id)} characters long, over the limit of "
+            f"{MAX_CUSTOMER_ID_CHARS}",
+            field=field,
+        )
 
     if event_type == "track":
         name = obj.get("event")
@@ -507,7 +533,7 @@ def parse_event(
         (
             event_type,
             message_id,
-            user_id if user_id is not None else anonymous_id,
+            customer_id,
             user_id,
             anonymous_id,
             name,
