@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from rtim.context.model import DEDUPE_WINDOW_MS
+
 DEFAULT_CATALOG = Path(__file__).parent / "data" / "catalog.yaml"
 
 
@@ -70,6 +72,12 @@ class Settings(BaseSettings):
     )
     session_timeout_s: float = Field(
         10.0, description="Consumer group session timeout (how fast a dead worker is noticed)."
+    )
+    dedupe_window_s: float = Field(
+        DEDUPE_WINDOW_MS / 1000,
+        gt=0,
+        description="A messageId is never applied twice within this much of its customer's "
+        "event time; older repeats are dead-lettered (too_old). At most 1024 ids per customer.",
     )
 
     @property
