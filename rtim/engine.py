@@ -278,9 +278,13 @@ class BatchRun:
         self.result = BatchResult()
         self.now_ms = int(engine._clock() * 1000)
         self._changed: dict[int, dict[bytes, Context]] = {}
-        # The events applied, in order: (key, record, rules fired, triggers made).
-        # Read only when an event fails or a context is too large.
-        self._journal: list[tuple[bytes, RecordLike, Any, Any]] = []
+        # The events applied, in order: customer keys and records, and for those
+        # that fired rules, the rules and the triggers made. Read only when an
+        # event fails or a context is too large. (Parallel lists: no object per
+        # event for the garbage collector to track.)
+        self._keys: list[bytes] = []
+        self._records: list[RecordLike] = []
+        self._fired: dict[int, tuple[list[TriggerRule], tuple[Trigger, ...]]] = {}
         # Customers with a failed event in this batch: copied before each event.
         self._fragile: set[bytes] = set()
         self._created: set[bytes] = set()
@@ -300,7 +304,9 @@ class BatchRun:
         result = self.result
         triggers = result.triggers
         changed = self._changed
-        journal = self._journal
+        keys = self._keys
+        records_applied = self._records
+        fired_at = self._fired
         fragile = self._fragile
         topic = self.topic
         now_ms = self.now_ms
@@ -311,7 +317,6 @@ class BatchRun:
         window_ms = engine.dedupe_window_ms
         cache = engine._cache
         consumed = applied = 0
-        nothing = ()
         for record in records:
             consumed += 1
             partition = record.partition
@@ -344,19 +349,19 @@ class BatchRun:
                     snapshot = orjson.dumps(ctx)
                 changing = True
                 apply_event(ctx, event, partition, offset, token, window_ms)
-                fired = made = nothing
                 candidates = candidates_for(event)
                 if candidates:
                     mark = len(triggers)
                     no_offer = result.no_offer
                     fired = engine._decide(event, ctx, key, record, now_ms, result, candidates)
-                    if len(triggers) > mark:
-                        made = tuple(triggers[mark:])
+                    if fired:
+                        fired_at[len(keys)] = (fired, tuple(triggers[mark:]))
                 contexts = changed.get(partition)
                 if contexts is None:
                     contexts = changed[partition] = {}
                 contexts[key] = ctx
-                journal.append((key, record, fired, made))
+                keys.append(key)
+                records_applied.append(record)
                 applied += 1
             except Exception as exc:  # one bad event must not stop the stream
                 if changing and key is not None:
@@ -383,11 +388,16 @@ class BatchRun:
             self.result.new_customers -= 1
 
     def _replay(self, key: bytes, partition: int) -> tuple[Context | None, list[Any]]:
-        """The customer's context at the start of the batch, and its journal entries."""
-        return self.engine.stored(partition, key), [e for e in self._journal if e[0] == key]
+        """The customer's context at the start of the batch, and the batch's
+        events applied to it: (record, rules fired, triggers made)."""
+        records, fired_at = self._records, self._fired
+        entries = [
+            (records[i], *fired_at.get(i, ((), ()))) for i, k in enumerate(self._keys) if k == key
+        ]
+        return self.engine.stored(partition, key), entries
 
     def _apply_again(self, ctx: Context | None, entry: tuple[Any, ...]) -> Context:
-        _, record, fired, _ = entry
+        record, fired, _ = entry
         event = self._parse(record)
         if ctx is None:
             ctx = new_context(event.customer_id)
@@ -428,7 +438,7 @@ class BatchRun:
         blob = None if ctx is None else dumps(ctx)
         refused: set[int] = set()
         for entry in entries:
-            record, made = entry[1], entry[3]
+            record, made = entry[0], entry[2]
             try:
                 trial = self._apply_again(ctx, entry)
                 size = len(new := dumps(trial))
