@@ -125,6 +125,7 @@ DEDUPE_WINDOW_MS = 24 * 3600 * 1000
 ID_BUCKET_MS = 3600 * 1000
 #: Characters of one remembered message id (9 digest bytes in base64).
 ID_TOKEN_CHARS = 12
+_MAX_ID_CHARS = MAX_IDS * ID_TOKEN_CHARS
 AFFINITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
 #: Affinity is decayed in steps of at least this much event time.
 AFFINITY_DECAY_STEP_MS = 60_000
@@ -215,39 +216,32 @@ def is_duplicate(
     return _remembered(tokens, token if token is not None else id_token(event.message_id))
 
 
-def _remember(ctx: Context, token: str, ts: int, window_ms: int) -> None:
+def _remember_late(ctx: Context, token: str, hour: int) -> None:
+    """Remember the id of an event of a new hour, or of an earlier hour (a late event)."""
     hours = ctx["id_hours"]
-    hour = ts // ID_BUCKET_MS
-    if hours and hours[-1][0] >= hour:
-        if hours[-1][0] == hour:
-            hours[-1][1] += 1
-            ctx["ids"] += token
-        else:  # a late event: into the middle, with the ids of its hour
-            i = at = 0
-            while hours[i][0] < hour:
-                at += hours[i][1]
-                i += 1
-            if hours[i][0] == hour:
-                at += hours[i][1]
-                hours[i][1] += 1
-            else:
-                hours.insert(i, [hour, 1])
-            at *= ID_TOKEN_CHARS
-            tokens = ctx["ids"]
-            ctx["ids"] = tokens[:at] + token + tokens[at:]
+    if hours and hours[-1][0] > hour:  # into the middle, with the ids of its hour
+        i = at = 0
+        while hours[i][0] < hour:
+            at += hours[i][1]
+            i += 1
+        if hours[i][0] == hour:
+            at += hours[i][1]
+            hours[i][1] += 1
+        else:
+            hours.insert(i, [hour, 1])
+        at *= ID_TOKEN_CHARS
+        tokens = ctx["ids"]
+        ctx["ids"] = tokens[:at] + token + tokens[at:]
     else:
         hours.append([hour, 1])
         ctx["ids"] += token
-    cutoff = (ctx["last_ms"] - window_ms) // ID_BUCKET_MS
-    if hours[0][0] < cutoff or len(ctx["ids"]) > MAX_IDS * ID_TOKEN_CHARS:
-        _forget(ctx, cutoff)
 
 
 def _forget(ctx: Context, cutoff: int) -> None:
     """Drop the hours before ``cutoff``, then the oldest hours beyond ``MAX_IDS``."""
     hours = ctx["id_hours"]
     tokens = ctx["ids"]
-    limit = MAX_IDS * ID_TOKEN_CHARS
+    limit = _MAX_ID_CHARS
     cut = 0
     last = None
     while hours and (hours[0][0] < cutoff or len(tokens) - cut > limit):
@@ -464,7 +458,19 @@ def apply_event(
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 traits[trait] = value  # finite: JSON has no infinities
 
-    _remember(ctx, token if token is not None else id_token(event.message_id), ts, window_ms)
+    # Remember the message id (see the module notes), then forget what is due.
+    if token is None:
+        token = id_token(event.message_id)
+    hours = ctx["id_hours"]
+    hour = ts // ID_BUCKET_MS
+    if hours and hours[-1][0] == hour:
+        hours[-1][1] += 1
+        ctx["ids"] += token
+    else:
+        _remember_late(ctx, token, hour)
+    cutoff = (ctx["last_ms"] - window_ms) // ID_BUCKET_MS
+    if hours[0][0] < cutoff or len(ctx["ids"]) > _MAX_ID_CHARS:
+        _forget(ctx, cutoff)
     src = ctx["src"]
     if src is None:
         ctx["src"] = [partition, offset]
