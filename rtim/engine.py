@@ -420,8 +420,8 @@ class BatchRun:
             # The batch cannot go on; its contexts in the cache are not all whole.
             self.engine.invalidate()
             raise
-        if ctx is None:
-            self._forget(key)
+        if ctx is None or ctx["n"] == 0:
+            self._forget(key)  # nothing of the customer's was ever applied
             return
         self.engine._cache[key] = ctx
         contexts = self._changed.get(partition)
@@ -474,7 +474,11 @@ class BatchRun:
             for key, ctx in contexts.items():
                 blob = dumps(ctx)
                 if len(blob) > MAX_CONTEXT_BYTES:
-                    blob = self._within_ceiling(key, partition)
+                    try:
+                        blob = self._within_ceiling(key, partition)
+                    except BaseException:
+                        self.engine.invalidate()  # contexts in the cache may not be whole
+                        raise
                     if blob is None:
                         continue
                 out[key] = blob

@@ -797,3 +797,16 @@ def test_the_largest_context_of_long_names_ids_and_categories() -> None:
     result = run(engine(store), log.records(*events), store)
     assert (result.applied, result.dead_letters) == (120, [])
     assert len(store.data[(0, b"u-1")]) < 16 * 1024
+
+
+def test_a_new_customer_whose_events_all_fail_is_not_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(rtim.engine, "apply_event", broken)
+    store, log = Store(), Log()
+    result = run(engine(store), log.records(page("/a", user="u-9"), page("/b", user="u-9")))
+    assert (result.applied, result.new_customers, result.updates) == (0, 0, {})
+    assert [d.reason for d in result.dead_letters] == ["internal_error", "internal_error"]
