@@ -43,7 +43,7 @@ Fields
 ``traits``        the non-identifying traits kept from identify calls (``plan``)
 ``fired``         per trigger rule, the event time it last fired (cool-downs)
 ``ids``           the message ids applied lately, 12 characters each (duplicate suppression)
-``id_hours``      ``[[hour, count], ...]``: how many of ``ids`` are of each hour of event time
+``id_hours``      ``[hour, count, hour, count, ...]``: how many of ``ids`` are of each hour
 ``ids_ms``        the event time before which message ids may have been forgotten
 ``src``           ``[partition, offset]`` of the last clickstream record applied
 
@@ -52,8 +52,9 @@ Duplicate suppression
 A ``messageId`` applied to a customer is remembered as a 72-bit BLAKE2b
 digest in 12 base64 characters (stable across processes, unlike ``hash()``),
 appended to the string ``ids`` with the other ids of its event hour
-(``id_hours`` counts them per hour, oldest first), so that a look-up is one
-substring search and expiry is cutting the front of the string. An hour is
+(``id_hours`` counts them per hour, oldest first, in one flat list of
+integers), so that a look-up is one substring search, expiry is cutting the
+front of the string, and a context holds no object per id or per hour. An hour is
 dropped once the customer's clock (``last_ms``, the latest event time applied)
 is more than the dedupe window past the hour's end: a message id is
 remembered for at least the window (default 24 hours, ``RTIM_DEDUPE_WINDOW_S``)
@@ -219,21 +220,21 @@ def is_duplicate(
 def _remember_late(ctx: Context, token: str, hour: int) -> None:
     """Remember the id of an event of a new hour, or of an earlier hour (a late event)."""
     hours = ctx["id_hours"]
-    if hours and hours[-1][0] > hour:  # into the middle, with the ids of its hour
+    if hours and hours[-2] > hour:  # into the middle, with the ids of its hour
         i = at = 0
-        while hours[i][0] < hour:
-            at += hours[i][1]
-            i += 1
-        if hours[i][0] == hour:
-            at += hours[i][1]
-            hours[i][1] += 1
+        while hours[i] < hour:
+            at += hours[i + 1]
+            i += 2
+        if hours[i] == hour:
+            at += hours[i + 1]
+            hours[i + 1] += 1
         else:
-            hours.insert(i, [hour, 1])
+            hours[i:i] = (hour, 1)
         at *= ID_TOKEN_CHARS
         tokens = ctx["ids"]
         ctx["ids"] = tokens[:at] + token + tokens[at:]
     else:
-        hours.append([hour, 1])
+        hours += (hour, 1)
         ctx["ids"] += token
 
 
@@ -244,8 +245,9 @@ def _forget(ctx: Context, cutoff: int) -> None:
     limit = _MAX_ID_CHARS
     cut = 0
     last = None
-    while hours and (hours[0][0] < cutoff or len(tokens) - cut > limit):
-        last, count = hours.pop(0)
+    while hours and (hours[0] < cutoff or len(tokens) - cut > limit):
+        last, count = hours[0], hours[1]
+        del hours[:2]
         cut += count * ID_TOKEN_CHARS
     ctx["ids"] = tokens[cut:]
     if last is not None:
@@ -463,13 +465,13 @@ def apply_event(
         token = id_token(event.message_id)
     hours = ctx["id_hours"]
     hour = ts // ID_BUCKET_MS
-    if hours and hours[-1][0] == hour:
-        hours[-1][1] += 1
+    if hours and hours[-2] == hour:
+        hours[-1] += 1
         ctx["ids"] += token
     else:
         _remember_late(ctx, token, hour)
     cutoff = (ctx["last_ms"] - window_ms) // ID_BUCKET_MS
-    if hours[0][0] < cutoff or len(ctx["ids"]) > _MAX_ID_CHARS:
+    if hours[0] < cutoff or len(ctx["ids"]) > _MAX_ID_CHARS:
         _forget(ctx, cutoff)
     src = ctx["src"]
     if src is None:
@@ -597,19 +599,18 @@ def repair(stored: Any, customer_id: str) -> Context:
         old = [i for i in ids if type(i) is str and i]
         if old and ctx["last_ms"] is not None:
             ctx["ids"] = "".join(id_token(i) for i in old)
-            ctx["id_hours"] = [[ctx["last_ms"] // ID_BUCKET_MS, len(old)]]
+            ctx["id_hours"] = [ctx["last_ms"] // ID_BUCKET_MS, len(old)]
     elif (
         type(ids) is str
         and type(hours) is list
-        and all(
-            type(h) is list and len(h) == 2 and _is_int(h[0]) and _is_int(h[1]) and h[1] > 0
-            for h in hours
-        )
-        and [h[0] for h in hours] == sorted({h[0] for h in hours})
-        and len(ids) == sum(h[1] for h in hours) * ID_TOKEN_CHARS
+        and len(hours) % 2 == 0
+        and all(_is_int(h) for h in hours)
+        and all(hours[i] < hours[i + 2] for i in range(0, len(hours) - 2, 2))
+        and all(n > 0 for n in hours[1::2])
+        and len(ids) == sum(hours[1::2]) * ID_TOKEN_CHARS
     ):
         ctx["ids"] = ids
-        ctx["id_hours"] = [list(h) for h in hours]
+        ctx["id_hours"] = hours
     elif ctx["last_ms"] is not None:
         # The ids are lost: nothing before the latest event can be checked.
         ctx["ids_ms"] = max(ctx["ids_ms"] or 0, ctx["last_ms"] + 1)
