@@ -9,6 +9,20 @@ then acknowledges the records, so that a crash at any point redelivers them;
 duplicates are then recognised per customer (see
 :func:`rtim.context.model.is_duplicate`) and not applied twice.
 
+An event changes its customer's context completely or not at all. An event
+that fails half way (an exception in the update or in a decision) is
+dead-lettered, and its customer's context is put back as it was before the
+event: rebuilt from the store (which holds the context as of the start of the
+batch) and the batch's earlier events of that customer, replayed with the
+trigger cool-downs they set; the failed event's triggers are dropped. This
+costs nothing per event until something fails. After a failure, the
+customer's context is copied (serialised) before each of its further events in
+the batch, so that a stream of failing events costs one copy each, not one
+rebuild each. In the same way, a context that would serialise to more than
+:data:`rtim.context.model.MAX_CONTEXT_BYTES` is rebuilt event by event with
+its size checked after each, and the events that would take it over the
+ceiling are dead-lettered (``too_large``) with their triggers.
+
 Examples
 --------
 >>> from rtim.offers.catalog import parse_catalog
@@ -30,11 +44,20 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from rtim.context.model import Context, apply_event, is_duplicate, new_context
+from rtim.context.model import (
+    DEDUPE_WINDOW_MS,
+    MAX_CONTEXT_BYTES,
+    Context,
+    apply_event,
+    id_token,
+    is_duplicate,
+    load_context,
+    new_context,
+)
 from rtim.decide.arbitrate import decide
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
 from rtim.decide.scoring import PropensityModel
-from rtim.events import DeadLetter, InvalidEvent, dead_letter, parse_event
+from rtim.events import DeadLetter, InvalidEvent, dead_letter, error_reason, parse_event
 from rtim.names import trigger_topic
 from rtim.offers.catalog import Catalog
 from rtim.settings import DEFAULTS
@@ -108,6 +131,9 @@ class Engine:
         The CloudEvents ``source`` of published triggers.
     cache_size
         Decoded contexts kept between batches; the store is the truth.
+    dedupe_window_ms
+        How long (in the customer's event time) a ``messageId`` is remembered;
+        see :mod:`rtim.context.model`.
     """
 
     def __init__(
@@ -122,6 +148,7 @@ class Engine:
         trigger_ttl_ms: int = int(DEFAULTS.trigger_ttl_s * 1000),
         cache_size: int = DEFAULTS.cache_customers,
         clock: Callable[[], float] = time.time,
+        dedupe_window_ms: int = DEDUPE_WINDOW_MS,
     ) -> None:
         self.catalog = catalog
         self._rules = RuleIndex(catalog.triggers)
@@ -134,6 +161,9 @@ class Engine:
         self._load = load
         self._clock = clock
         self._cache: dict[bytes, Context] = {}
+        self.dedupe_window_ms = dedupe_window_ms
+        #: Stored contexts that were of an older shape or damaged, and repaired on load.
+        self.repaired = 0
 
     def invalidate(self) -> None:
         """Forget every cached context (after a rebalance or a failed batch)."""
@@ -146,8 +176,15 @@ class Engine:
             raw = self._load(partition, key)
             if raw is None:
                 return None
-            ctx = self._cache[key] = orjson.loads(raw)
+            ctx, repaired = load_context(raw, key.decode("utf-8", "replace"))
+            self._cache[key] = ctx
+            self.repaired += repaired
         return ctx
+
+    def stored(self, partition: int, key: bytes) -> Context | None:
+        """The customer's context as the store holds it (bypassing the cache)."""
+        raw = self._load(partition, key)
+        return None if raw is None else load_context(raw, key.decode("utf-8", "replace"))[0]
 
     def _trim_cache(self) -> None:
         # Contexts of earlier batches are all persisted, so any may go; the
@@ -182,10 +219,11 @@ class Engine:
         now_ms: int,
         result: BatchResult,
         candidates: tuple[TriggerRule, ...],
-    ) -> None:
+    ) -> list[TriggerRule]:
+        """Set the cool-downs of the rules that fire, decide for each; return them."""
         fired = fired_rules(candidates, event, ctx)
         if not fired:
-            return
+            return fired
         for rule in fired:
             ctx["fired"][rule.id] = event.timestamp_ms
             decision = decide(
@@ -213,6 +251,7 @@ class Engine:
                     source_ms=getattr(record, "timestamp", None),
                 )
             )
+        return fired
 
     @staticmethod
     def _dead_letter(
@@ -239,18 +278,43 @@ class BatchRun:
         self.result = BatchResult()
         self.now_ms = int(engine._clock() * 1000)
         self._changed: dict[int, dict[bytes, Context]] = {}
+        # The events applied, in order: customer keys and records, and for those
+        # that fired rules, the rules and the triggers made. Read only when an
+        # event fails or a context is too large. (Parallel lists: no object per
+        # event for the garbage collector to track.)
+        self._keys: list[bytes] = []
+        self._records: list[RecordLike] = []
+        self._fired: dict[int, tuple[list[TriggerRule], tuple[Trigger, ...]]] = {}
+        # Customers with a failed event in this batch: copied before each event.
+        self._fragile: set[bytes] = set()
+        self._created: set[bytes] = set()
+
+    def _parse(self, record: RecordLike) -> Any:
+        engine = self.engine
+        return parse_event(
+            record.value,
+            max_bytes=engine.max_event_bytes,
+            now_ms=self.now_ms,
+            max_future_skew_ms=engine.max_future_skew_ms,
+        )
 
     def add(self, records: Iterable[RecordLike]) -> None:
         """Apply records, in order, to the batch."""
         engine = self.engine
         result = self.result
+        triggers = result.triggers
         changed = self._changed
+        keys = self._keys
+        records_applied = self._records
+        fired_at = self._fired
+        fragile = self._fragile
         topic = self.topic
         now_ms = self.now_ms
         candidates_for = engine._rules.candidates
         parse = parse_event
         max_bytes = engine.max_event_bytes
         skew = engine.max_future_skew_ms
+        window_ms = engine.dedupe_window_ms
         cache = engine._cache
         consumed = applied = 0
         for record in records:
@@ -265,37 +329,159 @@ class BatchRun:
                 result.invalid[exc.reason] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc))
                 continue
+            key = ctx = snapshot = None
+            mark = no_offer = -1
+            changing = False
             try:
                 key = event.customer_id.encode()
                 ctx = cache.get(key)
                 if ctx is None:
                     ctx = engine.context(partition, key)
+                token = id_token(event.message_id)
                 if ctx is None:
                     ctx = cache[key] = new_context(event.customer_id)
                     result.new_customers += 1
-                elif is_duplicate(ctx, event, partition, offset):
+                    self._created.add(key)
+                elif is_duplicate(ctx, event, partition, offset, token):
                     result.duplicates += 1
                     continue
-                apply_event(ctx, event, partition, offset)
+                if fragile and key in fragile:
+                    snapshot = orjson.dumps(ctx)
+                changing = True
+                apply_event(ctx, event, partition, offset, token, window_ms)
+                candidates = candidates_for(event)
+                if candidates:
+                    mark = len(triggers)
+                    no_offer = result.no_offer
+                    fired = engine._decide(event, ctx, key, record, now_ms, result, candidates)
+                    if fired:
+                        fired_at[len(keys)] = (fired, tuple(triggers[mark:]))
                 contexts = changed.get(partition)
                 if contexts is None:
                     contexts = changed[partition] = {}
                 contexts[key] = ctx
+                keys.append(key)
+                records_applied.append(record)
                 applied += 1
-                candidates = candidates_for(event)
-                if candidates:
-                    engine._decide(event, ctx, key, record, now_ms, result, candidates)
             except Exception as exc:  # one bad event must not stop the stream
-                result.invalid["internal_error"] += 1
+                if changing and key is not None:
+                    if mark >= 0:
+                        del triggers[mark:]
+                        result.no_offer = no_offer
+                    if not isinstance(exc, InvalidEvent) or mark >= 0:
+                        self._restore(key, partition, snapshot)
+                    elif ctx is not None and ctx["n"] == 0:
+                        # Refused by apply_event (which then changes nothing), and
+                        # a new customer with nothing applied.
+                        self._forget(key)
+                reason = error_reason(exc)
+                result.invalid[reason] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc, stage="process"))
         result.consumed += consumed
         result.applied += applied
 
+    def _forget(self, key: bytes) -> None:
+        """The customer has no context after all (nothing of it was applied)."""
+        self.engine._cache.pop(key, None)
+        if key in self._created:
+            self._created.discard(key)
+            self.result.new_customers -= 1
+
+    def _replay(self, key: bytes, partition: int) -> tuple[Context | None, list[Any]]:
+        """The customer's context at the start of the batch, and the batch's
+        events applied to it: (record, rules fired, triggers made)."""
+        records, fired_at = self._records, self._fired
+        entries = [
+            (records[i], *fired_at.get(i, ((), ()))) for i, k in enumerate(self._keys) if k == key
+        ]
+        return self.engine.stored(partition, key), entries
+
+    def _apply_again(self, ctx: Context | None, entry: tuple[Any, ...]) -> Context:
+        record, fired, _ = entry
+        event = self._parse(record)
+        if ctx is None:
+            ctx = new_context(event.customer_id)
+        apply_event(ctx, event, record.partition, record.offset, None, self.engine.dedupe_window_ms)
+        for rule in fired:
+            ctx["fired"][rule.id] = event.timestamp_ms
+        return ctx
+
+    def _restore(self, key: bytes, partition: int, snapshot: bytes | None) -> None:
+        """Put the customer's context back as it was before the failed event."""
+        self._fragile.add(key)
+        try:
+            if snapshot is not None:
+                ctx: Context | None = orjson.loads(snapshot)
+            else:
+                ctx, entries = self._replay(key, partition)
+                for entry in entries:
+                    ctx = self._apply_again(ctx, entry)
+        except BaseException:
+            # The batch cannot go on; its contexts in the cache are not all whole.
+            self.engine.invalidate()
+            raise
+        if ctx is None or ctx["n"] == 0:
+            self._forget(key)  # nothing of the customer's was ever applied
+            return
+        self.engine._cache[key] = ctx
+        contexts = self._changed.get(partition)
+        if contexts is not None and key in contexts:
+            contexts[key] = ctx
+
+    def _within_ceiling(self, key: bytes, partition: int) -> bytes | None:
+        """Rebuild a context that is over the ceiling, refusing the events that
+        take it over; return it serialised (None if nothing is left)."""
+        engine = self.engine
+        result = self.result
+        dumps = orjson.dumps
+        ctx, entries = self._replay(key, partition)
+        blob = None if ctx is None else dumps(ctx)
+        refused: set[int] = set()
+        for entry in entries:
+            record, made = entry[0], entry[2]
+            try:
+                trial = self._apply_again(ctx, entry)
+                size = len(new := dumps(trial))
+                if size > MAX_CONTEXT_BYTES:
+                    raise InvalidEvent(
+                        "too_large",
+                        f"applying the event would make its customer's context {size} bytes "
+                        f"long, over the ceiling of {MAX_CONTEXT_BYTES}",
+                    )
+                ctx, blob = trial, new
+            except InvalidEvent as exc:
+                ctx = None if blob is None else orjson.loads(blob)
+                refused.update(id(t) for t in made)
+                result.applied -= 1
+                result.invalid[exc.reason] += 1
+                result.dead_letters.append(
+                    engine._dead_letter(self.topic, record, exc, stage="process")
+                )
+        if refused:
+            result.triggers[:] = [t for t in result.triggers if id(t) not in refused]
+        if ctx is None:
+            self._forget(key)
+            return None
+        engine._cache[key] = ctx
+        return blob
+
     def finish(self) -> BatchResult:
         """Serialise every changed context once and return the batch's result."""
         dumps = orjson.dumps
-        self.result.updates = {
-            partition: {key: dumps(ctx) for key, ctx in contexts.items()}
-            for partition, contexts in self._changed.items()
-        }
+        updates = self.result.updates
+        for partition, contexts in self._changed.items():
+            out = updates[partition] = {}
+            for key, ctx in contexts.items():
+                blob = dumps(ctx)
+                if len(blob) > MAX_CONTEXT_BYTES:
+                    try:
+                        blob = self._within_ceiling(key, partition)
+                    except BaseException:
+                        self.engine.invalidate()  # contexts in the cache may not be whole
+                        raise
+                    if blob is None:
+                        continue
+                out[key] = blob
+            if not out:
+                del updates[partition]
         return self.result

@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         description="Replication factor of the topics RTIM creates, its table changelogs "
         "included (3 on a production cluster).",
     )
+    dedupe_window_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="A messageId is never applied twice within this much of its customer's "
+        "event time; older repeats are dead-lettered (too_old). At most 1024 ids per customer.",
+    )
 
     @property
     def kafka(self) -> KafkaConnection:

@@ -1,15 +1,36 @@
 """The per-customer context and the rules that update it from one event.
 
 A context is a plain ``dict`` of JSON types, so that it is serialised with one
-``orjson.dumps`` call and read back with one ``orjson.loads``. Every part of it
-has a budget (see the ``MAX_*`` constants), so a customer's context stays
-compact (a few KiB at most) whatever the customer does.
+``orjson.dumps`` call and read back with one ``orjson.loads``.
+
+Budgets
+-------
+Every part of a context has a budget (the ``MAX_*`` constants): how many event
+names, pages, cart lines, categories and message ids are kept, and how long
+the strings kept may be (longer names are not counted; pages, product ids,
+categories and trait values are cut). The customer id is at most
+:data:`rtim.events.segment.MAX_CUSTOMER_ID_CHARS` (longer ones are refused by
+the parser). Every part at its budget with plain ASCII strings makes a
+context of about 26 KB (12 KB of it message ids); a typical one is 1-2 KB.
+
+The serialised context has a hard ceiling, :data:`MAX_CONTEXT_BYTES` (64 KiB;
+Kafka's default record limit is 1 MiB). Strings of characters that JSON
+escapes (6 bytes each) or of multi-byte characters can reach it: the engine
+then refuses (dead-letters as ``too_large``) each event that would take the
+context over it, and the context stays as it was before that event.
+
+Every number written is finite: a price, quantity or order total beyond
+:data:`MAX_AMOUNT` is refused (``out_of_range``), so sums cannot overflow.
+A stored context without the current ``v`` is repaired when loaded (see
+:func:`repair`), so that a context stored by an older version, even with
+``null`` where a number belongs, never makes its customer's events fail.
 
 Fields
 ------
+``v``             shape version (:data:`VERSION`); a stored context without it is repaired
 ``id``            customer id (``userId``, or ``anonymousId`` for unknown visitors)
 ``first_ms``      event time of the first event seen
-``last_ms``       event time of the latest event seen
+``last_ms``       event time of the latest event seen (the customer's event-time clock)
 ``n``             number of events applied
 ``types``         count per Segment call type (page, track, ...)
 ``events``        count per track event name / page name (at most ``MAX_NAMES``)
@@ -21,22 +42,92 @@ Fields
 ``issues``        open service tickets (opened minus resolved, never negative)
 ``traits``        the non-identifying traits kept from identify calls (``plan``)
 ``fired``         per trigger rule, the event time it last fired (cool-downs)
-``ids``           the latest message ids applied (duplicate suppression)
+``ids``           the message ids applied lately, 12 characters each (duplicate suppression)
+``id_hours``      ``[hour, count, hour, count, ...]``: how many of ``ids`` are of each hour
+``ids_ms``        the event time before which message ids may have been forgotten
 ``src``           ``[partition, offset]`` of the last clickstream record applied
+
+Duplicate suppression
+---------------------
+A ``messageId`` applied to a customer is remembered as a 72-bit BLAKE2b
+digest in 12 base64 characters (stable across processes, unlike ``hash()``),
+appended to the string ``ids`` with the other ids of its event hour
+(``id_hours`` counts them per hour, oldest first, in one flat list of
+integers), so that a look-up is one substring search, expiry is cutting the
+front of the string, and a context holds no object per id or per hour. An hour is
+dropped once the customer's clock (``last_ms``, the latest event time applied)
+is more than the dedupe window past the hour's end: a message id is
+remembered for at least the window (default 24 hours, ``RTIM_DEDUPE_WINDOW_S``)
+of the customer's own event time, at most one hour more. Wall-clock time plays
+no part, so a backlog or a replay processed at any speed, in any batches,
+gives the same result as the live run.
+
+Memory per customer is bounded by :data:`MAX_IDS` message ids (12 KiB). A
+customer with more events than that within the window (a bot: more than one
+event every 84 s for a day) loses its oldest hours early, so its window is
+shorter than the setting.
+
+Whenever ids are forgotten, ``ids_ms`` moves to the end of what was forgotten
+(never past the customer's latest event + 1 ms). An event stamped before
+``ids_ms`` cannot be checked, so it is refused (``too_old``) rather than risk
+applying it twice. In a live run that is an event more than the window older
+than the customer's latest event (say, an offline phone that reconnects two
+days later while the customer went on shopping on the web). An event older
+than the window but after ``ids_ms`` (nothing of its time was forgotten) is
+applied and its id forgotten at once, so a repeat of it is refused.
+
+For a replay of yesterday's topic this means: a replayed event is dropped as
+a duplicate if its customer's latest event is less than the window after it,
+and dead-lettered as ``too_old`` otherwise; none is applied twice. To replay
+the last D days with every event recognised as a duplicate, set the window to
+more than D days plus the time since (memory permitting, see :data:`MAX_IDS`).
+A resent event is recognised by its ``messageId`` alone; its event time may
+differ, as long as it is not before ``ids_ms``.
 """
 
 from __future__ import annotations
 
+import binascii
+import hashlib
 import math
 from typing import Any
 
-from rtim.events import Event
+import orjson
 
+from rtim.events import Event, InvalidEvent
+from rtim.events.segment import CHANNELS, EVENT_TYPES
+from rtim.settings import DEFAULTS
+
+#: Shape version, stored in ``v``; contexts stored without it are repaired on load.
+VERSION = 2
+#: Event and page names counted; names longer than ``MAX_NAME_CHARS`` are not counted.
 MAX_NAMES = 48
+MAX_NAME_CHARS = 64
+#: Recent pages kept, each cut to ``MAX_PAGE_CHARS``.
 MAX_PAGES = 10
-MAX_IDS = 8
+MAX_PAGE_CHARS = 200
+#: Cart lines kept; product ids are cut to ``MAX_PRODUCT_ID_CHARS``.
 MAX_CART_ITEMS = 50
+MAX_PRODUCT_ID_CHARS = 64
+#: Categories with an affinity; names cut to ``MAX_CATEGORY_CHARS``.
 MAX_CATEGORIES = 16
+MAX_CATEGORY_CHARS = 64
+#: Kept trait strings are cut to this length.
+MAX_TRAIT_CHARS = 64
+#: Message ids remembered per customer (duplicate suppression), 12 bytes each.
+MAX_IDS = 1024
+#: Largest price, quantity or order total accepted (absolute value); beyond it
+#: the event is refused (``out_of_range``), so that every sum stays finite.
+MAX_AMOUNT = 1e12
+#: Hard ceiling of a serialised context (Kafka's default record limit is 1 MiB).
+MAX_CONTEXT_BYTES = 64 * 1024
+#: Default duplicate-suppression window (event time); ``RTIM_DEDUPE_WINDOW_S``.
+DEDUPE_WINDOW_MS = int(DEFAULTS.dedupe_window_s * 1000)
+#: Message ids are kept and expired per bucket of this much event time.
+ID_BUCKET_MS = 3600 * 1000
+#: Characters of one remembered message id (9 digest bytes in base64).
+ID_TOKEN_CHARS = 12
+_MAX_ID_CHARS = MAX_IDS * ID_TOKEN_CHARS
 AFFINITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
 #: Affinity is decayed in steps of at least this much event time.
 AFFINITY_DECAY_STEP_MS = 60_000
@@ -55,10 +146,14 @@ AFFINITY_WEIGHTS = {
 
 Context = dict[str, Any]
 
+_ID_HASH = hashlib.blake2b(digest_size=9)
+_b64 = binascii.b2a_base64
+
 
 def new_context(customer_id: str) -> Context:
     """Return the empty context of a customer never seen before."""
     return {
+        "v": VERSION,
         "id": customer_id,
         "first_ms": None,
         "last_ms": None,
@@ -75,22 +170,93 @@ def new_context(customer_id: str) -> Context:
         "issues": 0,
         "traits": {},
         "fired": {},
-        "ids": [],
+        "ids": "",
+        "id_hours": [],
+        "ids_ms": None,
         "src": None,
     }
 
 
-def is_duplicate(ctx: Context, event: Event, partition: int, offset: int) -> bool:
+def id_token(message_id: str) -> str:
+    """The form a message id is remembered in: a stable 72-bit digest, 12 characters.
+
+    (Python's ``hash()`` is salted per process, so it cannot be stored.)
+
+    >>> id_token("m-1"), len(id_token("a" * 500))
+    ('bmFQofpis7k+', 12)
+    """
+    digest = _ID_HASH.copy()  # cheaper than building a hasher with its parameters
+    digest.update(message_id.encode())
+    return _b64(digest.digest(), newline=False).decode()
+
+
+def _remembered(tokens: str, token: str) -> bool:
+    i = tokens.find(token)
+    while i >= 0:
+        if i % ID_TOKEN_CHARS == 0:
+            return True
+        i = tokens.find(token, i + 1)  # a match across two tokens
+    return False
+
+
+def is_duplicate(
+    ctx: Context, event: Event, partition: int, offset: int, token: str | None = None
+) -> bool:
     """Tell whether this event was already applied to the context.
 
     Two cases: a record delivered again after a crash or a rebalance (its offset
     is at or below the last one applied from the same partition), and the same
-    ``messageId`` sent twice by a producer (kept for the latest ``MAX_IDS``).
+    ``messageId`` sent again (remembered for the dedupe window, see the module
+    notes). ``token`` is ``id_token(event.message_id)``, if already computed.
     """
     src = ctx["src"]
     if src is not None and src[0] == partition and offset <= src[1]:
         return True
-    return event.message_id in ctx["ids"]
+    tokens = ctx["ids"]
+    if not tokens:
+        return False
+    return _remembered(tokens, token if token is not None else id_token(event.message_id))
+
+
+def _remember_late(ctx: Context, token: str, hour: int) -> None:
+    """Remember the id of an event of a new hour, or of an earlier hour (a late event)."""
+    hours = ctx["id_hours"]
+    if hours and hours[-2] > hour:  # into the middle, with the ids of its hour
+        i = at = 0
+        while hours[i] < hour:
+            at += hours[i + 1]
+            i += 2
+        if hours[i] == hour:
+            at += hours[i + 1]
+            hours[i + 1] += 1
+        else:
+            hours[i:i] = (hour, 1)
+        at *= ID_TOKEN_CHARS
+        tokens = ctx["ids"]
+        ctx["ids"] = tokens[:at] + token + tokens[at:]
+    else:
+        hours += (hour, 1)
+        ctx["ids"] += token
+
+
+def _forget(ctx: Context, cutoff: int) -> None:
+    """Drop the hours before ``cutoff``, then the oldest hours beyond ``MAX_IDS``."""
+    hours = ctx["id_hours"]
+    tokens = ctx["ids"]
+    limit = _MAX_ID_CHARS
+    cut = 0
+    last = None
+    while hours and (hours[0] < cutoff or len(tokens) - cut > limit):
+        last, count = hours[0], hours[1]
+        del hours[:2]
+        cut += count * ID_TOKEN_CHARS
+    ctx["ids"] = tokens[cut:]
+    if last is not None:
+        # Every id forgotten had an event time before the end of its hour, and
+        # none is after the customer's clock.
+        horizon = min((last + 1) * ID_BUCKET_MS, ctx["last_ms"] + 1)
+        if ctx["ids_ms"] is None or horizon > ctx["ids_ms"]:
+            ctx["ids_ms"] = horizon
 
 
 def _as_float(value: Any, default: float = 0.0) -> float:
@@ -105,6 +271,28 @@ def _as_float(value: Any, default: float = 0.0) -> float:
             return default
         return parsed if math.isfinite(parsed) else default
     return default
+
+
+def _amount(props: dict[str, Any], field: str, default: float = 0.0) -> float:
+    value = _as_float(props.get(field), default)
+    if -MAX_AMOUNT <= value <= MAX_AMOUNT:
+        return value
+    raise InvalidEvent(
+        "out_of_range",
+        f"properties.{field} is {value:.6g}, beyond the limit of {MAX_AMOUNT:.0e}",
+        field=f"properties.{field}",
+    )
+
+
+def _amounts(name: str, props: dict[str, Any]) -> tuple[float, float]:
+    """The numbers a commerce event adds, checked before anything changes."""
+    if name == "Order Completed":
+        return _amount(props, "total" if "total" in props else "revenue"), 0.0
+    return _amount(props, "quantity", 1.0), _amount(props, "price")
+
+
+#: The events whose numbers are summed into the context.
+_AMOUNT_EVENTS = frozenset({"Product Added", "Product Removed", "Order Completed"})
 
 
 def _decay_affinity(ctx: Context, now_ms: int) -> None:
@@ -141,51 +329,81 @@ def _products(props: dict[str, Any]) -> list[dict[str, Any]]:
     return [props]
 
 
-def _apply_commerce(ctx: Context, name: str, props: dict[str, Any], ts: int) -> None:
+def _apply_commerce(
+    ctx: Context, name: str, props: dict[str, Any], ts: int, amounts: tuple[float, float] | None
+) -> None:
     weight = AFFINITY_WEIGHTS.get(name)
     if weight is not None:
         for product in _products(props):
             category = product.get("category")
             if isinstance(category, str) and category:
-                _add_affinity(ctx, category.lower(), weight, ts)
+                _add_affinity(ctx, category[:MAX_CATEGORY_CHARS].lower(), weight, ts)
+    if amounts is None:
+        if name == "Support Ticket Opened":
+            ctx["issues"] += 1
+        elif name == "Support Ticket Resolved":
+            ctx["issues"] = max(0, ctx["issues"] - 1)
+        return
     cart = ctx["cart"]
-    if name == "Product Added" or name == "Product Removed":
-        pid = props.get("product_id") or props.get("sku")
-        if not isinstance(pid, (str, int)) or isinstance(pid, bool):
-            return
-        pid = str(pid)
-        qty = _as_float(props.get("quantity"), 1.0)
-        if qty <= 0:
-            qty = 1.0
-        items = cart["items"]
-        if name == "Product Added":
-            if pid in items or len(items) < MAX_CART_ITEMS:
-                old_qty = items[pid][0] if pid in items else 0.0
-                items[pid] = [old_qty + qty, max(0.0, _as_float(props.get("price")))]
-        elif pid in items:
-            left = items[pid][0] - qty
-            if left > 0:
-                items[pid][0] = left
-            else:
-                del items[pid]
-        _recompute_cart(cart)
-        cart["updated_ms"] = ts
-    elif name == "Order Completed":
+    if name == "Order Completed":
         ctx["orders"] += 1
-        total = props.get("total", props.get("revenue"))
-        ctx["revenue"] = round(ctx["revenue"] + _as_float(total), 2)
+        ctx["revenue"] = round(ctx["revenue"] + amounts[0], 2)
         cart["items"] = {}
         cart["value"] = 0.0
         cart["updated_ms"] = ts
-    elif name == "Support Ticket Opened":
-        ctx["issues"] += 1
-    elif name == "Support Ticket Resolved":
-        ctx["issues"] = max(0, ctx["issues"] - 1)
+        return
+    pid = props.get("product_id") or props.get("sku")
+    if not isinstance(pid, (str, int)) or isinstance(pid, bool):
+        return
+    pid = str(pid)[:MAX_PRODUCT_ID_CHARS]
+    qty, price = amounts
+    if qty <= 0:
+        qty = 1.0
+    items = cart["items"]
+    if name == "Product Added":
+        if pid in items or len(items) < MAX_CART_ITEMS:
+            old_qty = items[pid][0] if pid in items else 0.0
+            items[pid] = [old_qty + qty, max(0.0, price)]
+    elif pid in items:
+        left = items[pid][0] - qty
+        if left > 0:
+            items[pid][0] = left
+        else:
+            del items[pid]
+    _recompute_cart(cart)
+    cart["updated_ms"] = ts
 
 
-def apply_event(ctx: Context, event: Event, partition: int, offset: int) -> None:
-    """Update ``ctx`` in place with one (already validated, non-duplicate) event."""
+def apply_event(
+    ctx: Context,
+    event: Event,
+    partition: int,
+    offset: int,
+    token: str | None = None,
+    window_ms: int = DEDUPE_WINDOW_MS,
+) -> None:
+    """Update ``ctx`` in place with one (already validated, non-duplicate) event.
+
+    ``token`` is ``id_token(event.message_id)`` if already computed;
+    ``window_ms`` the dedupe window. Raises :class:`InvalidEvent` (``too_old``,
+    ``out_of_range``) before changing anything: the event cannot be applied.
+    """
     ts = event.timestamp_ms
+    horizon = ctx["ids_ms"]
+    if horizon is not None and ts < horizon:
+        raise InvalidEvent(
+            "too_old",
+            f"event time is {(horizon - ts) / 3_600_000:.1f} h before the oldest event time "
+            f"whose message ids this customer's context still remembers (dedupe window "
+            f"{window_ms / 3_600_000:g} h of the customer's event time): it may be a repeat",
+            field="timestamp",
+        )
+    event_type = event.type
+    name = event.name
+    amounts = None
+    if event_type == "track" and name in _AMOUNT_EVENTS:
+        amounts = _amounts(name, event.properties)
+
     first = ctx["first_ms"]
     if first is None or ts < first:
         ctx["first_ms"] = ts
@@ -199,7 +417,6 @@ def apply_event(ctx: Context, event: Event, partition: int, offset: int) -> None
         aff_ms = ctx["aff_ms"]
         if aff_ms is None or ts - aff_ms >= AFFINITY_DECAY_STEP_MS:
             _decay_affinity(ctx, ts)
-    event_type = event.type
     types = ctx["types"]
     types[event_type] = types.get(event_type, 0) + 1
 
@@ -211,16 +428,15 @@ def apply_event(ctx: Context, event: Event, partition: int, offset: int) -> None
     if ts > channel["last_ms"]:
         channel["last_ms"] = ts
 
-    name = event.name
     if name:
         counts = ctx["events"]
         if name in counts:
             counts[name] += 1
-        elif len(counts) < MAX_NAMES:
+        elif len(counts) < MAX_NAMES and len(name) <= MAX_NAME_CHARS:
             counts[name] = 1
     if event_type == "track":
         if name:
-            _apply_commerce(ctx, name, event.properties, ts)
+            _apply_commerce(ctx, name, event.properties, ts, amounts)
     elif event_type == "page" or event_type == "screen":
         properties = event.properties
         page = properties.get("path") if event_type == "page" else None
@@ -230,26 +446,178 @@ def apply_event(ctx: Context, event: Event, partition: int, offset: int) -> None
         page = page if isinstance(page, str) and page else name
         if page:
             pages = ctx["pages"]
-            pages.append(page[:200])
+            pages.append(page[:MAX_PAGE_CHARS])
             if len(pages) > MAX_PAGES:
                 del pages[0]
         category = properties.get("category")
         if isinstance(category, str) and category:
-            _add_affinity(ctx, category.lower(), 0.5, ts)
+            _add_affinity(ctx, category[:MAX_CATEGORY_CHARS].lower(), 0.5, ts)
     elif event_type == "identify":
         traits = ctx["traits"]
         for trait in KEPT_TRAITS:
             value = event.traits.get(trait)
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                traits[trait] = value
+            if isinstance(value, str):
+                traits[trait] = value[:MAX_TRAIT_CHARS]
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                traits[trait] = value  # finite: JSON has no infinities
 
-    ids = ctx["ids"]
-    ids.append(event.message_id)
-    if len(ids) > MAX_IDS:
-        del ids[0]
+    # Remember the message id (see the module notes), then forget what is due.
+    if token is None:
+        token = id_token(event.message_id)
+    hours = ctx["id_hours"]
+    hour = ts // ID_BUCKET_MS
+    if hours and hours[-2] == hour:
+        hours[-1] += 1
+        ctx["ids"] += token
+    else:
+        _remember_late(ctx, token, hour)
+    cutoff = (ctx["last_ms"] - window_ms) // ID_BUCKET_MS
+    if hours[0] < cutoff or len(ctx["ids"]) > _MAX_ID_CHARS:
+        _forget(ctx, cutoff)
     src = ctx["src"]
     if src is None:
         ctx["src"] = [partition, offset]
     else:
         src[0] = partition
         src[1] = offset
+
+
+# --------------------------------------------------------------------------
+# Loading stored contexts
+# --------------------------------------------------------------------------
+
+
+def load_context(raw: bytes, customer_id: str) -> tuple[Context, bool]:
+    """Decode a stored context; repair one of an older shape or a damaged one.
+
+    Returns the context and whether it had to be repaired. A context written by
+    this version (``v`` is :data:`VERSION`) is taken as it is: every number it
+    holds was checked when it was written.
+    """
+    try:
+        ctx = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        ctx = None
+    if type(ctx) is dict and ctx.get("v") == VERSION:
+        return ctx, False
+    return repair(ctx, customer_id), True
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def repair(stored: Any, customer_id: str) -> Context:
+    """Rebuild a valid context from what a stored one still holds.
+
+    What is kept must have the right type and be within the budgets; a number
+    that is missing or not finite (versions before 2 stored an overflow as
+    ``null``) starts again from zero, other parts from empty. Message ids kept
+    as plain strings by versions before 2 are remembered in the hour of the
+    latest event; if the ids are damaged, no event before the latest one can be
+    checked, so ``ids_ms`` moves past it.
+    """
+    ctx = new_context(customer_id)
+    if type(stored) is not dict:
+        return ctx
+    get = stored.get
+    for f in ("first_ms", "last_ms", "aff_ms", "ids_ms"):
+        if _is_int(get(f)):
+            ctx[f] = get(f)
+    for f in ("n", "orders", "issues"):
+        if _is_int(get(f)) and get(f) >= 0:
+            ctx[f] = get(f)
+    if _is_number(get("revenue")):
+        ctx["revenue"] = float(get("revenue"))
+
+    def mapping(f: str) -> dict[Any, Any]:
+        value = get(f)
+        return value if type(value) is dict else {}
+
+    ctx["types"] = {
+        k: v for k, v in mapping("types").items() if k in EVENT_TYPES and _is_int(v) and v > 0
+    }
+    events = ctx["events"]
+    for k, v in mapping("events").items():
+        if len(events) < MAX_NAMES and len(k) <= MAX_NAME_CHARS and _is_int(v) and v > 0:
+            events[k] = v
+    ctx["channels"] = {
+        k: {"n": v["n"], "last_ms": v["last_ms"]}
+        for k, v in mapping("channels").items()
+        if k in CHANNELS
+        and type(v) is dict
+        and _is_int(v.get("n"))
+        and v["n"] > 0
+        and _is_int(v.get("last_ms"))
+    }
+    pages = get("pages")
+    if type(pages) is list:
+        kept = [p[:MAX_PAGE_CHARS] for p in pages if type(p) is str and p]
+        ctx["pages"] = kept[-MAX_PAGES:]
+    cart = get("cart")
+    if type(cart) is dict:
+        items = cart.get("items")
+        kept_items = ctx["cart"]["items"]
+        if type(items) is dict:
+            for pid, line in items.items():
+                if len(kept_items) >= MAX_CART_ITEMS:
+                    break
+                if (
+                    type(line) is list
+                    and len(line) == 2
+                    and _is_number(line[0])
+                    and _is_number(line[1])
+                    and line[0] > 0
+                    and 0 <= line[1] <= MAX_AMOUNT
+                ):
+                    kept_items[pid[:MAX_PRODUCT_ID_CHARS]] = [float(line[0]), float(line[1])]
+        _recompute_cart(ctx["cart"])
+        if not math.isfinite(ctx["cart"]["value"]):
+            ctx["cart"] = {"items": {}, "value": 0.0}
+        if _is_int(cart.get("updated_ms")):
+            ctx["cart"]["updated_ms"] = cart["updated_ms"]
+    affinity = {
+        k[:MAX_CATEGORY_CHARS]: float(v)
+        for k, v in mapping("affinity").items()
+        if _is_number(v) and v >= 0
+    }
+    for k in sorted(affinity, key=affinity.__getitem__, reverse=True)[:MAX_CATEGORIES]:
+        ctx["affinity"][k] = affinity[k]
+    traits = mapping("traits")
+    for trait in KEPT_TRAITS:
+        value = traits.get(trait)
+        if type(value) is str:
+            ctx["traits"][trait] = value[:MAX_TRAIT_CHARS]
+        elif _is_number(value):
+            ctx["traits"][trait] = value
+    ctx["fired"] = {k: v for k, v in mapping("fired").items() if _is_int(v)}
+    ids, hours = get("ids"), get("id_hours")
+    if type(ids) is list:  # before version 2: the latest message ids, as they came
+        old = [i for i in ids if type(i) is str and i]
+        if old and ctx["last_ms"] is not None:
+            ctx["ids"] = "".join(id_token(i) for i in old)
+            ctx["id_hours"] = [ctx["last_ms"] // ID_BUCKET_MS, len(old)]
+    elif (
+        type(ids) is str
+        and type(hours) is list
+        and len(hours) % 2 == 0
+        and all(_is_int(h) for h in hours)
+        and all(hours[i] < hours[i + 2] for i in range(0, len(hours) - 2, 2))
+        and all(n > 0 for n in hours[1::2])
+        and len(ids) == sum(hours[1::2]) * ID_TOKEN_CHARS
+    ):
+        ctx["ids"] = ids
+        ctx["id_hours"] = hours
+    elif ctx["last_ms"] is not None:
+        # The ids are lost: nothing before the latest event can be checked.
+        ctx["ids_ms"] = max(ctx["ids_ms"] or 0, ctx["last_ms"] + 1)
+    if ctx["id_hours"]:
+        _forget(ctx, -(2**62))  # within the budget
+    src = get("src")
+    if type(src) is list and len(src) == 2 and all(_is_int(x) and x >= 0 for x in src):
+        ctx["src"] = list(src)
+    return ctx

@@ -32,7 +32,9 @@ Identity
     the same customer. ``null``, ``""`` and blank strings count as absent
     (analytics.js sends ``"userId": null`` for anonymous visitors). Any other
     type (float, boolean, object, array) is ``wrong_type``: falling back to
-    the other id would file the event under a different customer.
+    the other id would file the event under a different customer. An id longer
+    than :data:`MAX_CUSTOMER_ID_CHARS` is ``too_long`` (it keys and is stored in
+    the customer's context, which has a size budget).
     ``messageId`` must be a non-blank string (``missing_id`` otherwise).
 Channel
     See :func:`derive_channel`.
@@ -63,6 +65,8 @@ from rtim.settings import DEFAULTS
 __all__ = [
     "CHANNELS",
     "EVENT_TYPES",
+    "MAX_CUSTOMER_ID_CHARS",
+    "PARSE_REASONS",
     "REASONS",
     "Event",
     "InvalidEvent",
@@ -83,7 +87,16 @@ REASONS: tuple[str, ...] = (
     "missing_timestamp",
     "bad_timestamp",
     "clock_skew",
+    "too_long",
+    # Raised by rtim.context.model when an event cannot be applied to its
+    # customer's context (see apply_event) or would make it too large.
+    "too_old",
+    "out_of_range",
+    "too_large",
 )
+#: The reasons :func:`parse_event` raises (the others are raised when an event
+#: is applied to its customer's context).
+PARSE_REASONS: tuple[str, ...] = REASONS[: REASONS.index("too_long") + 1]
 _REASON_SET = frozenset(REASONS)
 
 #: The Segment call types.
@@ -105,6 +118,10 @@ _CHANNEL_ALIASES.update(
         "callcenter": "call_centre",
     }
 )
+
+#: Longest customer id (``userId`` or ``anonymousId``) accepted; the id is the
+#: context's key and is stored in it, so it must be bounded (``too_long``).
+MAX_CUSTOMER_ID_CHARS = 256
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
@@ -301,12 +318,21 @@ def _identities(obj: dict[str, Any]) -> tuple[str, str | None, str | None]:
     ):
         anonymous_id = _identity(obj, "anonymousId")
     if user_id is not None:
-        return user_id, user_id, anonymous_id
-    if anonymous_id is None:
+        customer_id, field = user_id, "userId"
+    elif anonymous_id is not None:
+        customer_id, field = anonymous_id, "anonymousId"
+    else:
         raise InvalidEvent(
             "missing_id", "userId or anonymousId is required (both absent or empty)", field="userId"
         )
-    return anonymous_id, user_id, anonymous_id
+    if len(customer_id) > MAX_CUSTOMER_ID_CHARS:
+        raise InvalidEvent(
+            "too_long",
+            f"{field} is {len(customer_id)} characters long, over the limit of "
+            f"{MAX_CUSTOMER_ID_CHARS}",
+            field=field,
+        )
+    return customer_id, user_id, anonymous_id
 
 
 def customer_key(event: dict[str, Any]) -> str:

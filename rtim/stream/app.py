@@ -119,6 +119,7 @@ class ClickstreamProcessor:
             max_future_skew_ms=int(settings.max_future_skew_s * 1000),
             trigger_ttl_ms=int(settings.trigger_ttl_s * 1000),
             cache_size=settings.cache_customers,
+            dedupe_window_ms=int(settings.dedupe_window_s * 1000),
         )
         self.publisher = BatchPublisher(settings.kafka, client_id=f"{settings.app_id}-publisher")
         self.changelog_topic = table.changelog_topic.get_topic_name()

@@ -12,16 +12,27 @@ import pytest
 from rtim.context import model
 from rtim.context.model import (
     AFFINITY_HALF_LIFE_MS,
+    DEDUPE_WINDOW_MS,
+    ID_BUCKET_MS,
+    ID_TOKEN_CHARS,
+    MAX_AMOUNT,
     MAX_CART_ITEMS,
     MAX_CATEGORIES,
+    MAX_CATEGORY_CHARS,
     MAX_IDS,
+    MAX_NAME_CHARS,
     MAX_NAMES,
+    MAX_PAGE_CHARS,
     MAX_PAGES,
+    MAX_PRODUCT_ID_CHARS,
+    MAX_TRAIT_CHARS,
+    VERSION,
     apply_event,
     is_duplicate,
+    load_context,
     new_context,
 )
-from rtim.events import Event
+from rtim.events import Event, InvalidEvent
 
 from .segment_calls import parsed, segment_call
 
@@ -399,16 +410,16 @@ def test_duplicate_detection_survives_serialisation() -> None:
     assert not is_duplicate(restored, track("Product Viewed", message_id="new"), 0, 2)
 
 
-def test_message_ids_and_event_names_are_bounded() -> None:
+def test_event_names_are_bounded_in_number_and_length() -> None:
     events = [track(f"Custom Event {i}", message_id=f"id-{i}") for i in range(MAX_NAMES + 40)]
+    events.append(track("Long " + "x" * MAX_NAME_CHARS))
     ctx = run(*events)
-    assert len(ctx["ids"]) == MAX_IDS
-    assert ctx["ids"][-1] == f"id-{MAX_NAMES + 39}"
-    assert not is_duplicate(ctx, track("X", message_id="id-0"), 1, 0)  # forgotten
     assert len(ctx["events"]) == MAX_NAMES
     run(track("Custom Event 0"), ctx=ctx)
     assert ctx["events"]["Custom Event 0"] == 2  # names already known keep counting
     assert f"Custom Event {MAX_NAMES + 1}" not in ctx["events"]
+    ctx = run(track("Long " + "x" * MAX_NAME_CHARS), track("y" * MAX_NAME_CHARS))
+    assert ctx["events"] == {"y" * MAX_NAME_CHARS: 1}
 
 
 def test_the_context_stays_small_after_10000_events() -> None:
@@ -457,8 +468,9 @@ def test_the_context_stays_small_after_10000_events() -> None:
         apply_event(ctx, e, 0, offset)
     size = len(orjson.dumps(ctx))
     assert ctx["n"] == 10_000
-    assert size < 8 * 1024, size
-    assert len(ctx["ids"]) == MAX_IDS
+    # A day of events (one every 3 minutes on average) is remembered for dedupe.
+    assert size < 12 * 1024, size
+    assert 480 <= len(ctx["ids"]) // ID_TOKEN_CHARS <= MAX_IDS
     assert len(ctx["events"]) <= MAX_NAMES
     assert len(ctx["pages"]) == MAX_PAGES
     assert len(ctx["affinity"]) <= MAX_CATEGORIES
@@ -469,3 +481,246 @@ def test_identifying_traits_are_never_on_the_kept_list() -> None:
     assert not {"email", "name", "firstName", "lastName", "phone", "address"} & set(
         model.KEPT_TRAITS
     )
+
+
+# --------------------------------------------------------------------------
+# Duplicate suppression over a window of event time
+# --------------------------------------------------------------------------
+
+HOUR = 3_600_000
+
+
+def refused(ctx: dict[str, Any], e: Event, reason: str) -> bool:
+    """Whether apply_event refuses the event with this reason, changing nothing."""
+    before = orjson.dumps(ctx)
+    try:
+        apply_event(ctx, e, 9, 10**9)
+    except InvalidEvent as exc:
+        assert orjson.dumps(ctx) == before
+        return exc.reason == reason
+    return False
+
+
+def never_applied_twice(ctx: dict[str, Any], e: Event) -> bool:
+    """A resent event (same messageId, a new record) is dropped or refused."""
+    return is_duplicate(ctx, e, 9, 10**9) or refused(ctx, e, "too_old")
+
+
+def test_a_message_id_is_remembered_for_the_window_of_the_customers_event_time() -> None:
+    ctx = new_context("u-1")
+    sent = [track("Product Viewed", ts=T0 + i * 10 * MINUTE) for i in range(3 * 144)]
+    for offset, e in enumerate(sent):
+        apply_event(ctx, e, 0, offset)
+        clock = e.timestamp_ms
+        if offset % 24 == 0:
+            for old in sent[: offset + 1]:
+                if clock - old.timestamp_ms <= DEFAULT_WINDOW:
+                    assert is_duplicate(ctx, old, 9, 10**9), (offset, old.timestamp_ms)
+                else:
+                    assert never_applied_twice(ctx, old)
+    # Three days of ids are not all kept: memory is about one window's worth.
+    assert len(ctx["ids"]) // ID_TOKEN_CHARS <= 144 + 6 + 1
+    assert ctx["ids_ms"] is not None
+    assert ctx["ids_ms"] <= sent[-1].timestamp_ms - DEDUPE_WINDOW_MS
+    # An event older than what is remembered cannot be checked: refused.
+    assert refused(ctx, track("Product Viewed", ts=T0), "too_old")
+
+
+DEFAULT_WINDOW = DEDUPE_WINDOW_MS
+
+
+def test_the_window_runs_on_event_time_and_is_a_parameter() -> None:
+    ctx = run(track("Product Viewed", ts=T0, message_id="m-old"))
+    # Days pass on the wall clock but not for this customer: still remembered.
+    assert is_duplicate(ctx, track("Product Viewed", ts=T0, message_id="m-old"), 9, 1)
+    apply_event(ctx, track("Product Viewed", ts=T0 + 3 * HOUR), 0, 1, window_ms=HOUR)
+    # With a one-hour window, three hours of the customer's time forget it.
+    assert ctx["ids_ms"] == T0 - T0 % ID_BUCKET_MS + ID_BUCKET_MS
+    assert refused(ctx, track("Product Viewed", ts=T0, message_id="m-old"), "too_old")
+    late = track("Product Viewed", ts=T0 + 3 * HOUR - 1, message_id="m-late")
+    apply_event(ctx, late, 0, 2, window_ms=HOUR)  # late, but after what was forgotten
+    assert is_duplicate(ctx, late, 9, 1)
+
+
+def test_late_events_are_remembered_with_their_own_hour() -> None:
+    times = [T0 + 5 * HOUR, T0, T0 + 2 * HOUR, T0 + 2 * HOUR + 1, T0 + HOUR, T0 + 5 * HOUR + 2]
+    events = [track("Product Viewed", ts=ts) for ts in times]
+    ctx = run(*events)
+    assert all(is_duplicate(ctx, e, 9, 1) for e in events)
+    assert not is_duplicate(ctx, track("Product Viewed", ts=T0), 9, 1)
+    hours = ctx["id_hours"][::2]
+    assert hours == sorted(set(t // ID_BUCKET_MS for t in times))
+    assert ctx["id_hours"][1::2] == [1, 1, 2, 2]  # ids per hour
+    assert sum(ctx["id_hours"][1::2]) * ID_TOKEN_CHARS == len(ctx["ids"])
+    assert ctx["ids_ms"] is None  # nothing forgotten
+
+
+def test_a_customer_with_more_events_than_the_memory_is_never_applied_twice() -> None:
+    # A bot: 3 events a second for 20 minutes, more ids than MAX_IDS.
+    ctx = new_context("u-1")
+    sent = [track("Product Viewed", ts=T0 + i * 333) for i in range(3600)]
+    for offset, e in enumerate(sent):
+        apply_event(ctx, e, 0, offset)
+    assert len(ctx["ids"]) <= MAX_IDS * ID_TOKEN_CHARS
+    assert all(never_applied_twice(ctx, e) for e in sent[::7])
+    apply_event(ctx, track("Product Viewed", ts=T0 + 3600 * 333), 0, 3600)  # in order: applied
+    assert ctx["n"] == 3601
+
+
+def test_message_ids_are_stored_as_stable_digests() -> None:
+    ctx = run(
+        track("Product Viewed", message_id="m-1"), track("Product Viewed", message_id="x" * 900)
+    )
+    assert len(ctx["ids"]) == 2 * ID_TOKEN_CHARS
+    assert "m-1" not in orjson.dumps(ctx).decode()
+    # The same digest in any process (the built-in hash() is salted per process).
+    assert model.id_token("m-1") == "bmFQofpis7k+"
+
+
+# --------------------------------------------------------------------------
+# Numbers stay finite; stored contexts always load
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "props", "field"),
+    [
+        ("Order Completed", {"total": 1.7e308}, "properties.total"),
+        ("Order Completed", {"revenue": -1e13}, "properties.revenue"),
+        ("Product Added", {"product_id": "p", "price": 1e300}, "properties.price"),
+        (
+            "Product Added",
+            {"product_id": "p", "price": 5, "quantity": 1e200},
+            "properties.quantity",
+        ),
+        ("Product Removed", {"product_id": "p", "quantity": "1e40"}, "properties.quantity"),
+    ],
+)
+def test_amounts_beyond_the_limit_are_refused_before_anything_changes(
+    name: str, props: dict[str, Any], field: str
+) -> None:
+    ctx = run(track("Product Added", product_id="p", price=5), track("Order Completed", total=5))
+    assert refused(ctx, track(name, **props), "out_of_range")
+    with pytest.raises(InvalidEvent) as info:
+        apply_event(ctx, track(name, **props), 0, 99)
+    assert info.value.field == field
+    assert "1e+12" in str(info.value)
+
+
+def test_two_huge_orders_leave_revenue_finite() -> None:
+    ctx = run(
+        track("Order Completed", total=MAX_AMOUNT), track("Order Completed", total=MAX_AMOUNT)
+    )
+    with pytest.raises(InvalidEvent):
+        apply_event(ctx, track("Order Completed", total=1.7e308), 0, 99)
+    assert ctx["revenue"] == 2 * MAX_AMOUNT
+    assert orjson.loads(orjson.dumps(ctx))["revenue"] == 2 * MAX_AMOUNT
+
+
+def version_1_context() -> dict[str, Any]:
+    """A context as versions before 2 stored it, after an infinite revenue."""
+    return {
+        "id": "u-1",
+        "first_ms": T0,
+        "last_ms": T0 + HOUR,
+        "n": 3,
+        "types": {"track": 3},
+        "events": {"Order Completed": 2, "Product Added": 1},
+        "channels": {"web": {"n": 3, "last_ms": T0 + HOUR}},
+        "pages": [],
+        "cart": {"items": {"p": [1.0, None]}, "value": None, "updated_ms": T0 + HOUR},
+        "affinity": {"shoes": None, "books": 2.5},
+        "aff_ms": T0,
+        "orders": 2,
+        "revenue": None,
+        "issues": 0,
+        "traits": {"plan": "gold"},
+        "fired": {"cart-builder": T0},
+        "ids": ["m-a", "m-b", "m-c"],
+        "src": [0, 2],
+    }
+
+
+def test_a_context_stored_with_nulls_for_numbers_loads_repaired() -> None:
+    ctx, repaired = load_context(orjson.dumps(version_1_context()), "u-1")
+    assert repaired
+    assert ctx["v"] == VERSION
+    assert (ctx["revenue"], ctx["orders"], ctx["n"]) == (0.0, 2, 3)
+    assert ctx["cart"] == {"items": {}, "value": 0.0, "updated_ms": T0 + HOUR}
+    assert ctx["affinity"] == {"books": 2.5}
+    assert (ctx["fired"], ctx["traits"], ctx["src"]) == (
+        {"cart-builder": T0},
+        {"plan": "gold"},
+        [0, 2],
+    )
+    # The message ids of version 1 are still recognised.
+    assert is_duplicate(ctx, track("Order Completed", message_id="m-b"), 9, 9)
+    run(track("Order Completed", ts=T0 + 2 * HOUR, total=20), ctx=ctx)
+    assert (ctx["revenue"], ctx["orders"]) == (20.0, 3)
+    assert load_context(orjson.dumps(ctx), "u-1") == (ctx, False)
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [b"", b"{oops", b"[]", b"null", b'{"n": "many", "cart": [], "pages": {}, "ids": 7}'],
+)
+def test_a_damaged_stored_context_loads_as_a_valid_one(stored: bytes) -> None:
+    ctx, repaired = load_context(stored, "u-1")
+    assert repaired and ctx == new_context("u-1")
+    run(track("Order Completed", total=5), ctx=ctx)
+    assert ctx["revenue"] == 5.0
+
+
+def test_a_stored_context_over_the_budgets_is_cut_to_them() -> None:
+    big = version_1_context()
+    big.update(
+        events={f"e{i}" * 40: 1 for i in range(500)},
+        pages=["/" + "p" * 5000] * 100,
+        cart={"items": {f"p{i}" * 100: [1, 2] for i in range(500)}, "value": 1000},
+        affinity={f"c{i}" * 100: float(i) for i in range(500)},
+        traits={"plan": "g" * 10_000},
+        ids=[f"m{i}" for i in range(5000)],
+    )
+    ctx, _ = load_context(orjson.dumps(big), "u-1")
+    assert len(ctx["events"]) <= MAX_NAMES
+    assert all(len(k) <= MAX_NAME_CHARS for k in ctx["events"])
+    assert len(ctx["pages"]) == MAX_PAGES and len(ctx["pages"][0]) == MAX_PAGE_CHARS
+    assert len(ctx["cart"]["items"]) == MAX_CART_ITEMS
+    assert all(len(k) <= MAX_PRODUCT_ID_CHARS for k in ctx["cart"]["items"])
+    assert ctx["cart"]["value"] == 2 * MAX_CART_ITEMS
+    assert len(ctx["affinity"]) == MAX_CATEGORIES and "c499" * 16 in ctx["affinity"]
+    assert len(ctx["traits"]["plan"]) == MAX_TRAIT_CHARS
+    # 5000 ids of one hour are more than the budget: forgotten, so the events
+    # up to the latest can no longer be checked and would be refused.
+    assert len(ctx["ids"]) <= MAX_IDS * ID_TOKEN_CHARS
+    assert ctx["ids_ms"] == ctx["last_ms"] + 1
+    assert len(orjson.dumps(ctx)) < 32 * 1024
+
+
+# --------------------------------------------------------------------------
+# Every string in a context has a budget
+# --------------------------------------------------------------------------
+
+
+def test_long_names_ids_and_categories_do_not_grow_the_context() -> None:
+    # The shape of a hostile producer: valid events, each under 32 KiB, with
+    # long names, product ids, categories, pages and traits.
+    ctx = new_context("u-1")
+    for i in range(120):
+        long = f"{i:03d}" + "x" * 9000
+        for offset, e in enumerate(
+            [
+                track(long, ts=T0 + i),
+                track("Product Added", ts=T0 + i, product_id=long, category=long, price=1),
+                page("/" + long, ts=T0 + i, name=long, category="c" + long),
+                event("identify", ts=T0 + i, traits={"plan": long, "segment": long}),
+            ]
+        ):
+            apply_event(ctx, e, 0, 4 * i + offset)
+    size = len(orjson.dumps(ctx))
+    assert size < 24 * 1024, size
+    assert all(len(k) <= MAX_NAME_CHARS for k in ctx["events"])
+    assert all(len(p) <= MAX_PAGE_CHARS for p in ctx["pages"])
+    assert all(len(k) <= MAX_PRODUCT_ID_CHARS for k in ctx["cart"]["items"])
+    assert all(len(k) <= MAX_CATEGORY_CHARS for k in ctx["affinity"])
+    assert all(len(v) <= MAX_TRAIT_CHARS for v in ctx["traits"].values())

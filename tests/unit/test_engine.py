@@ -9,7 +9,17 @@ from typing import Any
 import orjson
 import pytest
 
+import rtim.context.model
 import rtim.engine
+from rtim.context.model import (
+    MAX_CART_ITEMS,
+    MAX_CONTEXT_BYTES,
+    MAX_NAME_CHARS,
+    MAX_NAMES,
+    MAX_PAGE_CHARS,
+    MAX_PAGES,
+    MAX_PRODUCT_ID_CHARS,
+)
 from rtim.decide.arbitrate import decision_id
 from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE
 from rtim.engine import BatchResult, Engine, Record
@@ -417,10 +427,10 @@ def test_an_exception_for_one_event_dead_letters_it_and_the_batch_continues(
 ) -> None:
     real_apply = rtim.engine.apply_event
 
-    def flaky_apply(ctx: dict[str, Any], event: Any, partition: int, offset: int) -> None:
+    def flaky_apply(ctx: dict[str, Any], event: Any, *args: Any) -> None:
         if ctx["id"] == "u-bad":
             raise RuntimeError("disk on fire")
-        real_apply(ctx, event, partition, offset)
+        real_apply(ctx, event, *args)
 
     monkeypatch.setattr(rtim.engine, "apply_event", flaky_apply)
     store, log = Store(), Log()
@@ -502,3 +512,305 @@ def test_a_small_cache_reloads_evicted_contexts_from_the_store() -> None:
     for i in range(6):
         ctx = orjson.loads(store.data[(0, f"u-{i}".encode())])
         assert (ctx["n"], ctx["pages"]) == (3, ["/r0", "/r1", "/r2"])
+
+
+# --------------------------------------------------------------------------
+# Replays within the dedupe window
+# --------------------------------------------------------------------------
+
+
+def outputs(result: BatchResult) -> tuple[Any, ...]:
+    """What a batch wrote and published, for comparing two runs."""
+    return (
+        result.updates,
+        [(t.topic, t.key, t.value) for t in result.triggers],
+        [(d.reason, d.value) for d in result.dead_letters],
+    )
+
+
+def shop(customers: int, per_customer: int) -> list[dict[str, Any]]:
+    """Browsing and carts of several customers over a few hours, interleaved."""
+    events = []
+    for i in range(per_customer):
+        for c in range(customers):
+            ts = T0 - 6 * 3_600_000 + i * 2 * MINUTE + c
+            if i % 5 == 4:
+                events.append(
+                    track("Product Added", user=f"u-{c}", ts=ts, product_id=f"p{i}", price=60)
+                )
+            else:
+                events.append(page(f"/p/{i}", user=f"u-{c}", ts=ts))
+    return events
+
+
+def test_events_sent_again_later_are_not_applied_twice() -> None:
+    store, log = Store(), Log()
+    events = shop(customers=50, per_customer=100)
+    eng = engine(store)
+    first = [run(eng, log.records(*events[i : i + 500]), store) for i in range(0, 5000, 500)]
+    assert sum(r.applied for r in first) == 5000
+    assert sum(len(r.triggers) for r in first) > 50
+    before = dict(store.data)
+    # The producer sends all 5,000 again (new records, same messageIds), to a
+    # worker that restarted meanwhile.
+    eng = engine(store)
+    again = [run(eng, log.records(*events[i : i + 500]), store) for i in range(0, 5000, 500)]
+    assert sum(r.applied for r in again) == 0
+    assert sum(r.duplicates for r in again) == 5000
+    assert [t for r in again for t in r.triggers] == []
+    assert store.data == before
+
+
+def test_a_replay_gives_the_same_result_whatever_the_batches() -> None:
+    events = shop(customers=5, per_customer=40)
+    late = track("Product Viewed", user="u-1", ts=T0 - 40 * 3_600_000)  # 34 h before the rest
+    stream = [*events, *events[:30], late, *events[100:], late]
+
+    def replay(batch: int) -> tuple[Any, ...]:
+        store, log = Store(), Log()
+        eng = engine(store)
+        records = log.records(*stream)
+        triggers, letters = [], []
+        for i in range(0, len(records), batch):
+            result = run(eng, records[i : i + batch], store)
+            triggers += [t.value for t in result.triggers]
+            letters += [d.reason for d in result.dead_letters]
+        return store.data, triggers, letters
+
+    one_by_one = replay(1)
+    assert one_by_one == replay(7) == replay(len(stream))
+    assert one_by_one[1]  # triggers, none twice
+    assert len(set(one_by_one[1])) == len(one_by_one[1])
+    # The late event is further back than the window: applied (nothing of its
+    # time was forgotten yet) and forgotten at once; sent again, it is refused.
+    assert one_by_one[2] == ["too_old"]
+    assert orjson.loads(one_by_one[0][(0, b"u-1")])["n"] == 41
+
+
+# --------------------------------------------------------------------------
+# Finite numbers; stored contexts always load
+# --------------------------------------------------------------------------
+
+
+def test_huge_order_totals_are_dead_lettered_and_the_customer_goes_on() -> None:
+    store, log = Store(), Log()
+    huge = [track("Order Completed", ts=T0 + i, total=1.7e308) for i in range(2)]
+    result = run(
+        engine(store), log.records(*huge, track("Order Completed", ts=T0 + 5, total=30)), store
+    )
+    assert [d.reason for d in result.dead_letters] == ["out_of_range", "out_of_range"]
+    assert result.invalid == {"out_of_range": 2}
+    headers = dict(result.dead_letters[0].headers)
+    assert headers["rtim.errors.reason"] == b"out_of_range"
+    assert b"properties.total" in headers["__connect.errors.exception.message"]
+    assert (orjson.loads(store.data[(0, b"u-1")])["revenue"], result.applied) == (30.0, 1)
+    # After a restart the customer's orders are still applied.
+    later = run(engine(store), log.records(track("Order Completed", ts=T0 + 9, total=12.5)), store)
+    assert (later.applied, later.dead_letters) == (1, [])
+    assert orjson.loads(store.data[(0, b"u-1")])["revenue"] == 42.5
+
+
+def test_a_customer_stored_with_a_null_revenue_keeps_taking_orders() -> None:
+    # What versions before 2 stored after an infinite revenue.
+    store, log = Store(), Log()
+    old = {
+        "id": "u-1",
+        "first_ms": T0,
+        "last_ms": T0 + 1,
+        "n": 2,
+        "types": {"track": 2},
+        "events": {"Order Completed": 2},
+        "channels": {"web": {"n": 2, "last_ms": T0 + 1}},
+        "pages": [],
+        "cart": {"items": {}, "value": 0.0, "updated_ms": T0 + 1},
+        "affinity": {},
+        "aff_ms": None,
+        "orders": 2,
+        "revenue": None,
+        "issues": 0,
+        "traits": {},
+        "fired": {},
+        "ids": ["m-1", "m-2"],
+        "src": [0, 1],
+    }
+    store.data[(0, b"u-1")] = orjson.dumps(old)
+    log.next[0] = 2
+    eng = engine(store)
+    result = run(eng, log.records(track("Order Completed", ts=T0 + 2, total=30)), store)
+    assert (result.applied, result.dead_letters) == (1, [])
+    assert eng.repaired == 1
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    assert (ctx["orders"], ctx["revenue"], ctx["n"]) == (3, 30.0, 3)
+    resent = log.records(track("Order Completed", ts=T0 + 1, total=30, message_id="m-2"))
+    assert run(eng, resent, store).duplicates == 1
+
+
+# --------------------------------------------------------------------------
+# An event changes the context completely or not at all
+# --------------------------------------------------------------------------
+
+
+def busy_batch(failing: list[int]) -> list[dict[str, Any]]:
+    """Events of three customers; those at ``failing`` are marked to fail."""
+    events = [
+        page("/kitchen", user="u-1", ts=T0),
+        page("/", user="u-2", ts=T0),
+        track(
+            "Product Added", user="u-1", ts=T0 + 1, product_id="k1", price=80, category="Kitchen"
+        ),
+        track(
+            "Product Added", user="u-1", ts=T0 + 2, product_id="k2", price=40, category="Kitchen"
+        ),
+        track("Product Added", user="u-2", ts=T0 + 3, product_id="t", price=150),
+        track("Order Completed", user="u-1", ts=T0 + 4, total=120),
+        track("Product Added", user="u-1", ts=T0 + 5, product_id="k3", price=90, category="Books"),
+        track("Product Added", user="u-1", ts=T0 + 6, product_id="k4", price=30, category="Books"),
+        page("/after", user="u-1", ts=T0 + 7),
+        track("Support Ticket Opened", user="u-3", ts=T0 + 8),
+        track("Product Added", user="u-1", ts=T0 + 9, product_id="k5", price=20, category="Toys"),
+        track("Product Added", user="u-1", ts=T0 + 10, product_id="k6", price=20, category="Toys"),
+    ]
+    for i in failing:
+        events[i]["properties"]["fail"] = True
+    return events
+
+
+def same_as_without(failing: list[int], reason: str = "internal_error", batch: int = 1000) -> None:
+    """Running the batch gives what running it without the failing events gives."""
+    log = Log()
+    seed = log.records(page("/first", user="u-1", ts=T0 - 10))  # an earlier, stored batch
+    records = log.records(*busy_batch(failing))
+    kept = [r for i, r in enumerate(records) if i not in failing]
+    runs = []
+    for stream in (records, kept):
+        store = Store()
+        run(engine(store), seed, store)
+        eng = engine(store)
+        produced: list[Any] = [[], []]
+        for i in range(0, len(stream), batch):
+            result = run(eng, stream[i : i + batch], store)
+            produced[0] += [(t.topic, t.key, t.value) for t in result.triggers]
+            produced[1] += [(d.reason, d.value) for d in result.dead_letters]
+        runs.append((store.data, *produced))
+    (stored, triggers, letters), (stored_without, triggers_without, _) = runs
+    assert stored == stored_without
+    assert triggers == triggers_without
+    assert letters == [(reason, records[i].value) for i in failing]
+
+
+@pytest.mark.parametrize(
+    ("failing", "batch"),
+    [([3], 1000), ([5], 1000), ([11], 1000), ([3, 7], 1000), ([3, 5, 6, 7, 11], 1000), ([3, 7], 4)],
+)
+def test_an_event_failing_half_way_through_the_update_changes_nothing(
+    monkeypatch: pytest.MonkeyPatch, failing: list[int], batch: int
+) -> None:
+    real = rtim.context.model._apply_commerce
+
+    def half_way(ctx: dict[str, Any], name: str, props: Any, *rest: Any) -> None:
+        real(ctx, name, props, *rest)  # counts, channels, cart, affinity: changed
+        if props.get("fail"):
+            raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(rtim.context.model, "_apply_commerce", half_way)
+    same_as_without(failing, batch=batch)
+
+
+# 3 fills the cart to 120 (a trigger); when it fails, 7 fills it to 120, and so on.
+@pytest.mark.parametrize("failing", [[3], [3, 7], [3, 7, 10]])
+def test_an_event_failing_in_a_decision_sets_no_cooldown_and_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch, failing: list[int]
+) -> None:
+    real = rtim.engine.decide
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        decision = real(*args, **kwargs)
+        if args[3].properties.get("fail"):
+            raise ZeroDivisionError("bad model")
+        return decision
+
+    monkeypatch.setattr(rtim.engine, "decide", flaky)
+    same_as_without(failing)
+
+
+# --------------------------------------------------------------------------
+# The ceiling of a context
+# --------------------------------------------------------------------------
+
+
+def escaped(i: int, chars: int) -> str:
+    """A string of control characters: each is 6 bytes in JSON (\\u0001)."""
+    return "\x01" * (chars - 4) + f"{i:04d}"
+
+
+def hostile_customer() -> list[dict[str, Any]]:
+    """Valid events that fill every budget of u-1's context with escaped strings."""
+    ts = T0 - 50 * MINUTE
+    events = [page("/", ts=ts + i) for i in range(900)]  # message ids to remember
+    for i in range(MAX_NAMES):
+        events.append(track(escaped(i, MAX_NAME_CHARS), ts=ts + i))
+    for i in range(MAX_CART_ITEMS + 5):
+        pid = category = escaped(i, MAX_PRODUCT_ID_CHARS)
+        events.append(track("Product Added", ts=ts + i, product_id=pid, category=category, price=1))
+    for i in range(MAX_PAGES):
+        events.append(page("/" + escaped(i, MAX_PAGE_CHARS), ts=ts + i))
+    return events
+
+
+def test_a_context_never_goes_over_its_ceiling() -> None:
+    log = Log()
+    records = log.records(*hostile_customer())
+
+    def replay(stream: list[Record], batch: int) -> tuple[Store, list[Any]]:
+        store = Store()
+        eng = engine(store)
+        letters = []
+        for i in range(0, len(stream), batch):
+            result = run(eng, stream[i : i + batch], store)
+            letters += result.dead_letters
+            assert all(len(v) <= MAX_CONTEXT_BYTES for v in result.updates.get(0, {}).values())
+        return store, letters
+
+    store, letters = replay(records, len(records))
+    assert letters and {d.reason for d in letters} == {"too_large"}
+    message = dict(letters[0].headers)["__connect.errors.exception.message"]
+    assert b"over the ceiling of 65536" in message
+    size = len(store.data[(0, b"u-1")])
+    assert MAX_CONTEXT_BYTES - 2048 < size <= MAX_CONTEXT_BYTES, size
+    # The same events one batch at a time are refused alike ...
+    one_by_one, letters_one_by_one = replay(records, 1)
+    assert one_by_one.data == store.data
+    assert [d.value for d in letters_one_by_one] == [d.value for d in letters]
+    # ... and the context is what the accepted events alone make.
+    refused = {d.value for d in letters}
+    without, none = replay([r for r in records if r.value not in refused], len(records))
+    assert none == [] and without.data == store.data
+
+
+def test_the_largest_context_of_long_names_ids_and_categories() -> None:
+    # The shape of the probe that made a 2.96 MB context: 120 valid events,
+    # each under 32 KiB, with long names, product ids and categories.
+    store, log = Store(), Log()
+    events = []
+    for i in range(40):
+        long = f"{i:03d}" + "x" * 9000
+        events.append(track(long, ts=T0 + i))
+        events.append(track("Product Added", ts=T0 + i, product_id=long, category=long, price=1))
+        events.append(page("/" + long, ts=T0 + i, category=long))
+    assert all(len(orjson.dumps(e)) < 32 * 1024 for e in events)
+    result = run(engine(store), log.records(*events), store)
+    assert (result.applied, result.dead_letters) == (120, [])
+    assert len(store.data[(0, b"u-1")]) < 16 * 1024
+
+
+def test_a_new_customer_whose_events_all_fail_is_not_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(rtim.engine, "apply_event", broken)
+    store, log = Store(), Log()
+    result = run(engine(store), log.records(page("/a", user="u-9"), page("/b", user="u-9")))
+    assert (result.applied, result.new_customers, result.updates) == (0, 0, {})
+    assert [d.reason for d in result.dead_letters] == ["internal_error", "internal_error"]

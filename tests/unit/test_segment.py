@@ -20,6 +20,7 @@ from rtim.events import (
     derive_channel,
     parse_event,
 )
+from rtim.events.segment import MAX_CUSTOMER_ID_CHARS, PARSE_REASONS
 
 
 def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0, s: int = 0, millis: int = 0) -> int:
@@ -441,6 +442,14 @@ def test_identity(user_id: Any, anonymous_id: Any, customer: str, user: Any, ano
     assert (event.customer_id, event.user_id, event.anonymous_id) == (customer, user, anon)
 
 
+def test_a_customer_id_of_the_longest_length_is_accepted() -> None:
+    # The limit is on the id that names the customer; the other may be longer.
+    longest = "u" * MAX_CUSTOMER_ID_CHARS
+    assert parse_event(variant(userId=longest), now_ms=NOW).customer_id == longest
+    event = parse_event(variant(anonymousId="a" * 5000), now_ms=NOW)
+    assert event.customer_id == "u-1"
+
+
 def test_absent_id_keys_are_like_null() -> None:
     payload = {k: v for k, v in SEGMENT_ALIAS.items() if k != "userId"}
     payload["anonymousId"] = "a-9"
@@ -557,6 +566,20 @@ INVALID = [
         "missing_id",
         ["userId", "anonymousId"],
         "userId",
+    ),
+    (
+        "userId too long",
+        variant(userId="u" * 257),
+        "too_long",
+        ["userId", "257 characters", "256"],
+        "userId",
+    ),
+    (
+        "anonymousId too long",
+        variant(userId=None, anonymousId="a" * 1000),
+        "too_long",
+        ["anonymousId", "1000 characters"],
+        "anonymousId",
     ),
     ("userId float", variant(userId=1.5), "wrong_type", ["userId", "string", "number"], "userId"),
     ("userId boolean", variant(userId=True), "wrong_type", ["userId", "boolean"], "userId"),
@@ -807,8 +830,10 @@ def test_invalid(value: bytes | None, reason: str, words: list[str], field: str 
     assert exc.reason in REASONS
 
 
-def test_invalid_cases_cover_every_reason() -> None:
-    assert {case[2] for case in INVALID} == set(REASONS)
+def test_invalid_cases_cover_every_reason_of_the_parser() -> None:
+    assert {case[2] for case in INVALID} == set(PARSE_REASONS)
+    # The others are raised when an event is applied to its context (test_context.py).
+    assert set(REASONS) - set(PARSE_REASONS) == {"too_old", "out_of_range", "too_large"}
 
 
 def test_reasons_are_the_documented_codes() -> None:
@@ -823,6 +848,10 @@ def test_reasons_are_the_documented_codes() -> None:
         "clock_skew",
         "wrong_type",
         "empty",
+        "too_long",
+        "too_old",
+        "out_of_range",
+        "too_large",
     }
     assert len(REASONS) == len(set(REASONS))
 

@@ -131,6 +131,9 @@ CASES: dict[str, Callable[[Path], Case]] = {
         lambda w: (table(w).changelog_topic.replicas, w.app.conf.topic_replication_factor),
         (None, 3),
     ),
+    "dedupe_window_s": lambda tmp: Case(
+        3600.0, lambda w: w.processor.engine.dedupe_window_ms, 3_600_000
+    ),
 }
 
 

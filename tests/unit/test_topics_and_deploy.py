@@ -38,7 +38,14 @@ from rtim.context import model as context_model
 from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE, trigger_event
 from rtim.engine import Engine, Record
 from rtim.events.deadletter import INTERNAL_ERROR
-from rtim.events.segment import EVENT_TYPES, REASONS, InvalidEvent, customer_key, parse_event
+from rtim.events.segment import (
+    EVENT_TYPES,
+    MAX_CUSTOMER_ID_CHARS,
+    REASONS,
+    InvalidEvent,
+    customer_key,
+    parse_event,
+)
 from rtim.names import (
     CLICKSTREAM_TOPIC,
     CONTEXT_TABLE,
@@ -520,9 +527,19 @@ def test_context_schema_budgets_match_the_model() -> None:
     assert set(schema["required"]) == set(context_model.new_context("c"))
     assert props["events"]["maxProperties"] == context_model.MAX_NAMES
     assert props["pages"]["maxItems"] == context_model.MAX_PAGES
-    assert props["ids"]["maxItems"] == context_model.MAX_IDS
+    assert props["ids"]["maxLength"] == context_model.MAX_IDS * context_model.ID_TOKEN_CHARS
     assert props["cart"]["properties"]["items"]["maxProperties"] == context_model.MAX_CART_ITEMS
     assert props["affinity"]["maxProperties"] == context_model.MAX_CATEGORIES
+    assert props["v"]["const"] == context_model.VERSION
+    assert props["id"]["maxLength"] == MAX_CUSTOMER_ID_CHARS
+    assert props["events"]["propertyNames"]["maxLength"] == context_model.MAX_NAME_CHARS
+    assert props["pages"]["items"]["maxLength"] == context_model.MAX_PAGE_CHARS
+    items = props["cart"]["properties"]["items"]
+    assert items["propertyNames"]["maxLength"] == context_model.MAX_PRODUCT_ID_CHARS
+    assert props["affinity"]["propertyNames"]["maxLength"] == context_model.MAX_CATEGORY_CHARS
+    trait_string = props["traits"]["additionalProperties"]["oneOf"][0]
+    assert trait_string["maxLength"] == context_model.MAX_TRAIT_CHARS
+    assert str(context_model.MAX_CONTEXT_BYTES) in schema["description"]
     assert set(props["traits"]["propertyNames"]["enum"]) == set(context_model.KEPT_TRAITS)
     assert set(props["channels"]["propertyNames"]["enum"]) == set(EVENT_CHANNELS)
     assert set(props["types"]["propertyNames"]["enum"]) == EVENT_TYPES
