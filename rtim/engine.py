@@ -475,12 +475,13 @@ class BatchRun:
                 blob = dumps(ctx)
                 if len(blob) > MAX_CONTEXT_BYTES:
                     try:
-                        blob = self._within_ceiling(key, partition)
+                        within = self._within_ceiling(key, partition)
                     except BaseException:
                         self.engine.invalidate()  # contexts in the cache may not be whole
                         raise
-                    if blob is None:
+                    if within is None:
                         continue
+                    blob = within
                 out[key] = blob
             if not out:
                 del updates[partition]

@@ -90,7 +90,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -503,11 +503,11 @@ def load_context(raw: bytes, customer_id: str) -> tuple[Context, bool]:
     return repair(ctx, customer_id), True
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return type(value) is int
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return type(value) in (int, float) and math.isfinite(value)
 
 
@@ -529,10 +529,12 @@ def repair(stored: Any, customer_id: str) -> Context:
         if _is_int(get(f)):
             ctx[f] = get(f)
     for f in ("n", "orders", "issues"):
-        if _is_int(get(f)) and get(f) >= 0:
-            ctx[f] = get(f)
-    if _is_number(get("revenue")):
-        ctx["revenue"] = float(get("revenue"))
+        count = get(f)
+        if _is_int(count) and count >= 0:
+            ctx[f] = count
+    revenue = get("revenue")
+    if _is_number(revenue):
+        ctx["revenue"] = float(revenue)
 
     def mapping(f: str) -> dict[Any, Any]:
         value = get(f)
