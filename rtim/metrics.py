@@ -83,6 +83,10 @@ CONTEXT_WRITES = Counter(
 WORKER_READY = Gauge(
     "rtim_worker_ready", "1 when the worker has its partitions, has recovered and processes."
 )
+BROKER_UP = Gauge(
+    "rtim_broker_up",
+    "1 when the worker's probe reaches the Kafka cluster, 0 while it is unreachable.",
+)
 
 
 class GcPauses:

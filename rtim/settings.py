@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     session_timeout_s: float = Field(
         10.0, description="Consumer group session timeout (how fast a dead worker is noticed)."
     )
+    shutdown_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Longest a stopping worker waits for Kafka (last commit, leaving the "
+        "group) before it exits with code 1; keep it under the orchestrator's grace period.",
+    )
 
     @property
     def bootstrap_servers(self) -> list[str]:

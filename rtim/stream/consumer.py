@@ -34,7 +34,7 @@ from typing import Any
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from rtim.stream.endoffsets import EndOffsetProbe
+from rtim.stream.endoffsets import EndOffsetProbe, stop_consumer
 
 
 @dataclass(slots=True)
@@ -57,11 +57,28 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     """
 
     fetch_max_wait_ms: int = 25
+    #: Seconds the aiokafka consumer gets at shutdown to leave the group and close.
+    close_timeout: float = 5.0
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         consumer._fetch_max_wait_ms = self.fetch_max_wait_ms  # read by start()
         return consumer
+
+    async def on_thread_stop(self) -> None:
+        """Close the aiokafka consumer within ``close_timeout``, whatever the broker does.
+
+        Faust's version awaits ``consumer.stop()`` as it is: with the broker gone it
+        raises (:func:`~rtim.stream.endoffsets.stop_consumer` says why) and the
+        thread ends without telling the worker, which then waits a minute
+        (``shutdown_timeout``) for it.
+        """
+        # Faust's version minus its consumer.stop(): stop the method queue.
+        try:
+            await super(faust_aiokafka.AIOKafkaConsumerThread, self).on_thread_stop()
+        finally:
+            if self._consumer is not None:
+                await stop_consumer(self._consumer, self.close_timeout)
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
@@ -260,8 +277,20 @@ class BatchConsumer(faust_aiokafka.Consumer):
             )
         return "\n".join(lines) or "no partitions assigned"
 
+    #: Seconds the last commit at shutdown may take; after that the records
+    #: not committed come again to the partitions' next owner.
+    stop_commit_timeout: float = 5.0
+
     async def on_stop(self) -> None:
-        await super().on_stop()
+        try:
+            async with asyncio.timeout(self.stop_commit_timeout):
+                await super().on_stop()  # waits for the batch, then commits
+        except TimeoutError:
+            self.log.warning(
+                "last commit not done within %.0f s (broker unreachable?): records "
+                "processed since the previous commit will be read again",
+                self.stop_commit_timeout,
+            )
         if self._probe is not None:
             await self._probe.stop()
 

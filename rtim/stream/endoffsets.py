@@ -22,13 +22,39 @@ Examples
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-__all__ = ["EndOffsetProbe", "true_end_offsets"]
+__all__ = ["EndOffsetProbe", "stop_consumer", "true_end_offsets"]
+
+log = logging.getLogger(__name__)
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, timeout: float) -> None:
+    """Stop an aiokafka consumer within ``timeout`` seconds, broker or no broker.
+
+    With the broker gone, ``AIOKafkaConsumer.stop()`` raises ``CancelledError``
+    from ``Fetcher.close()`` (which awaits a fetch task it has just cancelled
+    while that task sleeps out its retry back-off) before it closes the
+    connections, and leaving the group waits for a broker that may not answer.
+    Either way the connections are dropped and the caller goes on stopping.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await consumer.stop()
+    except (Exception, asyncio.CancelledError) as exc:
+        task = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+            raise  # the caller itself is cancelled
+        log.warning("Kafka consumer did not close cleanly (%r); dropping its connections", exc)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await consumer._client.close()
 
 
 class EndOffsetProbe:
@@ -83,7 +109,7 @@ class EndOffsetProbe:
         """Stop the consumer. Idempotent; the probe can be started again."""
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await consumer.stop()
+            await stop_consumer(consumer, self.timeout)
 
     async def end_offsets(
         self, tps: Iterable[TopicPartition], *, timeout: float | None = None

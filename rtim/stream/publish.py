@@ -14,6 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 #: Keys whose murmur2 hash is remembered (aiokafka's murmur2 is pure Python,
@@ -70,11 +71,25 @@ class BatchPublisher:
                 raise
             self._started = True
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """Deliver what the producer holds, then close it.
+
+        With a ``timeout``, records not acknowledged by then are given up (aiokafka
+        would otherwise retry them for ``request_timeout_ms`` with the broker gone);
+        the caller acknowledged no input for them, so that input comes again.
+        """
         if self._started:
             self._started = False
-            assert self._producer is not None
-            await self._producer.stop()
+            producer = self._producer
+            assert producer is not None
+            try:
+                async with asyncio.timeout(timeout):
+                    await producer.flush()
+            except TimeoutError:
+                producer._message_accumulator.fail_all(
+                    KafkaTimeoutError(f"publisher stopped before Kafka took it ({timeout} s)")
+                )
+            await producer.stop()
 
     async def _partitions_of(self, topic: str) -> list[int]:
         parts = self._partitions.get(topic)
