@@ -255,7 +255,7 @@ def create_app(settings: Settings) -> RtimApp:
 
 #: Seconds the publisher gets at shutdown to deliver what it holds (nothing, after a
 #: batch finished; records of a batch cut short are given up: their input comes again).
-PUBLISHER_STOP_TIMEOUT = 3.0
+PUBLISHER_STOP_TIMEOUT = 2.0
 
 
 def is_ready(app: RtimApp, broker: BrokerHealth) -> bool:

@@ -58,7 +58,7 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     fetch_max_wait_ms: int = 25
     #: Seconds the aiokafka consumer gets at shutdown to leave the group and close.
-    close_timeout: float = 5.0
+    close_timeout: float = 3.0
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
@@ -238,7 +238,33 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if now is None or now < offset:
                 self._committed_offset[tp] = offset
 
+    #: Seconds the last commits at shutdown may take in all; after that the
+    #: records processed since the previous commit come again to the next owner.
+    stop_commit_timeout: float = 5.0
+    _stop_commit_deadline: float | None = None
+    _stop_commit_missed = False
+
     async def wait_empty(self) -> None:
+        if not self.app.should_stop:
+            await self._wait_empty()
+            return
+        # Stopping: Faust calls this twice, and aiokafka's commit waits for a
+        # group coordinator for as long as the broker is gone.
+        if self._stop_commit_deadline is None:
+            self._stop_commit_deadline = self.loop.time() + self.stop_commit_timeout
+        try:
+            async with asyncio.timeout_at(self._stop_commit_deadline):
+                await self._wait_empty()
+        except TimeoutError:
+            if not self._stop_commit_missed:
+                self._stop_commit_missed = True
+                self.log.warning(
+                    "last commit not done within %.0f s (broker unreachable?): the records "
+                    "processed since the previous commit will be read again",
+                    self.stop_commit_timeout,
+                )
+
+    async def _wait_empty(self) -> None:
         for wait_idle in self._idle_waiters:
             await wait_idle()
         await super().wait_empty()
@@ -277,20 +303,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
             )
         return "\n".join(lines) or "no partitions assigned"
 
-    #: Seconds the last commit at shutdown may take; after that the records
-    #: not committed come again to the partitions' next owner.
-    stop_commit_timeout: float = 5.0
-
     async def on_stop(self) -> None:
-        try:
-            async with asyncio.timeout(self.stop_commit_timeout):
-                await super().on_stop()  # waits for the batch, then commits
-        except TimeoutError:
-            self.log.warning(
-                "last commit not done within %.0f s (broker unreachable?): records "
-                "processed since the previous commit will be read again",
-                self.stop_commit_timeout,
-            )
+        await super().on_stop()
         if self._probe is not None:
             await self._probe.stop()
 

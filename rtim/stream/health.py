@@ -108,7 +108,7 @@ class BrokerHealth(Service):
         client, self._client = self._client, None
         if client is not None:
             try:
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(1.0):
                     await client.close()
             except Exception as exc:  # unreachable broker: the sockets close with the process
                 log.debug("broker probe client did not close: %r", exc)

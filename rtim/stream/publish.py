@@ -10,12 +10,15 @@ makes the pipeline at-least-once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+
+log = logging.getLogger(__name__)
 
 #: Keys whose murmur2 hash is remembered (aiokafka's murmur2 is pure Python,
 #: about 20 us for a customer id; the same customers come back all the time).
@@ -84,12 +87,15 @@ class BatchPublisher:
             assert producer is not None
             try:
                 async with asyncio.timeout(timeout):
-                    await producer.flush()
-            except TimeoutError:
-                producer._message_accumulator.fail_all(
-                    KafkaTimeoutError(f"publisher stopped before Kafka took it ({timeout} s)")
-                )
-            await producer.stop()
+                    await producer.stop()
+            except Exception as exc:  # timed out, or aiokafka failed on the way
+                log.warning("publisher did not close cleanly (%r); dropping what it holds", exc)
+                sender = producer._sender.sender_task
+                if sender is not None:
+                    sender.cancel()  # not awaited: its retries end with the connections
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await producer.client.close()
 
     async def _partitions_of(self, topic: str) -> list[int]:
         parts = self._partitions.get(topic)

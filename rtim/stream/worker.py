@@ -129,6 +129,9 @@ class Worker(faust.Worker):
                 yield service.shortlabel
 
         yield from leaves(self)
+        for thread in threading.enumerate():  # the process cannot end before these
+            if not thread.daemon and thread is not threading.main_thread():
+                yield f"thread {thread.name}"
         future = self._signal_stop_future
         coro = future.get_coro() if isinstance(future, asyncio.Task) else None
         frame = None

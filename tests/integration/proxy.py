@@ -3,7 +3,9 @@
 The broker advertises the proxy's address (``EmbeddedBroker(advertise=...)``), so
 every connection a client makes after bootstrap goes through it. :meth:`TcpProxy.cut`
 closes every connection and refuses new ones (the port stops listening), as when
-the broker's host goes away; :meth:`TcpProxy.restore` listens again.
+the broker's host goes away; :meth:`TcpProxy.stall` keeps connections open but
+forwards nothing (a network that drops packets: requests wait for their
+timeouts); :meth:`TcpProxy.restore` undoes either.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self.accepted = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._accepting = threading.Thread(target=self._accept, args=(self._server,), daemon=True)
         self._accepting.start()
 
@@ -68,6 +72,7 @@ class TcpProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._flowing.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -100,8 +105,13 @@ class TcpProxy:
             server.close()
         self._drop(*conns)
 
+    def stall(self) -> None:
+        """Forward nothing from now on, in either direction; connections stay open."""
+        self._flowing.clear()
+
     def restore(self) -> None:
-        """Listen again on the same port."""
+        """Forward again, and listen again on the same port."""
+        self._flowing.set()
         with self._lock:
             if self._server is not None:
                 return
@@ -111,6 +121,7 @@ class TcpProxy:
 
     def close(self) -> None:
         self.cut()
+        self._flowing.set()  # lets the stalled threads see their closed sockets
 
     def __enter__(self) -> Self:
         return self
