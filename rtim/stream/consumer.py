@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
@@ -275,7 +276,22 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 f"{url.host}:{url.port or 9092}" for url in self.app.conf.broker_consumer
             )
             self._probe = EndOffsetProbe(bootstrap_servers=servers)
-        return await self._probe.end_offsets(partitions)
+        # Table recovery crashes the worker if this raises: a broker that is away
+        # for a moment is waited for (Faust gives up after broker_request_timeout).
+        delay = 0.5
+        while True:
+            try:
+                return await self._probe.end_offsets(partitions)
+            except (KafkaError, TimeoutError, OSError) as exc:
+                if self.should_stop:
+                    raise
+                self.log.warning(
+                    "end offsets for table recovery not known (%r); retrying in %.1f s",
+                    exc,
+                    delay,
+                )
+                await self.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def partition_report(self) -> str:
         """One line per assigned partition: where fetching, reading and committing stand.

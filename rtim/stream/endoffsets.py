@@ -102,7 +102,11 @@ class EndOffsetProbe:
         """Start the consumer (done lazily by :meth:`end_offsets`)."""
         if self._consumer is None:
             consumer = AIOKafkaConsumer(**self._config)
-            await consumer.start()
+            try:
+                await consumer.start()
+            except BaseException:
+                await stop_consumer(consumer, self.timeout)
+                raise
             self._consumer = consumer
 
     async def stop(self) -> None:

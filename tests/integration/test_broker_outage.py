@@ -29,6 +29,7 @@ from .support import (
     expected_contexts,
     latest_values,
     produce,
+    read_store,
     read_topic,
     segment,
     wait_committed,
@@ -59,11 +60,11 @@ def worker_behind(
     started: list[WorkerProcess] = []
     _, proxy = proxied
 
-    def make(**env: str) -> WorkerProcess:
+    def make(*, datadir: Path | None = None, name: str = "w", **env: str) -> WorkerProcess:
         worker = WorkerProcess(
             broker=proxy.address,
-            datadir=tmp_path / "w-data",
-            log_path=tmp_path / "w.log",
+            datadir=datadir or tmp_path / f"{name}-data",
+            log_path=tmp_path / f"{name}.log",
             env={**TEST_ENV, **env},
         )
         started.append(worker)
@@ -197,3 +198,39 @@ def test_stop_is_bounded_when_the_broker_does_not_answer(
     said = "\n".join(log_lines_since(worker, log_at_term))
     assert "not stopped within 2 s (RTIM_SHUTDOWN_TIMEOUT_S)" in said, said
     assert "still waiting for: " in said and "still waiting for: unknown" not in said, said
+
+
+def test_broker_lost_during_table_recovery_is_waited_for(
+    proxied: tuple[EmbeddedBroker, TcpProxy],
+    worker_behind: Callable[..., WorkerProcess],
+    tmp_path: Path,
+) -> None:
+    broker, proxy = proxied
+    first = worker_behind().wait_ready()
+    asyncio.run(produce(proxy.address, events(4_000, seed=15)))
+    asyncio.run(wait_committed(broker.bootstrap, "rtim", worker=first, timeout=60))
+    assert first.stop() == 0
+
+    # A worker on a fresh data dir recovers its table from the changelog; the
+    # broker goes away as it gets its partitions, before it reads the changelog.
+    worker = worker_behind(datadir=tmp_path / "fresh-data", name="fresh")
+    poll(lambda: "opening partition" in worker.log_tail(400), 60, "assigned", worker)
+    proxy.cut()
+    poll(
+        lambda: "end offsets for table recovery not known" in worker.log_tail(400),
+        15,
+        "waiting for the broker in recovery",
+        worker,
+    )
+    poll(lambda: worker.metric("rtim_broker_up") == 0, 10, "rtim_broker_up 0", worker)
+    assert worker.status("/health/ready") == 503
+    proxy.restore()
+    worker.wait_ready(timeout=60)
+    asyncio.run(produce(proxy.address, events(1_000, seed=16)))
+    asyncio.run(wait_committed(broker.bootstrap, "rtim", worker=worker, timeout=60))
+    assert worker.stop() == 0
+
+    clickstream = asyncio.run(read_topic(broker.bootstrap, "rtim.clickstream"))
+    changelog = latest_values(asyncio.run(read_topic(broker.bootstrap, "rtim-customers-changelog")))
+    assert changelog == expected_contexts(clickstream)
+    assert read_store(tmp_path / "fresh-data") == changelog
