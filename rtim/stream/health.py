@@ -95,9 +95,9 @@ class BrokerHealth(Service):
 
     def suspect(self) -> None:
         """Probe now (a client just failed to reach a broker). Safe from any thread."""
-        wake, loop = self._wake, self.loop
-        if wake is not None and self.up and not loop.is_closed():
-            loop.call_soon_threadsafe(wake.set)
+        wake = self._wake
+        if wake is not None and self.up and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(wake.set)
 
     async def on_start(self) -> None:
         self._wake = asyncio.Event()
