@@ -3,8 +3,8 @@
 The Kafka clients inside a worker (Faust's consumer, the publisher, the end-offset
 probe) all retry by themselves when the broker goes away, and each logs every failed
 attempt: about 77 ERROR lines a second. :class:`BrokerHealth` is the one place that
-says whether the cluster answers. It asks for the cluster's metadata every
-``interval`` seconds with a client of its own; once that fails it logs one line per
+says whether the cluster answers. It asks the brokers for their list every
+``interval`` seconds with a client of its own; once none answers it logs one line per
 retry with back-off (as the worker does at start-up), readiness answers 503,
 ``rtim_broker_up`` is 0, and :class:`ConnectionErrorFilter` keeps the clients' repeats
 of known connection errors out of the log until the cluster answers again. The clients
@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from typing import Any
 
 from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.metadata import MetadataRequest
 from mode import Service
 
 from rtim import metrics
@@ -95,9 +98,13 @@ class BrokerHealth(Service):
 
     def suspect(self) -> None:
         """Probe now (a client just failed to reach a broker). Safe from any thread."""
-        wake = self._wake
-        if wake is not None and self.up and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(wake.set)
+        if self._wake is not None and self.up and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._wake_if_up)
+
+    def _wake_if_up(self) -> None:
+        # Not once the probe has found the broker down: it is backing off then.
+        if self.up and self._wake is not None:
+            self._wake.set()
 
     async def on_start(self) -> None:
         self._wake = asyncio.Event()
@@ -114,7 +121,8 @@ class BrokerHealth(Service):
                 log.debug("broker probe client did not close: %r", exc)
 
     async def probe(self) -> None:
-        """Ask the cluster for its metadata; raise if it does not answer in time."""
+        """Ask the brokers for their list (no topics) until one answers; raise if none
+        does in time."""
         async with asyncio.timeout(self.timeout):
             if self._client is None:
                 client = AIOKafkaClient(
@@ -128,8 +136,17 @@ class BrokerHealth(Service):
                     await client.close()
                     raise
                 self._client = client
-            else:
-                await self._client.fetch_all_metadata()
+                return
+            nodes = [broker.nodeId for broker in self._client.cluster.brokers()]
+            random.shuffle(nodes)
+            failed: Exception = KafkaError("no broker known")
+            for node in nodes:
+                try:
+                    await self._client.send(node, MetadataRequest([]))
+                    return
+                except KafkaError as exc:
+                    failed = exc
+            raise failed
 
     @Service.task
     async def _watch(self) -> None:
