@@ -232,9 +232,8 @@ def create_app(settings: Settings) -> RtimApp:
         partitions=settings.partitions,
     )
     processor = ClickstreamProcessor(app, settings, table)
-    broker = app.add_dependency(
-        BrokerHealth(settings.broker, client_id=f"{settings.app_id}-health", loop=app.loop)
-    )
+    broker = BrokerHealth(settings.broker, client_id=f"{settings.app_id}-health", loop=app.loop)
+    app.add_dependency(broker)  # started and stopped with the app
 
     # Subscribe the consumer to the clickstream, and hand its records to the
     # processor a fetch at a time instead of one message at a time.
