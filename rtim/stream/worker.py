@@ -93,7 +93,9 @@ class Worker(faust.Worker):
     runs in a thread of its own: it must fire even if the event loop is blocked.
     """
 
-    shutdown_timeout: float = 20.0
+    def __init__(self, *args: Any, shutdown_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shutdown_timeout = shutdown_timeout
 
     def _schedule_shutdown(self, signal: signal.Signals) -> None:
         if not self._signal_stop_time:
@@ -160,6 +162,11 @@ def run_worker(settings: Settings) -> None:
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
     app = create_app(settings)
-    worker = Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
-    worker.shutdown_timeout = settings.shutdown_timeout_s
+    worker = Worker(
+        app,
+        loglevel=settings.log_level,
+        loop=loop,
+        redirect_stdouts=False,
+        shutdown_timeout=settings.shutdown_timeout_s,
+    )
     worker.execute_from_commandline()
