@@ -34,6 +34,9 @@ __all__ = ["EndOffsetProbe", "stop_consumer", "true_end_offsets"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds the probe's consumer gets to close (it is in no group: nothing to leave).
+STOP_TIMEOUT = 3.0
+
 
 async def stop_consumer(consumer: AIOKafkaConsumer, timeout: float) -> None:
     """Stop an aiokafka consumer within ``timeout`` seconds, broker or no broker.
@@ -105,7 +108,7 @@ class EndOffsetProbe:
             try:
                 await consumer.start()
             except BaseException:
-                await stop_consumer(consumer, self.timeout)
+                await stop_consumer(consumer, STOP_TIMEOUT)
                 raise
             self._consumer = consumer
 
@@ -113,7 +116,7 @@ class EndOffsetProbe:
         """Stop the consumer. Idempotent; the probe can be started again."""
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await stop_consumer(consumer, self.timeout)
+            await stop_consumer(consumer, STOP_TIMEOUT)
 
     async def end_offsets(
         self, tps: Iterable[TopicPartition], *, timeout: float | None = None
