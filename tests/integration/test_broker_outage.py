@@ -103,7 +103,7 @@ def test_worker_rides_out_a_broker_outage_and_processes_every_event_once(
     # Small fetches, so that the outage comes in the middle of the flow.
     worker = worker_behind(RTIM_MAX_FETCH_RECORDS="500").wait_ready()
     pid = worker.proc.pid
-    before, after = events(20_000, seed=11), events(4_000, seed=12)
+    before, after = events(50_000, seed=11), events(4_000, seed=12)
     asyncio.run(produce(proxy.address, before))
 
     def consumed() -> float:
@@ -150,7 +150,7 @@ def test_sigterm_while_cut_off_stops_the_worker_at_once(
 ) -> None:
     _, proxy = proxied
     worker = worker_behind(RTIM_MAX_FETCH_RECORDS="500").wait_ready()
-    asyncio.run(produce(proxy.address, events(20_000, seed=13)))
+    asyncio.run(produce(proxy.address, events(50_000, seed=13)))
     poll(
         lambda: worker.metric("rtim_events_consumed_total", topic="rtim.clickstream") >= 2_000,
         60,
@@ -158,6 +158,7 @@ def test_sigterm_while_cut_off_stops_the_worker_at_once(
         worker,
     )
     proxy.cut()  # in the middle of a batch, its publish or commit in flight
+    assert worker.metric("rtim_events_consumed_total", topic="rtim.clickstream") < 50_000
     poll(lambda: worker.metric("rtim_broker_up") == 0, 5, "rtim_broker_up 0", worker)
 
     worker.proc.send_signal(signal.SIGTERM)
@@ -177,7 +178,7 @@ def test_stop_is_bounded_when_the_broker_does_not_answer(
     _, proxy = proxied
     worker = worker_behind(RTIM_SHUTDOWN_TIMEOUT_S="2", RTIM_MAX_FETCH_RECORDS="500")
     worker.wait_ready()
-    asyncio.run(produce(proxy.address, events(20_000, seed=14)))
+    asyncio.run(produce(proxy.address, events(50_000, seed=14)))
     poll(
         lambda: worker.metric("rtim_events_consumed_total", topic="rtim.clickstream") >= 2_000,
         60,
@@ -186,6 +187,7 @@ def test_stop_is_bounded_when_the_broker_does_not_answer(
     )
     # Requests in flight now wait for their timeouts (a publish, a commit).
     proxy.stall()
+    assert worker.metric("rtim_events_consumed_total", topic="rtim.clickstream") < 50_000
     poll(lambda: worker.metric("rtim_broker_up") == 0, 10, "rtim_broker_up 0", worker)
 
     log_at_term = worker.log_path.stat().st_size
