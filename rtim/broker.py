@@ -197,6 +197,9 @@ class EmbeddedBroker:
         Seconds :meth:`start` waits for the broker to answer Kafka requests.
     stop_timeout
         Grace period in seconds before :meth:`stop` kills the process.
+    advertise
+        ``host:port`` the broker tells clients to connect to after bootstrap
+        (a TCP proxy in front of it, for network-cut tests); ``None``: its own.
 
     Examples
     --------
@@ -215,8 +218,10 @@ class EmbeddedBroker:
         binary: str | Path | None = None,
         start_timeout: float = 30.0,
         stop_timeout: float = 5.0,
+        advertise: str | None = None,
     ) -> None:
         self._fixed_port = port
+        self._advertise = advertise
         self._port = port
         self._log_path = Path(log_path) if log_path is not None else None
         self._own_log: Path | None = None
@@ -308,7 +313,8 @@ class EmbeddedBroker:
         # from any other one that might be listening on the same port.
         self._cluster_id = f"rtim-{uuid.uuid4().hex[:12]}"
         url = f"tcp://{_HOST}:{self._port}"
-        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
+        advertised = f"tcp://{self._advertise}" if self._advertise else url
+        argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", advertised]
         argv += ["--storage-engine", "memory://tansu/", "--cluster-id", self._cluster_id]
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
         env["NO_COLOR"] = "1"  # plain text in the log file and in BrokerError messages

@@ -85,6 +85,10 @@ CONTEXT_WRITES = Counter(
 WORKER_READY = Gauge(
     "rtim_worker_ready", "1 when the worker has its partitions, has recovered and processes."
 )
+BROKER_UP = Gauge(
+    "rtim_broker_up",
+    "1 when the worker's probe reaches the Kafka cluster, 0 while it is unreachable.",
+)
 
 # A labelled series exists only once its labels are used: a dashboard panel or an alert
 # on a reason no event has had yet would show "No data" instead of 0. Every label value

@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         description="A messageId is never applied twice within this much of its customer's "
         "event time; older repeats are dead-lettered (too_old). At most 1024 ids per customer.",
     )
+    shutdown_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Longest a stopping worker waits for Kafka (last commit, leaving the "
+        "group) before it exits with code 1; keep it under the orchestrator's grace period.",
+    )
 
     @property
     def kafka(self) -> KafkaConnection:

@@ -26,6 +26,7 @@ from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE, DLQ_TOPIC
 from rtim.offers.catalog import load_catalog
 from rtim.settings import Settings
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
+from rtim.stream.health import BrokerHealth
 from rtim.stream.publish import BatchPublisher, OutRecord
 from rtim.stream.store import ContextStore
 
@@ -242,6 +243,8 @@ def create_app(settings: Settings) -> RtimApp:
         partitions=settings.partitions,
     )
     processor = ClickstreamProcessor(app, settings, table)
+    broker = BrokerHealth(settings.kafka, client_id=f"{settings.app_id}-health", loop=app.loop)
+    app.add_dependency(broker)  # started and stopped with the app
 
     # Subscribe the consumer to the clickstream, and hand its records to the
     # processor a fetch at a time instead of one message at a time.
@@ -253,29 +256,36 @@ def create_app(settings: Settings) -> RtimApp:
     @app.on_before_shutdown.connect
     async def stop_publisher(sender: Any, **kwargs: Any) -> None:
         # Sent after the consumer stopped and the last batch finished.
-        await processor.publisher.stop()
+        await processor.publisher.stop(timeout=PUBLISHER_STOP_TIMEOUT)
 
-    install_views(app, processor)
+    install_views(app, processor, broker)
     return app
 
 
-def is_ready(app: RtimApp) -> bool:
-    """Ready: started, not rebalancing or stopping, and the tables recovered."""
+#: Seconds the publisher gets at shutdown to deliver what it holds (nothing, after a
+#: batch finished; records of a batch cut short are given up: their input comes again).
+PUBLISHER_STOP_TIMEOUT = 2.0
+
+
+def is_ready(app: RtimApp, broker: BrokerHealth) -> bool:
+    """Ready: started, reaching Kafka, not rebalancing or stopping, and the tables recovered."""
     try:
         recovered = app.tables.recovery.completed.is_set()
     except Exception:  # not started yet
         return False
-    return bool(app.started and not app.rebalancing and recovered and not app.should_stop)
+    return bool(
+        app.started and broker.up and not app.rebalancing and recovered and not app.should_stop
+    )
 
 
-def install_views(app: RtimApp, processor: ClickstreamProcessor) -> None:
+def install_views(app: RtimApp, processor: ClickstreamProcessor, broker: BrokerHealth) -> None:
     metrics.observe_gc_pauses()
     metrics.start_at_zero(
         CLICKSTREAM_TOPIC,
         ((c, o.id) for o in processor.engine.catalog.offers for c in o.channels),
     )
     metrics.CONTEXT_CUSTOMERS.set_function(processor.store.size)
-    metrics.WORKER_READY.set_function(lambda: 1.0 if is_ready(app) else 0.0)
+    metrics.WORKER_READY.set_function(lambda: 1.0 if is_ready(app, broker) else 0.0)
 
     @app.page("/metrics")
     async def metrics_view(web: Any, request: Any) -> Any:
@@ -289,5 +299,5 @@ def install_views(app: RtimApp, processor: ClickstreamProcessor) -> None:
 
     @app.page("/health/ready")
     async def ready_view(web: Any, request: Any) -> Any:
-        ready = is_ready(app)
+        ready = is_ready(app, broker)
         return web.json({"ready": ready}, status=200 if ready else 503)

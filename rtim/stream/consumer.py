@@ -86,10 +86,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from rtim.stream.endoffsets import EndOffsetProbe
+from rtim.stream.endoffsets import EndOffsetProbe, stop_consumer
 
 
 @dataclass(slots=True)
@@ -113,11 +114,29 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     the consumer).
     """
 
+    #: Seconds the aiokafka consumer gets at shutdown to leave the group and close.
+    close_timeout: float = 3.0
+
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by start(), when it builds the fetcher.
         consumer._fetch_max_wait_ms = self.app.rtim_settings.fetch_max_wait_ms
         return consumer
+
+    async def on_thread_stop(self) -> None:
+        """Close the aiokafka consumer within ``close_timeout``, whatever the broker does.
+
+        Faust's version awaits ``consumer.stop()`` as it is: with the broker gone it
+        raises (:func:`~rtim.stream.endoffsets.stop_consumer` says why) and the
+        thread ends without telling the worker, which then waits a minute
+        (``shutdown_timeout``) for it.
+        """
+        # Faust's version minus its consumer.stop(): stop the method queue.
+        try:
+            await super(faust_aiokafka.AIOKafkaConsumerThread, self).on_thread_stop()
+        finally:
+            if self._consumer is not None:
+                await stop_consumer(self._consumer, self.close_timeout)
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
@@ -274,7 +293,33 @@ class BatchConsumer(faust_aiokafka.Consumer):
             if now is None or now < offset:
                 self._committed_offset[tp] = offset
 
+    #: Seconds the last commits at shutdown may take in all; after that the
+    #: records processed since the previous commit come again to the next owner.
+    stop_commit_timeout: float = 5.0
+    _stop_commit_deadline: float | None = None
+    _stop_commit_missed = False
+
     async def wait_empty(self) -> None:
+        if not self.app.should_stop:
+            await self._wait_empty()
+            return
+        # Stopping: Faust calls this twice, and aiokafka's commit waits for a
+        # group coordinator for as long as the broker is gone.
+        if self._stop_commit_deadline is None:
+            self._stop_commit_deadline = self.loop.time() + self.stop_commit_timeout
+        try:
+            async with asyncio.timeout_at(self._stop_commit_deadline):
+                await self._wait_empty()
+        except TimeoutError:
+            if not self._stop_commit_missed:
+                self._stop_commit_missed = True
+                self.log.warning(
+                    "last commit not done within %.0f s (broker unreachable?): the records "
+                    "processed since the previous commit will be read again",
+                    self.stop_commit_timeout,
+                )
+
+    async def _wait_empty(self) -> None:
         for wait_idle in self._idle_waiters:
             await wait_idle()
         await super().wait_empty()
@@ -282,7 +327,22 @@ class BatchConsumer(faust_aiokafka.Consumer):
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         if self._probe is None:
             self._probe = EndOffsetProbe(self.app.rtim_settings.kafka)
-        return await self._probe.end_offsets(partitions)
+        # Table recovery crashes the worker if this raises: a broker that is away
+        # for a moment is waited for (Faust gives up after broker_request_timeout).
+        delay = 0.5
+        while True:
+            try:
+                return await self._probe.end_offsets(partitions)
+            except (KafkaError, TimeoutError, OSError) as exc:
+                if self.should_stop:
+                    raise
+                self.log.warning(
+                    "end offsets for table recovery not known (%r); retrying in %.1f s",
+                    exc,
+                    delay,
+                )
+                await self.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def partition_report(self) -> str:
         """One line per assigned partition: where fetching, reading and committing stand.

@@ -38,6 +38,8 @@ of 1 for them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Self
@@ -46,7 +48,34 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from rtim.settings import KafkaConnection
 
-__all__ = ["EndOffsetProbe", "true_end_offsets"]
+__all__ = ["EndOffsetProbe", "stop_consumer", "true_end_offsets"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds the probe's consumer gets to close (it is in no group: nothing to leave).
+STOP_TIMEOUT = 3.0
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, timeout: float) -> None:
+    """Stop an aiokafka consumer within ``timeout`` seconds, broker or no broker.
+
+    With the broker gone, ``AIOKafkaConsumer.stop()`` raises ``CancelledError``
+    from ``Fetcher.close()`` (which awaits a fetch task it has just cancelled
+    while that task sleeps out its retry back-off) before it closes the
+    connections, and leaving the group waits for a broker that may not answer.
+    Either way the connections are dropped and the caller goes on stopping.
+    """
+    try:
+        async with asyncio.timeout(timeout):
+            await consumer.stop()
+    except (Exception, asyncio.CancelledError) as exc:
+        task = asyncio.current_task()
+        if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+            raise  # the caller itself is cancelled
+        log.warning("Kafka consumer did not close cleanly (%r); dropping its connections", exc)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await consumer._client.close()
 
 
 class EndOffsetProbe:
@@ -94,14 +123,18 @@ class EndOffsetProbe:
         """Start the consumer (done lazily by :meth:`end_offsets`)."""
         if self._consumer is None:
             consumer = AIOKafkaConsumer(**self._config)
-            await consumer.start()
+            try:
+                await consumer.start()
+            except BaseException:
+                await stop_consumer(consumer, STOP_TIMEOUT)
+                raise
             self._consumer = consumer
 
     async def stop(self) -> None:
         """Stop the consumer. Idempotent; the probe can be started again."""
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await consumer.stop()
+            await stop_consumer(consumer, STOP_TIMEOUT)
 
     async def end_offsets(
         self, tps: Iterable[TopicPartition], *, timeout: float | None = None

@@ -14,6 +14,8 @@ produces in bulk: the publisher, the simulator and the bench.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from rtim.settings import KafkaConnection
+
+log = logging.getLogger(__name__)
 
 #: Keys whose murmur2 hash is remembered (aiokafka's murmur2 is pure Python,
 #: about 20 us for a customer id; the same customers come back all the time).
@@ -130,11 +134,28 @@ class BatchPublisher:
                 raise
             self._started = True
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float | None = None) -> None:
+        """Deliver what the producer holds, then close it.
+
+        With a ``timeout``, records not acknowledged by then are given up (aiokafka
+        would otherwise retry them for ``request_timeout_ms`` with the broker gone);
+        the caller acknowledged no input for them, so that input comes again.
+        """
         if self._started:
             self._started = False
-            assert self._producer is not None
-            await self._producer.stop()
+            producer = self._producer
+            assert producer is not None
+            try:
+                async with asyncio.timeout(timeout):
+                    await producer.stop()
+            except Exception as exc:  # timed out, or aiokafka failed on the way
+                log.warning("publisher did not close cleanly (%r); dropping what it holds", exc)
+                sender = producer._sender.sender_task
+                if sender is not None:
+                    sender.cancel()  # not awaited: its retries end with the connections
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await producer.client.close()
 
     async def _partitions_of(self, topic: str) -> list[int]:
         parts = self._partitions.get(topic)

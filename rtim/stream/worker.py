@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
@@ -97,11 +101,71 @@ def check_web_port(settings: Settings) -> None:
             ) from None
 
 
+#: Exit code of a worker that did not stop within RTIM_SHUTDOWN_TIMEOUT_S.
+EXIT_SHUTDOWN_TIMED_OUT = 1
+
+
 class Worker(faust.Worker):
-    """Faust's worker; ``kill -USR1`` also logs where each partition stands.
+    """Faust's worker, whose stop is bounded; ``kill -USR1`` also logs where each
+    partition stands.
 
     (Faust's own SIGUSR1 handler, kept, prints every thread's and task's stack.)
+    Once SIGTERM or SIGINT arrives, the worker has ``shutdown_timeout`` seconds to
+    stop; then it logs what it still waits for and exits with
+    :data:`EXIT_SHUTDOWN_TIMED_OUT`, before the orchestrator's SIGKILL. The clock
+    runs in a thread of its own: it must fire even if the event loop is blocked.
     """
+
+    def __init__(self, *args: Any, shutdown_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shutdown_timeout = shutdown_timeout
+
+    def _schedule_shutdown(self, signal: signal.Signals) -> None:
+        if not self._signal_stop_time:
+            timer = threading.Timer(self.shutdown_timeout, self._give_up)
+            timer.daemon = True
+            timer.start()
+        super()._schedule_shutdown(signal)
+
+    def _give_up(self) -> None:
+        try:
+            waiting = "; ".join(self._still_stopping()) or "unknown"
+        except Exception as exc:  # read from another thread: a snapshot may fail
+            waiting = f"unknown ({exc!r})"
+        log.error(
+            "not stopped within %.0f s (RTIM_SHUTDOWN_TIMEOUT_S), exiting with code %d; "
+            "still waiting for: %s",
+            self.shutdown_timeout,
+            EXIT_SHUTDOWN_TIMED_OUT,
+            waiting,
+        )
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_SHUTDOWN_TIMED_OUT)
+
+    def _still_stopping(self) -> Iterator[str]:
+        """The innermost services still stopping, and where the stop itself waits."""
+
+        def leaves(service: Any) -> Iterator[str]:
+            stopping = [c for c in service._children if c.state == "stopping"]
+            for child in stopping:
+                yield from leaves(child)
+            if not stopping and service.state == "stopping":
+                yield service.shortlabel
+
+        yield from leaves(self)
+        for thread in threading.enumerate():  # the process cannot end before these
+            if not thread.daemon and thread is not threading.main_thread():
+                yield f"thread {thread.name}"
+        future = self._signal_stop_future
+        coro = future.get_coro() if isinstance(future, asyncio.Task) else None
+        frame = None
+        while coro is not None:  # down the chain of awaits to the innermost one
+            frame = getattr(coro, "cr_frame", None) or frame
+            coro = getattr(coro, "cr_await", None)
+        if frame is not None:
+            code = frame.f_code
+            yield f"{code.co_qualname} ({code.co_filename}:{frame.f_lineno})"
 
     def _on_sigusr1(self) -> None:
         consumer = self.app.consumer
@@ -131,5 +195,11 @@ def run_worker(settings: Settings) -> None:
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
     app = create_app(settings)
-    worker = Worker(app, loglevel=settings.log_level, loop=loop, redirect_stdouts=False)
+    worker = Worker(
+        app,
+        loglevel=settings.log_level,
+        loop=loop,
+        redirect_stdouts=False,
+        shutdown_timeout=settings.shutdown_timeout_s,
+    )
     worker.execute_from_commandline()
