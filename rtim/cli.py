@@ -6,6 +6,7 @@ import contextlib
 import os
 import traceback
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -189,7 +190,8 @@ def simulate(
         events = 10_000
     start_ms = None if live else past_start_ms()
     sim = JourneySimulator(customers=customers, seed=seed, live=live, start_ms=start_ms)
-    with click.progressbar(length=events, label=f"sending to {topic}", show_pos=True) as bar:
+    progress: Any = click.progressbar(length=events, label=f"sending to {topic}", show_pos=True)
+    with progress as bar:
         try:
             sent = asyncio.run(
                 produce_events(kafka, topic, sim.events(events), rate=rate, progress=bar.update)

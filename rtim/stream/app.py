@@ -185,6 +185,7 @@ class ClickstreamProcessor:
         self.store.added(result.new_customers)
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
         consumer = self.app.consumer
+        assert isinstance(consumer, BatchConsumer)
         for tp, tp_records in batch.records.items():
             consumer.ack_batch(tp, [r.offset for r in tp_records])
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
@@ -254,7 +255,7 @@ def create_app(settings: Settings) -> RtimApp:
     consumer.route_batches({CLICKSTREAM_TOPIC}, processor.handle, processor.wait_idle)
 
     @app.on_before_shutdown.connect
-    async def stop_publisher(sender: Any, **kwargs: Any) -> None:
+    async def stop_publisher(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         # Sent after the consumer stopped and the last batch finished.
         await processor.publisher.stop(timeout=PUBLISHER_STOP_TIMEOUT)
 
@@ -270,7 +271,7 @@ PUBLISHER_STOP_TIMEOUT = 2.0
 def is_ready(app: RtimApp, broker: BrokerHealth) -> bool:
     """Ready: started, reaching Kafka, not rebalancing or stopping, and the tables recovered."""
     try:
-        recovered = app.tables.recovery.completed.is_set()
+        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
     except Exception:  # not started yet
         return False
     return bool(

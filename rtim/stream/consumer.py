@@ -29,11 +29,15 @@ when the source of any method below changes; pyproject.toml pins the versions it
 was checked against (faust-streaming 0.15.3, aiokafka 0.14.0, mode-streaming 0.7.1).
 
 Methods replaced: ``Consumer._drain_messages`` and ``Consumer._new_offset``
-(copied with changes), ``Consumer.perform_seek`` and ``wait_empty`` (wrapped),
-``ThreadDelegateConsumer.highwaters``, the aiokafka driver's
+(copied with changes), ``Consumer.perform_seek`` and ``wait_empty`` (wrapped; the
+commits at stop bounded), ``ThreadDelegateConsumer.highwaters`` (with retries, so
+that table recovery waits for a broker that went away), the aiokafka driver's
 ``Consumer._new_consumer_thread``, ``AIOKafkaConsumerThread._create_worker_consumer``
-(wrapped), and ``Transport.Consumer``; in rtim/stream/app.py ``App._new_transport``,
-in rtim/stream/worker.py ``Worker._on_sigusr1`` (wrapped).
+(wrapped) and ``AIOKafkaConsumerThread.on_thread_stop`` (mode's
+``QueueServiceThread.on_thread_stop``, then aiokafka's ``consumer.stop()`` bounded by
+:func:`~rtim.stream.endoffsets.stop_consumer`), and ``Transport.Consumer``; in
+rtim/stream/app.py ``App._new_transport``, in rtim/stream/worker.py
+``Worker._on_sigusr1`` and ``Worker._schedule_shutdown`` (wrapped).
 
 Private state read or written, on Faust's consumer (created in its ``__init__``):
 
@@ -54,9 +58,13 @@ Private state read or written, on Faust's consumer (created in its ``__init__``)
 On aiokafka's ``AIOKafkaConsumer``: ``_fetch_max_wait_ms`` (written by
 :class:`ConsumerThread` before ``start()`` builds the fetcher from it), and, read
 only by :meth:`partition_report`, ``_subscription.subscription.assignment`` and
-each partition state's ``_position``. Elsewhere: the app's ``_crashed`` (the
-liveness view in rtim/stream/app.py) and, in rtim/stream/store.py, the RocksDB
-store's ``_db_for_partition`` and ``_dbs``.
+each partition state's ``_position``; ``_client`` (closed by ``stop_consumer``
+when ``stop()`` fails). On ``AIOKafkaProducer`` (``BatchPublisher.stop``):
+``_sender.sender_task`` and ``client``. Elsewhere: the app's ``_crashed`` (the
+liveness view in rtim/stream/app.py); mode's worker ``_signal_stop_time``,
+``_signal_stop_future`` and its services' ``_children`` and ``state``
+(rtim/stream/worker.py, when a stop takes too long); in rtim/stream/store.py, the
+RocksDB store's ``_db_for_partition`` and ``_dbs``.
 
 What the copied code leaves out compared with Faust's:
 
@@ -67,9 +75,8 @@ What the copied code leaves out compared with Faust's:
   ``track_tp_end_offset`` per record (RTIM's lag gauge comes from the fetch high
   watermarks); the consumer-fetching diagnostic flag; the ``sleep(0)`` every 100
   records (the processor yields every ``CORE_CHUNK`` records); the debug log of
-  records dropped below the read offset; and Faust's catching of a failing
-  ``perform_seek`` when a fetch arrives with the flow suspended (here the error
-  ends the loop, as any other error of the loop does).
+  records dropped below the read offset. A failing ``perform_seek`` when a fetch
+  arrives with the flow suspended is logged and the loop goes on, as in Faust's.
 - ``_new_offset``: Faust's merge of whole gap intervals past the highest
   acknowledged offset (here only up to it), its treatment of a committed offset of
   0 as none, and its ``None`` forever when the head of the list is missing (here
@@ -90,7 +97,14 @@ from aiokafka.errors import KafkaError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from rtim.settings import Settings
 from rtim.stream.endoffsets import EndOffsetProbe, stop_consumer
+
+
+def rtim_settings(app: Any) -> Settings:
+    """The settings the app was built with (``RtimApp.rtim_settings``)."""
+    settings: Settings = app.rtim_settings
+    return settings
 
 
 @dataclass(slots=True)
@@ -120,7 +134,7 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by start(), when it builds the fetcher.
-        consumer._fetch_max_wait_ms = self.app.rtim_settings.fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = rtim_settings(self.app).fetch_max_wait_ms
         return consumer
 
     async def on_thread_stop(self) -> None:
@@ -326,7 +340,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         if self._probe is None:
-            self._probe = EndOffsetProbe(self.app.rtim_settings.kafka)
+            self._probe = EndOffsetProbe(rtim_settings(self.app).kafka)
         # Table recovery crashes the worker if this raises: a broker that is away
         # for a moment is waited for (Faust gives up after broker_request_timeout).
         delay = 0.5
@@ -394,7 +408,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 if not self.flow_active:
                     # A rebalance began while we fetched: drop the fetch, Faust
                     # seeks back to the committed offsets once it is over.
-                    await self.perform_seek()
+                    try:
+                        await self.perform_seek()
+                    except Exception as exc:  # broker gone: the next rebalance seeks again
+                        self.log.warning("seek to the committed offsets failed: %r", exc)
                     continue
                 batch: dict[TP, list[Any]] = {}
                 others: list[tuple[TP, Any]] = []

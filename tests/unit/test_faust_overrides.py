@@ -99,6 +99,43 @@ GUARDED: dict[str, tuple[str, str]] = {
         "f0b391da1b87af04",
         "BatchConsumer.partition_report reads _position, highwater and paused",
     ),
+    # Stopping within a bound (ConsumerThread.on_thread_stop, stop_consumer, publisher stop)
+    "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread.on_thread_stop": (
+        "8dfc004e258b6c25",
+        "ConsumerThread.on_thread_stop replaces it: its own part (the method queue, via "
+        "QueueServiceThread) and consumer.stop(), which RTIM bounds with stop_consumer",
+    ),
+    "mode.threads:QueueServiceThread.on_thread_stop": (
+        "b58a5dbce24fd815",
+        "ConsumerThread.on_thread_stop calls it in place of Faust's version",
+    ),
+    "aiokafka.consumer.consumer:AIOKafkaConsumer.stop": (
+        "bc5da9c98595299a",
+        "stop_consumer (rtim/stream/endoffsets.py) bounds it and closes _client itself when "
+        "it fails with the broker gone",
+    ),
+    "aiokafka.consumer.fetcher:Fetcher.close": (
+        "1cd24bc1c442149e",
+        "stop_consumer works around its CancelledError (it awaits a fetch task it has just "
+        "cancelled): if fixed, the workaround may go",
+    ),
+    "aiokafka.producer.producer:AIOKafkaProducer.stop": (
+        "43ef97147111893b",
+        "BatchPublisher.stop bounds it, then cancels _sender.sender_task and closes client",
+    ),
+    "aiokafka.producer.sender:Sender.__init__": (
+        "dae60514401a3817",
+        "BatchPublisher.stop reads sender_task",
+    ),
+    "mode.worker:Worker._schedule_shutdown": (
+        "1a6a5dfc88c2298b",
+        "rtim.stream.worker.Worker._schedule_shutdown starts the shutdown timer, then calls it",
+    ),
+    "mode.worker:Worker.__init__": (
+        "d4fcd79403d78025",
+        "rtim.stream.worker.Worker reads _signal_stop_time and _signal_stop_future, and "
+        "walks the services' _children and state when the stop takes too long",
+    ),
     # Transport, RtimApp, Worker
     "faust.transport.drivers.aiokafka:Transport": (
         "966a67907f33524d",
