@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from rtim.broker import EmbeddedBroker, create_topics
+from rtim.broker import EmbeddedBroker
 from rtim.settings import Settings
 from rtim.simulate import JourneySimulator
 from rtim.stream.process import WorkerProcess
-from rtim.stream.worker import topic_specs
+from rtim.stream.topics import create_topics, topic_specs
 
 from .proxy import TcpProxy
 from .support import (
