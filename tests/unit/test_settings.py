@@ -140,7 +140,10 @@ CASES: dict[str, Callable[[Path], Case]] = {
 #: Settings whose component is a whole worker process, and where that is tested.
 ELSEWHERE = {
     "log_level": "tests/integration/test_config_errors.py::test_log_level_reaches_the_worker",
-    "shutdown_timeout_s": "tests/integration/test_broker_outage.py::test_stop_is_bounded_when_the_broker_does_not_answer",
+    "shutdown_timeout_s": (
+        "tests/integration/test_broker_outage.py"
+        "::test_stop_is_bounded_when_the_broker_does_not_answer"
+    ),
 }
 
 
