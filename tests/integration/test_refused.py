@@ -1,0 +1,76 @@
+"""A record Kafka will not take is dead-lettered with the reason, never retried forever.
+
+The embedded broker enforces no record size limit (a 2 MB record is taken by a topic
+with max.message.bytes=1000), so here the limit is the worker's own
+RTIM_MAX_RECORD_BYTES, checked before publishing; a broker's refusal takes the same way
+(tests/unit/test_publish.py). A dead letter too large for the limit, and the re-keyed
+copy of a large event, are refused: their causes are in rtim.dlq with the reason
+(without their values, which are the part too large), and everything else goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+
+from rtim.simulate import JourneySimulator
+
+from .support import (
+    expected_contexts,
+    latest_values,
+    produce,
+    read_topic,
+    segment,
+    wait_committed,
+)
+
+NOW_MS = int(time.time() * 1000)
+LIMIT = 20_000
+
+
+def test_records_over_the_limit_are_dead_lettered_and_the_rest_goes_on(kafka, workers) -> None:
+    sim = JourneySimulator(customers=20, seed=4, start_ms=NOW_MS - 86_400_000)
+    valid = [segment(e) for e in sim.events(300)]
+    big = {
+        "type": "track",
+        "event": "Product Viewed",
+        "messageId": "m-big",
+        "userId": "u-big",
+        "timestamp": "2026-11-01T00:00:00.000Z",
+    }
+    # Valid (under RTIM_MAX_EVENT_BYTES) but keyed otherwise: its re-keyed copy is too large.
+    large = orjson.dumps({**big, "properties": {"note": "x" * 25_000}})
+    # Oversize: its dead letter is too large.
+    oversize = orjson.dumps({**big, "properties": {"note": "y" * 40_000}})
+    items = [*valid[:100], (b"session-1", large), *valid[100:200], (b"u-big", oversize)]
+    items += valid[200:]
+    worker = workers(env={"RTIM_MAX_RECORD_BYTES": str(LIMIT)}).wait_ready()
+    asyncio.run(produce(kafka.bootstrap, items))
+    asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=worker))
+
+    # Both causes are in the dead-letter topic, keyed as they were, with the reason.
+    dlq = asyncio.run(read_topic(kafka.bootstrap, "rtim.dlq"))
+    assert sorted((r.key, r.value) for r in dlq) == [(b"session-1", None), (b"u-big", None)]
+    for rec in dlq:
+        reasons = [v for k, v in rec.headers if k == "rtim.errors.reason"]
+        stages = [v for k, v in rec.headers if k == "__connect.errors.stage"]
+        messages = [v for k, v in rec.headers if k == "__connect.errors.exception.message"]
+        assert reasons[-1] == b"refused" and stages[-1] == b"publish"
+        assert b"RTIM_MAX_RECORD_BYTES" in messages[-1]
+        if rec.key == b"u-big":
+            assert reasons == [b"oversize", b"refused"]  # its first reason is kept
+    # Not retried: the worker went on, and nothing else was lost.
+    assert worker.metric("rtim_publish_retries_total") == 0
+    assert worker.metric("rtim_records_refused_total") == 3  # a dead letter, a copy, its letter
+    assert worker.metric("rtim_events_dead_lettered_total", reason="refused") == 1
+    assert worker.metric("rtim_events_dead_lettered_total", reason="oversize") == 1
+    assert worker.metric("rtim_events_applied_total") == len(valid)
+    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    clickstream = asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
+    assert changelog == expected_contexts(
+        [r for r in clickstream if r.value not in (large, oversize)]
+    )
+    assert "u-big" not in changelog
+    assert worker.alive and worker.status("/health/ready") == 200
