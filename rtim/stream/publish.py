@@ -252,7 +252,8 @@ class BatchPublisher:
 
     async def _publish_alone(self, rec: OutRecord, tp: tuple[str, int], index: int) -> int | None:
         """Publish one record in a batch of its own; its offset, None if refused."""
-        writer = BatchWriter(self._producer)  # type: ignore[arg-type]
+        assert self._producer is not None
+        writer = BatchWriter(self._producer)
         await writer.append(tp[0], tp[1], rec.key, rec.value, rec.headers)
         ((_, _, fut),) = await writer.flush()
         try:
