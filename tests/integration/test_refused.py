@@ -6,6 +6,7 @@ RTIM_MAX_RECORD_BYTES, checked before publishing; a broker's refusal takes the s
 (tests/unit/test_publish.py). A dead letter too large for the limit, and the re-keyed
 copy of a large event, are refused: their causes are in rtim.dlq with the reason
 (without their values, which are the part too large), and everything else goes on.
+A trigger too large: the event that made it is in rtim.dlq, as it was.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .support import (
     segment,
     wait_committed,
 )
+from .test_pipeline import scripted_moments
 
 NOW_MS = int(time.time() * 1000)
 LIMIT = 20_000
@@ -73,4 +75,31 @@ def test_records_over_the_limit_are_dead_lettered_and_the_rest_goes_on(kafka, wo
         [r for r in clickstream if r.value not in (large, oversize)]
     )
     assert "u-big" not in changelog
+    assert worker.alive and worker.status("/health/ready") == 200
+
+
+def test_a_trigger_over_the_limit_dead_letters_the_event_that_made_it(kafka, workers) -> None:
+    events = scripted_moments()  # three customers, one trigger each (about 1.2 KB)
+    items = [segment(e) for e in events]
+    worker = workers(env={"RTIM_MAX_RECORD_BYTES": "1100"}).wait_ready()
+    asyncio.run(produce(kafka.bootstrap, items))
+    asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=worker))
+
+    for channel in ("web", "app", "call_centre"):
+        assert asyncio.run(read_topic(kafka.bootstrap, f"rtim.triggers.{channel}")) == []
+    dlq = asyncio.run(read_topic(kafka.bootstrap, "rtim.dlq"))
+    # The events that made the decisions, as they were, with the reason.
+    made = {b"cust-web": items[2], b"cust-app": items[4], b"cust-svc": items[5]}
+    assert sorted((r.key, r.value) for r in dlq) == sorted(made.values())
+    for rec in dlq:
+        headers = dict(rec.headers)
+        assert headers["rtim.errors.reason"] == b"refused"
+        assert headers["__connect.errors.stage"] == b"publish"
+        assert b"RTIM_MAX_RECORD_BYTES" in headers["__connect.errors.exception.message"]
+    assert worker.metric("rtim_records_refused_total") == 3
+    assert worker.metric("rtim_publish_retries_total") == 0
+    # The contexts are whole (the decisions were made, and not delivered).
+    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    clickstream = asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
+    assert changelog == expected_contexts(clickstream)
     assert worker.alive and worker.status("/health/ready") == 200
