@@ -22,6 +22,7 @@ from .support import (
     expected_contexts,
     latest_values,
     produce,
+    read_store,
     read_topic,
     segment,
     wait_committed,
@@ -103,3 +104,38 @@ def test_a_trigger_over_the_limit_dead_letters_the_event_that_made_it(kafka, wor
     clickstream = asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
     assert changelog == expected_contexts(clickstream)
     assert worker.alive and worker.status("/health/ready") == 200
+
+
+def test_a_context_over_the_limit_keeps_its_stored_value_and_dead_letters_the_events(
+    kafka, workers, tmp_path
+) -> None:
+    def page(user: str, i: int) -> tuple[bytes, bytes]:
+        return segment(
+            {
+                "type": "page",
+                "messageId": f"{user}-{i}",
+                "userId": user,
+                "timestamp": f"2026-11-01T00:{i:02d}:00.000Z",
+                "properties": {"path": f"/a/rather/long/path/to/page/number/{i:04d}/" + "p" * 40},
+            }
+        )
+
+    # One customer whose context grows past the limit (many long pages), one that stays small.
+    items = [page("grows", i) for i in range(30)] + [page("small", 0), page("small", 1)]
+    worker = workers(env={"RTIM_MAX_RECORD_BYTES": "1500"}).wait_ready()
+    asyncio.run(produce(kafka.bootstrap, items))
+    asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=worker))
+    assert worker.metric("rtim_publish_retries_total") == 0
+    assert worker.stop() == 0
+
+    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    assert changelog["small"]["n"] == 2
+    dlq = asyncio.run(read_topic(kafka.bootstrap, "rtim.dlq"))
+    assert dlq and {r.key for r in dlq} == {b"grows"}
+    assert {dict(r.headers)["rtim.errors.reason"] for r in dlq} == {b"refused"}
+    # Each event of the customer is either in its stored context or dead-lettered, once.
+    kept = changelog["grows"]["n"] if "grows" in changelog else 0
+    assert kept + len(dlq) == 30
+    assert len({r.value for r in dlq}) == len(dlq)
+    # The worker's store holds what the changelog holds, nothing of the refused events.
+    assert read_store(tmp_path / "w1-data") == changelog
