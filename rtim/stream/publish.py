@@ -204,17 +204,11 @@ class BatchPublisher:
         # Per topic-partition, the indexes of its records in the order appended.
         placed: dict[tuple[str, int], list[int]] = {}
         for index, rec in enumerate(records):
-            if limit is not None and len(rec.value or b"") + 256 > limit:
+            if limit is not None and (rec.headers or len(rec.value or b"") + 1024 > limit):
                 size = record_size(rec)
                 if size > limit:
-                    refused.append(
-                        (
-                            index,
-                            kafka_errors.RecordTooLargeError(
-                                f"{size} bytes, over the limit of {limit} (RTIM_MAX_RECORD_BYTES)"
-                            ),
-                        )
-                    )
+                    too_large = f"{size} bytes, over the limit of {limit} (RTIM_MAX_RECORD_BYTES)"
+                    refused.append((index, kafka_errors.RecordTooLargeError(too_large)))
                     continue
             partition = rec.partition
             if partition is None:

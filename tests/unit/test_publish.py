@@ -89,3 +89,17 @@ def test_a_publish_that_fails_for_another_reason_raises() -> None:
     publisher._producer = Down(limit=0)  # type: ignore[assignment]
     with pytest.raises(KafkaConnectionError):
         asyncio.run(publisher.publish([OutRecord("t", b"k", b"v", [], partition=0)]))
+
+
+def test_the_record_limit_counts_the_headers() -> None:
+    publisher = BatchPublisher("127.0.0.1:1", max_record_bytes=2_000)
+    producer = RefusingProducer(limit=100_000)
+    publisher._producer = producer  # type: ignore[assignment]
+    headers = [("__connect.errors.exception.message", b"m" * 1_500)]
+    records = [
+        OutRecord("dlq", b"k", b"v" * 600, headers, partition=0),  # 2,138 bytes in all
+        OutRecord("dlq", b"k", b"v" * 400, headers, partition=0),
+    ]
+    asyncio.run(publisher.publish(records))
+    assert [i for i, _ in publisher.refused] == [0]
+    assert [v for _, _, v in producer.written] == [b"v" * 400]
