@@ -23,6 +23,16 @@ rebuild each. In the same way, a context that would serialise to more than
 its size checked after each, and the events that would take it over the
 ceiling are dead-lettered (``too_large``) with their triggers.
 
+A customer's context lives on one partition: the one its id maps to with
+Kafka's default partitioner (``partition_of``). A valid record keyed by
+anything but its customer id (no key, an empty one, a session id...), or keyed
+right but on another partition (a producer with another partitioner), is not
+applied where it landed: it is returned in :attr:`BatchResult.rekeyed`, for the
+shell to publish again to the clickstream with the customer id as key (and the
+headers of :data:`REKEYED_FROM_PARTITION` and :data:`REKEYED_FROM_OFFSET`). The
+cache holds each partition's contexts apart, so a context read or created for
+one partition is never handed to a record of another.
+
 Examples
 --------
 >>> from rtim.offers.catalog import parse_catalog
@@ -36,6 +46,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -62,6 +73,13 @@ from rtim.names import trigger_topic
 from rtim.offers.catalog import Catalog
 from rtim.settings import DEFAULTS
 from rtim.triggers.rules import RuleIndex, TriggerRule, fired_rules
+
+#: Headers of a re-keyed record: where the record it copies was read from.
+REKEYED_FROM_PARTITION = "rtim.rekeyed.from.partition"
+REKEYED_FROM_OFFSET = "rtim.rekeyed.from.offset"
+#: Why a record is re-keyed (``rtim_events_rekeyed_total{reason}``): its key is not
+#: its customer id, or it is but the record is on another partition than that id's.
+REKEY_REASONS = ("key", "partition")
 
 
 class RecordLike(Protocol):
@@ -93,10 +111,27 @@ class Trigger:
     headers: list[tuple[str, bytes]]
     #: When the causing record entered Kafka (ms), for end-to-end latency.
     source_ms: int | None
+    #: The clickstream record that made the decision.
+    cause: RecordLike | None = None
 
     @property
     def topic(self) -> str:
         return trigger_topic(self.channel)
+
+
+@dataclass(slots=True)
+class Rekeyed:
+    """A valid record to publish again to the clickstream, keyed by its customer id."""
+
+    key: bytes
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+    #: The customer's partition (None: Kafka's default partitioner decides).
+    partition: int | None
+    #: One of :data:`REKEY_REASONS`.
+    reason: str
+    #: The record as it was read.
+    record: RecordLike
 
 
 @dataclass(slots=True)
@@ -114,6 +149,8 @@ class BatchResult:
     #: Decision moments where no offer was eligible (a decision of "nothing").
     no_offer: int = 0
     invalid: Counter[str] = field(default_factory=Counter)
+    #: Valid records that landed where their customer's context does not live.
+    rekeyed: list[Rekeyed] = field(default_factory=list)
 
 
 class Engine:
@@ -134,6 +171,10 @@ class Engine:
     dedupe_window_ms
         How long (in the customer's event time) a ``messageId`` is remembered;
         see :mod:`rtim.context.model`.
+    partition_of
+        The clickstream partition of a customer key (Kafka's default
+        partitioner). None: a record keyed by its customer id is applied on
+        whatever partition it is (only records with another key are re-keyed).
     """
 
     def __init__(
@@ -149,6 +190,7 @@ class Engine:
         cache_size: int = DEFAULTS.cache_customers,
         clock: Callable[[], float] = time.time,
         dedupe_window_ms: int = DEDUPE_WINDOW_MS,
+        partition_of: Callable[[bytes], int] | None = None,
     ) -> None:
         self.catalog = catalog
         self._rules = RuleIndex(catalog.triggers)
@@ -160,8 +202,10 @@ class Engine:
         self.cache_size = cache_size
         self._load = load
         self._clock = clock
-        self._cache: dict[bytes, Context] = {}
+        # Per partition: customer key -> decoded context.
+        self._cache: dict[int, dict[bytes, Context]] = {}
         self.dedupe_window_ms = dedupe_window_ms
+        self.partition_of = partition_of
         #: Stored contexts that were of an older shape or damaged, and repaired on load.
         self.repaired = 0
 
@@ -169,15 +213,23 @@ class Engine:
         """Forget every cached context (after a rebalance or a failed batch)."""
         self._cache.clear()
 
+    def cached(self, partition: int) -> dict[bytes, Context]:
+        """The cached contexts of one partition."""
+        cache = self._cache.get(partition)
+        if cache is None:
+            cache = self._cache[partition] = {}
+        return cache
+
     def context(self, partition: int, key: bytes) -> Context | None:
-        """The current context of a customer, or None if never seen."""
-        ctx = self._cache.get(key)
+        """The current context of a customer on a partition, or None if never seen."""
+        cache = self.cached(partition)
+        ctx = cache.get(key)
         if ctx is None:
             raw = self._load(partition, key)
             if raw is None:
                 return None
             ctx, repaired = load_context(raw, key.decode("utf-8", "replace"))
-            self._cache[key] = ctx
+            cache[key] = ctx
             self.repaired += repaired
         return ctx
 
@@ -189,10 +241,13 @@ class Engine:
     def _trim_cache(self) -> None:
         # Contexts of earlier batches are all persisted, so any may go; the
         # oldest inserted go first.
-        excess = len(self._cache) - self.cache_size
+        total = sum(len(cache) for cache in self._cache.values())
+        excess = total - self.cache_size
         if excess > 0:
-            for key in list(self._cache)[: excess + self.cache_size // 10]:
-                del self._cache[key]
+            share = (excess + self.cache_size // 10) / total
+            for cache in self._cache.values():
+                for key in list(cache)[: math.ceil(len(cache) * share)]:
+                    del cache[key]
 
     def process(self, topic: str, records: Iterable[RecordLike]) -> BatchResult:
         """Run one batch of clickstream records through the core."""
@@ -249,9 +304,17 @@ class Engine:
                     # (the official Python SDK) then take the record for binary mode.
                     headers=[("content-type", CONTENT_TYPE)],
                     source_ms=getattr(record, "timestamp", None),
+                    cause=record,
                 )
             )
         return fired
+
+    def _rekeyed(self, record: RecordLike, key: bytes, owner: int | None) -> Rekeyed:
+        headers = list(getattr(record, "headers", None) or ())
+        headers.append((REKEYED_FROM_PARTITION, str(record.partition).encode()))
+        headers.append((REKEYED_FROM_OFFSET, str(record.offset).encode()))
+        reason = "key" if record.key != key else "partition"
+        return Rekeyed(key, record.value, headers, owner, reason, record)
 
     @staticmethod
     def _dead_letter(
@@ -285,9 +348,12 @@ class BatchRun:
         self._keys: list[bytes] = []
         self._records: list[RecordLike] = []
         self._fired: dict[int, tuple[list[TriggerRule], tuple[Trigger, ...]]] = {}
-        # Customers with a failed event in this batch: copied before each event.
-        self._fragile: set[bytes] = set()
-        self._created: set[bytes] = set()
+        # Customers (partition, key) with a failed event in this batch: copied
+        # before each event.
+        self._fragile: set[tuple[int, bytes]] = set()
+        self._created: set[tuple[int, bytes]] = set()
+        # Records dead-lettered after they were applied (the ceiling), by id().
+        self._withdrawn: set[int] = set()
 
     def _parse(self, record: RecordLike) -> Any:
         engine = self.engine
@@ -315,12 +381,17 @@ class BatchRun:
         max_bytes = engine.max_event_bytes
         skew = engine.max_future_skew_ms
         window_ms = engine.dedupe_window_ms
-        cache = engine._cache
+        partition_of = engine.partition_of
+        rekeyed = result.rekeyed
+        cache: dict[bytes, Context] = {}
+        cache_partition = -1
         consumed = applied = 0
         for record in records:
             consumed += 1
             partition = record.partition
             offset = record.offset
+            if partition != cache_partition:
+                cache, cache_partition = engine.cached(partition), partition
             try:
                 event = parse(
                     record.value, max_bytes=max_bytes, now_ms=now_ms, max_future_skew_ms=skew
@@ -334,6 +405,13 @@ class BatchRun:
             changing = False
             try:
                 key = event.customer_id.encode()
+                if record.key != key:
+                    owner = None if partition_of is None else partition_of(key)
+                    rekeyed.append(engine._rekeyed(record, key, owner))
+                    continue
+                if partition_of is not None and partition_of(key) != partition:
+                    rekeyed.append(engine._rekeyed(record, key, partition_of(key)))
+                    continue
                 ctx = cache.get(key)
                 if ctx is None:
                     ctx = engine.context(partition, key)
@@ -341,11 +419,11 @@ class BatchRun:
                 if ctx is None:
                     ctx = cache[key] = new_context(event.customer_id)
                     result.new_customers += 1
-                    self._created.add(key)
+                    self._created.add((partition, key))
                 elif is_duplicate(ctx, event, partition, offset, token):
                     result.duplicates += 1
                     continue
-                if fragile and key in fragile:
+                if fragile and (partition, key) in fragile:
                     snapshot = orjson.dumps(ctx)
                 changing = True
                 apply_event(ctx, event, partition, offset, token, window_ms)
@@ -373,18 +451,18 @@ class BatchRun:
                     elif ctx is not None and ctx["n"] == 0:
                         # Refused by apply_event (which then changes nothing), and
                         # a new customer with nothing applied.
-                        self._forget(key)
+                        self._forget(key, partition)
                 reason = error_reason(exc)
                 result.invalid[reason] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc, stage="process"))
         result.consumed += consumed
         result.applied += applied
 
-    def _forget(self, key: bytes) -> None:
+    def _forget(self, key: bytes, partition: int) -> None:
         """The customer has no context after all (nothing of it was applied)."""
-        self.engine._cache.pop(key, None)
-        if key in self._created:
-            self._created.discard(key)
+        self.engine.cached(partition).pop(key, None)
+        if (partition, key) in self._created:
+            self._created.discard((partition, key))
             self.result.new_customers -= 1
 
     def _replay(self, key: bytes, partition: int) -> tuple[Context | None, list[Any]]:
@@ -392,7 +470,9 @@ class BatchRun:
         events applied to it: (record, rules fired, triggers made)."""
         records, fired_at = self._records, self._fired
         entries = [
-            (records[i], *fired_at.get(i, ((), ()))) for i, k in enumerate(self._keys) if k == key
+            (records[i], *fired_at.get(i, ((), ())))
+            for i, k in enumerate(self._keys)
+            if k == key and records[i].partition == partition
         ]
         return self.engine.stored(partition, key), entries
 
@@ -408,7 +488,7 @@ class BatchRun:
 
     def _restore(self, key: bytes, partition: int, snapshot: bytes | None) -> None:
         """Put the customer's context back as it was before the failed event."""
-        self._fragile.add(key)
+        self._fragile.add((partition, key))
         try:
             if snapshot is not None:
                 ctx: Context | None = orjson.loads(snapshot)
@@ -421,9 +501,9 @@ class BatchRun:
             self.engine.invalidate()
             raise
         if ctx is None or ctx["n"] == 0:
-            self._forget(key)  # nothing of the customer's was ever applied
+            self._forget(key, partition)  # nothing of the customer's was ever applied
             return
-        self.engine._cache[key] = ctx
+        self.engine.cached(partition)[key] = ctx
         contexts = self._changed.get(partition)
         if contexts is not None and key in contexts:
             contexts[key] = ctx
@@ -452,6 +532,7 @@ class BatchRun:
             except InvalidEvent as exc:
                 ctx = None if blob is None else orjson.loads(blob)
                 refused.update(id(t) for t in made)
+                self._withdrawn.add(id(record))
                 result.applied -= 1
                 result.invalid[exc.reason] += 1
                 result.dead_letters.append(
@@ -460,9 +541,9 @@ class BatchRun:
         if refused:
             result.triggers[:] = [t for t in result.triggers if id(t) not in refused]
         if ctx is None:
-            self._forget(key)
+            self._forget(key, partition)
             return None
-        engine._cache[key] = ctx
+        engine.cached(partition)[key] = ctx
         return blob
 
     def finish(self) -> BatchResult:
@@ -486,3 +567,26 @@ class BatchRun:
             if not out:
                 del updates[partition]
         return self.result
+
+    def refuse_context(self, partition: int, key: bytes, exc: BaseException) -> list[DeadLetter]:
+        """Kafka refused the customer's new context: keep none of the batch's
+        events of the customer (their context stays as stored) and return their
+        dead letters (``refused``). Call after :meth:`finish`; the triggers
+        these events made may be out already."""
+        records = [
+            r
+            for k, r in zip(self._keys, self._records, strict=True)
+            if k == key and r.partition == partition and id(r) not in self._withdrawn
+        ]
+        self._forget(key, partition)
+        updates = self.result.updates.get(partition)
+        if updates is not None:
+            updates.pop(key, None)
+        self.result.applied -= len(records)
+        return [self.refused(record, exc) for record in records]
+
+    def refused(self, record: RecordLike, exc: BaseException) -> DeadLetter:
+        """The dead letter of a record whose output Kafka refused (``refused``)."""
+        self.result.invalid["refused"] += 1
+        reason = InvalidEvent("refused", f"Kafka refused an output of this event: {exc!r}")
+        return self.engine._dead_letter(self.topic, record, reason, stage="publish")

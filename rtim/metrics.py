@@ -22,6 +22,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import HistogramMetricFamily
 
+from rtim.engine import REKEY_REASONS
 from rtim.events import INTERNAL_ERROR, REASONS
 
 #: The decision latency objective (event in Kafka -> trigger acknowledged by Kafka);
@@ -33,6 +34,12 @@ EVENTS_APPLIED = Counter("rtim_events_applied_total", "Valid events applied to a
 EVENTS_DUPLICATE = Counter(
     "rtim_events_duplicate_total",
     "Events not applied because already applied (same messageId, or redelivery).",
+)
+EVENTS_REKEYED = Counter(
+    "rtim_events_rekeyed_total",
+    "Valid events published again to the clickstream keyed by their customer id, by reason: "
+    "key (keyed otherwise) or partition (on another partition than the id's).",
+    ["reason"],
 )
 EVENTS_DEAD_LETTERED = Counter(
     "rtim_events_dead_lettered_total",
@@ -67,6 +74,11 @@ BATCH_RECORDS = Histogram(
     "Records per processed batch.",
     buckets=(1, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 25000),
 )
+RECORDS_REFUSED = Counter(
+    "rtim_records_refused_total",
+    "Records Kafka refused (too large for the topic, invalid), or over RTIM_MAX_RECORD_BYTES; "
+    "their causes are dead-lettered (reason refused).",
+)
 PUBLISH_RETRIES = Counter(
     "rtim_publish_retries_total", "Batches whose publish to Kafka failed and was retried."
 )
@@ -96,6 +108,8 @@ BROKER_UP = Gauge(
 # :func:`start_at_zero`).
 for _reason in (*REASONS, INTERNAL_ERROR):
     EVENTS_DEAD_LETTERED.labels(_reason)
+for _reason in REKEY_REASONS:
+    EVENTS_REKEYED.labels(_reason)
 #: The stages of :data:`BATCH_STAGE_SECONDS`, one child each.
 BATCH_STAGES = {stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store")}
 

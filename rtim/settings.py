@@ -80,6 +80,14 @@ class Settings(BaseSettings):
         description="Replication factor of the topics RTIM creates, its table changelogs "
         "included (3 on a production cluster).",
     )
+    max_record_bytes: int = Field(
+        1_000_000,
+        ge=1024,
+        description="Largest record the worker publishes (key, value and headers); a larger "
+        "one is not sent and its cause is dead-lettered (refused), as when Kafka refuses a "
+        "record. Keep it under the smallest max.message.bytes of RTIM's output topics and "
+        "above the context ceiling (64 KiB).",
+    )
     dedupe_window_s: float = Field(
         86_400.0,
         gt=0,

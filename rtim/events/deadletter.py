@@ -26,14 +26,18 @@ from rtim.events.segment import InvalidEvent
 __all__ = [
     "INTERNAL_ERROR",
     "MAX_MESSAGE_BYTES",
+    "REFUSED",
     "DeadLetter",
     "dead_letter",
     "dead_letter_headers",
     "error_reason",
+    "without_value",
 ]
 
 #: ``rtim.errors.reason`` for an exception that is not an InvalidEvent (a bug).
 INTERNAL_ERROR = "internal_error"
+#: ``rtim.errors.reason`` of an event whose output Kafka refused.
+REFUSED = "refused"
 #: Longest ``__connect.errors.exception.message`` value, in bytes. Messages can
 #: quote record content; a dead letter should not grow by kilobytes because of it.
 MAX_MESSAGE_BYTES = 1024
@@ -189,3 +193,21 @@ def dead_letter(
         dead_letter_headers(topic=topic, partition=partition, offset=offset, exc=exc, stage=stage)
     )
     return DeadLetter(key=key, value=value, headers=headers, reason=error_reason(exc))
+
+
+def without_value(letter: DeadLetter, exc: BaseException) -> DeadLetter:
+    """The dead letter to publish when Kafka refused ``letter`` (too large for the
+    dead-letter topic): the same key and headers, no value, and the refusal's
+    exception, stage (``publish``) and reason (``refused``) appended.
+
+    >>> big = DeadLetter(b"u1", b"x" * 2_000_000, [("rtim.errors.reason", b"oversize")], "oversize")
+    >>> small = without_value(big, ValueError("too large"))
+    >>> small.value is None, small.headers[-1]
+    (True, ('rtim.errors.reason', b'refused'))
+    """
+    headers = list(letter.headers)
+    headers.append(("__connect.errors.exception.class.name", _class_name(exc).encode()))
+    headers.append(("__connect.errors.exception.message", _message(exc)))
+    headers.append(("__connect.errors.stage", b"publish"))
+    headers.append(("rtim.errors.reason", REFUSED.encode()))
+    return DeadLetter(key=letter.key, value=None, headers=headers, reason=REFUSED)

@@ -93,6 +93,9 @@ REASONS: tuple[str, ...] = (
     "too_old",
     "out_of_range",
     "too_large",
+    # Set by rtim.engine when Kafka refuses an output of the event (a record
+    # over the topic's size limit, or otherwise invalid to the broker).
+    "refused",
 )
 #: The reasons :func:`parse_event` raises (the others are raised when an event
 #: is applied to its customer's context).

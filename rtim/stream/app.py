@@ -21,7 +21,8 @@ import faust
 from aiokafka.errors import KafkaError
 
 from rtim import metrics
-from rtim.engine import Engine
+from rtim.engine import BatchResult, BatchRun, Engine
+from rtim.events.deadletter import DeadLetter, without_value
 from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE, DLQ_TOPIC
 from rtim.offers.catalog import load_catalog
 from rtim.settings import Settings
@@ -112,6 +113,7 @@ class ClickstreamProcessor:
         self.settings = settings
         self.store = ContextStore(table)
         catalog = load_catalog(settings.catalog)
+        partitions = list(range(settings.partitions))
         self.engine = Engine(
             catalog=catalog,
             load=self.store.get,
@@ -121,8 +123,14 @@ class ClickstreamProcessor:
             trigger_ttl_ms=int(settings.trigger_ttl_s * 1000),
             cache_size=settings.cache_customers,
             dedupe_window_ms=int(settings.dedupe_window_s * 1000),
+            # Kafka's default partitioner, as producers of the clickstream are asked to use.
+            partition_of=lambda key: self.publisher.partition_for(key, partitions),
         )
-        self.publisher = BatchPublisher(settings.kafka, client_id=f"{settings.app_id}-publisher")
+        self.publisher = BatchPublisher(
+            settings.kafka,
+            client_id=f"{settings.app_id}-publisher",
+            max_record_bytes=settings.max_record_bytes,
+        )
         self.changelog_topic = table.changelog_topic.get_topic_name()
         self._generation: int | None = None
         self._idle = asyncio.Event()
@@ -174,14 +182,24 @@ class ClickstreamProcessor:
         ]
         out.extend(OutRecord(t.topic, t.key, t.value, t.headers) for t in result.triggers)
         out.extend(OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in result.dead_letters)
+        # Re-keyed copies go out with the batch's other outputs: the records they
+        # copy are acknowledged only once the copies are in Kafka.
+        out.extend(
+            OutRecord(CLICKSTREAM_TOPIC, r.key, r.value, r.headers, r.partition)
+            for r in result.rekeyed
+        )
         written = await self._publish(out, batch)
+        refused = written is not None and self.publisher.refused and self._current(batch)
+        if refused and not await self._dead_letter_refused(run, result, out, batch):
+            written = None
         if written is None or not self._current(batch):
             self.engine.invalidate()
             return
         published = time.perf_counter()
         metrics.BATCH_STAGES["publish"].observe(published - core_done)
         for partition, items in result.updates.items():
-            self.store.write(partition, items, written[(self.changelog_topic, partition)])
+            if items:  # (none left if Kafka refused them all)
+                self.store.write(partition, items, written[(self.changelog_topic, partition)])
         self.store.added(result.new_customers)
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
         consumer = self.app.consumer
@@ -208,11 +226,57 @@ class ClickstreamProcessor:
                 if not self._current(batch):
                     return None
 
+    async def _dead_letter_refused(
+        self, run: BatchRun, result: BatchResult, out: list[OutRecord], batch: FetchedBatch
+    ) -> bool:
+        """Dead-letter the causes of the records Kafka refused (the core says which);
+        False if the batch stopped being ours meanwhile.
+
+        A dead letter refused in turn goes again without its value; if that is
+        refused too, it is logged and dropped: never retried forever.
+        """
+        contexts = sum(len(items) for items in result.updates.values())
+        triggers = contexts + len(result.triggers)
+        letters_end = triggers + len(result.dead_letters)
+        letters: list[DeadLetter] = []
+        for index, exc in self.publisher.refused:
+            rec = out[index]
+            metrics.RECORDS_REFUSED.inc()
+            log.error(
+                "Kafka refused a record for %s (%r): its cause is dead-lettered", rec.topic, exc
+            )
+            if index < contexts:
+                assert rec.key is not None and rec.partition is not None
+                letters.extend(run.refuse_context(rec.partition, rec.key, exc))
+            elif index < triggers:
+                cause = result.triggers[index - contexts].cause
+                if cause is not None:
+                    letters.append(run.refused(cause, exc))
+            elif index < letters_end:
+                letters.append(without_value(result.dead_letters[index - triggers], exc))
+            else:
+                letters.append(run.refused(result.rekeyed[index - letters_end].record, exc))
+        while letters:
+            records = [OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in letters]
+            if await self._publish(records, batch) is None:
+                return False
+            smaller = []
+            for index, exc in self.publisher.refused:
+                metrics.RECORDS_REFUSED.inc()
+                if letters[index].value is None:
+                    log.error("Kafka refused a dead letter without its value (%r): dropped", exc)
+                else:
+                    smaller.append(without_value(letters[index], exc))
+            letters = smaller
+        return True
+
     @staticmethod
     def _observe(result: Any, n: int, started: float) -> None:
         metrics.EVENTS_CONSUMED.labels(CLICKSTREAM_TOPIC).inc(n)
         metrics.EVENTS_APPLIED.inc(result.applied)
         metrics.EVENTS_DUPLICATE.inc(result.duplicates)
+        for rekeyed in result.rekeyed:
+            metrics.EVENTS_REKEYED.labels(rekeyed.reason).inc()
         metrics.CONTEXT_WRITES.inc(sum(len(i) for i in result.updates.values()))
         metrics.DECISIONS_NO_OFFER.inc(result.no_offer)
         for reason, count in result.invalid.items():

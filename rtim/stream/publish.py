@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka import errors as kafka_errors
 from aiokafka.partitioner import DefaultPartitioner, murmur2
 
 from rtim.settings import KafkaConnection
@@ -43,6 +44,32 @@ class OutRecord:
 
 
 _NO_HEADERS: list[tuple[str, bytes]] = []
+
+#: Broker errors about the records themselves: sending them again cannot succeed.
+REFUSALS: tuple[type[Exception], ...] = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.CorruptRecordException,
+    kafka_errors.InvalidTimestampError,
+    kafka_errors.RecordTooLargeError,
+)
+#: Kafka's INVALID_RECORD (a record the broker's validation refuses), unknown to aiokafka.
+INVALID_RECORD = 87
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether Kafka refused the records themselves (not a failure to reach it)."""
+    return isinstance(exc, REFUSALS) or getattr(exc, "errno", None) == INVALID_RECORD
+
+
+def record_size(rec: OutRecord) -> int:
+    """Bytes of a record's key, value and headers (what a broker's size limit counts,
+    less a few dozen bytes of framing)."""
+    size = len(rec.key or b"") + len(rec.value or b"")
+    for name, value in rec.headers:
+        size += len(name) + len(value or b"")
+    return size
+
 
 #: A batch handed to the producer: (topic, partition), its record count, its delivery.
 Sent = tuple[tuple[str, int], int, "asyncio.Future[Any]"]
@@ -107,6 +134,7 @@ class BatchPublisher:
         max_batch_size: int = 512 * 1024,
         linger_ms: int = 0,
         request_timeout_ms: int = 30_000,
+        max_record_bytes: int | None = None,
     ) -> None:
         # aiokafka binds its producer to the running loop: it is built in start().
         self._config = {
@@ -123,6 +151,10 @@ class BatchPublisher:
         self._key_hashes: dict[bytes, int] = {}
         self._partitions: dict[str, list[int]] = {}
         self._started = False
+        self.max_record_bytes = max_record_bytes
+        #: The records of the last :meth:`publish` that Kafka refused (or that were
+        #: over ``max_record_bytes``), as (index in its list, error), not published.
+        self.refused: list[tuple[int, BaseException]] = []
 
     async def start(self) -> None:
         if not self._started:
@@ -179,25 +211,71 @@ class BatchPublisher:
     async def publish(self, records: list[OutRecord]) -> dict[tuple[str, int], int]:
         """Publish all records; return the last offset written per (topic, partition).
 
-        Raises whatever aiokafka raises if Kafka does not take them (the caller
+        A record Kafka refuses (too large for the topic, invalid to the broker),
+        or larger than ``max_record_bytes``, is left out and listed in
+        :attr:`refused`; the others are published. Raises whatever aiokafka
+        raises if Kafka does not take them for any other reason (the caller
         retries the whole batch: at-least-once).
         """
         assert self._producer is not None, "start() the publisher first"
+        self.refused = refused = []
+        limit = self.max_record_bytes
         writer = BatchWriter(self._producer)
         pending: list[Sent] = []
-        for rec in records:
+        # Per topic-partition, the indexes of its records in the order appended.
+        placed: dict[tuple[str, int], list[int]] = {}
+        for index, rec in enumerate(records):
+            if limit is not None and (rec.headers or len(rec.value or b"") + 1024 > limit):
+                size = record_size(rec)
+                if size > limit:
+                    too_large = f"{size} bytes, over the limit of {limit} (RTIM_MAX_RECORD_BYTES)"
+                    refused.append((index, kafka_errors.RecordTooLargeError(too_large)))
+                    continue
             partition = rec.partition
             if partition is None:
                 parts = await self._partitions_of(rec.topic)
                 partition = self.partition_for(rec.key, parts)
             sent = await writer.append(rec.topic, partition, rec.key, rec.value, rec.headers)
+            placed.setdefault((rec.topic, partition), []).append(index)
             if sent is not None:
                 pending.append(sent)
         pending.extend(await writer.flush())
         last: dict[tuple[str, int], int] = {}
-        results = await asyncio.gather(*(fut for _, _, fut in pending))
-        for (tp, count, _), meta in zip(pending, results, strict=False):
+        results = await asyncio.gather(*(fut for _, _, fut in pending), return_exceptions=True)
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None and not all(
+            is_refusal(r) for r in results if isinstance(r, BaseException)
+        ):
+            raise failed
+        # A batch is refused as a whole: its records are sent again one at a time,
+        # so that only those Kafka refuses on their own are left out.
+        done: dict[tuple[str, int], int] = {}
+        for (tp, count, _), meta in zip(pending, results, strict=True):
+            first = done.get(tp, 0)
+            done[tp] = first + count
+            if isinstance(meta, BaseException):
+                for index in placed[tp][first : first + count]:
+                    end = await self._publish_alone(records[index], tp, index)
+                    if end is not None and end > last.get(tp, -1):
+                        last[tp] = end
+                continue
             end = meta.offset + count - 1
             if end > last.get(tp, -1):
                 last[tp] = end
+        refused.sort(key=lambda item: item[0])
         return last
+
+    async def _publish_alone(self, rec: OutRecord, tp: tuple[str, int], index: int) -> int | None:
+        """Publish one record in a batch of its own; its offset, None if refused."""
+        assert self._producer is not None
+        writer = BatchWriter(self._producer)
+        await writer.append(tp[0], tp[1], rec.key, rec.value, rec.headers)
+        ((_, _, fut),) = await writer.flush()
+        try:
+            meta = await fut
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            self.refused.append((index, exc))
+            return None
+        return int(meta.offset)

@@ -814,3 +814,117 @@ def test_a_new_customer_whose_events_all_fail_is_not_counted(
     result = run(engine(store), log.records(page("/a", user="u-9"), page("/b", user="u-9")))
     assert (result.applied, result.new_customers, result.updates) == (0, 0, {})
     assert [d.reason for d in result.dead_letters] == ["internal_error", "internal_error"]
+
+
+# --------------------------------------------------------------------------
+# One customer, one partition, one context
+# --------------------------------------------------------------------------
+
+#: The partition each customer's id maps to (Kafka's default partitioner, as the shell gives it).
+OWNERS = {b"u-1": 2, b"u-2": 1}
+
+
+def keyed(record: Record, key: bytes | None, partition: int) -> Record:
+    return record._replace(key=key, partition=partition)
+
+
+def test_records_not_keyed_by_their_customer_are_re_keyed_not_applied_where_they_landed() -> None:
+    store, log = Store(), Log()
+    eng = engine(store, partition_of=OWNERS.__getitem__)
+    events = [page(f"/p{i}", ts=T0 + i * MINUTE) for i in range(5)]
+    landed = [
+        keyed(log.records(events[0], partition=0)[0], None, 0),
+        keyed(log.records(events[1], partition=1)[0], b"", 1),
+        keyed(log.records(events[2], partition=3)[0], b"session-9", 3),
+        keyed(log.records(events[3], partition=0)[0], b"u-1", 0),  # another partitioner's
+        log.records(events[4], partition=2)[0],  # keyed and placed right
+    ]
+    result = run(eng, landed, store)
+    assert (result.consumed, result.applied, result.new_customers) == (5, 1, 1)
+    assert not result.dead_letters
+    # Nothing of the customer is on the partitions the records landed on.
+    assert list(result.updates) == [2]
+    assert ctx_of(result, b"u-1", 2)["n"] == 1
+    assert all(eng.context(p, b"u-1") is None for p in (0, 1, 3))
+    assert [(r.key, r.partition, r.reason) for r in result.rekeyed] == [
+        (b"u-1", 2, "key"),
+        (b"u-1", 2, "key"),
+        (b"u-1", 2, "key"),
+        (b"u-1", 2, "partition"),
+    ]
+    for rekeyed, record in zip(result.rekeyed, landed, strict=False):
+        assert rekeyed.value is record.value  # the value, byte for byte
+        assert rekeyed.record is record
+        assert rekeyed.headers == [
+            ("trace", b"t-1"),  # the original headers, then where it came from
+            ("rtim.rekeyed.from.partition", str(record.partition).encode()),
+            ("rtim.rekeyed.from.offset", str(record.offset).encode()),
+        ]
+    # The copies, read from the customer's partition, are applied there once each,
+    # and a copy published twice (a crash before the commit) is a duplicate.
+    copies = [
+        Record(2, log.next.get(2, 0) + i, r.key, r.value, tuple(r.headers), NOW - 5)
+        for i, r in enumerate([*result.rekeyed, result.rekeyed[0]])
+    ]
+    again = run(eng, copies, store)
+    assert (again.applied, again.duplicates, again.rekeyed) == (4, 1, [])
+    ctx = ctx_of(again, b"u-1", 2)
+    assert ctx["n"] == 5
+    assert set(ctx["pages"]) == {f"/p{i}" for i in range(5)}
+
+
+def test_without_a_partitioner_only_the_key_is_checked() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    result = run(
+        eng,
+        [
+            *log.records(page("/a"), partition=3),
+            keyed(log.records(page("/b"), partition=3)[0], b"x", 3),
+        ],
+        store,
+    )
+    assert result.applied == 1
+    assert [(r.key, r.partition, r.reason) for r in result.rekeyed] == [(b"u-1", None, "key")]
+
+
+def test_the_cache_never_hands_a_context_of_one_partition_to_another() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)  # no partitioner: a library user's records, keyed right
+    first = run(eng, log.records(page("/a"), partition=0), store)
+    assert ctx_of(first, b"u-1", 0)["n"] == 1
+    # The same customer on another partition: a context of that partition, not the
+    # one cached for partition 0 (within a batch and across batches).
+    second = run(
+        eng,
+        log.records(page("/b", ts=T0 + MINUTE), partition=1)
+        + log.records(page("/c", ts=T0 + 2 * MINUTE), partition=0),
+        store,
+    )
+    assert ctx_of(second, b"u-1", 1)["pages"] == ["/b"]
+    assert ctx_of(second, b"u-1", 0)["pages"] == ["/a", "/c"]
+    assert eng.context(1, b"u-1") is not eng.context(0, b"u-1")
+    assert second.new_customers == 1
+
+
+def test_a_customer_whose_context_kafka_refused_keeps_the_stored_one() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    run(eng, log.records(page("/a")), store)
+    batch = log.records(
+        page("/b", ts=T0 + MINUTE), page("/x", user="u-2"), page("/c", ts=T0 + 2 * MINUTE)
+    )
+    work = eng.start_batch(TOPIC)
+    work.add(batch)
+    result = work.finish()
+    letters = work.refuse_context(0, b"u-1", RuntimeError("MessageSizeTooLargeError"))
+    # Both events of u-1 are dead-lettered as refused, with their original bytes;
+    # u-2 is kept; u-1's context is the stored one, in the cache too.
+    assert [(d.reason, d.value) for d in letters] == [
+        ("refused", batch[0].value),
+        ("refused", batch[2].value),
+    ]
+    assert dict(letters[0].headers)["__connect.errors.stage"] == b"publish"
+    assert list(result.updates[0]) == [b"u-2"]
+    assert (result.applied, result.invalid["refused"]) == (1, 2)
+    assert eng.context(0, b"u-1")["pages"] == ["/a"]

@@ -832,8 +832,9 @@ def test_invalid(value: bytes | None, reason: str, words: list[str], field: str 
 
 def test_invalid_cases_cover_every_reason_of_the_parser() -> None:
     assert {case[2] for case in INVALID} == set(PARSE_REASONS)
-    # The others are raised when an event is applied to its context (test_context.py).
-    assert set(REASONS) - set(PARSE_REASONS) == {"too_old", "out_of_range", "too_large"}
+    # The others are raised when an event is applied to its context (test_context.py),
+    # or when Kafka refuses an output of the event (test_engine.py).
+    assert set(REASONS) - set(PARSE_REASONS) == {"too_old", "out_of_range", "too_large", "refused"}
 
 
 def test_reasons_are_the_documented_codes() -> None:
@@ -852,6 +853,7 @@ def test_reasons_are_the_documented_codes() -> None:
         "too_old",
         "out_of_range",
         "too_large",
+        "refused",
     }
     assert len(REASONS) == len(set(REASONS))
 

@@ -131,6 +131,9 @@ CASES: dict[str, Callable[[Path], Case]] = {
         lambda w: (table(w).changelog_topic.replicas, w.app.conf.topic_replication_factor),
         (None, 3),
     ),
+    "max_record_bytes": lambda tmp: Case(
+        50_000, lambda w: w.processor.publisher.max_record_bytes, 50_000
+    ),
     "dedupe_window_s": lambda tmp: Case(
         3600.0, lambda w: w.processor.engine.dedupe_window_ms, 3_600_000
     ),
