@@ -25,6 +25,8 @@ from typing import IO
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from rtim.settings import DEFAULTS
+
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -47,9 +49,9 @@ class WorkerProcess:
         *,
         broker: str,
         datadir: str | Path,
-        app_id: str = "rtim",
+        app_id: str = DEFAULTS.app_id,
         web_port: int | None = None,
-        store: str = "rocksdb",
+        store: str = DEFAULTS.store,
         log_path: str | Path | None = None,
         env: dict[str, str] | None = None,
     ) -> None:

@@ -16,13 +16,16 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from rtim.engine import Engine, Record
+from rtim.names import changelog_topic
 from rtim.offers.catalog import load_catalog
-from rtim.settings import DEFAULT_CATALOG
+from rtim.settings import DEFAULT_CATALOG, DEFAULTS
 from rtim.stream.app import CLICKSTREAM_TOPIC
 from rtim.stream.endoffsets import true_end_offsets
 from rtim.stream.process import WorkerProcess
 
 PARTITIONS = 4
+#: The context table's changelog under the default app id.
+CHANGELOG = changelog_topic(DEFAULTS.app_id)
 # Short group timeouts, so that a killed worker's partitions move in seconds.
 TEST_ENV = {
     "RTIM_PARTITIONS": str(PARTITIONS),

@@ -24,6 +24,7 @@ from rtim.stream.topics import create_topics, topic_specs
 
 from .proxy import TcpProxy
 from .support import (
+    CHANGELOG,
     PARTITIONS,
     TEST_ENV,
     expected_contexts,
@@ -141,7 +142,7 @@ def test_worker_rides_out_a_broker_outage_and_processes_every_event_once(
     clickstream = asyncio.run(read_topic(broker.bootstrap, "rtim.clickstream"))
     assert len(clickstream) == len(before) + len(after)
     expected = expected_contexts(clickstream)
-    changelog = latest_values(asyncio.run(read_topic(broker.bootstrap, "rtim-customers-changelog")))
+    changelog = latest_values(asyncio.run(read_topic(broker.bootstrap, CHANGELOG)))
     assert changelog == expected
 
 
@@ -233,6 +234,6 @@ def test_broker_lost_during_table_recovery_is_waited_for(
     assert worker.stop() == 0
 
     clickstream = asyncio.run(read_topic(broker.bootstrap, "rtim.clickstream"))
-    changelog = latest_values(asyncio.run(read_topic(broker.bootstrap, "rtim-customers-changelog")))
+    changelog = latest_values(asyncio.run(read_topic(broker.bootstrap, CHANGELOG)))
     assert changelog == expected_contexts(clickstream)
     assert read_store(tmp_path / "fresh-data") == changelog

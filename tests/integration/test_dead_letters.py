@@ -9,7 +9,7 @@ import orjson
 
 from rtim.simulate import JourneySimulator
 
-from .support import latest_values, produce, read_topic, segment, wait_committed
+from .support import CHANGELOG, latest_values, produce, read_topic, segment, wait_committed
 
 NOW_MS = int(time.time() * 1000)
 
@@ -92,7 +92,7 @@ def test_malformed_events_are_dead_lettered_and_the_rest_processed(kafka, worker
     assert duplicates > 0
     assert worker.metric("rtim_events_applied_total") == len(valid)
     assert worker.metric("rtim_events_duplicate_total") == duplicates
-    contexts = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    contexts = latest_values(asyncio.run(read_topic(kafka.bootstrap, CHANGELOG)))
     per_customer: dict[str, int] = {}
     for event in valid:
         cid = event.get("userId") or event["anonymousId"]

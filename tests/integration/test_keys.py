@@ -25,11 +25,17 @@ from rtim.names import CLICKSTREAM_TOPIC
 from rtim.stream.endoffsets import true_end_offsets
 from rtim.stream.process import WorkerProcess
 
-from .support import PARTITIONS, expected_contexts, latest_values, read_topic, wait_committed
+from .support import (
+    CHANGELOG,
+    PARTITIONS,
+    expected_contexts,
+    latest_values,
+    read_topic,
+    wait_committed,
+)
 
 REASONS = ("key", "partition")
 NOW_MS = int(time.time() * 1000)
-CHANGELOG = "rtim-customers-changelog"
 
 
 def owner(customer: str | bytes) -> int:

@@ -20,6 +20,7 @@ from rtim.simulate import JourneySimulator
 from rtim.stream.worker import STATE_REPORT_END
 
 from .support import (
+    CHANGELOG,
     committed,
     expected_contexts,
     latest_values,
@@ -165,7 +166,7 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store)
 
     # The contexts the worker wrote are the ones the core builds from the same records.
     clickstream = asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
-    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, CHANGELOG)))
     assert changelog == expected_contexts(clickstream)
     assert worker.metric("rtim_events_applied_total") == len(events)
     assert worker.metric("rtim_context_customers") == len(changelog)

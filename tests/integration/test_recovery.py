@@ -21,6 +21,7 @@ import pytest
 from rtim.simulate import JourneySimulator
 
 from .support import (
+    CHANGELOG,
     committed,
     expected_contexts,
     latest_values,
@@ -64,9 +65,7 @@ def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(
     while True:
         os.kill(doomed.proc.pid, signal.SIGSTOP)
         done = asyncio.run(committed(kafka.bootstrap, "rtim"))
-        snapshot = latest_values(
-            asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog"))
-        )
+        snapshot = latest_values(asyncio.run(read_topic(kafka.bootstrap, CHANGELOG)))
         redelivered = [
             r
             for r in asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
@@ -93,6 +92,6 @@ def test_sigkill_mid_stream_then_restart_recovers_exact_contexts(
     assert len(clickstream) == len(events)
     expected = expected_contexts(clickstream)
     assert len(expected) >= 250
-    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, CHANGELOG)))
     assert changelog == expected
     assert read_store(survivor_dir) == expected

@@ -19,6 +19,7 @@ import orjson
 from rtim.simulate import JourneySimulator
 
 from .support import (
+    CHANGELOG,
     expected_contexts,
     latest_values,
     produce,
@@ -70,7 +71,7 @@ def test_records_over_the_limit_are_dead_lettered_and_the_rest_goes_on(kafka, wo
     assert worker.metric("rtim_events_dead_lettered_total", reason="refused") == 1
     assert worker.metric("rtim_events_dead_lettered_total", reason="oversize") == 1
     assert worker.metric("rtim_events_applied_total") == len(valid)
-    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, CHANGELOG)))
     clickstream = asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
     assert changelog == expected_contexts(
         [r for r in clickstream if r.value not in (large, oversize)]
@@ -100,7 +101,7 @@ def test_a_trigger_over_the_limit_dead_letters_the_event_that_made_it(kafka, wor
     assert worker.metric("rtim_records_refused_total") == 3
     assert worker.metric("rtim_publish_retries_total") == 0
     # The contexts are whole (the decisions were made, and not delivered).
-    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, CHANGELOG)))
     clickstream = asyncio.run(read_topic(kafka.bootstrap, "rtim.clickstream"))
     assert changelog == expected_contexts(clickstream)
     assert worker.alive and worker.status("/health/ready") == 200
@@ -128,7 +129,7 @@ def test_a_context_over_the_limit_keeps_its_stored_value_and_dead_letters_the_ev
     assert worker.metric("rtim_publish_retries_total") == 0
     assert worker.stop() == 0
 
-    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, "rtim-customers-changelog")))
+    changelog = latest_values(asyncio.run(read_topic(kafka.bootstrap, CHANGELOG)))
     assert changelog["small"]["n"] == 2
     dlq = asyncio.run(read_topic(kafka.bootstrap, "rtim.dlq"))
     assert dlq and {r.key for r in dlq} == {b"grows"}
