@@ -286,3 +286,42 @@ def bench_raw(broker: str) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command()
+@click.option("--decisions", "-n", type=int, default=20_000, show_default=True)
+@click.option(
+    "--seeds", default="1,2,3,4,5", show_default=True, help="Comma-separated market seeds."
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the results as JSON to this file.",
+)
+def evaluate(decisions: int, seeds: str, json_path: str | None) -> None:
+    """Run the learner on a simulated market and compare it with an oracle, random
+    and the best context-free policy (offline: the core alone, no Kafka).
+    """
+    import json
+
+    from rtim.learn.evaluate import format_summary, run, summarise
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"not a list of integers: {seeds!r}", param_hint="--seeds"
+        ) from None
+    if not seed_list or decisions < 8:
+        raise click.BadParameter("give at least one seed and 8 decisions")
+    results = []
+    for seed in seed_list:
+        click.echo(f"seed {seed}: {decisions:,} decisions ...", err=True)
+        results.append(run(seed, decisions))
+    summary = summarise(results)
+    click.echo(format_summary(summary))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=2)

@@ -1,0 +1,330 @@
+"""Attribution: joining channel responses to decisions, on event time.
+
+Plain data in, plain data out: no Kafka, no asyncio. One :class:`Attributor`
+holds the open decisions of one partition (the worker that owns a customer's
+partition owns its decisions and receives its responses, the topics being
+co-partitioned).
+
+- A decision is *pending* from the moment it is made until its attribution
+  window ends (``window_end_ms``, event time).
+- A ``conversion`` within the window makes it a **positive** example, learned
+  at once; the decision is then closed.
+- A window that ends without a conversion makes it a **negative** example,
+  even if no response at all ever came. Windows end on the partition's
+  *stream time*, the highest event time seen on it (decisions, responses and
+  clickstream events alike, see :meth:`Attributor.observe`), so a replay at
+  any speed closes the same windows as the live run. A partition that
+  receives nothing for ``idle_ms`` of wall-clock time has its stream time
+  carried forward by the wall-clock time since (:meth:`Attributor.tick`), so
+  windows still close when traffic stops.
+- Every response gets one join result: ``joined`` (an open decision's
+  response, in its window), ``late`` (after the window ended, or after the
+  decision was closed), ``unknown`` (no such decision on this partition),
+  ``duplicate`` (the same outcome for the same decision again). Only a joined
+  conversion is learned; nothing is learned twice.
+
+Budgets
+-------
+A customer has at most :data:`MAX_PENDING_PER_CUSTOMER` open decisions; a
+new one beyond closes the customer's oldest at once as a negative example
+(its window cut short, counted as ``evicted``), so memory per customer is
+bounded whatever the rate of decisions. Closed decisions are remembered
+(their id and the outcomes seen) for :data:`CLOSED_MEMORY_MS` of stream time
+after their window end, at most :data:`MAX_CLOSED_PER_CUSTOMER` per customer,
+so that a late or repeated response is told from one for a decision never
+made; after that it counts as ``unknown``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+#: Outcomes a channel system may report.
+OUTCOMES = ("impression", "click", "conversion", "dismissal")
+#: Join results (metric label values).
+JOIN_RESULTS = ("joined", "late", "unknown", "duplicate")
+#: Why a response is refused (metric label and dead-letter reason values).
+RESPONSE_REASONS = (
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "unknown_outcome",
+    "bad_timestamp",
+    "bad_value",
+    "too_large",
+)
+MAX_RESPONSE_BYTES = 4096
+MAX_ID_CHARS = 256
+MAX_PENDING_PER_CUSTOMER = 32
+MAX_CLOSED_PER_CUSTOMER = 64
+CLOSED_MEMORY_MS = 24 * 3600 * 1000
+#: Default attribution window (event time) when an offer sets none.
+DEFAULT_WINDOW_MS = 24 * 3600 * 1000
+#: Wall-clock time without any record after which a partition's stream time
+#: moves on with the wall clock.
+DEFAULT_IDLE_MS = 60_000
+
+
+class InvalidResponse(ValueError):
+    """A response record that cannot be used; ``reason`` is one of RESPONSE_REASONS."""
+
+    def __init__(self, reason: str, message: str, *, field: str | None = None) -> None:
+        if reason not in RESPONSE_REASONS:
+            raise ValueError(f"unknown InvalidResponse reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    decision_id: str
+    customer_id: str
+    outcome: str
+    timestamp_ms: int
+    value: float | None = None
+
+
+def _timestamp_ms(raw: Any) -> int:
+    if not isinstance(raw, str):
+        raise InvalidResponse(
+            "bad_timestamp", "timestamp must be an ISO 8601 string", field="timestamp"
+        )
+    text = raw[:-1] + "+00:00" if raw.endswith(("Z", "z")) else raw
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidResponse(
+            "bad_timestamp", f"timestamp is not ISO 8601: {raw[:64]!r}", field="timestamp"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def parse_response(raw: bytes | str | dict[str, Any]) -> Response:
+    """Validate one response record; raises :class:`InvalidResponse` with its reason.
+
+    >>> parse_response(b'{"decision_id": "d", "customer_id": "c", "outcome": "click",'
+    ...                b' "timestamp": "2026-01-01T00:00:00Z"}').timestamp_ms
+    1767225600000
+    """
+    if isinstance(raw, (bytes, str)):
+        if len(raw) > MAX_RESPONSE_BYTES:
+            raise InvalidResponse("too_large", f"response is over {MAX_RESPONSE_BYTES} bytes")
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidResponse("invalid_json", f"not JSON: {exc}") from None
+    else:
+        data = raw
+    if not isinstance(data, dict):
+        raise InvalidResponse("not_an_object", "a response must be a JSON object")
+    for name in ("decision_id", "customer_id", "outcome", "timestamp"):
+        if name not in data or data[name] is None:
+            raise InvalidResponse("missing_field", f"'{name}' is missing", field=name)
+    for name in ("decision_id", "customer_id"):
+        value = data[name]
+        if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+            raise InvalidResponse(
+                "wrong_type",
+                f"'{name}' must be a string of 1-{MAX_ID_CHARS} characters",
+                field=name,
+            )
+    outcome = data["outcome"]
+    if outcome not in OUTCOMES:
+        raise InvalidResponse(
+            "unknown_outcome",
+            f"outcome {str(outcome)[:32]!r} is not one of {list(OUTCOMES)}",
+            field="outcome",
+        )
+    value = data.get("value")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidResponse("bad_value", "'value' must be a number", field="value")
+        if not math.isfinite(value) or abs(value) > 1e12:
+            raise InvalidResponse("bad_value", "'value' is out of range", field="value")
+        value = float(value)
+    return Response(
+        data["decision_id"], data["customer_id"], outcome, _timestamp_ms(data["timestamp"]), value
+    )
+
+
+@dataclass(slots=True)
+class Pending:
+    """A decision waiting for its outcome."""
+
+    decision_id: str
+    customer_id: str
+    offer_id: str
+    features: Sequence[str]
+    decided_ms: int
+    window_end_ms: int
+    seen: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class Example:
+    """A closed decision, to learn from: ``converted`` or not."""
+
+    decision_id: str
+    offer_id: str
+    features: Sequence[str]
+    converted: bool
+    closed_ms: int
+    why: str  # "conversion", "window", "evicted"
+
+
+@dataclass(slots=True)
+class _Closed:
+    window_end_ms: int
+    seen: set[str]
+
+
+class Attributor:
+    """The open decisions of one partition, its stream time, and the join."""
+
+    def __init__(
+        self,
+        *,
+        idle_ms: int = DEFAULT_IDLE_MS,
+        max_pending: int = MAX_PENDING_PER_CUSTOMER,
+        max_closed: int = MAX_CLOSED_PER_CUSTOMER,
+        closed_memory_ms: int = CLOSED_MEMORY_MS,
+    ) -> None:
+        self.idle_ms = idle_ms
+        self.max_pending = max_pending
+        self.max_closed = max_closed
+        self.closed_memory_ms = closed_memory_ms
+        self.stream_ms: int | None = None
+        self._wall_ms: int | None = None  # wall-clock time of the latest record
+        self._stream_at_wall: int | None = None
+        self.pending: dict[str, Pending] = {}
+        self._by_customer: dict[str, list[str]] = {}
+        self._closed: dict[str, _Closed] = {}
+        self._closed_by_customer: dict[str, list[str]] = {}
+        self._ends: list[tuple[int, str]] = []  # heap of (window end, decision id)
+        self._forgets: list[tuple[int, str, str]] = []  # (forget at, customer, decision id)
+        self.counts: dict[str, int] = dict.fromkeys(
+            (*JOIN_RESULTS, "positive", "negative", "evicted"), 0
+        )
+
+    # -- time ---------------------------------------------------------------
+
+    def observe(self, event_ms: int, wall_ms: int | None = None) -> list[Example]:
+        """A record stamped ``event_ms`` arrived (at ``wall_ms``); close what is due."""
+        if self.stream_ms is None or event_ms > self.stream_ms:
+            self.stream_ms = event_ms
+        if wall_ms is not None:
+            self._wall_ms = wall_ms
+            self._stream_at_wall = self.stream_ms
+        return self._close_due(self.stream_ms)
+
+    def tick(self, wall_ms: int) -> list[Example]:
+        """Wall-clock time passes; an idle partition's stream time moves with it."""
+        if self._wall_ms is None or self._stream_at_wall is None:
+            return []
+        idle = wall_ms - self._wall_ms
+        if idle < self.idle_ms:
+            return []
+        moved = self._stream_at_wall + idle
+        if self.stream_ms is None or moved > self.stream_ms:
+            self.stream_ms = moved
+        return self._close_due(self.stream_ms)
+
+    def _close_due(self, now_ms: int) -> list[Example]:
+        out: list[Example] = []
+        ends = self._ends
+        while ends and ends[0][0] <= now_ms:
+            _, decision_id = heapq.heappop(ends)
+            pending = self.pending.get(decision_id)
+            if pending is not None and pending.window_end_ms <= now_ms:
+                out.append(self._close(pending, False, pending.window_end_ms, "window"))
+        self._forget_closed(now_ms)
+        return out
+
+    # -- decisions and responses ---------------------------------------------
+
+    def decide(self, pending: Pending) -> list[Example]:
+        """Open a decision; returns the example of one evicted by the customer's budget."""
+        out: list[Example] = []
+        if pending.decision_id in self.pending or pending.decision_id in self._closed:
+            return out  # the same decision again (a replayed event): one is enough
+        ids = self._by_customer.setdefault(pending.customer_id, [])
+        while len(ids) >= self.max_pending:
+            oldest = self.pending[ids[0]]
+            self.counts["evicted"] += 1
+            out.append(self._close(oldest, False, pending.decided_ms, "evicted"))
+        ids.append(pending.decision_id)
+        self.pending[pending.decision_id] = pending
+        heapq.heappush(self._ends, (pending.window_end_ms, pending.decision_id))
+        out.extend(self.observe(pending.decided_ms))
+        return out
+
+    def respond(self, response: Response) -> tuple[str, Example | None]:
+        """Join one response: its result and, for a joined conversion, the example."""
+        pending = self.pending.get(response.decision_id)
+        if pending is None:
+            closed = self._closed.get(response.decision_id)
+            if closed is None:
+                result = "unknown"
+            elif response.outcome in closed.seen:
+                result = "duplicate"
+            else:
+                closed.seen.add(response.outcome)
+                result = "late"
+            self.counts[result] += 1
+            return result, None
+        if response.outcome in pending.seen:
+            self.counts["duplicate"] += 1
+            return "duplicate", None
+        pending.seen.add(response.outcome)
+        if response.timestamp_ms > pending.window_end_ms:
+            self.counts["late"] += 1
+            return "late", None
+        self.counts["joined"] += 1
+        if response.outcome == "conversion":
+            return "joined", self._close(pending, True, response.timestamp_ms, "conversion")
+        return "joined", None
+
+    def _close(self, pending: Pending, converted: bool, at_ms: int, why: str) -> Example:
+        del self.pending[pending.decision_id]
+        ids = self._by_customer[pending.customer_id]
+        ids.remove(pending.decision_id)
+        if not ids:
+            del self._by_customer[pending.customer_id]
+        self.counts["positive" if converted else "negative"] += 1
+        self._closed[pending.decision_id] = _Closed(pending.window_end_ms, pending.seen)
+        closed_ids = self._closed_by_customer.setdefault(pending.customer_id, [])
+        closed_ids.append(pending.decision_id)
+        forget = (pending.window_end_ms + self.closed_memory_ms, pending.customer_id)
+        heapq.heappush(self._forgets, (*forget, pending.decision_id))
+        if len(closed_ids) > self.max_closed:
+            self._closed.pop(closed_ids.pop(0), None)
+        return Example(
+            pending.decision_id, pending.offer_id, pending.features, converted, at_ms, why
+        )
+
+    def _forget_closed(self, now_ms: int) -> None:
+        forgets = self._forgets
+        while forgets and forgets[0][0] <= now_ms:
+            _, customer, decision_id = heapq.heappop(forgets)
+            if self._closed.pop(decision_id, None) is None:
+                continue  # already dropped by the customer's budget
+            ids = self._closed_by_customer.get(customer)
+            if ids is not None:
+                ids.remove(decision_id)
+                if not ids:
+                    del self._closed_by_customer[customer]
+
+    @property
+    def open_windows(self) -> int:
+        return len(self.pending)

@@ -1,0 +1,100 @@
+import json
+import random
+import statistics
+
+import pytest
+
+from rtim.learn.models import ModelParams, ModelSet, OfferModel
+
+FEATURES = ["moment.channel=web", "cart.value~7", "traits.plan=gold"]
+
+
+def trained(positives: int, negatives: int) -> OfferModel:
+    """A model that saw these examples, the positives spread evenly among them."""
+    model = OfferModel("o", ModelParams(beta=1.0, prior_probability=0.1, epsilon=0.0))
+    n = positives + negatives
+    for i in range(n):
+        model.learn(FEATURES, (i * positives) // n != ((i + 1) * positives) // n)
+    return model
+
+
+def draws(models: ModelSet, offer: str, n: int, seed: int = 1) -> list[float]:
+    rng = random.Random(seed)
+    return [models.score([(offer, FEATURES)], rng)[0].sampled for _ in range(n)]
+
+
+def test_draws_average_to_adpredictors_own_prediction():
+    models = ModelSet()
+    models.models["o"] = trained(30, 300)
+    samples = draws(models, "o", 20_000)
+    mean = models.models["o"].mean(FEATURES)
+    assert statistics.fmean(samples) == pytest.approx(mean, abs=0.01)
+    assert models.score([("o", FEATURES)], random.Random(1))[0].mean == pytest.approx(mean)
+
+
+def test_a_model_with_evidence_samples_near_its_mean():
+    models = ModelSet()
+    models.models["o"] = trained(200, 1800)
+    mean = models.models["o"].mean(FEATURES)
+    samples = draws(models, "o", 2000)
+    assert 0.07 < mean < 0.13
+    assert statistics.pstdev(samples) < 0.03
+    assert sum(abs(s - mean) < 0.05 for s in samples) > 0.95 * len(samples)
+
+
+def test_a_new_offer_is_explored_against_a_known_one():
+    # The known offer converts 10%; a new one, with its prior of 5%, still
+    # wins a fair share of draws because nothing is known about it.
+    models = ModelSet(ModelParams(beta=1.0, prior_probability=0.05, epsilon=0.0))
+    models.models["known"] = trained(200, 1800)
+    rng = random.Random(7)
+    wins = 0
+    for _ in range(2000):
+        known, new = models.score([("known", FEATURES), ("new", FEATURES)], rng)
+        wins += new.sampled > known.sampled
+    assert 0.1 * 2000 < wins < 0.6 * 2000
+
+
+def test_the_same_seed_gives_the_same_draws():
+    models = ModelSet()
+    models.models["o"] = trained(10, 90)
+    assert draws(models, "o", 50, seed=3) == draws(models, "o", 50, seed=3)
+    assert draws(models, "o", 50, seed=3) != draws(models, "o", 50, seed=4)
+
+
+def test_snapshot_round_trip_through_json_is_exact():
+    model = trained(17, 230)
+    back = OfferModel.from_snapshot(json.loads(json.dumps(model.snapshot())))
+    assert back.model.means == model.model.means
+    assert back.model.variances == model.model.variances
+    assert (back.examples, back.positives, back.version) == (247, 17, 247)
+    assert back.params == model.params
+    assert back.mean(FEATURES) == model.mean(FEATURES)
+    # and it goes on learning the same way
+    model.learn(FEATURES, True)
+    back.learn(FEATURES, True)
+    assert back.snapshot() == model.snapshot()
+
+
+def test_a_set_takes_only_newer_snapshots():
+    models = ModelSet()
+    newer = trained(5, 5)
+    assert models.swap(newer.snapshot())
+    assert not models.swap(trained(1, 1).snapshot())
+    assert models.models["o"].version == 10
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{}, {"format": 99}, {"format": 1, "offer": "o"}],
+)
+def test_a_broken_snapshot_is_refused(broken):
+    with pytest.raises(ValueError):
+        OfferModel.from_snapshot(broken)
+
+
+def test_a_weight_that_is_not_a_belief_is_refused():
+    snap = trained(1, 1).snapshot()
+    snap["weights"]["cart.value~7"] = [0.0, -1.0]
+    with pytest.raises(ValueError, match="not a valid belief"):
+        OfferModel.from_snapshot(snap)
