@@ -229,21 +229,23 @@ class FeatureBuilder:
                             append(f"{path}={cut}")
         return out
 
-    def for_offer(self, shared: list[str], ctx: Context, category: str | None) -> list[str]:
-        """The keys one candidate is scored on: the shared ones and its own."""
-        if not self._offer_entries:
-            return shared
-        out = shared.copy()
-        for entry in self._offer_entries:
-            # offer_affinity (the only per-offer encoding): an offer without a
+    def own(self, ctx: Context, category: str | None) -> tuple[str, ...]:
+        """The keys of one candidate offer, scored with the shared ones."""
+        if category is None or not self._offer_entries:
+            # offer_affinity is the only per-offer encoding: an offer without a
             # category has no affinity key at all.
-            if category is None:
-                continue
+            return ()
+        out = []
+        for entry in self._offer_entries:
             table = _lookup(ctx, entry.keys)
             value = table.get(category, 0.0) if isinstance(table, Mapping) else 0.0
             bucket = log2_bucket(value if _is_number(value) else 0.0, entry.options.get("max", 4))
             out.append(f"{entry.path}~{bucket}")
-        return out
+        return tuple(out)
+
+    def for_offer(self, shared: list[str], ctx: Context, category: str | None) -> list[str]:
+        """All the keys one candidate is scored on: the shared ones and its own."""
+        return [*shared, *self.own(ctx, category)]
 
 
 def explain(features: Sequence[str]) -> str:

@@ -30,7 +30,7 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from river.linear_model import AdPredictor
 
@@ -39,6 +39,8 @@ SNAPSHOT_FORMAT = 1
 #: AdPredictor's own key for its always-active bias weight.
 BIAS = "__bias__"
 _SQRT2 = math.sqrt(2.0)
+_LOW = 1e-12
+_HIGH = 1.0 - 1e-12
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +137,7 @@ class OfferModel:
         return model
 
 
-@dataclass(frozen=True, slots=True)
-class Score:
+class Score(NamedTuple):
     """One candidate's propensities: the Thompson draw and the mean (for reasons)."""
 
     offer_id: str
@@ -173,29 +174,41 @@ class ModelSet:
         self.get(offer_id).learn(features, converted)
 
     def score(
-        self, candidates: Iterable[tuple[str, Sequence[str]]], rng: random.Random
+        self,
+        shared: Sequence[str],
+        candidates: Iterable[tuple[str, Sequence[str]]],
+        rng: random.Random,
     ) -> list[Score]:
-        """Thompson-sample every candidate ``(offer id, features)`` of one decision.
+        """Thompson-sample every candidate of one decision in one pass.
 
-        Draws one normal per candidate, in candidate order, from ``rng``: the same
-        seed and candidates give the same draws.
+        Each candidate is ``(offer id, its own feature keys)``, scored on the
+        ``shared`` keys and its own. Draws one normal per candidate, in candidate
+        order, from ``rng``: the same seed and candidates give the same draws.
         """
         out = []
         gauss = rng.gauss
         erfc = math.erfc
         sqrt = math.sqrt
-        for offer_id, features in candidates:
-            model = self.get(offer_id)
-            if BIAS not in model.model.means:
-                model._ensure_bias(len(features))
-            means = model.model.means
-            variances = model.model.variances
-            beta = model.params.beta
+        models = self.models
+        n_shared = len(shared)
+        for offer_id, own in candidates:
+            model = models.get(offer_id)
+            if model is None:
+                model = self.get(offer_id)
+            ad = model.model
+            means = ad.means
+            if BIAS not in means:
+                model._ensure_bias(n_shared + len(own))
+            variances = ad.variances
+            beta = ad.beta
             total_mean = means[BIAS]
             total_var = variances[BIAS]
             get_mean = means.get
             get_var = variances.get
-            for f in features:
+            for f in shared:
+                total_mean += get_mean(f, 0.0)
+                total_var += get_var(f, 1.0)
+            for f in own:
                 total_mean += get_mean(f, 0.0)
                 total_var += get_var(f, 1.0)
             s = gauss(total_mean, sqrt(total_var))
@@ -205,8 +218,8 @@ class ModelSet:
             out.append(
                 Score(
                     offer_id,
-                    min(1.0 - 1e-12, max(1e-12, sampled)),
-                    min(1.0 - 1e-12, max(1e-12, mean)),
+                    _LOW if sampled < _LOW else _HIGH if sampled > _HIGH else sampled,
+                    _LOW if mean < _LOW else _HIGH if mean > _HIGH else mean,
                     model.version,
                 )
             )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from rtim.context.model import Context
 from rtim.learn.features import FeatureBuilder
@@ -22,14 +22,20 @@ from rtim.learn.models import ModelSet
 from rtim.offers.catalog import Offer
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """One scored candidate; ``features`` are the keys it was scored on."""
+
     offer: Offer
-    features: list[str]
+    shared: list[str]
+    own: tuple[str, ...]
     sampled: float
     mean: float
     score: float
     version: int
+
+    @property
+    def features(self) -> list[str]:
+        return [*self.shared, *self.own]
 
 
 def rank(
@@ -47,11 +53,21 @@ def rank(
     if not offers:
         return []
     shared = builder.shared(ctx, channel=channel, trigger=trigger, now_ms=now_ms)
-    per_offer = [builder.for_offer(shared, ctx, offer.category) for offer in offers]
-    scores = models.score(zip([o.id for o in offers], per_offer, strict=True), rng)
+    own_by_category: dict[str | None, tuple[str, ...]] = {}
+    owns = []
+    for offer in offers:
+        own = own_by_category.get(offer.category)
+        if own is None:
+            own = own_by_category[offer.category] = builder.own(ctx, offer.category)
+        owns.append(own)
+    scores = models.score(shared, zip([o.id for o in offers], owns, strict=True), rng)
     out = [
-        Candidate(o, f, s.sampled, s.mean, s.sampled * o.value * o.priority, s.version)
-        for o, f, s in zip(offers, per_offer, scores, strict=True)
+        Candidate(o, shared, own, s[1], s[2], s[1] * o.value * o.priority, s[3])
+        for o, own, s in zip(offers, owns, scores, strict=True)
     ]
-    out.sort(key=lambda c: c.score, reverse=True)
+    out.sort(key=_by_score, reverse=True)
     return out
+
+
+def _by_score(candidate: Candidate) -> float:
+    return candidate.score

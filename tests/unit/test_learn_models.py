@@ -20,7 +20,7 @@ def trained(positives: int, negatives: int) -> OfferModel:
 
 def draws(models: ModelSet, offer: str, n: int, seed: int = 1) -> list[float]:
     rng = random.Random(seed)
-    return [models.score([(offer, FEATURES)], rng)[0].sampled for _ in range(n)]
+    return [models.score(FEATURES, [(offer, ())], rng)[0].sampled for _ in range(n)]
 
 
 def test_draws_average_to_adpredictors_own_prediction():
@@ -29,7 +29,7 @@ def test_draws_average_to_adpredictors_own_prediction():
     samples = draws(models, "o", 20_000)
     mean = models.models["o"].mean(FEATURES)
     assert statistics.fmean(samples) == pytest.approx(mean, abs=0.01)
-    assert models.score([("o", FEATURES)], random.Random(1))[0].mean == pytest.approx(mean)
+    assert models.score(FEATURES, [("o", ())], random.Random(1))[0].mean == pytest.approx(mean)
 
 
 def test_a_model_with_evidence_samples_near_its_mean():
@@ -50,7 +50,7 @@ def test_a_new_offer_is_explored_against_a_known_one():
     rng = random.Random(7)
     wins = 0
     for _ in range(2000):
-        known, new = models.score([("known", FEATURES), ("new", FEATURES)], rng)
+        known, new = models.score(FEATURES, [("known", ()), ("new", ())], rng)
         wins += new.sampled > known.sampled
     assert 0.1 * 2000 < wins < 0.6 * 2000
 
