@@ -19,7 +19,8 @@ co-partitioned).
   windows still close when traffic stops.
 - Every response gets one join result: ``joined`` (an open decision's
   response, in its window), ``late`` (after the window ended, or after the
-  decision was closed), ``unknown`` (no such decision on this partition),
+  decision was closed), ``unknown`` (no such decision on this partition, or
+  one of another customer),
   ``duplicate`` (the same outcome for the same decision again). Only a joined
   conversion is learned; nothing is learned twice.
 
@@ -272,6 +273,10 @@ class Attributor:
     def respond(self, response: Response) -> tuple[str, Example | None]:
         """Join one response: its result and, for a joined conversion, the example."""
         pending = self.pending.get(response.decision_id)
+        if pending is not None and pending.customer_id != response.customer_id:
+            # Another customer's decision id: not theirs to convert.
+            self.counts["unknown"] += 1
+            return "unknown", None
         if pending is None:
             closed = self._closed.get(response.decision_id)
             if closed is None:

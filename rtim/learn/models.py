@@ -63,6 +63,9 @@ class ModelParams:
     beta: float = 5.0
     prior_probability: float = 0.2
     epsilon: float = 0.001
+    #: Scales the spread of the Thompson draw (1 is plain Thompson sampling;
+    #: less explores less, 0 always takes the mean).
+    exploration: float = 1.0
 
 
 class OfferModel:
@@ -111,6 +114,7 @@ class OfferModel:
                 "beta": self.params.beta,
                 "prior_probability": self.params.prior_probability,
                 "epsilon": self.params.epsilon,
+                "exploration": self.params.exploration,
             },
             "weights": {k: [means[k], variances[k]] for k in means},
         }
@@ -211,7 +215,7 @@ class ModelSet:
             for f in own:
                 total_mean += get_mean(f, 0.0)
                 total_var += get_var(f, 1.0)
-            s = gauss(total_mean, sqrt(total_var))
+            s = gauss(total_mean, sqrt(total_var) * model.params.exploration)
             # Phi(x) = erfc(-x / sqrt 2) / 2, clipped as AdPredictor clips.
             sampled = 0.5 * erfc(-s / (beta * _SQRT2))
             mean = 0.5 * erfc(-total_mean / (sqrt(total_var + beta * beta) * _SQRT2))

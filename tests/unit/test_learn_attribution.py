@@ -43,7 +43,9 @@ def test_a_response_for_a_decision_never_made_is_unknown():
     att = Attributor()
     att.decide(pending())
     assert att.respond(response("conversion", T0 + 5, decision_id="nope")) == ("unknown", None)
-    assert att.counts["unknown"] == 1
+    other = Response("d1", "c2", "conversion", T0 + 6)  # another customer's response
+    assert att.respond(other) == ("unknown", None)
+    assert att.counts["unknown"] == 2
     assert att.open_windows == 1
 
 

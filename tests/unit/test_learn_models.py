@@ -23,9 +23,10 @@ def draws(models: ModelSet, offer: str, n: int, seed: int = 1) -> list[float]:
     return [models.score(FEATURES, [(offer, ())], rng)[0].sampled for _ in range(n)]
 
 
-def test_draws_average_to_adpredictors_own_prediction():
-    models = ModelSet()
-    models.models["o"] = trained(30, 300)
+@pytest.mark.parametrize(("positives", "negatives"), [(0, 0), (3, 27), (30, 300)])
+def test_draws_average_to_adpredictors_own_prediction(positives, negatives):
+    models = ModelSet(ModelParams(beta=1.0, prior_probability=0.1, epsilon=0.0))
+    models.models["o"] = trained(positives, negatives)
     samples = draws(models, "o", 20_000)
     mean = models.models["o"].mean(FEATURES)
     assert statistics.fmean(samples) == pytest.approx(mean, abs=0.01)
