@@ -87,18 +87,19 @@ class OfferModel:
         if BIAS not in self.model.means:
             # AdPredictor sets its bias lazily from the size of the first active
             # set it sees (predict or learn); do the same through its public API.
-            self.model.predict_proba_one(dict.fromkeys(range(n_active), 1))
+            self.model.predict_proba_one(dict.fromkeys(range(n_active), 1))  # type: ignore[no-untyped-call]
 
     def learn(self, features: Sequence[str], converted: bool) -> None:
         """Learn one example: these features led (or did not lead) to a conversion."""
-        self.model.learn_one(dict.fromkeys(features, 1), bool(converted))
+        self.model.learn_one(dict.fromkeys(features, 1), bool(converted))  # type: ignore[no-untyped-call]
         self.examples += 1
         self.positives += 1 if converted else 0
         self.version += 1
 
     def mean(self, features: Sequence[str]) -> float:
         """The mean propensity (AdPredictor's prediction)."""
-        return float(self.model.predict_proba_one(dict.fromkeys(features, 1))[True])
+        proba = self.model.predict_proba_one(dict.fromkeys(features, 1))  # type: ignore[no-untyped-call]
+        return float(proba[True])
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-able dict of everything needed to rebuild this model exactly."""
