@@ -70,6 +70,17 @@ BATCH_RECORDS = Histogram(
 PUBLISH_RETRIES = Counter(
     "rtim_publish_retries_total", "Batches whose publish to Kafka failed and was retried."
 )
+BATCHES_FENCED = Counter(
+    "rtim_batches_fenced_total",
+    "Batches not stored because the group coordinator no longer counted this worker a "
+    "member of the generation that fetched them (stage: before_publish, after_publish).",
+    ["stage"],
+)
+CHANGELOG_STALE_RECORDS = Counter(
+    "rtim_changelog_stale_records_total",
+    "Changelog records skipped by table recovery: older than the context already stored "
+    "(a late write of a worker that had lost its partitions).",
+)
 CONSUMER_LAG = Gauge(
     "rtim_consumer_lag_records",
     "Records in the clickstream not yet processed, per partition (from fetch high watermarks).",
@@ -104,6 +115,8 @@ def start_at_zero(topic: str, channel_offers: Iterable[tuple[str, str]]) -> None
     """Create the series a worker will count into, at 0: its input topic and every
     (channel, offer) pair its catalog can trigger."""
     EVENTS_CONSUMED.labels(topic)
+    for stage in ("before_publish", "after_publish"):
+        BATCHES_FENCED.labels(stage)
     for channel, offer in channel_offers:
         TRIGGERS_SENT.labels(channel, offer)
 

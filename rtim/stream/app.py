@@ -28,7 +28,7 @@ from rtim.settings import Settings
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
 from rtim.stream.health import BrokerHealth
 from rtim.stream.publish import BatchPublisher, OutRecord
-from rtim.stream.store import ContextStore
+from rtim.stream.store import ContextStore, ContextTable
 
 log = logging.getLogger("rtim.stream")
 
@@ -172,10 +172,24 @@ class ClickstreamProcessor:
             for partition, items in result.updates.items()
             for key, value in items.items()
         ]
+        heal = self.store.to_heal(tp.partition for tp in batch.records)
+        out.extend(
+            OutRecord(self.changelog_topic, key, value, [], partition)
+            for partition, items in heal.items()
+            for key, value in items.items()
+            if key not in result.updates.get(partition, ())
+        )
         out.extend(OutRecord(t.topic, t.key, t.value, t.headers) for t in result.triggers)
         out.extend(OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in result.dead_letters)
         written = await self._publish(out, batch)
         if written is None or not self._current(batch):
+            self.engine.invalidate()
+            return
+        if not await self._still_member(batch, "after_publish"):
+            # Published, maybe after another owner's records: nothing of it is stored
+            # (the persisted changelog offset stays before them), and recovery reads
+            # these partitions again from the start, keeping the newest context per key.
+            self.store.distrust(result.updates)
             self.engine.invalidate()
             return
         published = time.perf_counter()
@@ -183,6 +197,7 @@ class ClickstreamProcessor:
         for partition, items in result.updates.items():
             self.store.write(partition, items, written[(self.changelog_topic, partition)])
         self.store.added(result.new_customers)
+        self.store.healed(heal)
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
         consumer = self.app.consumer
         assert isinstance(consumer, BatchConsumer)
@@ -198,6 +213,8 @@ class ClickstreamProcessor:
         delay = 0.2
         while True:
             try:
+                if not await self._still_member(batch, "before_publish"):
+                    return None
                 await self.publisher.start()
                 return await self.publisher.publish(out)
             except (TimeoutError, KafkaError, OSError) as exc:
@@ -207,6 +224,29 @@ class ClickstreamProcessor:
                 delay = min(delay * 2, 5.0)
                 if not self._current(batch):
                     return None
+
+    async def _still_member(self, batch: FetchedBatch, stage: str) -> bool:
+        """Whether the coordinator confirms, now, the membership that fetched ``batch``.
+
+        The fence against a worker that was paused or cut off past its session
+        timeout (docs/architecture.md, "Delivery guarantees"). False if it refused;
+        raises TimeoutError if it did not answer (before the publish, the batch is
+        retried; after it, :meth:`_handle` stores nothing).
+        """
+        consumer = self.app.consumer
+        assert isinstance(consumer, BatchConsumer)
+        member = await consumer.confirm_membership(batch.generation_id)
+        if member is None and stage == "before_publish":
+            raise TimeoutError("the group coordinator did not confirm this worker's membership")
+        if not member:
+            metrics.BATCHES_FENCED.labels(stage).inc()
+            log.warning(
+                "no longer a member of generation %d (%s): batch of %d records dropped",
+                batch.generation_id,
+                stage.replace("_", " "),
+                sum(len(r) for r in batch.records.values()),
+            )
+        return bool(member)
 
     @staticmethod
     def _observe(result: Any, n: int, started: float) -> None:
@@ -237,11 +277,15 @@ def create_app(settings: Settings) -> RtimApp:
         value_serializer="raw",
         partitions=settings.partitions,
     )
-    table = app.Table(
-        CONTEXT_TABLE,
-        key_type=bytes,  # bytes types make Faust use the "raw" codec (serialised by RTIM)
-        value_type=bytes,
-        partitions=settings.partitions,
+    table = app.tables.add(
+        ContextTable(  # app.Table(), with recovery that keeps the newest context
+            app,
+            name=CONTEXT_TABLE,
+            beacon=app.tables.beacon,
+            key_type=bytes,  # bytes types make Faust use the "raw" codec (serialised by RTIM)
+            value_type=bytes,
+            partitions=settings.partitions,
+        )
     )
     processor = ClickstreamProcessor(app, settings, table)
     broker = BrokerHealth(settings.kafka, client_id=f"{settings.app_id}-health", loop=app.loop)
