@@ -58,7 +58,8 @@ BATCH_SECONDS = Histogram(
 )
 BATCH_STAGE_SECONDS = Histogram(
     "rtim_batch_stage_seconds",
-    "Time per batch in each stage: core (decisioning), publish (until Kafka acks), store.",
+    "Time per batch in each stage: core (decisioning), publish (until Kafka acks), store; "
+    "fence (the membership checks before and after the publish, counted in publish too).",
     ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
@@ -108,7 +109,9 @@ BROKER_UP = Gauge(
 for _reason in (*REASONS, INTERNAL_ERROR):
     EVENTS_DEAD_LETTERED.labels(_reason)
 #: The stages of :data:`BATCH_STAGE_SECONDS`, one child each.
-BATCH_STAGES = {stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store")}
+BATCH_STAGES = {
+    stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store", "fence")
+}
 
 
 def start_at_zero(topic: str, channel_offers: Iterable[tuple[str, str]]) -> None:

@@ -235,7 +235,9 @@ class ClickstreamProcessor:
         """
         consumer = self.app.consumer
         assert isinstance(consumer, BatchConsumer)
+        asked = time.perf_counter()
         member = await consumer.confirm_membership(batch.generation_id)
+        metrics.BATCH_STAGES["fence"].observe(time.perf_counter() - asked)
         if member is None and stage == "before_publish":
             raise TimeoutError("the group coordinator did not confirm this worker's membership")
         if not member:

@@ -19,6 +19,8 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import orjson
+
 from rtim.simulate import JourneySimulator
 from rtim.stream.process import WorkerProcess
 
@@ -35,7 +37,7 @@ from .support import (
 
 NOW_MS = int(time.time() * 1000)
 #: Seconds B is away: well above the session timeout (TEST_ENV: 6 s).
-AWAY_S = 12.0
+AWAY_S = 9.0
 
 
 def events(n: int, seed: int, customers: int = 2_000) -> list[tuple[bytes, bytes]]:
@@ -70,15 +72,20 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, *ws: Work
         time.sleep(0.05)
 
 
-def stop_while_busy(worker: WorkerProcess, timeout: float = 30.0) -> None:
-    """SIGSTOP the worker while its main thread is running (not waiting on its event loop):
-    most likely in the middle of a batch, which it will carry on with when resumed."""
+def when_busy(worker: WorkerProcess, timeout: float = 30.0) -> None:
+    """Return once the worker's main thread is running (not waiting on its event loop):
+    most likely in the middle of a batch, which it will carry on with afterwards."""
     assert worker.proc is not None
     stat = Path(f"/proc/{worker.proc.pid}/stat")
     deadline = time.monotonic() + timeout
     while stat.read_text().rsplit(")", 1)[1].split()[0] != "R":
         assert time.monotonic() < deadline, "the worker never seemed busy"
-    os.kill(worker.proc.pid, signal.SIGSTOP)
+
+
+def signal_when_busy(worker: WorkerProcess, signum: int) -> None:
+    when_busy(worker)
+    assert worker.proc is not None
+    os.kill(worker.proc.pid, signum)
 
 
 def consumed(worker: WorkerProcess) -> float:
@@ -127,10 +134,11 @@ def check_every_context(
 
 
 def duplicate_triggers(bootstrap: str) -> int:
-    ids: Counter[bytes] = Counter()
-    for channel in ("email", "push", "sms", "web"):
+    """Triggers published more than once (same CloudEvent id), on every channel."""
+    ids: Counter[str] = Counter()
+    for channel in ("web", "app", "email", "call_centre", "sms", "push", "store"):
         for rec in asyncio.run(read_topic(bootstrap, f"rtim.triggers.{channel}")):
-            ids[dict(rec.headers).get("ce_id", rec.value)] += 1
+            ids[orjson.loads(rec.value)["id"]] += 1
     return sum(n - 1 for n in ids.values() if n > 1)
 
 
@@ -186,7 +194,7 @@ def test_paused_worker_does_not_overwrite_the_new_owner(kafka, workers) -> None:
         kafka.bootstrap,
         a,
         b,
-        lambda: stop_while_busy(b),
+        lambda: signal_when_busy(b, signal.SIGSTOP),
         lambda: os.kill(b.proc.pid, signal.SIGCONT),
     )
     assert a.stop() == 0
@@ -196,6 +204,10 @@ def test_paused_worker_does_not_overwrite_the_new_owner(kafka, workers) -> None:
 def test_worker_cut_off_does_not_overwrite_the_new_owner(proxied, tmp_path) -> None:
     broker, proxy = proxied
     started: list[WorkerProcess] = []
+
+    def cut_off() -> None:
+        when_busy(b)
+        proxy.isolate(b.proc.pid)
 
     def worker(name: str) -> WorkerProcess:
         w = WorkerProcess(
