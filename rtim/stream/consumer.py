@@ -234,9 +234,15 @@ class BatchConsumer(faust_aiokafka.Consumer):
         """
         thread = self._thread
         assert isinstance(thread, ConsumerThread)
-        result: bool | None = await thread.call_thread(
-            thread.confirm_membership, generation_id, self.fence_timeout
-        )
+        try:
+            # Bounded here too: the thread's method queue may be busy (a commit waiting
+            # for a coordinator) or stopped (shutdown).
+            async with asyncio.timeout(self.fence_timeout + 1.0):
+                result: bool | None = await thread.call_thread(
+                    thread.confirm_membership, generation_id, self.fence_timeout
+                )
+        except TimeoutError:
+            return None
         return result
 
     def route_batches(
