@@ -531,7 +531,7 @@ def format_report(report: BenchReport) -> str:
             "",
             f"RTIM worker, throughput phase: {prof.batches:,} batches of "
             f"{prof.records_per_batch:,.0f} records, {prof.cpu_cores:.2f} CPU cores busy;",
-            f"wall time per event: core {prof.core_us:.1f} us, publish {prof.publish_us:.1f} us, "
+            f"wall time per event: core {prof.core_us:.1f} us, publish {prof.publish_us:.1f} us "
             f"(of which membership checks {prof.fence_us:.1f} us), store {prof.store_us:.1f} us, "
             f"the rest (fetch, decode, ack, commit) {prof.other_us:.1f} us;",
             f"of all that, garbage collection {prof.gc_us:.1f} us",

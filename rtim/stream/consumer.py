@@ -221,6 +221,25 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     #: Seconds a membership check may wait for the coordinator's answer.
     fence_timeout: float = 5.0
+    #: (generation, monotonic time) of the last membership check the coordinator
+    #: accepted, the time taken before the request was even queued.
+    _confirmed: tuple[int, float] | None = None
+
+    def membership_lease(self, generation_id: int) -> bool:
+        """Whether a membership check of ``generation_id`` was accepted recently enough
+        that the coordinator cannot have dropped this worker since.
+
+        Kafka's coordinator drops a member no sooner than the session timeout after a
+        heartbeat it accepted, and a rebalance that starts later waits for it for the
+        rebalance timeout; the lease is half the shorter of the two. A pause (GC,
+        SIGSTOP) or a cut longer than that ends it: the next check asks again.
+        """
+        confirmed = self._confirmed
+        if confirmed is None or confirmed[0] != generation_id:
+            return False
+        conf = self.app.conf
+        lease = min(conf.broker_session_timeout, conf.broker_rebalance_timeout) / 2
+        return time.monotonic() - confirmed[1] < lease
 
     async def confirm_membership(self, generation_id: int) -> bool | None:
         """Whether the group coordinator still counts this worker a member of ``generation_id``.
@@ -234,6 +253,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         """
         thread = self._thread
         assert isinstance(thread, ConsumerThread)
+        asked = time.monotonic()
         try:
             # Bounded here too: the thread's method queue may be busy (a commit waiting
             # for a coordinator) or stopped (shutdown).
@@ -243,6 +263,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 )
         except TimeoutError:
             return None
+        if result:
+            self._confirmed = (generation_id, asked)
         return result
 
     def route_batches(

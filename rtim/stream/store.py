@@ -14,6 +14,7 @@ key (docs/architecture.md, "Zombie writers").
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ from faust.types import TP
 
 from rtim import metrics
 from rtim.context.model import context_version
+
+log = logging.getLogger(__name__)
 
 
 def _stored(store: Any, partition: int, key: bytes) -> bytes | None:
@@ -52,6 +55,19 @@ class ContextTable(faust.Table):
         super().__init__(*args, **kwargs)
         #: Per changelog partition, keys whose latest changelog record is stale.
         self.stale: dict[int, set[bytes]] = {}
+
+    async def on_rebalance(
+        self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0
+    ) -> None:
+        store: Any = self.data
+        if not isinstance(store, RocksDBStore):
+            # The memory store is rebuilt from the whole changelog at every assignment:
+            # from empty, so that a skipped record is one older than an earlier record
+            # (not merely older than what the last recovery left).
+            store.data.clear()
+            store._key_partition.clear()
+            self.stale.clear()
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
     def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
         data = self.data
@@ -83,6 +99,11 @@ class ContextTable(faust.Table):
             fresh.append(event)
         if skipped:
             metrics.CHANGELOG_STALE_RECORDS.inc(skipped)
+            log.warning(
+                "table recovery skipped %d changelog records older than the stored contexts "
+                "(written late by a worker that had lost its partitions)",
+                skipped,
+            )
         super().apply_changelog_batch(fresh)
 
 
@@ -120,16 +141,24 @@ class ContextStore:
         )
 
     def distrust(self, partitions: Iterable[int]) -> None:
-        """Make the next recovery of these partitions read their changelog from the start.
+        """Discard what is stored for these partitions: the next recovery rebuilds them
+        from the whole changelog.
 
         For partitions whose records this worker published without being sure it
-        still owned them: what it stored for them may miss another owner's records.
-        (A memory store recovers from the start anyway.)
+        still owned them: what it stored for them may miss another owner's records,
+        and its persisted offset may be past them. Rebuilt from empty, a record
+        recovery skips is one older than an earlier record of its key. (A memory store
+        is rebuilt from empty at every assignment: :meth:`ContextTable.on_rebalance`.)
         """
         store = self._store
         if self.durable:
             for partition in partitions:
-                store._db_for_partition(partition).delete(store.offset_key)
+                db = store._db_for_partition(partition)
+                batch = rocksdict.WriteBatch(raw_mode=True)
+                keys = db.keys()  # (iterating an Rdict yields pairs); the offset key too
+                for key in keys:
+                    batch.delete(key)
+                db.write(batch)
 
     def to_heal(self, partitions: Iterable[int]) -> dict[int, dict[bytes, bytes]]:
         """The stored contexts whose latest changelog record recovery found stale.

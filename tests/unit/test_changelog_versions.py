@@ -6,6 +6,7 @@ new owner's newer one; recovery must not bring the older one back.
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import orjson
@@ -77,3 +78,13 @@ def test_context_version_reads_src_of_any_stored_context() -> None:
     assert context_version(b'{"src":[2,9],"n":1}') == (2, 9)  # another field order
     assert context_version(b'{"traits":{"src":[1,9]},"src":null}') is None
     assert context_version(b"not json") is None
+
+
+def test_history_replayed_after_a_rebalance_is_not_counted_stale(table) -> None:
+    # The memory store is rebuilt from the whole changelog at every assignment.
+    table.apply_changelog_batch([event(b"c1", ctx(3), 0), event(b"c1", ctx(5), 1)])
+    before = stale_count()
+    asyncio.run(table.on_rebalance(set(), set(), set(), 2))
+    table.apply_changelog_batch([event(b"c1", ctx(3), 0), event(b"c1", ctx(5), 1)])
+    assert stale_count() == before
+    assert ContextStore(table).get(1, b"c1") == ctx(5)

@@ -183,13 +183,23 @@ GUARDED: dict[str, tuple[str, str]] = {
         "71863e3cd727aac2",
         "ContextTable.apply_changelog_batch hands it the records that are not stale",
     ),
+    "faust.tables.base:Collection.on_rebalance": (
+        "0812ad692171a8fd",
+        "ContextTable.on_rebalance empties a memory store, then calls it: check recovery "
+        "still rebuilds the memory store from the start of the changelog",
+    ),
+    "faust.stores.memory:Store.on_recovery_completed": (
+        "a00bef343e139602",
+        "ContextTable.on_rebalance clears the memory store's data and _key_partition",
+    ),
     "faust.app.base:App.Table": (
         "e49f205922bb5121",
         "create_app builds the ContextTable and adds it as App.Table does",
     ),
     "faust.stores.rocksdb:Store.persisted_offset": (
         "6f2e502fb86043a1",
-        "ContextStore.distrust deletes offset_key so that recovery reads from the start",
+        "ContextStore.distrust deletes every key of a partition, offset_key with them, so "
+        "that recovery reads from the start",
     ),
     # ContextStore (rtim/stream/store.py)
     "faust.stores.rocksdb:Store.apply_changelog_batch": (
