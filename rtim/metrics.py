@@ -79,8 +79,8 @@ BATCHES_FENCED = Counter(
 )
 CHANGELOG_STALE_RECORDS = Counter(
     "rtim_changelog_stale_records_total",
-    "Changelog records skipped by table recovery: older than the context already stored "
-    "(a late write of a worker that had lost its partitions).",
+    "Changelog records skipped by table recovery of a RocksDB store: older than the "
+    "context already stored (a late write of a worker that had lost its partitions).",
 )
 CONSUMER_LAG = Gauge(
     "rtim_consumer_lag_records",

@@ -125,6 +125,9 @@ class ClickstreamProcessor:
         self.publisher = BatchPublisher(settings.kafka, client_id=f"{settings.app_id}-publisher")
         self.changelog_topic = table.changelog_topic.get_topic_name()
         self._generation: int | None = None
+        #: A generation whose membership was not confirmed after a publish: its batches
+        #: are dropped until the rebalance asked for then (the store was discarded).
+        self._fenced_generation: int | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._gc_tuned = False
@@ -134,7 +137,11 @@ class ClickstreamProcessor:
         await self._idle.wait()
 
     def _current(self, batch: FetchedBatch) -> bool:
-        return batch.generation_id == self.app.consumer_generation_id and not self.app.should_stop
+        return (
+            batch.generation_id == self.app.consumer_generation_id
+            and batch.generation_id != self._fenced_generation
+            and not self.app.should_stop
+        )
 
     async def handle(self, batch: FetchedBatch) -> None:
         """Process one batch: core, publish, store, acknowledge."""
@@ -191,6 +198,8 @@ class ClickstreamProcessor:
             # these partitions again from the start, keeping the newest context per key.
             self.store.distrust(result.updates)
             self.engine.invalidate()
+            self._fenced_generation = batch.generation_id
+            await self._consumer().rejoin()  # if still a member, recover all the same
             return
         published = time.perf_counter()
         metrics.BATCH_STAGES["publish"].observe(published - core_done)
@@ -225,6 +234,11 @@ class ClickstreamProcessor:
                 if not self._current(batch):
                     return None
 
+    def _consumer(self) -> BatchConsumer:
+        consumer = self.app.consumer
+        assert isinstance(consumer, BatchConsumer)
+        return consumer
+
     async def _still_member(self, batch: FetchedBatch, stage: str) -> bool:
         """Whether the coordinator confirms, now, the membership that fetched ``batch``.
 
@@ -235,8 +249,7 @@ class ClickstreamProcessor:
         raises TimeoutError if it did not answer (before the publish, the batch is
         retried; after it, :meth:`_handle` stores nothing).
         """
-        consumer = self.app.consumer
-        assert isinstance(consumer, BatchConsumer)
+        consumer = self._consumer()
         if stage == "before_publish" and consumer.membership_lease(batch.generation_id):
             # The previous batch's check (after its publish) still holds; after it
             # is decided whether this batch is stored.

@@ -182,6 +182,10 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             return True
         return False if response.error_code in MEMBERSHIP_REFUSED else None
 
+    async def request_rejoin(self) -> None:
+        """Make the consumer rejoin its group (a rebalance, then table recovery)."""
+        self._ensure_consumer()._coordinator.request_rejoin()
+
     async def on_thread_stop(self) -> None:
         """Close the aiokafka consumer within ``close_timeout``, whatever the broker does.
 
@@ -263,9 +267,19 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 )
         except TimeoutError:
             return None
-        if result:
-            self._confirmed = (generation_id, asked)
+        self._confirmed = (generation_id, asked) if result else None
         return result
+
+    async def rejoin(self) -> None:
+        """Ask for a rebalance: every assigned table partition is then recovered again."""
+        self._confirmed = None
+        thread = self._thread
+        assert isinstance(thread, ConsumerThread)
+        try:
+            async with asyncio.timeout(self.fence_timeout):
+                await thread.call_thread(thread.request_rejoin)
+        except TimeoutError:  # the heartbeat that found this worker gone rejoins anyway
+            self.log.warning("could not ask for a rebalance within %.0f s", self.fence_timeout)
 
     def route_batches(
         self, topics: set[str], sink: BatchSink, wait_idle: Callable[[], Awaitable[None]]

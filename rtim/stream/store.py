@@ -56,19 +56,6 @@ class ContextTable(faust.Table):
         #: Per changelog partition, keys whose latest changelog record is stale.
         self.stale: dict[int, set[bytes]] = {}
 
-    async def on_rebalance(
-        self, assigned: Any, revoked: Any, newly_assigned: Any, generation_id: int = 0
-    ) -> None:
-        store: Any = self.data
-        if not isinstance(store, RocksDBStore):
-            # The memory store is rebuilt from the whole changelog at every assignment:
-            # from empty, so that a skipped record is one older than an earlier record
-            # (not merely older than what the last recovery left).
-            store.data.clear()
-            store._key_partition.clear()
-            self.stale.clear()
-        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
-
     def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
         data = self.data
         newest: dict[bytes, tuple[int, int] | None] = {}
@@ -97,7 +84,9 @@ class ContextTable(faust.Table):
             if stale:
                 stale.discard(key)
             fresh.append(event)
-        if skipped:
+        if skipped and isinstance(data, RocksDBStore):
+            # (A memory store is recovered again from where its last recovery stopped,
+            # which replays this worker's own writes since: older than what it holds.)
             metrics.CHANGELOG_STALE_RECORDS.inc(skipped)
             log.warning(
                 "table recovery skipped %d changelog records older than the stored contexts "
@@ -147,12 +136,18 @@ class ContextStore:
         For partitions whose records this worker published without being sure it
         still owned them: what it stored for them may miss another owner's records,
         and its persisted offset may be past them. Rebuilt from empty, a record
-        recovery skips is one older than an earlier record of its key. (A memory store
-        is rebuilt from empty at every assignment: :meth:`ContextTable.on_rebalance`.)
+        recovery skips is one older than an earlier record of its key. (The memory
+        store keeps what it has: without a persisted offset it is recovered from the
+        start or from where its last recovery stopped, and keeps the newest context.)
         """
         store = self._store
         if self.durable:
+            changelog = self.table.changelog_topic.get_topic_name()
+            # Faust's recovery resumes a partition it keeps from where it last read,
+            # unless a persisted offset says otherwise: make it read from the start.
+            read = self.table.app.tables.recovery.active_offsets
             for partition in partitions:
+                read.pop(TP(changelog, partition), None)
                 db = store._db_for_partition(partition)
                 batch = rocksdict.WriteBatch(raw_mode=True)
                 keys = db.keys()  # (iterating an Rdict yields pairs); the offset key too

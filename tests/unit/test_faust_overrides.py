@@ -183,14 +183,11 @@ GUARDED: dict[str, tuple[str, str]] = {
         "71863e3cd727aac2",
         "ContextTable.apply_changelog_batch hands it the records that are not stale",
     ),
-    "faust.tables.base:Collection.on_rebalance": (
-        "0812ad692171a8fd",
-        "ContextTable.on_rebalance empties a memory store, then calls it: check recovery "
-        "still rebuilds the memory store from the start of the changelog",
-    ),
-    "faust.stores.memory:Store.on_recovery_completed": (
-        "a00bef343e139602",
-        "ContextTable.on_rebalance clears the memory store's data and _key_partition",
+    "faust.tables.recovery:Recovery._add": (
+        "1584a197b11bf835",
+        "ContextStore.distrust pops Recovery.active_offsets so that a partition kept "
+        "across the rebalance is read from the start (no persisted offset): check _add "
+        "still takes the persisted offset, else what active_offsets holds",
     ),
     "faust.app.base:App.Table": (
         "e49f205922bb5121",
