@@ -206,8 +206,13 @@ def test_worker_cut_off_does_not_overwrite_the_new_owner(proxied, tmp_path) -> N
     started: list[WorkerProcess] = []
 
     def cut_off() -> None:
-        when_busy(b)
-        proxy.isolate(b.proc.pid)
+        # Frozen while its connections are cut, so that it is still in the middle of
+        # its batch when it finds itself cut off.
+        signal_when_busy(b, signal.SIGSTOP)
+        try:
+            proxy.isolate(b.proc.pid)
+        finally:
+            os.kill(b.proc.pid, signal.SIGCONT)
 
     def worker(name: str) -> WorkerProcess:
         w = WorkerProcess(
