@@ -137,6 +137,8 @@ class WorkerProfile:
     other_us: float
     #: CPU seconds the worker process used per wall second (1.0 = one core).
     cpu_cores: float
+    #: Of ``publish_us``, the membership checks (the zombie fence), microseconds.
+    fence_us: float = 0.0
     #: Time in the garbage collector per event (every thread stops), microseconds.
     gc_us: float = 0.0
 
@@ -165,6 +167,7 @@ def worker_profile(
         publish_us=publish,
         store_us=store,
         other_us=round(wall_s / events * 1e6 - core - publish - store, 1),
+        fence_us=per_event_us("fence"),
         cpu_cores=round(delta("process_cpu_seconds_total") / wall_s, 2),
         gc_us=round(
             sum(delta(f'rtim_gc_pause_seconds_sum{{generation="{g}"}}') for g in "012")
@@ -528,8 +531,8 @@ def format_report(report: BenchReport) -> str:
             "",
             f"RTIM worker, throughput phase: {prof.batches:,} batches of "
             f"{prof.records_per_batch:,.0f} records, {prof.cpu_cores:.2f} CPU cores busy;",
-            f"wall time per event: core {prof.core_us:.1f} us, publish {prof.publish_us:.1f} us, "
-            f"store {prof.store_us:.1f} us, "
+            f"wall time per event: core {prof.core_us:.1f} us, publish {prof.publish_us:.1f} us "
+            f"(of which membership checks {prof.fence_us:.1f} us), store {prof.store_us:.1f} us, "
             f"the rest (fetch, decode, ack, commit) {prof.other_us:.1f} us;",
             f"of all that, garbage collection {prof.gc_us:.1f} us",
         ]

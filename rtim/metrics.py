@@ -65,7 +65,8 @@ BATCH_SECONDS = Histogram(
 )
 BATCH_STAGE_SECONDS = Histogram(
     "rtim_batch_stage_seconds",
-    "Time per batch in each stage: core (decisioning), publish (until Kafka acks), store.",
+    "Time per batch in each stage: core (decisioning), publish (until Kafka acks), store; "
+    "fence (the membership checks before and after the publish, counted in publish too).",
     ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
@@ -81,6 +82,17 @@ RECORDS_REFUSED = Counter(
 )
 PUBLISH_RETRIES = Counter(
     "rtim_publish_retries_total", "Batches whose publish to Kafka failed and was retried."
+)
+BATCHES_FENCED = Counter(
+    "rtim_batches_fenced_total",
+    "Batches not stored because the group coordinator no longer counted this worker a "
+    "member of the generation that fetched them (stage: before_publish, after_publish).",
+    ["stage"],
+)
+CHANGELOG_STALE_RECORDS = Counter(
+    "rtim_changelog_stale_records_total",
+    "Changelog records skipped by table recovery of a RocksDB store: older than the "
+    "context already stored (a late write of a worker that had lost its partitions).",
 )
 CONSUMER_LAG = Gauge(
     "rtim_consumer_lag_records",
@@ -111,13 +123,17 @@ for _reason in (*REASONS, INTERNAL_ERROR):
 for _reason in REKEY_REASONS:
     EVENTS_REKEYED.labels(_reason)
 #: The stages of :data:`BATCH_STAGE_SECONDS`, one child each.
-BATCH_STAGES = {stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store")}
+BATCH_STAGES = {
+    stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store", "fence")
+}
 
 
 def start_at_zero(topic: str, channel_offers: Iterable[tuple[str, str]]) -> None:
     """Create the series a worker will count into, at 0: its input topic and every
     (channel, offer) pair its catalog can trigger."""
     EVENTS_CONSUMED.labels(topic)
+    for stage in ("before_publish", "after_publish"):
+        BATCHES_FENCED.labels(stage)
     for channel, offer in channel_offers:
         TRIGGERS_SENT.labels(channel, offer)
 

@@ -90,6 +90,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import math
+import re
 from typing import Any, TypeGuard
 
 import orjson
@@ -501,6 +502,33 @@ def load_context(raw: bytes, customer_id: str) -> tuple[Context, bool]:
     if type(ctx) is dict and ctx.get("v") == VERSION:
         return ctx, False
     return repair(ctx, customer_id), True
+
+
+#: A serialised context's last field (``src`` is written last): read without decoding.
+_SRC_TAIL = re.compile(rb'"src":(?:null|\[(\d+),(\d+)\])\}$')
+
+
+def context_version(raw: bytes) -> tuple[int, int] | None:
+    """The ``src`` of a stored context, ``(partition, offset)``: how far it was built.
+
+    Two contexts of one customer built from the same partition are ordered by it:
+    the one with the higher offset has every event the other has (table recovery
+    keeps it, whatever order the changelog has them in). None when no record was
+    applied yet or ``raw`` is not a context.
+
+    >>> context_version(b'{"n":2,"src":[3,41]}'), context_version(b'{"src":null}')
+    ((3, 41), None)
+    """
+    match = _SRC_TAIL.search(raw, max(0, len(raw) - 48))
+    if match is not None:
+        return (int(match[1]), int(match[2])) if match[1] is not None else None
+    try:  # written with another field order, or damaged
+        src = orjson.loads(raw).get("src")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if type(src) is list and len(src) == 2 and all(_is_int(x) and x >= 0 for x in src):
+        return src[0], src[1]
+    return None
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

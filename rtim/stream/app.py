@@ -29,7 +29,7 @@ from rtim.settings import Settings
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
 from rtim.stream.health import BrokerHealth
 from rtim.stream.publish import BatchPublisher, OutRecord
-from rtim.stream.store import ContextStore
+from rtim.stream.store import ContextStore, ContextTable
 
 log = logging.getLogger("rtim.stream")
 
@@ -133,6 +133,9 @@ class ClickstreamProcessor:
         )
         self.changelog_topic = table.changelog_topic.get_topic_name()
         self._generation: int | None = None
+        #: A generation whose membership was not confirmed after a publish: its batches
+        #: are dropped until the rebalance asked for then (the store was discarded).
+        self._fenced_generation: int | None = None
         self._idle = asyncio.Event()
         self._idle.set()
         self._gc_tuned = False
@@ -142,7 +145,11 @@ class ClickstreamProcessor:
         await self._idle.wait()
 
     def _current(self, batch: FetchedBatch) -> bool:
-        return batch.generation_id == self.app.consumer_generation_id and not self.app.should_stop
+        return (
+            batch.generation_id == self.app.consumer_generation_id
+            and batch.generation_id != self._fenced_generation
+            and not self.app.should_stop
+        )
 
     async def handle(self, batch: FetchedBatch) -> None:
         """Process one batch: core, publish, store, acknowledge."""
@@ -188,6 +195,14 @@ class ClickstreamProcessor:
             OutRecord(CLICKSTREAM_TOPIC, r.key, r.value, r.headers, r.partition)
             for r in result.rekeyed
         )
+        # Last (_dead_letter_refused reads the outputs above by their position).
+        heal = self.store.to_heal(tp.partition for tp in batch.records)
+        out.extend(
+            OutRecord(self.changelog_topic, key, value, [], partition)
+            for partition, items in heal.items()
+            for key, value in items.items()
+            if key not in result.updates.get(partition, ())
+        )
         written = await self._publish(out, batch)
         refused = written is not None and self.publisher.refused and self._current(batch)
         if refused and not await self._dead_letter_refused(run, result, out, batch):
@@ -195,12 +210,22 @@ class ClickstreamProcessor:
         if written is None or not self._current(batch):
             self.engine.invalidate()
             return
+        if not await self._still_member(batch, "after_publish"):
+            # Published, maybe after another owner's records: nothing of it is stored
+            # (the persisted changelog offset stays before them), and recovery reads
+            # these partitions again from the start, keeping the newest context per key.
+            self.store.distrust(result.updates)
+            self.engine.invalidate()
+            self._fenced_generation = batch.generation_id
+            await self._consumer().rejoin()  # if still a member, recover all the same
+            return
         published = time.perf_counter()
         metrics.BATCH_STAGES["publish"].observe(published - core_done)
         for partition, items in result.updates.items():
             if items:  # (none left if Kafka refused them all)
                 self.store.write(partition, items, written[(self.changelog_topic, partition)])
         self.store.added(result.new_customers)
+        self.store.healed(heal)
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
         consumer = self.app.consumer
         assert isinstance(consumer, BatchConsumer)
@@ -216,6 +241,8 @@ class ClickstreamProcessor:
         delay = 0.2
         while True:
             try:
+                if not await self._still_member(batch, "before_publish"):
+                    return None
                 await self.publisher.start()
                 return await self.publisher.publish(out)
             except (TimeoutError, KafkaError, OSError) as exc:
@@ -238,6 +265,7 @@ class ClickstreamProcessor:
         contexts = sum(len(items) for items in result.updates.values())
         triggers = contexts + len(result.triggers)
         letters_end = triggers + len(result.dead_letters)
+        rekeyed_end = letters_end + len(result.rekeyed)
         letters: list[DeadLetter] = []
         for index, exc in self.publisher.refused:
             rec = out[index]
@@ -254,8 +282,10 @@ class ClickstreamProcessor:
                     letters.append(run.refused(cause, exc))
             elif index < letters_end:
                 letters.append(without_value(result.dead_letters[index - triggers], exc))
-            else:
+            elif index < rekeyed_end:
                 letters.append(run.refused(result.rekeyed[index - letters_end].record, exc))
+            # else: a stored context published again to heal the changelog; it stays
+            # stored, and is published again with the partition's next batch.
         while letters:
             records = [OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in letters]
             if await self._publish(records, batch) is None:
@@ -269,6 +299,41 @@ class ClickstreamProcessor:
                     smaller.append(without_value(letters[index], exc))
             letters = smaller
         return True
+
+    def _consumer(self) -> BatchConsumer:
+        consumer = self.app.consumer
+        assert isinstance(consumer, BatchConsumer)
+        return consumer
+
+    async def _still_member(self, batch: FetchedBatch, stage: str) -> bool:
+        """Whether the coordinator confirms, now, the membership that fetched ``batch``.
+
+        The fence against a worker that was paused or cut off past its session
+        timeout (docs/architecture.md, "Zombie writers"). Before the publish, a recent
+        accepted check is enough (:meth:`BatchConsumer.membership_lease`); after it,
+        the coordinator is always asked. False if it refused;
+        raises TimeoutError if it did not answer (before the publish, the batch is
+        retried; after it, :meth:`_handle` stores nothing).
+        """
+        consumer = self._consumer()
+        if stage == "before_publish" and consumer.membership_lease(batch.generation_id):
+            # The previous batch's check (after its publish) still holds; after it
+            # is decided whether this batch is stored.
+            return True
+        asked = time.perf_counter()
+        member = await consumer.confirm_membership(batch.generation_id)
+        metrics.BATCH_STAGES["fence"].observe(time.perf_counter() - asked)
+        if member is None and stage == "before_publish":
+            raise TimeoutError("the group coordinator did not confirm this worker's membership")
+        if not member:
+            metrics.BATCHES_FENCED.labels(stage).inc()
+            log.warning(
+                "no longer a member of generation %d (%s): batch of %d records dropped",
+                batch.generation_id,
+                stage.replace("_", " "),
+                sum(len(r) for r in batch.records.values()),
+            )
+        return bool(member)
 
     @staticmethod
     def _observe(result: Any, n: int, started: float) -> None:
@@ -301,11 +366,15 @@ def create_app(settings: Settings) -> RtimApp:
         value_serializer="raw",
         partitions=settings.partitions,
     )
-    table = app.Table(
-        CONTEXT_TABLE,
-        key_type=bytes,  # bytes types make Faust use the "raw" codec (serialised by RTIM)
-        value_type=bytes,
-        partitions=settings.partitions,
+    table = app.tables.add(
+        ContextTable(  # app.Table(), with recovery that keeps the newest context
+            app,
+            name=CONTEXT_TABLE,
+            beacon=app.tables.beacon,
+            key_type=bytes,  # bytes types make Faust use the "raw" codec (serialised by RTIM)
+            value_type=bytes,
+            partitions=settings.partitions,
+        )
     )
     processor = ClickstreamProcessor(app, settings, table)
     broker = BrokerHealth(settings.kafka, client_id=f"{settings.app_id}-health", loop=app.loop)

@@ -37,7 +37,9 @@ that table recovery waits for a broker that went away), the aiokafka driver's
 ``QueueServiceThread.on_thread_stop``, then aiokafka's ``consumer.stop()`` bounded by
 :func:`~rtim.stream.endoffsets.stop_consumer`), and ``Transport.Consumer``; in
 rtim/stream/app.py ``App._new_transport``, in rtim/stream/worker.py
-``Worker._on_sigusr1`` and ``Worker._schedule_shutdown`` (wrapped).
+``Worker._on_sigusr1`` and ``Worker._schedule_shutdown`` (wrapped); in
+rtim/stream/store.py ``Collection.apply_changelog_batch`` (``ContextTable``: stale
+contexts filtered out, then Faust's), built in rtim/stream/app.py as ``App.Table`` does.
 
 Private state read or written, on Faust's consumer (created in its ``__init__``):
 
@@ -55,6 +57,9 @@ Private state read or written, on Faust's consumer (created in its ``__init__``)
 - ``_stopped`` (mode's service event), on the consumer and on the fetcher;
 - ``_thread`` and its ``_ensure_consumer()``: read by :meth:`partition_report`.
 
+On aiokafka's group coordinator (``AIOKafkaConsumer._coordinator``): ``generation``,
+``member_id``, ``group_id`` and ``_send_req``, by :meth:`ConsumerThread.confirm_membership`
+(the membership fence), which sends the same Heartbeat as ``_do_heartbeat``.
 On aiokafka's ``AIOKafkaConsumer``: ``_fetch_max_wait_ms`` (written by
 :class:`ConsumerThread` before ``start()`` builds the fetcher from it), and, read
 only by :meth:`partition_report`, ``_subscription.subscription.assignment`` and
@@ -64,7 +69,8 @@ when ``stop()`` fails). On ``AIOKafkaProducer`` (``BatchPublisher.stop``):
 liveness view in rtim/stream/app.py); mode's worker ``_signal_stop_time``,
 ``_signal_stop_future`` and its services' ``_children`` and ``state``
 (rtim/stream/worker.py, when a stop takes too long); in rtim/stream/store.py, the
-RocksDB store's ``_db_for_partition`` and ``_dbs``.
+RocksDB store's ``_db_for_partition``, ``_dbs`` and ``offset_key`` (deleted by
+``ContextStore.distrust``).
 
 What the copied code leaves out compared with Faust's:
 
@@ -93,12 +99,29 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    IllegalGenerationError,
+    KafkaError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
+)
+from aiokafka.protocol.group import HeartbeatRequest, JoinGroupRequest
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from rtim.settings import Settings
 from rtim.stream.endoffsets import EndOffsetProbe, stop_consumer
+
+UNKNOWN_MEMBER_ID = JoinGroupRequest.UNKNOWN_MEMBER_ID
+#: Heartbeat errors meaning "not a member of that generation (any more)".
+MEMBERSHIP_REFUSED = frozenset(
+    e.errno
+    for e in (
+        IllegalGenerationError,
+        UnknownMemberIdError,
+        RebalanceInProgressError,
+    )
+)
 
 
 def rtim_settings(app: Any) -> Settings:
@@ -137,6 +160,32 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = rtim_settings(self.app).fetch_max_wait_ms
         return consumer
 
+    async def confirm_membership(self, generation_id: int, timeout: float) -> bool | None:
+        """Ask the group coordinator whether this consumer is a member of ``generation_id``.
+
+        One Heartbeat of that generation, from this thread (the coordinator's state
+        lives here). True: accepted just now; False: refused (another generation,
+        unknown member, a rebalance in progress) or this consumer knows it is no longer
+        in that generation; None: no answer within ``timeout``.
+        """
+        coordinator = self._ensure_consumer()._coordinator
+        member_id = coordinator.member_id
+        if coordinator.generation != generation_id or member_id == UNKNOWN_MEMBER_ID:
+            return False
+        request = HeartbeatRequest(coordinator.group_id, generation_id, member_id)
+        try:
+            async with asyncio.timeout(timeout):
+                response = await coordinator._send_req(request)
+        except (KafkaError, TimeoutError, OSError):
+            return None
+        if response.error_code == 0:
+            return True
+        return False if response.error_code in MEMBERSHIP_REFUSED else None
+
+    async def request_rejoin(self) -> None:
+        """Make the consumer rejoin its group (a rebalance, then table recovery)."""
+        self._ensure_consumer()._coordinator.request_rejoin()
+
     async def on_thread_stop(self) -> None:
         """Close the aiokafka consumer within ``close_timeout``, whatever the broker does.
 
@@ -173,6 +222,64 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._idle_waiters = []
         self._hole_repairs = {}
         self._repairing = set()
+
+    #: Seconds a membership check may wait for the coordinator's answer.
+    fence_timeout: float = 5.0
+    #: (generation, monotonic time) of the last membership check the coordinator
+    #: accepted, the time taken before the request was even queued.
+    _confirmed: tuple[int, float] | None = None
+
+    def membership_lease(self, generation_id: int) -> bool:
+        """Whether a membership check of ``generation_id`` was accepted recently enough
+        that the coordinator cannot have dropped this worker since.
+
+        Kafka's coordinator drops a member no sooner than the session timeout after a
+        heartbeat it accepted, and a rebalance that starts later waits for it for the
+        rebalance timeout; the lease is half the shorter of the two. A pause (GC,
+        SIGSTOP) or a cut longer than that ends it: the next check asks again.
+        """
+        confirmed = self._confirmed
+        if confirmed is None or confirmed[0] != generation_id:
+            return False
+        conf = self.app.conf
+        lease = min(conf.broker_session_timeout, conf.broker_rebalance_timeout) / 2
+        return time.monotonic() - confirmed[1] < lease
+
+    async def confirm_membership(self, generation_id: int) -> bool | None:
+        """Whether the group coordinator still counts this worker a member of ``generation_id``.
+
+        A worker paused or cut off for longer than the session timeout is no longer a
+        member, and its partitions may already be another worker's, without the worker
+        knowing it yet (it learns it from its next heartbeat). Fetches need no
+        membership, so such a worker goes on fetching and processing; only the
+        coordinator's answer tells. True, False (refused) or None (no answer: see
+        :meth:`ConsumerThread.confirm_membership`).
+        """
+        thread = self._thread
+        assert isinstance(thread, ConsumerThread)
+        asked = time.monotonic()
+        try:
+            # Bounded here too: the thread's method queue may be busy (a commit waiting
+            # for a coordinator) or stopped (shutdown).
+            async with asyncio.timeout(self.fence_timeout + 1.0):
+                result: bool | None = await thread.call_thread(
+                    thread.confirm_membership, generation_id, self.fence_timeout
+                )
+        except TimeoutError:
+            return None
+        self._confirmed = (generation_id, asked) if result else None
+        return result
+
+    async def rejoin(self) -> None:
+        """Ask for a rebalance: every assigned table partition is then recovered again."""
+        self._confirmed = None
+        thread = self._thread
+        assert isinstance(thread, ConsumerThread)
+        try:
+            async with asyncio.timeout(self.fence_timeout):
+                await thread.call_thread(thread.request_rejoin)
+        except TimeoutError:  # the heartbeat that found this worker gone rejoins anyway
+            self.log.warning("could not ask for a rebalance within %.0f s", self.fence_timeout)
 
     def route_batches(
         self, topics: set[str], sink: BatchSink, wait_idle: Callable[[], Awaitable[None]]

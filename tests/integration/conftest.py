@@ -19,6 +19,7 @@ from rtim.settings import Settings
 from rtim.stream.process import WorkerProcess
 from rtim.stream.topics import create_topics, topic_specs
 
+from .proxy import TcpProxy
 from .support import PARTITIONS, TEST_ENV
 
 
@@ -29,6 +30,17 @@ def kafka(tmp_path: Path) -> Iterator[EmbeddedBroker]:
         settings = Settings(broker=started.bootstrap, partitions=PARTITIONS)
         asyncio.run(create_topics(started.bootstrap, topic_specs(settings)))
         yield started
+
+
+@pytest.fixture
+def proxied(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, TcpProxy]]:
+    """A broker that advertises a proxy in front of it, with RTIM's topics created."""
+    proxy = TcpProxy()
+    with proxy, EmbeddedBroker(log_path=tmp_path / "broker.log", advertise=proxy.address) as broker:
+        proxy.target = ("127.0.0.1", broker.port)
+        settings = Settings(broker=broker.bootstrap, partitions=PARTITIONS)
+        asyncio.run(create_topics(broker.bootstrap, topic_specs(settings)))
+        yield broker, proxy
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ timeouts); :meth:`TcpProxy.restore` undoes either.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from types import TracebackType
@@ -27,6 +28,32 @@ def _listen(port: int) -> socket.socket:
     return server
 
 
+def _process_of(port: int, proxy_port: int, pids: set[int]) -> int | None:
+    """Which of ``pids`` holds the client end (local ``port``) of a connection to the proxy.
+
+    Found as ``ss -p`` does: the socket's inode from /proc/net/tcp, then the
+    process whose file descriptors include that socket.
+    """
+    inode = None
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) == proxy_port:
+                inode = fields[9]
+                break
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                        return pid
+    return None
+
+
 class TcpProxy:
     """Forwards connections on a loopback port to ``target`` (set before the first one)."""
 
@@ -36,6 +63,8 @@ class TcpProxy:
         self.target: tuple[str, int] | None = None
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
+        self._peers: dict[socket.socket, int] = {}  # client socket -> its port
+        self._isolated: set[int] = set()  # processes cut off by isolate()
         self.accepted = 0
         self._flowing = threading.Event()
         self._flowing.set()
@@ -49,9 +78,12 @@ class TcpProxy:
     def _accept(self, server: socket.socket) -> None:
         while True:
             try:
-                client, _ = server.accept()
+                client, peer = server.accept()
             except OSError:  # closed by cut() or close()
                 return
+            if self._isolated and _process_of(peer[1], self.port, self._isolated):
+                client.close()
+                continue
             try:
                 assert self.target is not None, "set the proxy's target first"
                 upstream = socket.create_connection(self.target, timeout=5)
@@ -65,6 +97,7 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns.update((client, upstream))
+                self._peers[client] = peer[1]
                 self.accepted += 1
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
@@ -83,6 +116,7 @@ class TcpProxy:
         with self._lock:
             for sock in socks:
                 self._conns.discard(sock)
+                self._peers.pop(sock, None)
         for sock in socks:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -105,12 +139,26 @@ class TcpProxy:
             server.close()
         self._drop(*conns)
 
+    def isolate(self, pid: int) -> None:
+        """Cut one process off: close its connections and refuse its new ones.
+
+        Every client reaches the broker through the one address it advertises; the
+        connections are told apart by the process holding their client end.
+        """
+        self._isolated.add(pid)
+        with self._lock:
+            peers = list(self._peers.items())
+        for client, port in peers:
+            if _process_of(port, self.port, {pid}):
+                self._drop(client)  # its pipe threads then drop the upstream end
+
     def stall(self) -> None:
         """Forward nothing from now on, in either direction; connections stay open."""
         self._flowing.clear()
 
     def restore(self) -> None:
-        """Forward again, and listen again on the same port."""
+        """Forward again, listen again on the same port, and let isolated processes in."""
+        self._isolated.clear()
         self._flowing.set()
         with self._lock:
             if self._server is not None:

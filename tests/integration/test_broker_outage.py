@@ -20,12 +20,10 @@ from rtim.broker import EmbeddedBroker
 from rtim.settings import Settings
 from rtim.simulate import JourneySimulator
 from rtim.stream.process import WorkerProcess
-from rtim.stream.topics import create_topics, topic_specs
 
 from .proxy import TcpProxy
 from .support import (
     CHANGELOG,
-    PARTITIONS,
     TEST_ENV,
     expected_contexts,
     latest_values,
@@ -40,17 +38,6 @@ NOW_MS = int(time.time() * 1000)
 #: Log lines a worker may write during a 15 s outage: one per retry and the first
 #: of each kind of Kafka client error (it wrote about 77 a second).
 MAX_LOG_LINES_DURING_OUTAGE = 60
-
-
-@pytest.fixture
-def proxied(tmp_path: Path) -> Iterator[tuple[EmbeddedBroker, TcpProxy]]:
-    """A broker that advertises a proxy in front of it, with RTIM's topics created."""
-    proxy = TcpProxy()
-    with proxy, EmbeddedBroker(log_path=tmp_path / "broker.log", advertise=proxy.address) as broker:
-        proxy.target = ("127.0.0.1", broker.port)
-        settings = Settings(broker=broker.bootstrap, partitions=PARTITIONS)
-        asyncio.run(create_topics(broker.bootstrap, topic_specs(settings)))
-        yield broker, proxy
 
 
 @pytest.fixture

@@ -154,11 +154,56 @@ GUARDED: dict[str, tuple[str, str]] = {
         "46183ffb2553ce8e",
         "rtim.stream.worker.Worker._on_sigusr1 logs the partitions, then calls it",
     ),
+    # The membership fence (ConsumerThread.confirm_membership)
+    "aiokafka.consumer.group_coordinator:GroupCoordinator._do_heartbeat": (
+        "dc1d6632aaa68e96",
+        "ConsumerThread.confirm_membership sends the same HeartbeatRequest (group_id, "
+        "generation, member_id) and reads the same error codes as refusals",
+    ),
+    "aiokafka.consumer.group_coordinator:GroupCoordinator._send_req": (
+        "fa4b12e914ce9fcf",
+        "ConsumerThread.confirm_membership sends its Heartbeat with it",
+    ),
+    "aiokafka.consumer.group_coordinator:GroupCoordinator.reset_generation": (
+        "537aa37c531b4de9",
+        "ConsumerThread.confirm_membership reads generation and member_id (reset here "
+        "when the coordinator refuses this member)",
+    ),
+    "mode.threads:QueueServiceThread.call_thread": (
+        "479edda75b54734b",
+        "BatchConsumer.confirm_membership runs the check in the consumer's thread with it",
+    ),
+    # ContextTable (rtim/stream/store.py; built in rtim/stream/app.py as App.Table does)
+    "faust.tables.base:Collection.apply_changelog_batch": (
+        "b980a78d3ae9b1e8",
+        "ContextTable.apply_changelog_batch filters the batch (stale contexts out), then "
+        "calls it: check recovery still applies changelog records through it",
+    ),
+    "faust.stores.memory:Store.apply_changelog_batch": (
+        "71863e3cd727aac2",
+        "ContextTable.apply_changelog_batch hands it the records that are not stale",
+    ),
+    "faust.tables.recovery:Recovery._add": (
+        "1584a197b11bf835",
+        "ContextStore.distrust pops Recovery.active_offsets so that a partition kept "
+        "across the rebalance is read from the start (no persisted offset): check _add "
+        "still takes the persisted offset, else what active_offsets holds",
+    ),
+    "faust.app.base:App.Table": (
+        "e49f205922bb5121",
+        "create_app builds the ContextTable and adds it as App.Table does",
+    ),
+    "faust.stores.rocksdb:Store.persisted_offset": (
+        "6f2e502fb86043a1",
+        "ContextStore.distrust deletes every key of a partition, offset_key with them, so "
+        "that recovery reads from the start",
+    ),
     # ContextStore (rtim/stream/store.py)
     "faust.stores.rocksdb:Store.apply_changelog_batch": (
         "ea3344d369fc4ab5",
         "ContextStore.write does what it does for a batch (WriteBatch per partition, then "
-        "set_persisted_offset): keep the two in step",
+        "set_persisted_offset): keep the two in step; ContextTable.apply_changelog_batch "
+        "hands it the records that are not stale",
     ),
     "faust.stores.rocksdb:Store.set_persisted_offset": (
         "b4c811926678346e",
