@@ -268,8 +268,8 @@ def derive_channel(
        non-empty (analytics.js sends it on every call);
     4. ``server`` otherwise (server libraries send only ``context.library``).
 
-    ``screen`` is checked before ``context.page`` (the brief's order is the
-    other way) because a screen call is by definition made from an app.
+    ``screen`` is checked before ``context.page`` because a screen call is by
+    definition made from an app, whatever page context its SDK attached.
 
     Examples
     --------
