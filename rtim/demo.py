@@ -28,11 +28,10 @@ from aiokafka import AIOKafkaConsumer
 
 from rtim.broker import EmbeddedBroker
 from rtim.errors import ConfigError
-from rtim.names import TRIGGER_TOPIC_PREFIX
+from rtim.names import CLICKSTREAM_TOPIC, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX
 from rtim.settings import KafkaConnection, Settings, load_settings
 from rtim.simulate import JourneySimulator
 from rtim.simulate_kafka import produce_events
-from rtim.stream.app import CLICKSTREAM_TOPIC, DLQ_TOPIC
 from rtim.stream.process import WorkerProcess
 from rtim.stream.topics import create_topics, topic_specs
 

@@ -16,10 +16,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from rtim.engine import Engine, Record
-from rtim.names import changelog_topic
+from rtim.names import CLICKSTREAM_TOPIC, changelog_topic
 from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG, DEFAULTS
-from rtim.stream.app import CLICKSTREAM_TOPIC
 from rtim.stream.endoffsets import true_end_offsets
 from rtim.stream.process import WorkerProcess
 

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from rtim.bench import BenchReport, TooFewEvents, format_report, measure_until_committed, run_bench
 from rtim.broker import EmbeddedBroker
-from rtim.stream.app import CLICKSTREAM_TOPIC
+from rtim.names import CLICKSTREAM_TOPIC
 from rtim.stream.endoffsets import true_end_offsets
 
 from .support import PARTITIONS, produce

@@ -4,9 +4,9 @@ panel or an alert reads is already there at 0 (a panel shows 0, not "No data")."
 from __future__ import annotations
 
 from rtim.events import INTERNAL_ERROR, REASONS
+from rtim.names import CLICKSTREAM_TOPIC
 from rtim.offers.catalog import load_catalog
 from rtim.settings import DEFAULT_CATALOG
-from rtim.stream.app import CLICKSTREAM_TOPIC
 
 
 def test_a_fresh_worker_answers_its_probes_and_counts_from_zero(workers) -> None:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from faust.types import TP
 
+from rtim.names import CLICKSTREAM_TOPIC
 from rtim.settings import Settings
-from rtim.stream.app import CLICKSTREAM_TOPIC, create_app
+from rtim.stream.app import create_app
 from rtim.stream.consumer import BatchConsumer
 
 TP1 = TP(CLICKSTREAM_TOPIC, 1)
