@@ -227,8 +227,7 @@ class ClickstreamProcessor:
         self.store.added(result.new_customers)
         self.store.healed(heal)
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
-        consumer = self.app.consumer
-        assert isinstance(consumer, BatchConsumer)
+        consumer = self._consumer()
         for tp, tp_records in batch.records.items():
             consumer.ack_batch(tp, [r.offset for r in tp_records])
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
