@@ -133,7 +133,7 @@ class Worker(faust.Worker):
         except Exception as exc:  # read from another thread: a snapshot may fail
             waiting = f"unknown ({exc!r})"
         log.error(
-            "not stopped within %.0f s (RTIM_SHUTDOWN_TIMEOUT_S), exiting with code %d; "
+            "not stopped within %g s (RTIM_SHUTDOWN_TIMEOUT_S), exiting with code %d; "
             "still waiting for: %s",
             self.shutdown_timeout,
             EXIT_SHUTDOWN_TIMED_OUT,
