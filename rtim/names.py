@@ -13,6 +13,14 @@ CLICKSTREAM_TOPIC = "rtim.clickstream"
 DLQ_TOPIC = "rtim.dlq"
 #: Triggers go to ``rtim.triggers.<channel>``, one topic per offer channel.
 TRIGGER_TOPIC_PREFIX = "rtim.triggers."
+#: Decision records: every decision, its candidates and what it was scored on (by customer).
+DECISIONS_TOPIC = "rtim.decisions"
+#: Channel systems' responses to decisions (by customer; co-partitioned with the clickstream).
+RESPONSES_TOPIC = "rtim.responses"
+#: Closed decisions to learn from, keyed by offer id (:mod:`rtim.learn.attribution`).
+TRAINING_TOPIC = "rtim.training"
+#: Model snapshots, keyed by offer id (compacted where the broker compacts).
+MODELS_TOPIC = "rtim.models"
 #: The Faust table of customer contexts.
 CONTEXT_TABLE = "customers"
 

@@ -184,6 +184,51 @@ class Example:
     why: str  # "conversion", "window", "evicted"
 
 
+#: Format of a training record (:func:`encode_example`).
+EXAMPLE_FORMAT = 1
+
+
+def encode_example(example: Example) -> bytes:
+    """The value of a training record (``rtim.training``, keyed by the offer id).
+
+    >>> ex = Example("d1", "o1", ["a=1"], True, 5, "conversion")
+    >>> decode_example(encode_example(ex)) == ex
+    True
+    """
+    return orjson.dumps(
+        {
+            "format": EXAMPLE_FORMAT,
+            "decision_id": example.decision_id,
+            "offer_id": example.offer_id,
+            "features": list(example.features),
+            "converted": example.converted,
+            "closed_ms": example.closed_ms,
+            "why": example.why,
+        }
+    )
+
+
+def decode_example(raw: bytes) -> Example:
+    """A training record's example; raises ValueError if it is not one."""
+    try:
+        data = orjson.loads(raw)
+        if data["format"] != EXAMPLE_FORMAT:
+            raise ValueError(f"unknown example format {data['format']!r}")
+        features = data["features"]
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise ValueError("features must be a list of strings")
+        return Example(
+            str(data["decision_id"]),
+            str(data["offer_id"]),
+            features,
+            bool(data["converted"]),
+            int(data["closed_ms"]),
+            str(data["why"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a training example: {exc!r}") from None
+
+
 @dataclass(slots=True)
 class _Closed:
     window_end_ms: int

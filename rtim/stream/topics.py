@@ -15,7 +15,15 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from rtim.names import CLICKSTREAM_TOPIC, DLQ_TOPIC, trigger_topic
+from rtim.names import (
+    CLICKSTREAM_TOPIC,
+    DECISIONS_TOPIC,
+    DLQ_TOPIC,
+    MODELS_TOPIC,
+    RESPONSES_TOPIC,
+    TRAINING_TOPIC,
+    trigger_topic,
+)
 from rtim.offers.catalog import load_catalog
 from rtim.settings import KafkaConnection, Settings
 
@@ -25,7 +33,17 @@ _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # Kafka's own rule
 def topic_specs(settings: Settings) -> dict[str, int]:
     """The topics a worker reads and writes, with their partition counts."""
     channels = load_catalog(settings.catalog).channels
-    specs = {CLICKSTREAM_TOPIC: settings.partitions, DLQ_TOPIC: settings.partitions}
+    n = settings.partitions
+    specs = {
+        CLICKSTREAM_TOPIC: n,
+        # Co-partitioned with the clickstream: a customer's responses are joined by
+        # the worker that owns the customer's context and open decisions.
+        RESPONSES_TOPIC: n,
+        DLQ_TOPIC: n,
+        DECISIONS_TOPIC: n,
+        TRAINING_TOPIC: n,
+        MODELS_TOPIC: 1,
+    }
     specs.update({trigger_topic(c): settings.partitions for c in sorted(channels)})
     return specs
 
