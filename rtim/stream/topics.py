@@ -42,7 +42,7 @@ def topic_specs(settings: Settings) -> dict[str, int]:
         DLQ_TOPIC: n,
         DECISIONS_TOPIC: n,
         TRAINING_TOPIC: n,
-        MODELS_TOPIC: 1,
+        MODELS_TOPIC: n,
     }
     specs.update({trigger_topic(c): settings.partitions for c in sorted(channels)})
     return specs
