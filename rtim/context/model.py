@@ -45,6 +45,9 @@ Fields
 ``ids``           the message ids applied lately, 12 characters each (duplicate suppression)
 ``id_hours``      ``[hour, count, hour, count, ...]``: how many of ``ids`` are of each hour
 ``ids_ms``        the event time before which message ids may have been forgotten
+``pending``       open decisions: ``[decision id, offer id, features, decided ms, window end ms,
+                  outcomes seen]``, oldest first (:mod:`rtim.learn.attribution`)
+``closed``        decisions closed lately: ``[decision id, window end ms, outcomes seen]``
 ``src``           ``[partition, offset]`` of the last clickstream record applied
 
 Duplicate suppression
@@ -97,10 +100,11 @@ import orjson
 
 from rtim.events import Event, InvalidEvent
 from rtim.events.segment import CHANNELS, EVENT_TYPES
+from rtim.learn.attribution import MAX_CLOSED_PER_CUSTOMER, MAX_PENDING_PER_CUSTOMER
 from rtim.settings import DEFAULTS
 
 #: Shape version, stored in ``v``; contexts stored without it are repaired on load.
-VERSION = 2
+VERSION = 3
 #: Event and page names counted; names longer than ``MAX_NAME_CHARS`` are not counted.
 MAX_NAMES = 48
 MAX_NAME_CHARS = 64
@@ -113,6 +117,9 @@ MAX_PRODUCT_ID_CHARS = 64
 #: Categories with an affinity; names cut to ``MAX_CATEGORY_CHARS``.
 MAX_CATEGORIES = 16
 MAX_CATEGORY_CHARS = 64
+#: Open decisions and lately closed ones kept per customer (the join's budgets).
+MAX_PENDING = MAX_PENDING_PER_CUSTOMER
+MAX_CLOSED = MAX_CLOSED_PER_CUSTOMER
 #: Kept trait strings are cut to this length.
 MAX_TRAIT_CHARS = 64
 #: Message ids remembered per customer (duplicate suppression), 12 bytes each.
@@ -174,6 +181,8 @@ def new_context(customer_id: str) -> Context:
         "ids": "",
         "id_hours": [],
         "ids_ms": None,
+        "pending": [],
+        "closed": [],
         "src": None,
     }
 
@@ -647,7 +656,40 @@ def repair(stored: Any, customer_id: str) -> Context:
         ctx["ids_ms"] = max(ctx["ids_ms"] or 0, ctx["last_ms"] + 1)
     if ctx["id_hours"]:
         _forget(ctx, -(2**62))  # within the budget
+    ctx["pending"] = [p for p in _list(get("pending")) if _is_pending(p)][-MAX_PENDING:]
+    ctx["closed"] = [c for c in _list(get("closed")) if _is_closed(c)][-MAX_CLOSED:]
     src = get("src")
     if type(src) is list and len(src) == 2 and all(_is_int(x) and x >= 0 for x in src):
         ctx["src"] = list(src)
     return ctx
+
+
+def _list(value: Any) -> list[Any]:
+    return value if type(value) is list else []
+
+
+def _strings(value: Any, limit: int) -> bool:
+    return type(value) is list and len(value) <= limit and all(type(x) is str for x in value)
+
+
+def _is_pending(p: Any) -> bool:
+    return (
+        type(p) is list
+        and len(p) == 6
+        and type(p[0]) is str
+        and type(p[1]) is str
+        and _strings(p[2], 4 * MAX_NAMES)
+        and _is_int(p[3])
+        and _is_int(p[4])
+        and _strings(p[5], 4)
+    )
+
+
+def _is_closed(c: Any) -> bool:
+    return (
+        type(c) is list
+        and len(c) == 3
+        and type(c[0]) is str
+        and _is_int(c[1])
+        and _strings(c[2], 4)
+    )

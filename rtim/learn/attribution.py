@@ -64,8 +64,8 @@ RESPONSE_REASONS = (
 )
 MAX_RESPONSE_BYTES = 4096
 MAX_ID_CHARS = 256
-MAX_PENDING_PER_CUSTOMER = 32
-MAX_CLOSED_PER_CUSTOMER = 64
+MAX_PENDING_PER_CUSTOMER = 16
+MAX_CLOSED_PER_CUSTOMER = 32
 CLOSED_MEMORY_MS = 24 * 3600 * 1000
 #: Default attribution window (event time) when an offer sets none.
 DEFAULT_WINDOW_MS = 24 * 3600 * 1000
@@ -229,14 +229,159 @@ def decode_example(raw: bytes) -> Example:
         raise ValueError(f"not a training example: {exc!r}") from None
 
 
-@dataclass(slots=True)
-class _Closed:
-    window_end_ms: int
-    seen: set[str]
+# -- the join, on one customer's state ---------------------------------------
+#
+# A customer's open and recently closed decisions are kept in their durable
+# context (``pending`` and ``closed``, plain JSON lists), so that the join
+# survives restarts and rebalances with the context itself, and holds on
+# whichever worker owns the customer:
+#
+#   pending: [[decision id, offer id, features, decided ms, window end ms, outcomes seen], ...]
+#   closed:  [[decision id, window end ms, outcomes seen], ...]
+#
+# both oldest first. The functions below are the one implementation of the
+# join; :class:`Attributor` runs them over customers held in memory (the
+# offline evaluation), the engine over customer contexts.
+
+_ID, _OFFER, _FEATURES, _DECIDED, _END, _SEEN = range(6)
+
+
+def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> list[Example]:
+    """Open a decision in a customer's state; returns the examples of the
+    decisions its budget evicts (closed at once as negatives, ``evicted``)."""
+    out: list[Example] = []
+    opened = state["pending"]
+    decision_id = pending.decision_id
+    if any(p[_ID] == decision_id for p in opened) or any(
+        c[0] == decision_id for c in state["closed"]
+    ):
+        return out  # the same decision again (a replayed event): one is enough
+    while len(opened) >= max_pending:
+        out.append(_close(state, opened[0], False, pending.decided_ms, "evicted"))
+    opened.append(
+        [
+            decision_id,
+            pending.offer_id,
+            list(pending.features),
+            pending.decided_ms,
+            pending.window_end_ms,
+            sorted(pending.seen),
+        ]
+    )
+    return out
+
+
+def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Example | None]:
+    """Join one response to the customer's decisions: its result (one of
+    :data:`JOIN_RESULTS`) and, for a joined conversion, the positive example."""
+    if state is None:
+        return "unknown", None
+    decision_id = response.decision_id
+    for p in state["pending"]:
+        if p[_ID] == decision_id:
+            seen = p[_SEEN]
+            if response.outcome in seen:
+                return "duplicate", None
+            seen.append(response.outcome)
+            if response.timestamp_ms > p[_END]:
+                return "late", None
+            if response.outcome == "conversion":
+                return "joined", _close(state, p, True, response.timestamp_ms, "conversion")
+            return "joined", None
+    for c in state["closed"]:
+        if c[0] == decision_id:
+            if response.outcome in c[2]:
+                return "duplicate", None
+            c[2].append(response.outcome)
+            return "late", None
+    return "unknown", None
+
+
+def close_due(
+    state: dict[str, Any],
+    now_ms: int,
+    *,
+    max_closed: int = MAX_CLOSED_PER_CUSTOMER,
+    closed_memory_ms: int = CLOSED_MEMORY_MS,
+) -> list[Example]:
+    """Close the customer's decisions whose window ended by ``now_ms`` (stream
+    time) as negatives, and forget closed ones past their memory."""
+    out = [
+        _close(state, p, False, p[_END], "window", max_closed)
+        for p in [p for p in state["pending"] if p[_END] <= now_ms]
+    ]
+    closed = state["closed"]
+    if closed and closed[0][1] + closed_memory_ms <= now_ms:
+        state["closed"] = [c for c in closed if c[1] + closed_memory_ms > now_ms]
+    return out
+
+
+def next_window_end(state: dict[str, Any]) -> int | None:
+    """When the customer's first open window ends (None: nothing open)."""
+    ends = [p[_END] for p in state["pending"]]
+    return min(ends) if ends else None
+
+
+def _close(
+    state: dict[str, Any],
+    p: list[Any],
+    converted: bool,
+    at_ms: int,
+    why: str,
+    max_closed: int = MAX_CLOSED_PER_CUSTOMER,
+) -> Example:
+    state["pending"].remove(p)
+    closed = state["closed"]
+    closed.append([p[_ID], p[_END], p[_SEEN]])
+    if len(closed) > max_closed:
+        del closed[: len(closed) - max_closed]
+    return Example(p[_ID], p[_OFFER], p[_FEATURES], converted, at_ms, why)
+
+
+class StreamClock:
+    """A partition's stream time: the highest event time seen on it, moved on
+    by wall-clock time while the partition receives nothing for ``idle_ms``."""
+
+    __slots__ = ("_stream_at_wall", "_wall_ms", "idle_ms", "stream_ms")
+
+    def __init__(self, idle_ms: int = DEFAULT_IDLE_MS) -> None:
+        self.idle_ms = idle_ms
+        self.stream_ms: int | None = None
+        self._wall_ms: int | None = None  # wall-clock time of the latest record
+        self._stream_at_wall: int | None = None
+
+    def observe(self, event_ms: int, wall_ms: int | None = None) -> int:
+        """A record stamped ``event_ms`` arrived (at ``wall_ms``); the stream time."""
+        if self.stream_ms is None or event_ms > self.stream_ms:
+            self.stream_ms = event_ms
+        if wall_ms is not None:
+            self._wall_ms = wall_ms
+            self._stream_at_wall = self.stream_ms
+        return self.stream_ms
+
+    def tick(self, wall_ms: int) -> int | None:
+        """Wall-clock time passes: the stream time if it moved, else None."""
+        if self._wall_ms is None or self._stream_at_wall is None:
+            return None
+        idle = wall_ms - self._wall_ms
+        if idle < self.idle_ms:
+            return None
+        moved = self._stream_at_wall + idle
+        if self.stream_ms is not None and moved <= self.stream_ms:
+            return None
+        self.stream_ms = moved
+        return moved
+
+
+def new_state() -> dict[str, Any]:
+    """A customer's empty join state (the engine keeps it in the context)."""
+    return {"pending": [], "closed": []}
 
 
 class Attributor:
-    """The open decisions of one partition, its stream time, and the join."""
+    """The open decisions of one partition's customers in memory, its stream
+    time, and the join (the offline evaluation; the worker keeps the same
+    state in each customer's context)."""
 
     def __init__(
         self,
@@ -246,135 +391,79 @@ class Attributor:
         max_closed: int = MAX_CLOSED_PER_CUSTOMER,
         closed_memory_ms: int = CLOSED_MEMORY_MS,
     ) -> None:
-        self.idle_ms = idle_ms
         self.max_pending = max_pending
         self.max_closed = max_closed
         self.closed_memory_ms = closed_memory_ms
-        self.stream_ms: int | None = None
-        self._wall_ms: int | None = None  # wall-clock time of the latest record
-        self._stream_at_wall: int | None = None
-        self.pending: dict[str, Pending] = {}
-        self._by_customer: dict[str, list[str]] = {}
-        self._closed: dict[str, _Closed] = {}
-        self._closed_by_customer: dict[str, list[str]] = {}
-        self._ends: list[tuple[int, str]] = []  # heap of (window end, decision id)
-        self._forgets: list[tuple[int, str, str]] = []  # (forget at, customer, decision id)
+        self.clock = StreamClock(idle_ms)
+        self.customers: dict[str, dict[str, Any]] = {}
+        self._ends: list[tuple[int, str]] = []  # heap of (window end, customer)
         self.counts: dict[str, int] = dict.fromkeys(
             (*JOIN_RESULTS, "positive", "negative", "evicted"), 0
         )
 
-    # -- time ---------------------------------------------------------------
+    @property
+    def stream_ms(self) -> int | None:
+        return self.clock.stream_ms
 
     def observe(self, event_ms: int, wall_ms: int | None = None) -> list[Example]:
         """A record stamped ``event_ms`` arrived (at ``wall_ms``); close what is due."""
-        if self.stream_ms is None or event_ms > self.stream_ms:
-            self.stream_ms = event_ms
-        if wall_ms is not None:
-            self._wall_ms = wall_ms
-            self._stream_at_wall = self.stream_ms
-        return self._close_due(self.stream_ms)
+        return self._close_due(self.clock.observe(event_ms, wall_ms))
 
     def tick(self, wall_ms: int) -> list[Example]:
         """Wall-clock time passes; an idle partition's stream time moves with it."""
-        if self._wall_ms is None or self._stream_at_wall is None:
-            return []
-        idle = wall_ms - self._wall_ms
-        if idle < self.idle_ms:
-            return []
-        moved = self._stream_at_wall + idle
-        if self.stream_ms is None or moved > self.stream_ms:
-            self.stream_ms = moved
-        return self._close_due(self.stream_ms)
+        moved = self.clock.tick(wall_ms)
+        return [] if moved is None else self._close_due(moved)
 
     def _close_due(self, now_ms: int) -> list[Example]:
         out: list[Example] = []
         ends = self._ends
         while ends and ends[0][0] <= now_ms:
-            _, decision_id = heapq.heappop(ends)
-            pending = self.pending.get(decision_id)
-            if pending is not None and pending.window_end_ms <= now_ms:
-                out.append(self._close(pending, False, pending.window_end_ms, "window"))
-        self._forget_closed(now_ms)
+            _, customer = heapq.heappop(ends)
+            state = self.customers.get(customer)
+            if state is not None:
+                out.extend(self._count(self._due(state, now_ms)))
+                self._schedule(customer, state)
         return out
 
-    # -- decisions and responses ---------------------------------------------
+    def _due(self, state: dict[str, Any], now_ms: int) -> list[Example]:
+        return close_due(
+            state, now_ms, max_closed=self.max_closed, closed_memory_ms=self.closed_memory_ms
+        )
+
+    def _schedule(self, customer: str, state: dict[str, Any]) -> None:
+        end = next_window_end(state)
+        if end is not None:
+            heapq.heappush(self._ends, (end, customer))
+        elif state["closed"]:
+            heapq.heappush(self._ends, (state["closed"][0][1] + self.closed_memory_ms, customer))
+        else:
+            del self.customers[customer]
+
+    def _count(self, examples: list[Example]) -> list[Example]:
+        for ex in examples:
+            self.counts["positive" if ex.converted else "negative"] += 1
+            if ex.why == "evicted":
+                self.counts["evicted"] += 1
+        return examples
 
     def decide(self, pending: Pending) -> list[Example]:
         """Open a decision; returns the example of one evicted by the customer's budget."""
-        out: list[Example] = []
-        if pending.decision_id in self.pending or pending.decision_id in self._closed:
-            return out  # the same decision again (a replayed event): one is enough
-        ids = self._by_customer.setdefault(pending.customer_id, [])
-        while len(ids) >= self.max_pending:
-            oldest = self.pending[ids[0]]
-            self.counts["evicted"] += 1
-            out.append(self._close(oldest, False, pending.decided_ms, "evicted"))
-        ids.append(pending.decision_id)
-        self.pending[pending.decision_id] = pending
-        heapq.heappush(self._ends, (pending.window_end_ms, pending.decision_id))
+        state = self.customers.get(pending.customer_id)
+        if state is None:
+            state = self.customers[pending.customer_id] = new_state()
+        out = self._count(open_decision(state, pending, self.max_pending))
+        heapq.heappush(self._ends, (pending.window_end_ms, pending.customer_id))
         out.extend(self.observe(pending.decided_ms))
         return out
 
     def respond(self, response: Response) -> tuple[str, Example | None]:
         """Join one response: its result and, for a joined conversion, the example."""
-        pending = self.pending.get(response.decision_id)
-        if pending is not None and pending.customer_id != response.customer_id:
-            # Another customer's decision id: not theirs to convert.
-            self.counts["unknown"] += 1
-            return "unknown", None
-        if pending is None:
-            closed = self._closed.get(response.decision_id)
-            if closed is None:
-                result = "unknown"
-            elif response.outcome in closed.seen:
-                result = "duplicate"
-            else:
-                closed.seen.add(response.outcome)
-                result = "late"
-            self.counts[result] += 1
-            return result, None
-        if response.outcome in pending.seen:
-            self.counts["duplicate"] += 1
-            return "duplicate", None
-        pending.seen.add(response.outcome)
-        if response.timestamp_ms > pending.window_end_ms:
-            self.counts["late"] += 1
-            return "late", None
-        self.counts["joined"] += 1
-        if response.outcome == "conversion":
-            return "joined", self._close(pending, True, response.timestamp_ms, "conversion")
-        return "joined", None
-
-    def _close(self, pending: Pending, converted: bool, at_ms: int, why: str) -> Example:
-        del self.pending[pending.decision_id]
-        ids = self._by_customer[pending.customer_id]
-        ids.remove(pending.decision_id)
-        if not ids:
-            del self._by_customer[pending.customer_id]
-        self.counts["positive" if converted else "negative"] += 1
-        self._closed[pending.decision_id] = _Closed(pending.window_end_ms, pending.seen)
-        closed_ids = self._closed_by_customer.setdefault(pending.customer_id, [])
-        closed_ids.append(pending.decision_id)
-        forget = (pending.window_end_ms + self.closed_memory_ms, pending.customer_id)
-        heapq.heappush(self._forgets, (*forget, pending.decision_id))
-        if len(closed_ids) > self.max_closed:
-            self._closed.pop(closed_ids.pop(0), None)
-        return Example(
-            pending.decision_id, pending.offer_id, pending.features, converted, at_ms, why
-        )
-
-    def _forget_closed(self, now_ms: int) -> None:
-        forgets = self._forgets
-        while forgets and forgets[0][0] <= now_ms:
-            _, customer, decision_id = heapq.heappop(forgets)
-            if self._closed.pop(decision_id, None) is None:
-                continue  # already dropped by the customer's budget
-            ids = self._closed_by_customer.get(customer)
-            if ids is not None:
-                ids.remove(decision_id)
-                if not ids:
-                    del self._closed_by_customer[customer]
+        result, example = respond(self.customers.get(response.customer_id), response)
+        self.counts[result] += 1
+        if example is not None:
+            self._count([example])
+        return result, example
 
     @property
     def open_windows(self) -> int:
-        return len(self.pending)
+        return sum(len(state["pending"]) for state in self.customers.values())
