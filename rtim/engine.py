@@ -46,7 +46,10 @@ Examples
 
 from __future__ import annotations
 
+import heapq
 import math
+import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -65,14 +68,34 @@ from rtim.context.model import (
     load_context,
     new_context,
 )
-from rtim.decide.arbitrate import decide
+from rtim.decide.arbitrate import Decision, decide
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
-from rtim.decide.scoring import PropensityModel
+from rtim.decide.record import encode_record
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, error_reason, parse_event
-from rtim.names import trigger_topic
+from rtim.learn.attribution import (
+    DEFAULT_IDLE_MS,
+    MAX_PENDING_PER_CUSTOMER,
+    Example,
+    InvalidResponse,
+    Pending,
+    StreamClock,
+    close_due,
+    next_window_end,
+    open_decision,
+    parse_response,
+    respond,
+)
+from rtim.learn.features import FeatureBuilder
+from rtim.learn.models import ModelSet
+from rtim.names import CLICKSTREAM_TOPIC, RESPONSES_TOPIC, trigger_topic
 from rtim.offers.catalog import Catalog
 from rtim.settings import DEFAULTS
 from rtim.triggers.rules import RuleIndex, TriggerRule, fired_rules
+
+#: A stored context's latest event time, read without decoding it.
+_LAST_MS = re.compile(rb'"last_ms":(\d+)')
+#: How a stored context with no open decision reads.
+_NOTHING_PENDING = b'"pending":[]'
 
 #: Headers of a re-keyed record: where the record it copies was read from.
 REKEYED_FROM_PARTITION = "rtim.rekeyed.from.partition"
@@ -120,8 +143,19 @@ class Trigger:
 
 
 @dataclass(slots=True)
+class DecisionRecord:
+    """A decision record to publish to ``rtim.decisions`` (:mod:`rtim.decide.record`)."""
+
+    key: bytes
+    value: bytes
+    #: The record that made the decision.
+    cause: RecordLike | None = None
+    offered: bool = True
+
+
+@dataclass(slots=True)
 class Rekeyed:
-    """A valid record to publish again to the clickstream, keyed by its customer id."""
+    """A valid record to publish again to its topic, keyed by its customer id."""
 
     key: bytes
     value: bytes | None
@@ -132,6 +166,8 @@ class Rekeyed:
     reason: str
     #: The record as it was read.
     record: RecordLike
+    #: Where it is published again (the topic it was read from).
+    topic: str = CLICKSTREAM_TOPIC
 
 
 @dataclass(slots=True)
@@ -151,6 +187,12 @@ class BatchResult:
     invalid: Counter[str] = field(default_factory=Counter)
     #: Valid records that landed where their customer's context does not live.
     rekeyed: list[Rekeyed] = field(default_factory=list)
+    #: Every decision made (with an offer or none), to record on ``rtim.decisions``.
+    decisions: list[DecisionRecord] = field(default_factory=list)
+    #: Closed decisions to learn from (``rtim.training``).
+    examples: list[Example] = field(default_factory=list)
+    #: Responses consumed, by (outcome, join result); invalid ones are in ``invalid``.
+    responses: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class Engine:
@@ -162,8 +204,18 @@ class Engine:
         Trigger rules and offers.
     load
         ``load(partition, key) -> bytes | None`` reads a stored context.
-    model
-        The propensity model (a fresh one if not given).
+    models
+        The offers' propensity models (:class:`rtim.learn.models.ModelSet`), which the
+        worker keeps current from ``rtim.models``; empty ones if not given.
+    features
+        How a decision's features are built from the context and the moment.
+    window_ms
+        Attribution window of offers that set none (``RTIM_ATTRIBUTION_WINDOW_S``).
+    idle_ms
+        Wall-clock time without records after which a partition's stream time moves
+        with the wall clock (:meth:`tick`).
+    rng
+        The source of the Thompson draws.
     source
         The CloudEvents ``source`` of published triggers.
     cache_size
@@ -182,7 +234,11 @@ class Engine:
         *,
         catalog: Catalog,
         load: Callable[[int, bytes], bytes | None],
-        model: PropensityModel | None = None,
+        models: ModelSet | None = None,
+        features: FeatureBuilder | None = None,
+        window_ms: int = int(DEFAULTS.attribution_window_s * 1000),
+        idle_ms: int = DEFAULT_IDLE_MS,
+        rng: random.Random | None = None,
         source: str = "/rtim",
         max_event_bytes: int = DEFAULTS.max_event_bytes,
         max_future_skew_ms: int = int(DEFAULTS.max_future_skew_s * 1000),
@@ -194,7 +250,16 @@ class Engine:
     ) -> None:
         self.catalog = catalog
         self._rules = RuleIndex(catalog.triggers)
-        self.model = model or PropensityModel()
+        self.models = models if models is not None else ModelSet()
+        self.features = features or FeatureBuilder()
+        self.window_ms = window_ms
+        self.idle_ms = idle_ms
+        self.rng = rng or random.Random()
+        # Per partition: its stream time, and when its customers' open windows end
+        # (a heap of (window end, customer key); an entry may be stale: the context
+        # is the truth).
+        self._clocks: dict[int, StreamClock] = {}
+        self._windows: dict[int, list[tuple[int, bytes]]] = {}
         self.source = source
         self.max_event_bytes = max_event_bytes
         self.max_future_skew_ms = max_future_skew_ms
@@ -238,6 +303,71 @@ class Engine:
         raw = self._load(partition, key)
         return None if raw is None else load_context(raw, key.decode("utf-8", "replace"))[0]
 
+    # -- attribution windows ---------------------------------------------------
+
+    def clock(self, partition: int) -> StreamClock:
+        """The stream time of a partition."""
+        clock = self._clocks.get(partition)
+        if clock is None:
+            clock = self._clocks[partition] = StreamClock(self.idle_ms)
+        return clock
+
+    def forget_windows(self) -> None:
+        """Forget every partition's open windows and stream time (after a
+        rebalance; :meth:`index_windows` learns them again for the partitions kept)."""
+        self._clocks.clear()
+        self._windows.clear()
+
+    def index_windows(
+        self, partition: int, contexts: Iterable[tuple[bytes, bytes]], wall_ms: int
+    ) -> int:
+        """Learn a partition's open windows, and its stream time (the latest event
+        time of its customers), from its stored contexts; returns how many
+        customers have open decisions."""
+        heap = self._windows.setdefault(partition, [])
+        latest = -1
+        found = 0
+        last_ms = _LAST_MS.search
+        for key, raw in contexts:
+            match = last_ms(raw)
+            if match is not None and int(match[1]) > latest:
+                latest = int(match[1])
+            if _NOTHING_PENDING in raw:
+                continue
+            ctx, _ = load_context(raw, key.decode("utf-8", "replace"))
+            end = next_window_end(ctx)
+            if end is not None:
+                heap.append((end, key))
+                found += 1
+        heapq.heapify(heap)
+        if latest >= 0:
+            self.clock(partition).observe(latest, wall_ms)
+        return found
+
+    def open_windows(self) -> int:
+        """Customers with open decisions, about (the index may hold closed ones)."""
+        return sum(len(heap) for heap in self._windows.values())
+
+    def _schedule(self, partition: int, key: bytes, end_ms: int) -> None:
+        heap = self._windows.get(partition)
+        if heap is None:
+            heap = self._windows[partition] = []
+        heapq.heappush(heap, (end_ms, key))
+
+    def tick(self, wall_ms: int) -> BatchRun | None:
+        """Wall-clock time passes: close the windows that end on partitions idle for
+        ``idle_ms``; a batch with their changes and examples, or None if nothing moved."""
+        run = None
+        for partition, clock in list(self._clocks.items()):
+            moved = clock.tick(wall_ms)
+            heap = self._windows.get(partition)
+            if moved is None or not heap or heap[0][0] > moved:
+                continue
+            if run is None:
+                run = self.start_batch(CLICKSTREAM_TOPIC)
+            run._close_due(partition, moved)
+        return run
+
     def _trim_cache(self) -> None:
         # Contexts of earlier batches are all persisted, so any may go; the
         # oldest inserted go first.
@@ -274,29 +404,39 @@ class Engine:
         now_ms: int,
         result: BatchResult,
         candidates: tuple[TriggerRule, ...],
-    ) -> list[TriggerRule]:
-        """Set the cool-downs of the rules that fire, decide for each; return them."""
+    ) -> tuple[list[TriggerRule], list[Pending]]:
+        """Set the cool-downs of the rules that fire, decide for each, open the
+        decisions made in the customer's context; the rules and the decisions."""
         fired = fired_rules(candidates, event, ctx)
+        opened: list[Pending] = []
         if not fired:
-            return fired
+            return fired, opened
         for rule in fired:
             ctx["fired"][rule.id] = event.timestamp_ms
             decision = decide(
                 self.catalog,
-                self.model,
+                self.models,
+                self.features,
                 rule,
                 event,
                 ctx,
                 now_ms=now_ms,
                 ttl_ms=self.trigger_ttl_ms,
+                window_ms=self.window_ms,
+                rng=self.rng,
             )
-            if decision is None:
+            offer = decision.offer
+            result.decisions.append(
+                DecisionRecord(key, encode_record(decision), record, offer is not None)
+            )
+            if offer is None:
                 result.no_offer += 1
                 continue
+            opened.append(self._open(ctx, key, record.partition, decision, result))
             result.triggers.append(
                 Trigger(
                     channel=decision.channel,
-                    offer_id=decision.offer.id,
+                    offer_id=offer.id,
                     key=key,
                     value=encode_trigger(decision, source=self.source),
                     # Structured mode with the content-type header only. The Kafka binding
@@ -307,14 +447,33 @@ class Engine:
                     cause=record,
                 )
             )
-        return fired
+        return fired, opened
 
-    def _rekeyed(self, record: RecordLike, key: bytes, owner: int | None) -> Rekeyed:
+    def _open(
+        self, ctx: Context, key: bytes, partition: int, decision: Decision, result: BatchResult
+    ) -> Pending:
+        """Keep a decision open in the customer's context until its window ends."""
+        assert decision.offer is not None and decision.window_end_ms is not None
+        pending = Pending(
+            decision.decision_id,
+            decision.customer_id,
+            decision.offer.id,
+            decision.ranked[0].features,
+            decision.event.timestamp_ms,
+            decision.window_end_ms,
+        )
+        result.examples.extend(open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER))
+        self._schedule(partition, key, pending.window_end_ms)
+        return pending
+
+    def _rekeyed(
+        self, record: RecordLike, key: bytes, owner: int | None, topic: str = CLICKSTREAM_TOPIC
+    ) -> Rekeyed:
         headers = list(getattr(record, "headers", None) or ())
         headers.append((REKEYED_FROM_PARTITION, str(record.partition).encode()))
         headers.append((REKEYED_FROM_OFFSET, str(record.offset).encode()))
         reason = "key" if record.key != key else "partition"
-        return Rekeyed(key, record.value, headers, owner, reason, record)
+        return Rekeyed(key, record.value, headers, owner, reason, record, topic)
 
     @staticmethod
     def _dead_letter(
@@ -332,6 +491,16 @@ class Engine:
         )
 
 
+class _Close(NamedTuple):
+    """A journal entry: the customer's windows that ended by ``at_ms`` were closed."""
+
+    partition: int
+    offset: int
+    key: bytes
+    value: None
+    at_ms: int
+
+
 class BatchRun:
     """One batch in progress: contexts changed so far, outputs, counts."""
 
@@ -347,13 +516,17 @@ class BatchRun:
         # event for the garbage collector to track.)
         self._keys: list[bytes] = []
         self._records: list[RecordLike] = []
-        self._fired: dict[int, tuple[list[TriggerRule], tuple[Trigger, ...]]] = {}
+        self._fired: dict[int, tuple[list[TriggerRule], tuple[Any, ...], list[Pending]]] = {}
+        # Entries that are not clickstream events: "response" or "close" (a _Close).
+        self._kinds: dict[int, str] = {}
         # Customers (partition, key) with a failed event in this batch: copied
         # before each event.
         self._fragile: set[tuple[int, bytes]] = set()
         self._created: set[tuple[int, bytes]] = set()
         # Records dead-lettered after they were applied (the ceiling), by id().
         self._withdrawn: set[int] = set()
+        # Per partition, the latest event time of this part of the batch.
+        self._latest: dict[int, int] = {}
 
     def _parse(self, record: RecordLike) -> Any:
         engine = self.engine
@@ -383,15 +556,21 @@ class BatchRun:
         window_ms = engine.dedupe_window_ms
         partition_of = engine.partition_of
         rekeyed = result.rekeyed
+        decisions = result.decisions
+        examples = result.examples
         cache: dict[bytes, Context] = {}
         cache_partition = -1
         consumed = applied = 0
+        latest = -1  # the latest event time of the partition's records
         for record in records:
             consumed += 1
             partition = record.partition
             offset = record.offset
             if partition != cache_partition:
+                if cache_partition >= 0:
+                    self._saw(cache_partition, latest)
                 cache, cache_partition = engine.cached(partition), partition
+                latest = -1
             try:
                 event = parse(
                     record.value, max_bytes=max_bytes, now_ms=now_ms, max_future_skew_ms=skew
@@ -400,8 +579,10 @@ class BatchRun:
                 result.invalid[exc.reason] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc))
                 continue
+            if event.timestamp_ms > latest:
+                latest = event.timestamp_ms
             key = ctx = snapshot = None
-            mark = no_offer = -1
+            mark = no_offer = marks = -1
             changing = False
             try:
                 key = event.customer_id.encode()
@@ -430,10 +611,15 @@ class BatchRun:
                 candidates = candidates_for(event)
                 if candidates:
                     mark = len(triggers)
+                    marks = len(decisions)
+                    marke = len(examples)
                     no_offer = result.no_offer
-                    fired = engine._decide(event, ctx, key, record, now_ms, result, candidates)
+                    fired, opened = engine._decide(
+                        event, ctx, key, record, now_ms, result, candidates
+                    )
                     if fired:
-                        fired_at[len(keys)] = (fired, tuple(triggers[mark:]))
+                        made = (*triggers[mark:], *decisions[marks:])
+                        fired_at[len(keys)] = (fired, made, opened)
                 contexts = changed.get(partition)
                 if contexts is None:
                     contexts = changed[partition] = {}
@@ -445,6 +631,8 @@ class BatchRun:
                 if changing and key is not None:
                     if mark >= 0:
                         del triggers[mark:]
+                        del decisions[marks:]
+                        del examples[marke:]
                         result.no_offer = no_offer
                     if not isinstance(exc, InvalidEvent) or mark >= 0:
                         self._restore(key, partition, snapshot)
@@ -455,8 +643,91 @@ class BatchRun:
                 reason = error_reason(exc)
                 result.invalid[reason] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc, stage="process"))
+        if cache_partition >= 0:
+            self._saw(cache_partition, latest)
         result.consumed += consumed
         result.applied += applied
+        self._close_all_due()
+
+    def add_responses(self, records: Iterable[RecordLike]) -> None:
+        """Join response records (``rtim.responses``) to their customers' decisions."""
+        engine = self.engine
+        result = self.result
+        partition_of = engine.partition_of
+        latest_ms = self.now_ms + engine.max_future_skew_ms
+        for record in records:
+            result.consumed += 1
+            partition = record.partition
+            try:
+                response = parse_response(record.value or b"")
+                if response.timestamp_ms > latest_ms:
+                    raise InvalidResponse(
+                        "clock_skew",
+                        "timestamp is more than RTIM_MAX_FUTURE_SKEW_S ahead of the clock",
+                        field="timestamp",
+                    )
+            except InvalidResponse as exc:
+                result.invalid[exc.reason] += 1
+                result.dead_letters.append(engine._dead_letter(RESPONSES_TOPIC, record, exc))
+                continue
+            key = response.customer_id.encode()
+            owner = None if partition_of is None else partition_of(key)
+            if record.key != key or (owner is not None and owner != partition):
+                result.rekeyed.append(engine._rekeyed(record, key, owner, RESPONSES_TOPIC))
+                continue
+            self._saw(partition, response.timestamp_ms)
+            ctx = engine.context(partition, key)
+            joined, example = respond(ctx, response)
+            result.responses[(response.outcome, joined)] += 1
+            if ctx is not None and joined != "unknown":
+                self._journal(partition, key, ctx, record, "response")
+            if example is not None:
+                result.examples.append(example)
+        self._close_all_due()
+
+    def _journal(
+        self, partition: int, key: bytes, ctx: Context, entry: Any, kind: str | None
+    ) -> None:
+        """Note a change of a customer's context that is not a clickstream event."""
+        contexts = self._changed.get(partition)
+        if contexts is None:
+            contexts = self._changed[partition] = {}
+        contexts[key] = ctx
+        if kind is not None:
+            self._kinds[len(self._keys)] = kind
+        self._keys.append(key)
+        self._records.append(entry)
+
+    def _saw(self, partition: int, event_ms: int) -> None:
+        if event_ms >= 0:
+            seen = self._latest
+            if seen.get(partition, -1) < event_ms:
+                seen[partition] = event_ms
+
+    def _close_all_due(self) -> None:
+        """Move the stream time of the partitions seen, and close the windows it passed."""
+        engine = self.engine
+        for partition, event_ms in self._latest.items():
+            self._close_due(partition, engine.clock(partition).observe(event_ms, self.now_ms))
+        self._latest.clear()
+
+    def _close_due(self, partition: int, now_ms: int) -> None:
+        """Close the open decisions of the partition whose windows end by ``now_ms``."""
+        engine = self.engine
+        heap = engine._windows.get(partition)
+        while heap and heap[0][0] <= now_ms:
+            _, key = heapq.heappop(heap)
+            ctx = engine.context(partition, key)
+            if ctx is None or not ctx["pending"]:
+                continue
+            closed = close_due(ctx, now_ms)
+            if closed:
+                self.result.examples.extend(closed)
+                entry = _Close(partition, -1, key, None, now_ms)
+                self._journal(partition, key, ctx, entry, "close")
+            end = next_window_end(ctx)
+            if end is not None:
+                heapq.heappush(heap, (end, key))
 
     def _forget(self, key: bytes, partition: int) -> None:
         """The customer has no context after all (nothing of it was applied)."""
@@ -468,22 +739,31 @@ class BatchRun:
     def _replay(self, key: bytes, partition: int) -> tuple[Context | None, list[Any]]:
         """The customer's context at the start of the batch, and the batch's
         events applied to it: (record, rules fired, triggers made)."""
-        records, fired_at = self._records, self._fired
+        records, fired_at, kinds = self._records, self._fired, self._kinds
         entries = [
-            (records[i], *fired_at.get(i, ((), ())))
+            (records[i], *fired_at.get(i, ((), (), ())), kinds.get(i))
             for i, k in enumerate(self._keys)
             if k == key and records[i].partition == partition
         ]
         return self.engine.stored(partition, key), entries
 
     def _apply_again(self, ctx: Context | None, entry: tuple[Any, ...]) -> Context:
-        record, fired, _ = entry
+        record, fired, _, opened, kind = entry
+        if kind is not None:
+            assert ctx is not None  # a response or a window closed changes an existing context
+            if kind == "close":
+                close_due(ctx, record.at_ms)
+            else:
+                respond(ctx, parse_response(record.value))
+            return ctx
         event = self._parse(record)
         if ctx is None:
             ctx = new_context(event.customer_id)
         apply_event(ctx, event, record.partition, record.offset, None, self.engine.dedupe_window_ms)
         for rule in fired:
             ctx["fired"][rule.id] = event.timestamp_ms
+        for pending in opened:
+            open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
         return ctx
 
     def _restore(self, key: bytes, partition: int, snapshot: bytes | None) -> None:
@@ -519,6 +799,10 @@ class BatchRun:
         refused: set[int] = set()
         for entry in entries:
             record, made = entry[0], entry[2]
+            if entry[4] is not None:  # a response or a window closed: they add nothing
+                ctx = self._apply_again(ctx, entry)
+                blob = dumps(ctx)
+                continue
             try:
                 trial = self._apply_again(ctx, entry)
                 size = len(new := dumps(trial))
@@ -540,6 +824,7 @@ class BatchRun:
                 )
         if refused:
             result.triggers[:] = [t for t in result.triggers if id(t) not in refused]
+            result.decisions[:] = [d for d in result.decisions if id(d) not in refused]
         if ctx is None:
             self._forget(key, partition)
             return None
@@ -573,17 +858,18 @@ class BatchRun:
         events of the customer (their context stays as stored) and return their
         dead letters (``refused``). Call after :meth:`finish`; the triggers
         these events made may be out already."""
+        kinds = self._kinds
         records = [
-            r
-            for k, r in zip(self._keys, self._records, strict=True)
+            (r, kinds.get(i))
+            for i, (k, r) in enumerate(zip(self._keys, self._records, strict=True))
             if k == key and r.partition == partition and id(r) not in self._withdrawn
         ]
         self._forget(key, partition)
         updates = self.result.updates.get(partition)
         if updates is not None:
             updates.pop(key, None)
-        self.result.applied -= len(records)
-        return [self.refused(record, exc) for record in records]
+        self.result.applied -= sum(1 for _, kind in records if kind is None)
+        return [self.refused(r, exc) for r, kind in records if kind != "close"]
 
     def refused(self, record: RecordLike, exc: BaseException) -> DeadLetter:
         """The dead letter of a record whose output Kafka refused (``refused``)."""

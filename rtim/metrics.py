@@ -53,6 +53,28 @@ DECISIONS_NO_OFFER = Counter(
     "rtim_decisions_no_offer_total",
     "Decision moments where no offer was eligible (the decision was to do nothing).",
 )
+DECISIONS = Counter(
+    "rtim_decisions_total",
+    "Decisions made and recorded on rtim.decisions, by whether an offer was chosen.",
+    ["offered"],
+)
+RESPONSES = Counter(
+    "rtim_responses_total",
+    "Valid responses consumed, by outcome and join result: joined (to an open decision), "
+    "late (after its window, or once it closed), unknown (no such decision of that "
+    "customer), duplicate (the same outcome again).",
+    ["outcome", "result"],
+)
+TRAINING_EXAMPLES = Counter(
+    "rtim_training_examples_total",
+    "Closed decisions written to rtim.training, by label (positive, negative) and why "
+    "they closed (conversion, window, evicted).",
+    ["label", "why"],
+)
+OPEN_WINDOWS = Gauge(
+    "rtim_attribution_open_windows",
+    "Customers of this worker's partitions with a decision whose attribution window is open.",
+)
 DECISION_LATENCY = Histogram(
     "rtim_decision_latency_seconds",
     "End to end: clickstream record timestamp to trigger acknowledged by Kafka.",
@@ -132,6 +154,8 @@ def start_at_zero(topic: str, channel_offers: Iterable[tuple[str, str]]) -> None
     """Create the series a worker will count into, at 0: its input topic and every
     (channel, offer) pair its catalog can trigger."""
     EVENTS_CONSUMED.labels(topic)
+    for offered in ("yes", "no"):
+        DECISIONS.labels(offered)
     for stage in ("before_publish", "after_publish"):
         BATCHES_FENCED.labels(stage)
     for channel, offer in channel_offers:

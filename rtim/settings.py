@@ -94,6 +94,20 @@ class Settings(BaseSettings):
         description="A messageId is never applied twice within this much of its customer's "
         "event time; older repeats are dead-lettered (too_old). At most 1024 ids per customer.",
     )
+    attribution_window_s: float = Field(
+        86_400.0,
+        gt=0,
+        description="How long after a decision (event time) a conversion is credited to it, "
+        "for offers whose catalog entry sets no attribution_window; a decision whose window "
+        "ends without one is a negative example.",
+    )
+    idle_close_s: float = Field(
+        60.0,
+        gt=0,
+        description="A partition that receives nothing for this long (wall-clock time) has "
+        "its stream time moved on with the wall clock, so that attribution windows still "
+        "close when traffic stops.",
+    )
     shutdown_timeout_s: float = Field(
         20.0,
         gt=0,

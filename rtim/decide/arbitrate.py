@@ -1,25 +1,34 @@
 """Arbitration: from a fired trigger to one offer on one channel, with its reasons.
 
-Candidates are the catalog's offers linked to the trigger, valid today and
-eligible for this customer. Each is scored as
+Candidates are the catalog's offers linked to the trigger, valid at the event's
+time and eligible for this customer. Each is scored (:func:`rtim.learn.policy.rank`)
+as
 
-    priority = propensity x value x business priority
+    score = sampled propensity x value x business priority
 
-and the best one wins. A decision carries reason codes that say which trigger
-fired, which eligibility rules passed, which offers were rejected and why,
-and the features that moved the winning score.
+where the propensity is a Thompson draw from the offer's learned model
+(:mod:`rtim.learn.models`), so that offers with little evidence are tried in
+proportion to the chance that they are the best. The best one wins. A decision
+carries reason codes that say which trigger fired, which eligibility rules
+passed, which offers were rejected and why, and the features that moved the
+winning offer's belief; and every candidate with its mean propensity, draw,
+score and model version, for the decision record (:mod:`rtim.decide.record`).
+A moment where no offer is eligible is a decision too, of no offer.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from rtim.context.model import Context
-from rtim.decide.scoring import PropensityModel, context_features, offer_features
 from rtim.events import Event
+from rtim.learn.features import FeatureBuilder
+from rtim.learn.models import ModelSet
+from rtim.learn.policy import Candidate, rank
 from rtim.offers.catalog import Catalog, Offer
 from rtim.triggers.rules import TriggerRule, first_failed
 
@@ -31,22 +40,28 @@ _DECISION_NS_BYTES = _DECISION_NS.bytes
 
 @dataclass(slots=True)
 class Decision:
-    """The outcome of one decision moment."""
+    """The outcome of one decision moment (``offer`` None: nothing was eligible)."""
 
     decision_id: str
     customer_id: str
     trigger: TriggerRule
-    offer: Offer
+    offer: Offer | None
     channel: str
     score: float
     propensity: float
     reasons: list[str]
+    #: The winner's features that weigh most in its model, with their weights' means.
     features: dict[str, float]
     candidates: list[tuple[str, float]]
     event: Event
+    #: Wall-clock time of the decision (the trigger's time and expiry).
     decided_ms: int
     expires_ms: int
     snapshot: dict[str, Any] = field(default_factory=dict)
+    #: Every eligible candidate, best first, as scored.
+    ranked: list[Candidate] = field(default_factory=list)
+    #: End of the winner's attribution window (event time; None without a winner).
+    window_end_ms: int | None = None
 
 
 def decision_id(customer_id: str, message_id: str, trigger_id: str) -> str:
@@ -79,55 +94,95 @@ def context_snapshot(ctx: Context) -> dict[str, Any]:
     }
 
 
+#: How many of the winner's features its reasons name.
+TOP_FEATURES = 5
+
+
+def top_features(models: ModelSet, offer_id: str, features: list[str]) -> dict[str, float]:
+    """The features whose weights' means are largest in magnitude, with those means."""
+    means = models.get(offer_id).model.means
+    weighed = [(f, means.get(f, 0.0)) for f in features]
+    weighed.sort(key=lambda fm: abs(fm[1]), reverse=True)
+    return {f: round(m, 4) for f, m in weighed[:TOP_FEATURES]}
+
+
 def decide(
     catalog: Catalog,
-    model: PropensityModel,
+    models: ModelSet,
+    builder: FeatureBuilder,
     rule: TriggerRule,
     event: Event,
     ctx: Context,
     *,
     now_ms: int,
     ttl_ms: int,
-) -> Decision | None:
-    """Pick the best eligible offer for a fired trigger, or None if no offer fits."""
+    window_ms: int,
+    rng: random.Random,
+) -> Decision:
+    """Pick the best eligible offer for a fired trigger (or none, with the reasons)."""
     reasons = [f"trigger:{rule.id}"]
-    base = None
-    best: tuple[float, Offer, float, dict[str, float]] | None = None
-    candidates: list[tuple[str, float]] = []
+    at_ms = event.timestamp_ms
+    eligible: list[Offer] = []
     for offer in catalog.offers_for(rule.id):
-        if not offer.is_valid_at(event.timestamp_ms):
+        if not offer.is_valid_at(at_ms):
             reasons.append(f"rejected:{offer.id}:not-valid-now")
             continue
         failed = first_failed(offer.eligibility, event, ctx)
         if failed is not None:
             reasons.append(f"rejected:{offer.id}:{failed.text}")
             continue
-        if base is None:
-            base = context_features(ctx)
-        features = offer_features(base, ctx, offer.category)
-        propensity = model.predict(offer.id, features)
-        score = propensity * offer.value * offer.priority
-        candidates.append((offer.id, round(score, 6)))
-        if best is None or score > best[0]:
-            best = (score, offer, propensity, features)
-    if best is None:
-        return None
-    score, offer, propensity, features = best
+        eligible.append(offer)
+    the_id = decision_id(ctx["id"], event.message_id, rule.id)
+    # The draws are seeded by the decision: the same moment scored by the same
+    # models is decided the same way (a replayed event gives the same trigger).
+    rng.seed(int(the_id[:8] + the_id[9:13] + the_id[14:18], 16))
+    ranked = rank(
+        builder,
+        models,
+        ctx,
+        eligible,
+        channel=event.channel,
+        trigger=rule.id,
+        now_ms=at_ms,
+        rng=rng,
+    )
+    if not ranked:
+        reasons.append("no-offer:none-eligible")
+        return Decision(
+            decision_id=the_id,
+            customer_id=ctx["id"],
+            trigger=rule,
+            offer=None,
+            channel=event.channel,
+            score=0.0,
+            propensity=0.0,
+            reasons=reasons,
+            features={},
+            candidates=[],
+            event=event,
+            decided_ms=now_ms,
+            expires_ms=now_ms + ttl_ms,
+        )
+    best = ranked[0]
+    offer = best.offer
     reasons.append(f"offer:{offer.id}")
     reasons.extend(f"eligible:{c.text}" for c in offer.eligibility)
+    window = offer.attribution_window_ms or window_ms
     return Decision(
-        decision_id=decision_id(ctx["id"], event.message_id, rule.id),
+        decision_id=the_id,
         customer_id=ctx["id"],
         trigger=rule,
         offer=offer,
         channel=offer.channel_for(event.channel),
-        score=round(score, 6),
-        propensity=round(propensity, 6),
+        score=round(best.score, 6),
+        propensity=round(best.mean, 6),
         reasons=reasons,
-        features=model.contributions(offer.id, features),
-        candidates=sorted(candidates, key=lambda kv: kv[1], reverse=True),
+        features=top_features(models, offer.id, best.features),
+        candidates=[(c.offer.id, round(c.score, 6)) for c in ranked],
         event=event,
         decided_ms=now_ms,
         expires_ms=now_ms + ttl_ms,
         snapshot=context_snapshot(ctx),
+        ranked=ranked,
+        window_end_ms=at_ms + window,
     )

@@ -37,6 +37,8 @@ _seconds_text: dict[int, str] = {}
 def trigger_event(decision: Decision, *, source: str) -> dict[str, Any]:
     """The CloudEvent (as a dict) for a decision; ``expiry`` is an extension attribute."""
     offer = decision.offer
+    if offer is None:
+        raise ValueError("a decision of no offer has no trigger")
     event = decision.event
     expiry = iso_ms(decision.expires_ms)
     return {

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from rtim.events.segment import InvalidEvent
+from rtim.learn.attribution import InvalidResponse
 
 __all__ = [
     "INTERNAL_ERROR",
@@ -68,7 +69,7 @@ class DeadLetter:
 
 
 def error_reason(exc: BaseException) -> str:
-    """Return ``exc.reason`` for an InvalidEvent, else ``internal_error``.
+    """Return ``exc.reason`` for an InvalidEvent or InvalidResponse, else ``internal_error``.
 
     Examples
     --------
@@ -77,7 +78,7 @@ def error_reason(exc: BaseException) -> str:
     >>> error_reason(KeyError("x"))
     'internal_error'
     """
-    if isinstance(exc, InvalidEvent):
+    if isinstance(exc, (InvalidEvent, InvalidResponse)):
         return exc.reason
     return INTERNAL_ERROR
 

@@ -47,31 +47,33 @@ from typing import Any
 
 import orjson
 
+from rtim.settings import DEFAULTS
+
 #: Outcomes a channel system may report.
 OUTCOMES = ("impression", "click", "conversion", "dismissal")
 #: Join results (metric label values).
 JOIN_RESULTS = ("joined", "late", "unknown", "duplicate")
-#: Why a response is refused (metric label and dead-letter reason values).
+#: Why a response is refused (metric label and dead-letter reason values; those a
+#: clickstream record can have too are named as for clickstream records).
 RESPONSE_REASONS = (
-    "invalid_json",
+    "oversize",
+    "malformed_json",
     "not_an_object",
     "missing_field",
     "wrong_type",
     "unknown_outcome",
     "bad_timestamp",
-    "bad_value",
-    "too_large",
+    "clock_skew",
+    "out_of_range",
 )
 MAX_RESPONSE_BYTES = 4096
 MAX_ID_CHARS = 256
 MAX_PENDING_PER_CUSTOMER = 16
 MAX_CLOSED_PER_CUSTOMER = 32
 CLOSED_MEMORY_MS = 24 * 3600 * 1000
-#: Default attribution window (event time) when an offer sets none.
-DEFAULT_WINDOW_MS = 24 * 3600 * 1000
 #: Wall-clock time without any record after which a partition's stream time
-#: moves on with the wall clock.
-DEFAULT_IDLE_MS = 60_000
+#: moves on with the wall clock (``RTIM_IDLE_CLOSE_S``).
+DEFAULT_IDLE_MS = int(DEFAULTS.idle_close_s * 1000)
 
 
 class InvalidResponse(ValueError):
@@ -120,11 +122,11 @@ def parse_response(raw: bytes | str | dict[str, Any]) -> Response:
     """
     if isinstance(raw, (bytes, str)):
         if len(raw) > MAX_RESPONSE_BYTES:
-            raise InvalidResponse("too_large", f"response is over {MAX_RESPONSE_BYTES} bytes")
+            raise InvalidResponse("oversize", f"response is over {MAX_RESPONSE_BYTES} bytes")
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            raise InvalidResponse("invalid_json", f"not JSON: {exc}") from None
+            raise InvalidResponse("malformed_json", f"not JSON: {exc}") from None
     else:
         data = raw
     if not isinstance(data, dict):
@@ -150,9 +152,9 @@ def parse_response(raw: bytes | str | dict[str, Any]) -> Response:
     value = data.get("value")
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidResponse("bad_value", "'value' must be a number", field="value")
+            raise InvalidResponse("wrong_type", "'value' must be a number", field="value")
         if not math.isfinite(value) or abs(value) > 1e12:
-            raise InvalidResponse("bad_value", "'value' is out of range", field="value")
+            raise InvalidResponse("out_of_range", "'value' is out of range", field="value")
         value = float(value)
     return Response(
         data["decision_id"], data["customer_id"], outcome, _timestamp_ms(data["timestamp"]), value

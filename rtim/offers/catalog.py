@@ -38,6 +38,7 @@ from rtim.triggers.rules import TriggerRule, parse_rule
 
 CHANNELS = OFFER_CHANNELS
 _OFFER_KEYS = {
+    "attribution_window",
     "id",
     "name",
     "channels",
@@ -127,6 +128,9 @@ class Offer:
     valid_from_ms: int | None = None
     valid_to_ms: int | None = None
     creative: Mapping[str, Any] = field(default_factory=dict)
+    #: How long after a decision (event time) a conversion is credited to it, in ms;
+    #: None: ``RTIM_ATTRIBUTION_WINDOW_S``.
+    attribution_window_ms: int | None = None
 
     def is_valid_at(self, now_ms: int) -> bool:
         if self.valid_from_ms is not None and now_ms < self.valid_from_ms:
@@ -188,6 +192,15 @@ def _number(raw: Mapping[str, Any], key: str, default: float, where: str) -> flo
     return float(value)
 
 
+def _window_ms(raw: Mapping[str, Any], where: str) -> int | None:
+    if raw.get("attribution_window") is None:
+        return None
+    seconds = _number(raw, "attribution_window", 0.0, where)
+    if seconds <= 0:
+        raise CatalogError(f"{where}: 'attribution_window' must be a number of seconds > 0")
+    return int(seconds * 1000)
+
+
 def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
         raise CatalogError(f"offers[{index}]: each offer needs a string 'id'")
@@ -233,6 +246,7 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
         valid_from_ms=_date_ms(raw.get("valid_from"), f"{where}.valid_from"),
         valid_to_ms=_date_ms(raw.get("valid_to"), f"{where}.valid_to"),
         creative=creative,
+        attribution_window_ms=_window_ms(raw, where),
     )
     if (
         offer.valid_from_ms is not None

@@ -23,7 +23,16 @@ from aiokafka.errors import KafkaError
 from rtim import metrics
 from rtim.engine import BatchResult, BatchRun, Engine
 from rtim.events.deadletter import DeadLetter, without_value
-from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE, DLQ_TOPIC
+from rtim.learn.attribution import encode_example
+from rtim.learn.models import ModelSet
+from rtim.names import (
+    CLICKSTREAM_TOPIC,
+    CONTEXT_TABLE,
+    DECISIONS_TOPIC,
+    DLQ_TOPIC,
+    RESPONSES_TOPIC,
+    TRAINING_TOPIC,
+)
 from rtim.offers.catalog import load_catalog
 from rtim.settings import Settings
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
@@ -108,7 +117,9 @@ def tune_gc() -> None:
 class ClickstreamProcessor:
     """Runs each fetched batch through the engine and makes its effects durable."""
 
-    def __init__(self, app: RtimApp, settings: Settings, table: Any) -> None:
+    def __init__(
+        self, app: RtimApp, settings: Settings, table: Any, models: ModelSet | None = None
+    ) -> None:
         self.app = app
         self.settings = settings
         self.store = ContextStore(table)
@@ -124,8 +135,12 @@ class ClickstreamProcessor:
             cache_size=settings.cache_customers,
             dedupe_window_ms=int(settings.dedupe_window_s * 1000),
             # Kafka's default partitioner, as producers of the clickstream are asked to use.
-            partition_of=lambda key: self.publisher.partition_for(key, partitions),
+            partition_of=self._partition_of,
+            models=models,
+            window_ms=int(settings.attribution_window_s * 1000),
+            idle_ms=int(settings.idle_close_s * 1000),
         )
+        self._partitions = partitions
         self.publisher = BatchPublisher(
             settings.kafka,
             client_id=f"{settings.app_id}-publisher",
@@ -138,7 +153,11 @@ class ClickstreamProcessor:
         self._fenced_generation: int | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self._lock = asyncio.Lock()  # one batch at a time: fetched ones and idle ticks
         self._gc_tuned = False
+
+    def _partition_of(self, key: bytes) -> int:
+        return self.publisher.partition_for(key, self._partitions)
 
     async def wait_idle(self) -> None:
         """Return once no batch is being processed."""
@@ -153,32 +172,73 @@ class ClickstreamProcessor:
 
     async def handle(self, batch: FetchedBatch) -> None:
         """Process one batch: core, publish, store, acknowledge."""
-        self._idle.clear()
-        try:
-            await self._handle(batch)
-        finally:
-            self._idle.set()
+        async with self._lock:
+            self._idle.clear()
+            try:
+                await self._handle(batch)
+            finally:
+                self._idle.set()
 
-    async def _handle(self, batch: FetchedBatch) -> None:
+    async def tick(self) -> None:
+        """Close the attribution windows of partitions that received nothing for
+        ``RTIM_IDLE_CLOSE_S`` (wall-clock time), as a batch of its own."""
+        if self._lock.locked() or self._generation is None:
+            return  # a batch is in progress: it moves the stream time itself
+        async with self._lock:
+            generation = self.app.consumer_generation_id
+            if generation != self._generation or self.app.rebalancing:
+                return
+            run = self.engine.tick(int(time.time() * 1000))
+            if run is None:
+                return
+            self._idle.clear()
+            try:
+                await self._handle(FetchedBatch(generation, {}), run)
+            finally:
+                self._idle.set()
+
+    def _new_generation(self, generation: int) -> None:
+        """Partitions may have moved, and recovery may have rewritten the store."""
+        engine = self.engine
+        engine.invalidate()  # cached contexts are stale
+        self.store.recount()
+        metrics.CONSUMER_LAG.clear()  # partitions may have moved to other workers
+        engine.forget_windows()
+        wall_ms = int(time.time() * 1000)
+        owned = sorted(
+            tp.partition for tp in self._consumer().assignment() if tp.topic == CLICKSTREAM_TOPIC
+        )
+        started = time.perf_counter()
+        found = sum(
+            engine.index_windows(p, self.store.items(p, self._partition_of), wall_ms) for p in owned
+        )
+        log.info(
+            "partitions %s: %d customers with open attribution windows (read in %.2f s)",
+            owned,
+            found,
+            time.perf_counter() - started,
+        )
+        self._generation = generation
+
+    async def _handle(self, batch: FetchedBatch, run: BatchRun | None = None) -> None:
         if not self._current(batch):
             return  # revoked meanwhile: the records come again from the committed offset
         if not self._gc_tuned:
             tune_gc()
             self._gc_tuned = True
         if batch.generation_id != self._generation:
-            # Recovery may have rewritten the store: cached contexts are stale.
-            self.engine.invalidate()
-            self.store.recount()
-            metrics.CONSUMER_LAG.clear()  # partitions may have moved to other workers
-            self._generation = batch.generation_id
+            self._new_generation(batch.generation_id)
         started = time.perf_counter()
         records = [r for tp_records in batch.records.values() for r in tp_records]
-        run = self.engine.start_batch(CLICKSTREAM_TOPIC)
-        for i in range(0, len(records), CORE_CHUNK):
-            run.add(records[i : i + CORE_CHUNK])
-            # A turn for the rest of the worker (health checks, the consumer
-            # thread's results, heartbeats) while the core works on a big batch.
-            await asyncio.sleep(0)
+        if run is None:
+            run = self.engine.start_batch(CLICKSTREAM_TOPIC)
+        for tp, tp_records in batch.records.items():
+            add = run.add_responses if tp.topic == RESPONSES_TOPIC else run.add
+            for i in range(0, len(tp_records), CORE_CHUNK):
+                add(tp_records[i : i + CORE_CHUNK])
+                # A turn for the rest of the worker (health checks, the consumer
+                # thread's results, heartbeats) while the core works on a big batch.
+                await asyncio.sleep(0)
         result = run.finish()
         core_done = time.perf_counter()
         metrics.BATCH_STAGES["core"].observe(core_done - started)
@@ -192,8 +252,12 @@ class ClickstreamProcessor:
         # Re-keyed copies go out with the batch's other outputs: the records they
         # copy are acknowledged only once the copies are in Kafka.
         out.extend(
-            OutRecord(CLICKSTREAM_TOPIC, r.key, r.value, r.headers, r.partition)
-            for r in result.rekeyed
+            OutRecord(r.topic, r.key, r.value, r.headers, r.partition) for r in result.rekeyed
+        )
+        out.extend(OutRecord(DECISIONS_TOPIC, d.key, d.value, []) for d in result.decisions)
+        out.extend(
+            OutRecord(TRAINING_TOPIC, e.offer_id.encode(), encode_example(e), [])
+            for e in result.examples
         )
         # Last (_dead_letter_refused reads the outputs above by their position).
         heal = self.store.to_heal(tp.partition for tp in batch.records)
@@ -265,6 +329,8 @@ class ClickstreamProcessor:
         triggers = contexts + len(result.triggers)
         letters_end = triggers + len(result.dead_letters)
         rekeyed_end = letters_end + len(result.rekeyed)
+        decisions_end = rekeyed_end + len(result.decisions)
+        examples_end = decisions_end + len(result.examples)
         letters: list[DeadLetter] = []
         for index, exc in self.publisher.refused:
             rec = out[index]
@@ -283,6 +349,17 @@ class ClickstreamProcessor:
                 letters.append(without_value(result.dead_letters[index - triggers], exc))
             elif index < rekeyed_end:
                 letters.append(run.refused(result.rekeyed[index - letters_end].record, exc))
+            elif index < decisions_end:
+                cause = result.decisions[index - rekeyed_end].cause
+                if cause is not None:
+                    letters.append(run.refused(cause, exc))
+            elif index < examples_end:
+                example = result.examples[index - decisions_end]
+                log.error(
+                    "Kafka refused the training example of decision %s (%r): not learned",
+                    example.decision_id,
+                    exc,
+                )
             # else: a stored context published again to heal the changelog; it stays
             # stored, and is published again with the partition's next batch.
         while letters:
@@ -336,7 +413,18 @@ class ClickstreamProcessor:
 
     @staticmethod
     def _observe(result: Any, n: int, started: float) -> None:
-        metrics.EVENTS_CONSUMED.labels(CLICKSTREAM_TOPIC).inc(n)
+        responses = sum(result.responses.values())
+        metrics.EVENTS_CONSUMED.labels(CLICKSTREAM_TOPIC).inc(n - responses)
+        if responses:
+            metrics.EVENTS_CONSUMED.labels(RESPONSES_TOPIC).inc(responses)
+        for (outcome, joined), count in result.responses.items():
+            metrics.RESPONSES.labels(outcome, joined).inc(count)
+        offered = sum(1 for d in result.decisions if d.offered)
+        metrics.DECISIONS.labels("yes").inc(offered)
+        metrics.DECISIONS.labels("no").inc(len(result.decisions) - offered)
+        for example in result.examples:
+            label = "positive" if example.converted else "negative"
+            metrics.TRAINING_EXAMPLES.labels(label, example.why).inc()
         metrics.EVENTS_APPLIED.inc(result.applied)
         metrics.EVENTS_DUPLICATE.inc(result.duplicates)
         for rekeyed in result.rekeyed:
@@ -375,16 +463,34 @@ def create_app(settings: Settings) -> RtimApp:
             partitions=settings.partitions,
         )
     )
-    processor = ClickstreamProcessor(app, settings, table)
+    responses = app.topic(
+        RESPONSES_TOPIC,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
+    models = ModelSet()
+    processor = ClickstreamProcessor(app, settings, table, models)
     broker = BrokerHealth(settings.kafka, client_id=f"{settings.app_id}-health", loop=app.loop)
     app.add_dependency(broker)  # started and stopped with the app
 
     # Subscribe the consumer to the clickstream, and hand its records to the
     # processor a fetch at a time instead of one message at a time.
     app.topics.add(clickstream)
+    # Responses are co-partitioned with the clickstream (same partition count): Faust's
+    # assignor gives partition p of both to the same worker, the owner of the contexts.
+    app.topics.add(responses)
     consumer = app.consumer
     assert isinstance(consumer, BatchConsumer)
-    consumer.route_batches({CLICKSTREAM_TOPIC}, processor.handle, processor.wait_idle)
+    consumer.route_batches(
+        {CLICKSTREAM_TOPIC, RESPONSES_TOPIC}, processor.handle, processor.wait_idle
+    )
+
+    @app.timer(interval=IDLE_TICK_S)
+    async def close_idle_windows() -> None:
+        await processor.tick()
 
     @app.on_before_shutdown.connect
     async def stop_publisher(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -394,6 +500,9 @@ def create_app(settings: Settings) -> RtimApp:
     install_views(app, processor, broker)
     return app
 
+
+#: How often partitions that receive nothing are checked for windows to close.
+IDLE_TICK_S = 1.0
 
 #: Seconds the publisher gets at shutdown to deliver what it holds (nothing, after a
 #: batch finished; records of a batch cut short are given up: their input comes again).
@@ -418,6 +527,7 @@ def install_views(app: RtimApp, processor: ClickstreamProcessor, broker: BrokerH
         ((c, o.id) for o in processor.engine.catalog.offers for c in o.channels),
     )
     metrics.CONTEXT_CUSTOMERS.set_function(processor.store.size)
+    metrics.OPEN_WINDOWS.set_function(processor.engine.open_windows)
     metrics.WORKER_READY.set_function(lambda: 1.0 if is_ready(app, broker) else 0.0)
 
     @app.page("/metrics")

@@ -15,7 +15,7 @@ key (docs/architecture.md, "Zombie writers").
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import faust
@@ -114,6 +114,21 @@ class ContextStore:
 
     def get(self, partition: int, key: bytes) -> bytes | None:
         return _stored(self._store, partition, key)
+
+    def items(
+        self, partition: int, partition_of: Callable[[bytes], int]
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """The stored contexts of one partition (``partition_of``: a key's partition,
+        for the memory store, which keeps every partition in one dict)."""
+        store = self._store
+        if not self.durable:
+            for key, value in list(store.data.items()):
+                if partition_of(key) == partition:
+                    yield key, value
+            return
+        for key, value in store._db_for_partition(partition).items():
+            if not key.startswith(b"__faust"):
+                yield key, value
 
     def write(self, partition: int, items: dict[bytes, bytes], changelog_offset: int) -> None:
         """Write a batch of contexts, all already in the changelog up to ``changelog_offset``."""

@@ -149,7 +149,7 @@ _DROP = object()
 @pytest.mark.parametrize(
     ("raw", "reason", "field"),
     [
-        (b"{nope", "invalid_json", None),
+        (b"{nope", "malformed_json", None),
         (b"[1]", "not_an_object", None),
         (_raw(decision_id=_DROP), "missing_field", "decision_id"),
         (_raw(decision_id=3), "wrong_type", "decision_id"),
@@ -157,9 +157,9 @@ _DROP = object()
         (_raw(outcome="buy"), "unknown_outcome", "outcome"),
         (_raw(timestamp="yesterday"), "bad_timestamp", "timestamp"),
         (_raw(timestamp=17), "bad_timestamp", "timestamp"),
-        (_raw(value="10"), "bad_value", "value"),
-        (_raw(value=1e300), "bad_value", "value"),
-        (_raw(pad="x" * 5000), "too_large", None),
+        (_raw(value="10"), "wrong_type", "value"),
+        (_raw(value=1e300), "out_of_range", "value"),
+        (_raw(pad="x" * 5000), "oversize", None),
     ],
 )
 def test_an_invalid_response_gets_its_reason(raw, reason, field):

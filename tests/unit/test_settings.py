@@ -137,6 +137,10 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "dedupe_window_s": lambda tmp: Case(
         3600.0, lambda w: w.processor.engine.dedupe_window_ms, 3_600_000
     ),
+    "attribution_window_s": lambda tmp: Case(
+        7200.0, lambda w: w.processor.engine.window_ms, 7_200_000
+    ),
+    "idle_close_s": lambda tmp: Case(5.0, lambda w: w.processor.engine.idle_ms, 5_000),
 }
 
 

@@ -280,13 +280,16 @@ def test_dead_letter_headers_match_the_code(
     topics_by_name: dict[str, Any], asyncapi: dict[str, Any]
 ) -> None:
     from rtim.events.deadletter import dead_letter_headers
+    from rtim.learn.attribution import RESPONSE_REASONS
 
     names = [k for k, _ in dead_letter_headers(topic="t", partition=0, offset=0, exc=KeyError())]
     assert topics_by_name[DLQ_TOPIC]["headers"]["names"] == names
     headers = asyncapi["components"]["messages"]["DeadLetter"]["headers"]
     assert headers["required"] == names
     reasons = headers["properties"]["rtim.errors.reason"]["enum"]
-    assert reasons == [*REASONS, INTERNAL_ERROR]
+    response_only = [r for r in RESPONSE_REASONS if r not in REASONS]
+    assert response_only == ["missing_field", "unknown_outcome"]
+    assert reasons == [*REASONS, *response_only, INTERNAL_ERROR]
 
 
 def test_trigger_headers_match_the_code(

@@ -1,0 +1,53 @@
+"""Decision records: every decision, as written to ``rtim.decisions``.
+
+One JSON object per decision (schema: ``topics/schemas/decision.schema.json``),
+keyed by customer id, written in the same step as the decision's trigger: the
+decision id, the trigger, the channel, the offer chosen (or none), every
+candidate with its mean propensity, Thompson draw, score and model version,
+the features it was scored on, the event time it was made at and the end of
+its attribution window. It is what reporting, audits and offline learning
+read; the worker's own join keeps what it needs in the customer's context.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from rtim.decide.arbitrate import Decision
+from rtim.decide.cloudevent import iso_ms
+
+RECORD_FORMAT = 1
+
+
+def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
+    """The value of a decision record."""
+    ranked = decision.ranked
+    event = decision.event
+    return orjson.dumps(
+        {
+            "format": RECORD_FORMAT,
+            "decision_id": decision.decision_id,
+            "customer_id": decision.customer_id,
+            "source": source,
+            "trigger": decision.trigger.id,
+            "channel": decision.channel,
+            "offer_id": None if decision.offer is None else decision.offer.id,
+            "candidates": [
+                {
+                    "offer_id": c.offer.id,
+                    "propensity": round(c.mean, 6),
+                    "sampled": round(c.sampled, 6),
+                    "score": round(c.score, 6),
+                    "model_version": c.version,
+                    "features": list(c.own),
+                }
+                for c in ranked
+            ],
+            "features": ranked[0].shared if ranked else [],
+            "decided_ms": event.timestamp_ms,
+            "decided_at": iso_ms(event.timestamp_ms),
+            "window_end_ms": decision.window_end_ms,
+            "reasons": decision.reasons,
+            "message_id": event.message_id,
+        }
+    )
