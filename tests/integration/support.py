@@ -108,16 +108,20 @@ async def committed(bootstrap: str, group: str, topic: str = CLICKSTREAM_TOPIC) 
 
 
 async def wait_committed(
-    bootstrap: str, group: str, timeout: float = 120.0, worker: WorkerProcess | None = None
+    bootstrap: str,
+    group: str,
+    timeout: float = 120.0,
+    worker: WorkerProcess | None = None,
+    topic: str = CLICKSTREAM_TOPIC,
 ) -> None:
-    """Wait until the group committed every clickstream record."""
+    """Wait until the group committed every record of the topic (the clickstream)."""
     import asyncio
 
-    tps = [TopicPartition(CLICKSTREAM_TOPIC, p) for p in range(PARTITIONS)]
+    tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
     ends = await true_end_offsets(bootstrap, tps)
     deadline = time.monotonic() + timeout
     while True:
-        done = await committed(bootstrap, group)
+        done = await committed(bootstrap, group, topic)
         if all(done[tp.partition] >= ends[tp] for tp in tps):
             return
         if worker is not None and not worker.alive:
