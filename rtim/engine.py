@@ -251,7 +251,7 @@ class Engine:
         self.catalog = catalog
         self._rules = RuleIndex(catalog.triggers)
         self.models = models if models is not None else ModelSet()
-        self.features = features or FeatureBuilder()
+        self.features = features or FeatureBuilder(catalog.features)
         self.window_ms = window_ms
         self.idle_ms = idle_ms
         self.rng = rng or random.Random()
@@ -554,6 +554,7 @@ class BatchRun:
         max_bytes = engine.max_event_bytes
         skew = engine.max_future_skew_ms
         window_ms = engine.dedupe_window_ms
+        traits = engine.catalog.traits
         partition_of = engine.partition_of
         rekeyed = result.rekeyed
         decisions = result.decisions
@@ -607,7 +608,7 @@ class BatchRun:
                 if fragile and (partition, key) in fragile:
                     snapshot = orjson.dumps(ctx)
                 changing = True
-                apply_event(ctx, event, partition, offset, token, window_ms)
+                apply_event(ctx, event, partition, offset, token, window_ms, traits)
                 candidates = candidates_for(event)
                 if candidates:
                     mark = len(triggers)
@@ -759,7 +760,16 @@ class BatchRun:
         event = self._parse(record)
         if ctx is None:
             ctx = new_context(event.customer_id)
-        apply_event(ctx, event, record.partition, record.offset, None, self.engine.dedupe_window_ms)
+        engine = self.engine
+        apply_event(
+            ctx,
+            event,
+            record.partition,
+            record.offset,
+            None,
+            engine.dedupe_window_ms,
+            engine.catalog.traits,
+        )
         for rule in fired:
             ctx["fired"][rule.id] = event.timestamp_ms
         for pending in opened:

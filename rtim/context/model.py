@@ -139,8 +139,38 @@ _MAX_ID_CHARS = MAX_IDS * ID_TOKEN_CHARS
 AFFINITY_HALF_LIFE_MS = 7 * 24 * 3600 * 1000
 #: Affinity is decayed in steps of at least this much event time.
 AFFINITY_DECAY_STEP_MS = 60_000
-#: Traits kept in the context; names, e-mails and addresses never are (privacy).
+#: Traits kept in the context by default (the catalog's ``learning.traits`` sets
+#: the allowlist); names, e-mails, phone numbers and addresses never are (privacy).
 KEPT_TRAITS = ("plan", "tier", "segment")
+#: Most traits an allowlist may name, and the longest trait name.
+MAX_TRAITS = 16
+MAX_TRAIT_NAME_CHARS = 64
+#: Trait names that identify a person: no allowlist may name them.
+IDENTIFYING_TRAITS = frozenset(
+    {
+        "name",
+        "first_name",
+        "firstname",
+        "last_name",
+        "lastname",
+        "username",
+        "email",
+        "phone",
+        "phone_number",
+        "mobile",
+        "address",
+        "street",
+        "city",
+        "postal_code",
+        "postcode",
+        "zip",
+        "birthday",
+        "date_of_birth",
+        "ip",
+        "ssn",
+        "passport",
+    }
+)
 
 _LN2 = math.log(2.0)
 # How much each kind of interaction says about interest in a category.
@@ -391,8 +421,11 @@ def apply_event(
     offset: int,
     token: str | None = None,
     window_ms: int = DEDUPE_WINDOW_MS,
+    traits: tuple[str, ...] = KEPT_TRAITS,
 ) -> None:
     """Update ``ctx`` in place with one (already validated, non-duplicate) event.
+
+    ``traits`` are the identify traits kept (the catalog's allowlist).
 
     ``token`` is ``id_token(event.message_id)`` if already computed;
     ``window_ms`` the dedupe window. Raises :class:`InvalidEvent` (``too_old``,
@@ -463,13 +496,13 @@ def apply_event(
         if isinstance(category, str) and category:
             _add_affinity(ctx, category[:MAX_CATEGORY_CHARS].lower(), 0.5, ts)
     elif event_type == "identify":
-        traits = ctx["traits"]
-        for trait in KEPT_TRAITS:
+        kept = ctx["traits"]
+        for trait in traits:
             value = event.traits.get(trait)
             if isinstance(value, str):
-                traits[trait] = value[:MAX_TRAIT_CHARS]
+                kept[trait] = value[:MAX_TRAIT_CHARS]
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                traits[trait] = value  # finite: JSON has no infinities
+                kept[trait] = value  # finite: JSON has no infinities
 
     # Remember the message id (see the module notes), then forget what is due.
     if token is None:
@@ -626,9 +659,12 @@ def repair(stored: Any, customer_id: str) -> Context:
     }
     for k in sorted(affinity, key=affinity.__getitem__, reverse=True)[:MAX_CATEGORIES]:
         ctx["affinity"][k] = affinity[k]
-    traits = mapping("traits")
-    for trait in KEPT_TRAITS:
-        value = traits.get(trait)
+    # (Kept when they were written, by the allowlist of that time.)
+    for trait, value in mapping("traits").items():
+        if len(ctx["traits"]) >= MAX_TRAITS:
+            break
+        if len(trait) > MAX_TRAIT_NAME_CHARS or trait.lower() in IDENTIFYING_TRAITS:
+            continue
         if type(value) is str:
             ctx["traits"][trait] = value[:MAX_TRAIT_CHARS]
         elif _is_number(value):

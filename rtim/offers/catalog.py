@@ -32,7 +32,9 @@ from typing import Any
 import yaml
 
 from rtim.conditions import Condition, ConditionError, compile_all
+from rtim.context.model import IDENTIFYING_TRAITS, KEPT_TRAITS, MAX_TRAIT_NAME_CHARS, MAX_TRAITS
 from rtim.errors import ConfigError
+from rtim.learn.features import DEFAULT_SPEC, FeatureSpec, FeatureSpecError, parse_spec
 from rtim.names import OFFER_CHANNELS
 from rtim.triggers.rules import TriggerRule, parse_rule
 
@@ -149,6 +151,10 @@ class Catalog:
     triggers: tuple[TriggerRule, ...]
     offers: tuple[Offer, ...]
     source: str = "<memory>"
+    #: Identify traits kept in contexts (the allowlist).
+    traits: tuple[str, ...] = KEPT_TRAITS
+    #: The features decisions are scored on.
+    features: FeatureSpec = DEFAULT_SPEC
     _by_trigger: dict[str, tuple[Offer, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -275,7 +281,7 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
 
     if not isinstance(data, dict):
         raise error("the catalog must be a mapping with 'triggers' and 'offers'")
-    unknown = set(data) - {"triggers", "offers"}
+    unknown = set(data) - {"triggers", "offers", "learning"}
     if unknown:
         raise error(f"unknown top-level field(s) {sorted(map(str, unknown))}")
     raw_triggers = data.get("triggers") or []
@@ -303,7 +309,48 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
         raise error(
             f"duplicate offer id(s) {_duplicates(offer_ids)}", _second(raw_offers, offer_ids)
         )
-    return Catalog(triggers=tuple(triggers), offers=tuple(offers), source=source)
+    learning = data.get("learning") or {}
+    try:
+        traits, features = parse_learning(learning)
+    except CatalogError as exc:
+        raise error(str(exc), learning) from None
+    return Catalog(
+        triggers=tuple(triggers),
+        offers=tuple(offers),
+        source=source,
+        traits=traits,
+        features=features,
+    )
+
+
+def parse_learning(raw: Any) -> tuple[tuple[str, ...], FeatureSpec]:
+    """The ``learning`` section: the traits kept in contexts (an allowlist) and the
+    features decisions are scored on (:mod:`rtim.learn.features`)."""
+    if not isinstance(raw, dict):
+        raise CatalogError("'learning' must be a mapping with 'traits' and/or 'features'")
+    unknown = set(raw) - {"traits", "features"}
+    if unknown:
+        raise CatalogError(f"learning: unknown field(s) {sorted(map(str, unknown))}")
+    traits = raw.get("traits", list(KEPT_TRAITS))
+    if not isinstance(traits, list) or not all(isinstance(t, str) and t for t in traits):
+        raise CatalogError("learning.traits must be a list of trait names")
+    if len(traits) > MAX_TRAITS or any(len(t) > MAX_TRAIT_NAME_CHARS for t in traits):
+        raise CatalogError(
+            f"learning.traits: at most {MAX_TRAITS} names of at most "
+            f"{MAX_TRAIT_NAME_CHARS} characters"
+        )
+    identifying = sorted(t for t in traits if t.lower() in IDENTIFYING_TRAITS)
+    if identifying:
+        raise CatalogError(
+            f"learning.traits: {identifying} identify a person; RTIM never keeps such traits"
+        )
+    features = DEFAULT_SPEC
+    if "features" in raw:
+        try:
+            features = parse_spec(raw["features"], "learning.features")
+        except FeatureSpecError as exc:
+            raise CatalogError(str(exc)) from None
+    return tuple(dict.fromkeys(traits)), features
 
 
 def _second(raws: list[Any], ids: list[str]) -> Any:

@@ -312,6 +312,18 @@ def test_catalog_error_is_a_value_error_and_rule_errors_are_condition_errors() -
             "  - id: o\n    channels: [app]\n",
             ":6: duplicate offer id(s) ['o']",
         ),
+        (
+            "offers: []\nlearning:\n  traits: [plan, email]\n",
+            ":3: learning.traits: ['email'] identify a person",
+        ),
+        (
+            "offers: []\nlearning:\n  features:\n    - {path: orders, encode: squared}\n",
+            ":3: learning.features[0] (path 'orders'): unknown encoding 'squared'",
+        ),
+        (
+            "offers:\n  - id: o\n    channels: [web]\n    attribution_window: 0\n",
+            ":4: offer 'o': 'attribution_window' must be a number of seconds > 0",
+        ),
     ],
 )
 def test_load_catalog_names_the_file_and_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -527,3 +539,44 @@ def test_conditions_see_the_context_and_the_event() -> None:
     failing = compile_all(["events.Product Viewed == 1", "event.channel == app"], "test")
     assert first_failed(failing, e, ctx) is failing[1]
     assert "event" not in ctx  # the context itself is not changed
+
+
+# --------------------------------------------------------------------------
+# What the models learn from: the learning section
+# --------------------------------------------------------------------------
+
+
+def test_the_traits_kept_are_the_catalogs_allowlist() -> None:
+    cat = parse_catalog({"learning": {"traits": ["plan", "loyalty"]}})
+    assert cat.traits == ("plan", "loyalty")
+    identify = parsed(
+        segment_call(
+            "identify",
+            None,
+            ts=T0,
+            traits={"plan": "gold", "loyalty": "silver", "tier": "a", "email": "j@example.com"},
+        )
+    )
+    ctx = new_context("u-1")
+    apply_event(ctx, identify, 0, 0, traits=cat.traits)
+    assert ctx["traits"] == {"plan": "gold", "loyalty": "silver"}
+    # by default: plan, tier and segment
+    default = new_context("u-1")
+    apply_event(default, identify, 0, 0, traits=parse_catalog({}).traits)
+    assert default["traits"] == {"plan": "gold", "tier": "a"}
+
+
+@pytest.mark.parametrize("name", ["email", "Email", "firstName", "phone_number", "address"])
+def test_no_allowlist_may_keep_a_trait_that_identifies_a_person(name: str) -> None:
+    with pytest.raises(CatalogError, match="identify a person"):
+        parse_catalog({"learning": {"traits": ["plan", name]}})
+
+
+def test_the_features_are_the_catalogs_spec() -> None:
+    spec = [{"path": "moment.channel", "encode": "category"}, {"path": "orders", "encode": "log2"}]
+    cat = parse_catalog({"learning": {"features": spec}})
+    assert [(e.path, e.encode) for e in cat.features.entries] == [
+        ("moment.channel", "category"),
+        ("orders", "log2"),
+    ]
+    assert parse_catalog({}).features.entries[0].path == "moment.channel"  # the default spec

@@ -543,7 +543,10 @@ def test_context_schema_budgets_match_the_model() -> None:
     trait_string = props["traits"]["additionalProperties"]["oneOf"][0]
     assert trait_string["maxLength"] == context_model.MAX_TRAIT_CHARS
     assert str(context_model.MAX_CONTEXT_BYTES) in schema["description"]
-    assert set(props["traits"]["propertyNames"]["enum"]) == set(context_model.KEPT_TRAITS)
+    names = props["traits"]["propertyNames"]
+    assert set(names["not"]["enum"]) == context_model.IDENTIFYING_TRAITS
+    assert names["maxLength"] == context_model.MAX_TRAIT_NAME_CHARS
+    assert props["traits"]["maxProperties"] == context_model.MAX_TRAITS
     assert set(props["channels"]["propertyNames"]["enum"]) == set(EVENT_CHANNELS)
     assert set(props["types"]["propertyNames"]["enum"]) == EVENT_TYPES
 
