@@ -464,6 +464,9 @@ class FakeProducer:
         return BatchBuilder(self.config["max_batch_size"], 0)
 
     async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int):
+        # A real send_batch awaits the topic's metadata (other tasks run, and a
+        # cancellation lands there), then hands the batch over without awaiting.
+        await asyncio.sleep(0)
         assert not self.stopped
         self.batches.append((topic, partition, bytes(batch._build())))
         fut = asyncio.get_running_loop().create_future()
@@ -471,7 +474,6 @@ class FakeProducer:
             fut.set_exception(RuntimeError("broker said no"))
         else:
             fut.set_result(None)
-        await asyncio.sleep(0)  # a real send_batch awaits the network: other tasks run
         return fut
 
     async def stop(self) -> None:
