@@ -24,6 +24,7 @@ from prometheus_client.core import HistogramMetricFamily
 
 from rtim.engine import REKEY_REASONS
 from rtim.events import INTERNAL_ERROR, REASONS
+from rtim.learn.attribution import JOIN_RESULTS, OUTCOMES, RESPONSE_REASONS
 
 #: The decision latency objective (event in Kafka -> trigger acknowledged by Kafka);
 #: the histogram has a bucket boundary exactly there.
@@ -43,7 +44,7 @@ EVENTS_REKEYED = Counter(
 )
 EVENTS_DEAD_LETTERED = Counter(
     "rtim_events_dead_lettered_total",
-    "Events sent to the dead-letter topic, by reason.",
+    "Records (clickstream events and responses) sent to the dead-letter topic, by reason.",
     ["reason"],
 )
 TRIGGERS_SENT = Counter(
@@ -140,10 +141,13 @@ BROKER_UP = Gauge(
 # on a reason no event has had yet would show "No data" instead of 0. Every label value
 # known in advance is created at 0 here (channels and offers come from the catalog:
 # :func:`start_at_zero`).
-for _reason in (*REASONS, INTERNAL_ERROR):
+for _reason in dict.fromkeys((*REASONS, *RESPONSE_REASONS, INTERNAL_ERROR)):
     EVENTS_DEAD_LETTERED.labels(_reason)
 for _reason in REKEY_REASONS:
     EVENTS_REKEYED.labels(_reason)
+for _outcome in OUTCOMES:
+    for _result in JOIN_RESULTS:
+        RESPONSES.labels(_outcome, _result)
 #: The stages of :data:`BATCH_STAGE_SECONDS`, one child each.
 BATCH_STAGES = {
     stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store", "fence")
