@@ -462,8 +462,13 @@ class Engine:
             decision.event.timestamp_ms,
             decision.window_end_ms,
         )
+        first = next_window_end(ctx)
         result.examples.extend(open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER))
-        self._schedule(partition, key, pending.window_end_ms)
+        if first is None or pending.window_end_ms < first:
+            # One entry per customer, at its first window end: when it comes due, the
+            # customer's next end is scheduled (so the heap grows with customers, not
+            # with decisions).
+            self._schedule(partition, key, pending.window_end_ms)
         return pending
 
     def _rekeyed(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import time
 from collections.abc import Iterable
 from random import Random
 from typing import Any
@@ -697,15 +698,17 @@ def same_as_without(failing: list[int], reason: str = "internal_error", batch: i
         store = Store()
         run(engine(store), seed, store)
         eng = engine(store, models=warm_models())
-        produced: list[Any] = [[], []]
+        produced: list[Any] = [[], [], []]
         for i in range(0, len(stream), batch):
             result = run(eng, stream[i : i + batch], store)
             produced[0] += [(t.topic, t.key, t.value) for t in result.triggers]
             produced[1] += [(d.reason, d.value) for d in result.dead_letters]
+            produced[2] += [d.value for d in result.decisions]
         runs.append((store.data, *produced))
-    (stored, triggers, letters), (stored_without, triggers_without, _) = runs
+    (stored, triggers, letters, decisions), (stored_without, triggers_without, _, without) = runs
     assert stored == stored_without
     assert triggers == triggers_without
+    assert decisions == without  # a failed event's decisions are not recorded
     assert letters == [(reason, records[i].value) for i in failing]
 
 
@@ -741,6 +744,21 @@ def test_an_event_failing_in_a_decision_sets_no_cooldown_and_sends_nothing(
         return decision
 
     monkeypatch.setattr(rtim.engine, "decide", flaky)
+    same_as_without(failing)
+
+
+@pytest.mark.parametrize("failing", [[3], [3, 7, 10]])
+def test_an_event_failing_after_its_decision_is_recorded_leaves_no_record(
+    monkeypatch: pytest.MonkeyPatch, failing: list[int]
+) -> None:
+    real = rtim.engine.encode_trigger
+
+    def flaky(decision: Any, **kwargs: Any) -> bytes:
+        if decision.event.properties.get("fail"):
+            raise ZeroDivisionError("bad trigger")
+        return real(decision, **kwargs)
+
+    monkeypatch.setattr(rtim.engine, "encode_trigger", flaky)
     same_as_without(failing)
 
 
@@ -939,3 +957,160 @@ def test_a_customer_whose_context_kafka_refused_keeps_the_stored_one() -> None:
     assert list(result.updates[0]) == [b"u-2"]
     assert (result.applied, result.invalid["refused"]) == (1, 2)
     assert eng.context(0, b"u-1")["pages"] == ["/a"]
+
+
+# --------------------------------------------------------------------------
+# Decisions, responses and attribution windows, in the engine
+# --------------------------------------------------------------------------
+
+HOUR = 3_600_000
+
+
+def ticket(user: str, ts: int) -> dict[str, Any]:
+    return track("Support Ticket Opened", user=user, ts=ts)
+
+
+def responses(*items: tuple[str, str, str, int], partition: int = 0) -> list[Record]:
+    """Response records: (customer, decision id, outcome, event time)."""
+    out = []
+    for i, (customer, decision, outcome, ts) in enumerate(items):
+        body = {
+            "decision_id": decision,
+            "customer_id": customer,
+            "outcome": outcome,
+            "timestamp": iso(ts),
+        }
+        out.append(Record(partition, 1000 + i, customer.encode(), orjson.dumps(body)))
+    return out
+
+
+def iso(ms_: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms_ // 1000)) + f".{ms_ % 1000:03d}Z"
+
+
+def respond(eng: Engine, records: list[Record], store: Store) -> BatchResult:
+    run_ = eng.start_batch(TOPIC)
+    run_.add_responses(records)
+    result = run_.finish()
+    store.persist(result)
+    return result
+
+
+def decided(window_ms: int = HOUR) -> tuple[Engine, Store, Log, dict[str, str]]:
+    """Two customers with an open decision each (callback), made at T0."""
+    store, log = Store(), Log()
+    eng = engine(store, window_ms=window_ms)
+    result = run(eng, log.records(ticket("u-1", T0), ticket("u-2", T0)), store)
+    ids = {}
+    for d in result.decisions:
+        record = orjson.loads(d.value)
+        assert (record["offer_id"], record["window_end_ms"]) == ("callback", T0 + window_ms)
+        ids[record["customer_id"]] = record["decision_id"]
+    assert set(ids) == {"u-1", "u-2"}
+    return eng, store, log, ids
+
+
+def test_a_decision_is_recorded_and_kept_open_in_the_context() -> None:
+    eng, store, _, ids = decided()
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    (pending,) = ctx["pending"]
+    assert pending[:2] == [ids["u-1"], "callback"]
+    assert pending[3:] == [T0, T0 + HOUR, []]
+    assert pending[2], "the features it was scored on"
+    assert eng.open_windows() == 2
+
+
+def test_responses_join_the_customers_open_decision() -> None:
+    eng, store, _, ids = decided()
+    result = respond(
+        eng,
+        responses(
+            ("u-1", ids["u-1"], "impression", T0 + MINUTE),
+            ("u-1", ids["u-1"], "conversion", T0 + 2 * MINUTE),
+            ("u-1", ids["u-1"], "conversion", T0 + 3 * MINUTE),
+            ("u-2", ids["u-1"], "conversion", T0 + MINUTE),  # another customer's decision
+            ("u-3", "nope", "click", T0 + MINUTE),  # a customer never seen
+        ),
+        store,
+    )
+    assert result.responses == {
+        ("impression", "joined"): 1,
+        ("conversion", "joined"): 1,
+        ("conversion", "duplicate"): 1,
+        ("conversion", "unknown"): 1,
+        ("click", "unknown"): 1,
+    }
+    ((decision, converted, why),) = [(e.decision_id, e.converted, e.why) for e in result.examples]
+    assert (decision, converted, why) == (ids["u-1"], True, "conversion")
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    assert ctx["pending"] == [] and ctx["closed"][0][0] == ids["u-1"]
+
+
+def test_a_window_closes_when_the_partitions_stream_time_passes_it() -> None:
+    eng, store, log, ids = decided()
+    # Another customer's event inside the windows closes nothing; one past them closes both.
+    assert run(eng, log.records(page("/", user="u-9", ts=T0 + HOUR - 1)), store).examples == []
+    result = run(eng, log.records(page("/", user="u-9", ts=T0 + HOUR)), store)
+    got = {(e.decision_id, e.converted, e.why, e.closed_ms) for e in result.examples}
+    assert got == {(ids[c], False, "window", T0 + HOUR) for c in ("u-1", "u-2")}
+    assert set(result.updates[0]) == {b"u-1", b"u-2", b"u-9"}  # the closed decisions persist
+    # Late now, and nothing more is learned.
+    late = respond(eng, responses(("u-1", ids["u-1"], "conversion", T0 + MINUTE)), store)
+    assert late.responses == {("conversion", "late"): 1} and late.examples == []
+    assert eng.open_windows() == 0
+
+
+def test_an_idle_partition_closes_its_windows_on_the_wall_clock() -> None:
+    wall = [NOW / 1000]
+    store, log = Store(), Log()
+    eng = Engine(
+        catalog=CATALOG, load=store.load, clock=lambda: wall[0], window_ms=HOUR, idle_ms=MINUTE
+    )
+    run(eng, log.records(ticket("u-1", T0)), store)
+    wall[0] += 30  # half a minute: not idle yet
+    assert eng.tick(int(wall[0] * 1000)) is None
+    wall[0] += 3600  # an hour later: the stream time moved by what passed since
+    run_ = eng.tick(int(wall[0] * 1000))
+    assert run_ is not None
+    result = run_.finish()
+    ((why, converted),) = [(e.why, e.converted) for e in result.examples]
+    assert (why, converted) == ("window", False)
+    assert b"u-1" in result.updates[0]
+
+
+def test_a_new_owner_learns_the_open_windows_from_the_store() -> None:
+    _, store, _, ids = decided()
+    eng = engine(store, window_ms=HOUR)  # a worker that got the partition
+    stored = [(k, v) for (p, k), v in store.data.items() if p == 0]
+    assert eng.index_windows(0, stored, wall_ms=NOW) == 2
+    log = Log()
+    log.next[0] = 100
+    result = run(eng, log.records(page("/", user="u-9", ts=T0 + 2 * HOUR)), store)
+    assert {e.decision_id for e in result.examples} == set(ids.values())
+
+
+def test_an_invalid_response_is_dead_lettered_with_its_reason() -> None:
+    eng, store, _, _ = decided()
+    bad = [
+        Record(0, 7, b"u-1", b"{nope"),
+        Record(0, 8, b"u-1", b'{"decision_id": "d", "customer_id": "u-1", "outcome": "like",'
+               b' "timestamp": "2026-11-25T11:00:00Z"}'),
+        Record(0, 9, b"u-1", b'{"decision_id": "d", "customer_id": "u-1", "outcome": "click",'
+               b' "timestamp": "2031-01-01T00:00:00Z"}'),
+    ]  # fmt: skip
+    result = respond(eng, bad, store)
+    assert [d.reason for d in result.dead_letters] == [
+        "malformed_json",
+        "unknown_outcome",
+        "clock_skew",
+    ]
+    assert result.responses == {}
+
+
+def test_a_response_keyed_otherwise_is_rekeyed_to_its_customer() -> None:
+    eng, store, _, ids = decided()
+    (record,) = responses(("u-1", ids["u-1"], "click", T0 + MINUTE))
+    result = respond(eng, [record._replace(key=b"session-9")], store)
+    (copy,) = result.rekeyed
+    assert (copy.topic, copy.key, copy.reason) == ("rtim.responses", b"u-1", "key")
+    assert result.responses == {}
