@@ -94,6 +94,12 @@ class Settings(BaseSettings):
         description="A messageId is never applied twice within this much of its customer's "
         "event time; older repeats are dead-lettered (too_old). At most 1024 ids per customer.",
     )
+    model_snapshot_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often a worker publishes the snapshots of the offer models it "
+        "learned since (they reach every worker's decisions through rtim.models).",
+    )
     shutdown_timeout_s: float = Field(
         20.0,
         gt=0,

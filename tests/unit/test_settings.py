@@ -137,6 +137,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "dedupe_window_s": lambda tmp: Case(
         3600.0, lambda w: w.processor.engine.dedupe_window_ms, 3_600_000
     ),
+    "model_snapshot_interval_s": lambda tmp: Case(2.5, lambda w: w.app.rtim_shared.interval, 2.5),
 }
 
 
