@@ -329,14 +329,18 @@ class SharedModels(Service):
 
     async def on_stop(self) -> None:
         try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT / 2):
+            async with asyncio.timeout(STOP_TIMEOUT):
                 await self.flush()
         except TimeoutError:
             log.warning("last model snapshots not published: they are learned again")
-        for consumer in (self._consumer, self._reader):
-            if consumer is not None:
-                await stop_consumer(consumer, STOP_TIMEOUT)
-        await self._probe.stop()
+        clients = [c for c in (self._consumer, self._reader) if c is not None]
+        await asyncio.gather(
+            *(stop_consumer(c, STOP_TIMEOUT) for c in clients),
+            self._probe.stop(),
+            self._stop_producer(),
+        )
+
+    async def _stop_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
