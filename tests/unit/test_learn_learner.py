@@ -290,3 +290,56 @@ def test_snapshots_and_cursors_match_the_topics_schema() -> None:
     for _, value in kafka.models:
         assert not list(check.iter_errors(orjson.loads(value))), value[:200]
     assert list(check.iter_errors({"format": 1, "partition": 0}))
+
+
+def test_the_reader_swaps_in_only_newer_snapshots_and_skips_bad_records(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from rtim import metrics
+    from rtim.learn.models import ModelSet
+    from rtim.settings import Settings
+    from rtim.stream.models import SharedModels
+
+    models = ModelSet()
+    shared = SharedModels(Settings(), models)
+    learner = Learner()
+    learner.assign(0, ModelBoard())
+    rng = random.Random(5)
+    snaps = []
+    for i in range(3):
+        for j in range(20):
+            learner.learn(0, i * 20 + j, example("o", f"d{i}-{j}", rng))
+        (snap,) = learner.flush().snapshots
+        snaps.append(orjson.dumps(snap))
+    shared._take(0, 0, b"o", snaps[1])
+    shared._take(1, 0, b"o", snaps[2])
+    shared._take(0, 1, b"o", snaps[0])  # older, read after the newest
+    shared._take(0, 2, b"o", b"{")
+    assert models.models["o"].version == 60
+    features = ["cart.value~7", "hour~3"]
+    assert models.models["o"].mean(features) == learner.offers["o"].model.mean(features)
+    assert metrics.MODEL_VERSION.labels("o")._value.get() == 60
+    assert "rtim.models[0]@2 skipped, not a model snapshot or cursor" in caplog.text
+
+
+def test_bad_records_are_logged_ten_lines_a_minute_then_counted(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    from rtim.stream import models as shell
+
+    now = [1000.0]
+    monkeypatch.setattr(shell.time, "monotonic", lambda: now[0])
+    throttled = shell.Throttled(logging.getLogger("rtim.test"), per_minute=10)
+    with caplog.at_level(logging.WARNING, logger="rtim.test"):
+        for i in range(25):
+            throttled.warning("bad record %d", i)
+        now[0] += 61
+        throttled.warning("bad record %d", 25)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        *(f"bad record {i}" for i in range(10)),
+        "15 more such lines were not logged",
+        "bad record 25",
+    ]
