@@ -114,28 +114,55 @@ def test_a_killed_learner_is_replaced_without_learning_anything_twice_or_losing_
     assert [line.split()[0] for line in table.output.splitlines()[1:]] == sorted(printed)
 
 
-def test_two_workers_share_the_learning_and_both_show_every_model(kafka, workers) -> None:
-    one = workers("w1")
-    two = workers("w2")
-    one.wait_ready()
-    two.wait_ready()
-    offers = ["free-shipping", "gold-upgrade", "shoes-10", "app-welcome", "callback"]
-    asyncio.run(
-        produce(
-            kafka.bootstrap,
-            [rec for i, offer in enumerate(offers) for rec in examples(offer, 0, 10 + i)],
-            TRAINING_TOPIC,
-        )
-    )
-    want = {offer: (10 + i, positives(0, 10 + i)) for i, offer in enumerate(offers)}
-    shown = [wait_models(w, want) for w in (one, two)]
-    learners = [{o for o, row in s.items() if row["learner"]} for s in shown]
-    # Each offer learned by one worker only, and the two share the work (the
-    # offers' keys fall on more than one training partition).
-    assert learners[0] | learners[1] == set(offers)
-    assert not learners[0] & learners[1]
-    assert learners[0] and learners[1], learners
-    # Each offer's snapshots come from one learner: their versions only go up.
+def learned(*workers: WorkerProcess) -> float:
+    return sum(w.metric("rtim_examples_learned_total", result="learned") for w in workers)
+
+
+def poll(condition: Any, timeout: float, what: str, *workers: WorkerProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            tails = "\n".join(w.log_tail(20) for w in workers)
+            raise AssertionError(f"not within {timeout} s: {what}\n{tails}")
+        time.sleep(0.2)
+
+
+#: Offers whose keys fall on every training partition (0, 1, 1, 2, 3 of 4).
+OFFERS = ["free-shipping", "gold-upgrade", "shoes-10", "app-welcome", "callback"]
+
+
+def test_workers_share_the_learning_and_hand_it_over_at_rebalance_and_stop(kafka, workers) -> None:
+    # No snapshot on the interval within this test: only a revocation or a stop publishes.
+    slow = {"RTIM_MODEL_SNAPSHOT_INTERVAL_S": "600"}
+    one = workers("w1", env=slow).wait_ready()
+    first = [rec for i, offer in enumerate(OFFERS) for rec in examples(offer, 0, 10 + i)]
+    asyncio.run(produce(kafka.bootstrap, first, TRAINING_TOPIC))
+    poll(lambda: learned(one) == len(first), 30, "the first worker learned", one)
+    assert models(one) == {}  # learned, not published yet
+
+    two = workers("w2", env=slow).wait_ready()  # the group rebalances: w1 publishes
+    want = {offer: (10 + i, positives(0, 10 + i)) for i, offer in enumerate(OFFERS)}
+    for worker in (one, two):
+        wait_models(worker, want)
+    second = [rec for offer in OFFERS for rec in examples(offer, 100, 5)]
+    asyncio.run(produce(kafka.bootstrap, second, TRAINING_TOPIC))
+    poll(lambda: learned(one, two) == len(first) + len(second), 30, "learned", one, two)
+    learners = [{o for o, row in models(w).items() if row["learner"]} for w in (one, two)]
+    # The offers' keys fall on every partition: each worker learns some of them.
+    assert learners[0] and learners[1] and not learners[0] & learners[1], learners
+
+    counts = learned(one), learned(two)
+    assert two.stop() == 0  # publishes what it learned; w1 takes its partitions over
+    for i, offer in enumerate(OFFERS):
+        want[offer] = (15 + i, positives(0, 10 + i) + positives(100, 5))
+    wait_models(one, want)
+    third = [rec for offer in OFFERS for rec in examples(offer, 200, 1)]
+    asyncio.run(produce(kafka.bootstrap, third, TRAINING_TOPIC))
+    poll(lambda: learned(one) >= counts[0] + len(third), 30, "the third batch learned", one)
+    # w1 read w2's partitions from where w2's snapshots ended: nothing learned twice.
+    assert learned(one) == counts[0] + len(third)
+    assert all(row["learner"] for row in models(one).values())
+    # Each offer's snapshots come from one learner at a time: their versions only go up.
     versions: dict[bytes, list[int]] = {}
     for rec in asyncio.run(read_topic(kafka.bootstrap, MODELS_TOPIC)):
         if not rec.key.startswith(b"__cursor__."):
