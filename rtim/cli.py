@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from rtim.errors import ConfigError
-from rtim.names import CLICKSTREAM_TOPIC
+from rtim.names import CLICKSTREAM_TOPIC, MODELS_TOPIC
 from rtim.settings import DEFAULTS, describe, load_settings
 
 #: Exit code for a configuration the user must fix (as for a usage error).
@@ -330,7 +330,10 @@ def evaluate(decisions: int, seeds: str, json_path: str | None) -> None:
 @main.command()
 @click.option("--broker", default=None, help="Bootstrap servers (default: RTIM_BROKER).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def models(broker: str | None, as_json: bool) -> None:
+@click.option(
+    "--timeout", type=float, default=30, show_default=True, help="Seconds to read the topic."
+)
+def models(broker: str | None, as_json: bool, timeout: float) -> None:
     """List the shared model of each offer, as every worker decides with it.
 
     Reads rtim.models to its end: per offer, the examples and positives learned,
@@ -341,11 +344,17 @@ def models(broker: str | None, as_json: bool) -> None:
     import asyncio
     import json
 
+    from aiokafka.errors import KafkaError
+
     from rtim.settings import KafkaConnection
     from rtim.stream.models import read_models
 
     kafka = KafkaConnection.parse(broker) if broker else load_settings().kafka
-    rows = asyncio.run(read_models(kafka)).summaries()
+    try:
+        rows = asyncio.run(read_models(kafka, timeout=timeout)).summaries()
+    except (TimeoutError, KafkaError) as exc:
+        click.echo(f"rtim: {MODELS_TOPIC} not read from {kafka} ({exc!r})", err=True)
+        raise SystemExit(1) from None
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -343,3 +343,18 @@ def test_bad_records_are_logged_ten_lines_a_minute_then_counted(
         "15 more such lines were not logged",
         "bad record 25",
     ]
+
+
+def test_rtim_models_says_which_broker_it_could_not_read() -> None:
+    import socket
+
+    from click.testing import CliRunner
+
+    from rtim.cli import main
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there once closed
+    result = CliRunner().invoke(main, ["models", "--broker", f"127.0.0.1:{port}", "--timeout", "5"])
+    assert result.exit_code == 1
+    assert f"rtim: rtim.models not read from 127.0.0.1:{port}" in result.output
