@@ -100,6 +100,8 @@ class SharedModels(Service):
         #: Per models partition, the offset after the last record the reader took.
         self.read_to: dict[int, int] = {}
         self.models_tps: list[TopicPartition] | None = None
+        #: Set once every snapshot written before the start has been read and swapped in.
+        self.loaded = asyncio.Event()
         self._read_progress = asyncio.Event()
         self._lock = asyncio.Lock()
         self._producer: AIOKafkaProducer | None = None
@@ -121,7 +123,8 @@ class SharedModels(Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
-        await self._start(reader)
+        if not await self._start(reader):
+            return
         partitions = await self._partitions(reader, MODELS_TOPIC)
         tps = [TopicPartition(MODELS_TOPIC, p) for p in partitions]
         reader.assign(tps)
@@ -165,11 +168,37 @@ class SharedModels(Service):
         metrics.MODEL_VERSION.labels(offer).set(snapshot["version"])
         metrics.MODEL_SNAPSHOT_AGE.labels(offer).set_function(lambda: max(0.0, time.time() - made))
 
-    async def wait_read(self, ends: dict[int, int]) -> None:
-        """Return once the reader has read every models partition up to ``ends``."""
+    @Service.task
+    async def _load(self) -> None:
+        ends = await self._models_ends()
+        if ends is not None and await self.wait_read(ends):
+            self.loaded.set()
+            log.info("models read: %d offers", len(self.board.snapshots))
+
+    async def _models_ends(self) -> dict[int, int] | None:
+        """The models topic's true end offsets now (retried until the broker answers;
+        None if the service stops first)."""
+        delay = 0.5
+        while not self.should_stop:
+            try:
+                async with asyncio.timeout(max(10.0, self.settings.session_timeout_s)):
+                    ends = await self._probe.end_offsets(await self._models_tps())
+                return {tp.partition: end for tp, end in ends.items()}
+            except (KafkaError, TimeoutError) as exc:
+                log.warning("end offsets of %s not known (%r); retrying", MODELS_TOPIC, exc)
+                await self.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return None
+
+    async def wait_read(self, ends: dict[int, int]) -> bool:
+        """Return True once the reader has read every models partition up to ``ends``;
+        False if the service stops first."""
         while not all(self.read_to.get(p, 0) >= end for p, end in ends.items()):
+            if self.should_stop:
+                return False
             self._read_progress.clear()
-            await self._read_progress.wait()
+            await self.wait_first(self._read_progress.wait(), timeout=1.0)
+        return True
 
     async def _models_tps(self) -> list[TopicPartition]:
         while self.models_tps is None:
@@ -193,7 +222,8 @@ class SharedModels(Service):
             rebalance_timeout_ms=max(session_ms // 2, 5000),
         )
         consumer.subscribe([TRAINING_TOPIC], listener=_Handover(self, consumer))
-        await self._start(consumer)
+        if not await self._start(consumer):
+            return
         next_flush = time.monotonic() + self.interval
         while not self.should_stop:
             try:
@@ -272,19 +302,9 @@ class SharedModels(Service):
 
     async def take_over(self, consumer: AIOKafkaConsumer, assigned: set[TopicPartition]) -> None:
         """Resume newly assigned training partitions from the snapshots and cursors."""
-        delay = 0.5
-        while not self.should_stop:
-            try:
-                async with asyncio.timeout(max(10.0, self.settings.session_timeout_s)):
-                    ends = await self._probe.end_offsets(await self._models_tps())
-                    await self.wait_read({tp.partition: end for tp, end in ends.items()})
-                break
-            except (KafkaError, TimeoutError) as exc:
-                log.warning(
-                    "models not read to their end (%r); training partitions wait %.1f s", exc, delay
-                )
-                await self.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        ends = await self._models_ends()
+        if ends is None or not await self.wait_read(ends):
+            return  # stopping: the partitions stay unread here
         async with self._lock:
             for tp in sorted(assigned):
                 offset = self.learner.assign(tp.partition, self.board)
@@ -304,16 +324,18 @@ class SharedModels(Service):
 
     # -- start and stop --------------------------------------------------------
 
-    async def _start(self, client: AIOKafkaConsumer) -> None:
+    async def _start(self, client: AIOKafkaConsumer) -> bool:
+        """Start a consumer (retried until the broker answers); False if stopping first."""
         delay = 0.5
-        while True:
+        while not self.should_stop:
             try:
                 await client.start()
-                return
+                return True
             except KafkaError as exc:
                 log.warning("models client not started (%r); retrying in %.1f s", exc, delay)
                 await self.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        return False
 
     @staticmethod
     async def _partitions(client: AIOKafkaConsumer, topic: str) -> list[int]:
@@ -372,7 +394,7 @@ class _Handover(ConsumerRebalanceListener):
 def install_view(app: Any, shared: SharedModels) -> None:
     @app.page("/v1/models")
     async def models_view(web: Any, request: Any) -> Any:
-        return web.json({"models": shared.view()})
+        return web.json({"loaded": shared.loaded.is_set(), "models": shared.view()})
 
 
 async def read_models(kafka: KafkaConnection | str, timeout: float = 30.0) -> ModelBoard:

@@ -44,9 +44,13 @@ def positives(first: int, n: int) -> int:
     return sum(1 for i in range(first, first + n) if i % 4 == 0)
 
 
-def models(worker: WorkerProcess) -> dict[str, dict[str, Any]]:
+def view(worker: WorkerProcess) -> dict[str, Any]:
     with urllib.request.urlopen(worker.url + "/v1/models", timeout=5) as resp:
-        return {row["offer"]: row for row in json.loads(resp.read())["models"]}
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def models(worker: WorkerProcess) -> dict[str, dict[str, Any]]:
+    return {row["offer"]: row for row in view(worker)["models"]}
 
 
 def wait_models(
@@ -99,6 +103,7 @@ def test_a_killed_learner_is_replaced_without_learning_anything_twice_or_losing_
             "shoes-10": (10, positives(0, 10)),
         },
     )
+    assert view(second)["loaded"] is True  # it read every snapshot there was at its start
     samples = second.metrics()
     # Only what came after: nothing the first one learned was learned again.
     assert samples['rtim_examples_learned_total{result="learned"}'] == 30
