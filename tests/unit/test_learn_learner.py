@@ -290,6 +290,10 @@ def test_snapshots_and_cursors_match_the_topics_schema() -> None:
     for _, value in kafka.models:
         assert not list(check.iter_errors(orjson.loads(value))), value[:200]
     assert list(check.iter_errors({"format": 1, "partition": 0}))
+    # The schema's bounds are the learner's.
+    snapshot = schema["$defs"]["snapshot"]["properties"]
+    assert snapshot["decisions"]["maxItems"] == learner_module.REMEMBERED_DECISIONS
+    assert snapshot["recent"]["maxItems"] == learner_module.RECENT_EXAMPLES
 
 
 def test_the_reader_swaps_in_only_newer_snapshots_and_skips_bad_records(
