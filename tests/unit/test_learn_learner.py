@@ -362,3 +362,16 @@ def test_rtim_models_says_which_broker_it_could_not_read() -> None:
     result = CliRunner().invoke(main, ["models", "--broker", f"127.0.0.1:{port}", "--timeout", "5"])
     assert result.exit_code == 1
     assert f"rtim: rtim.models not read from 127.0.0.1:{port}" in result.output
+
+
+def test_a_flush_kafka_did_not_take_goes_again_with_the_next() -> None:
+    learner = Learner(clock_ms=lambda: 5)
+    learner.assign(0, ModelBoard())
+    learner.learn(0, 0, encode_example(Example("d1", "o", ["a=1"], True, 1, "conversion")))
+    failed = learner.flush()
+    learner.unflushed(failed)  # the publish failed
+    again = learner.flush()
+    assert again == failed
+    learner.flushed(again)
+    assert not learner.changed
+    assert learner.flush() == Flush([], {})  # nothing new: no snapshot, no cursor
