@@ -94,6 +94,13 @@ class Settings(BaseSettings):
         description="A messageId is never applied twice within this much of its customer's "
         "event time; older repeats are dead-lettered (too_old). At most 1024 ids per customer.",
     )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="'at_least_once', or 'exactly_once' on a broker with transactions (Kafka, "
+        "Redpanda): each batch's outputs and input offsets committed in Kafka transactions, "
+        "the changelog read committed only. The worker refuses to start if the broker has "
+        "no transactions.",
+    )
     shutdown_timeout_s: float = Field(
         20.0,
         gt=0,

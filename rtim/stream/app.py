@@ -30,6 +30,7 @@ from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
 from rtim.stream.health import BrokerHealth
 from rtim.stream.publish import BatchPublisher, OutRecord
 from rtim.stream.store import ContextStore, ContextTable
+from rtim.stream.transactions import Fenced, TransactionalPublisher
 
 log = logging.getLogger("rtim.stream")
 
@@ -105,6 +106,10 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
+def cause_partition(cause: Any) -> int | None:
+    return None if cause is None else int(cause.partition)
+
+
 class ClickstreamProcessor:
     """Runs each fetched batch through the engine and makes its effects durable."""
 
@@ -126,11 +131,22 @@ class ClickstreamProcessor:
             # Kafka's default partitioner, as producers of the clickstream are asked to use.
             partition_of=lambda key: self.publisher.partition_for(key, partitions),
         )
-        self.publisher = BatchPublisher(
-            settings.kafka,
-            client_id=f"{settings.app_id}-publisher",
-            max_record_bytes=settings.max_record_bytes,
-        )
+        self.publisher: BatchPublisher | TransactionalPublisher
+        if settings.processing_guarantee == "exactly_once":
+            self.publisher = TransactionalPublisher(
+                settings.kafka,
+                app_id=settings.app_id,
+                input_topic=CLICKSTREAM_TOPIC,
+                client_id=f"{settings.app_id}-publisher",
+                max_record_bytes=settings.max_record_bytes,
+            )
+            table.before_recovery = self._assigned
+        else:
+            self.publisher = BatchPublisher(
+                settings.kafka,
+                client_id=f"{settings.app_id}-publisher",
+                max_record_bytes=settings.max_record_bytes,
+            )
         self.changelog_topic = table.changelog_topic.get_topic_name()
         self._generation: int | None = None
         #: A generation whose membership was not confirmed after a publish: its batches
@@ -182,35 +198,51 @@ class ClickstreamProcessor:
         result = run.finish()
         core_done = time.perf_counter()
         metrics.BATCH_STAGES["core"].observe(core_done - started)
+        # Each output names the input partition that caused it (its source): a context's
+        # partition is its input partition.
         out: list[OutRecord] = [
-            OutRecord(self.changelog_topic, key, value, [], partition)
+            OutRecord(self.changelog_topic, key, value, [], partition, partition)
             for partition, items in result.updates.items()
             for key, value in items.items()
         ]
-        out.extend(OutRecord(t.topic, t.key, t.value, t.headers) for t in result.triggers)
-        out.extend(OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in result.dead_letters)
+        out.extend(
+            OutRecord(t.topic, t.key, t.value, t.headers, None, cause_partition(t.cause))
+            for t in result.triggers
+        )
+        out.extend(
+            OutRecord(DLQ_TOPIC, d.key, d.value, d.headers, None, d.partition)
+            for d in result.dead_letters
+        )
         # Re-keyed copies go out with the batch's other outputs: the records they
         # copy are acknowledged only once the copies are in Kafka.
         out.extend(
-            OutRecord(CLICKSTREAM_TOPIC, r.key, r.value, r.headers, r.partition)
+            OutRecord(CLICKSTREAM_TOPIC, r.key, r.value, r.headers, r.partition, r.record.partition)
             for r in result.rekeyed
         )
         # Last (_dead_letter_refused reads the outputs above by their position).
         heal = self.store.to_heal(tp.partition for tp in batch.records)
         out.extend(
-            OutRecord(self.changelog_topic, key, value, [], partition)
+            OutRecord(self.changelog_topic, key, value, [], partition, partition)
             for partition, items in heal.items()
             for key, value in items.items()
             if key not in result.updates.get(partition, ())
         )
-        written = await self._publish(out, batch)
-        refused = written is not None and self.publisher.refused and self._current(batch)
-        if refused and not await self._dead_letter_refused(run, result, out, batch):
-            written = None
-        if written is None or not self._current(batch):
-            self.engine.invalidate()
-            return
-        if not await self._still_member(batch, "after_publish"):
+        try:
+            written = await self._publish(out, batch)
+            refused = written is not None and self.publisher.refused and self._current(batch)
+            if refused and not await self._dead_letter_refused(run, result, out, batch):
+                written = None
+            if written is None or not self._current(batch):
+                if isinstance(self.publisher, TransactionalPublisher):
+                    await self.publisher.abort()
+                self.engine.invalidate()
+                return
+            sealed = await self._seal(batch, written)
+        except Fenced as exc:  # exactly-once: another worker has the partition's producer
+            log.warning("producer fenced (%s): batch dropped", exc)
+            metrics.BATCHES_FENCED.labels("transaction").inc()
+            sealed = None
+        if sealed is None:
             # Published, maybe after another owner's records: nothing of it is stored
             # (the persisted changelog offset stays before them), and recovery reads
             # these partitions again from the start, keeping the newest context per key.
@@ -223,13 +255,14 @@ class ClickstreamProcessor:
         metrics.BATCH_STAGES["publish"].observe(published - core_done)
         for partition, items in result.updates.items():
             if items:  # (none left if Kafka refused them all)
-                self.store.write(partition, items, written[(self.changelog_topic, partition)])
+                self.store.write(partition, items, sealed[(self.changelog_topic, partition)])
         self.store.added(result.new_customers)
         self.store.healed(heal)
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
         consumer = self._consumer()
         for tp, tp_records in batch.records.items():
-            consumer.ack_batch(tp, [r.offset for r in tp_records])
+            if not isinstance(self.publisher, TransactionalPublisher):  # (else committed)
+                consumer.ack_batch(tp, [r.offset for r in tp_records])
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                 max(0, (consumer.highwater(tp) or 0) - tp_records[-1].offset - 1)
             )
@@ -286,7 +319,9 @@ class ClickstreamProcessor:
             # else: a stored context published again to heal the changelog; it stays
             # stored, and is published again with the partition's next batch.
         while letters:
-            records = [OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in letters]
+            records = [
+                OutRecord(DLQ_TOPIC, d.key, d.value, d.headers, None, d.partition) for d in letters
+            ]
             if await self._publish(records, batch) is None:
                 return False
             smaller = []
@@ -298,6 +333,36 @@ class ClickstreamProcessor:
                     smaller.append(without_value(letters[index], exc))
             letters = smaller
         return True
+
+    async def _seal(self, batch: FetchedBatch, written: dict) -> dict | None:
+        """Make the published batch this worker's, or find that it is not (None).
+
+        At least once: the coordinator confirms the membership after the publish.
+        Exactly once: the batch's transactions commit, with its next offsets.
+        """
+        if not isinstance(self.publisher, TransactionalPublisher):
+            return written if await self._still_member(batch, "after_publish") else None
+        offsets = {tp.partition: records[-1].offset + 1 for tp, records in batch.records.items()}
+        return await self.publisher.commit(
+            offsets, self.settings.app_id, lambda: self._current(batch)
+        )
+
+    async def _assigned(self, assigned: set[Any]) -> None:
+        """Exactly once: start the producers of the assigned clickstream partitions (which
+        fences their earlier owners' producers) before their contexts are recovered."""
+        assert isinstance(self.publisher, TransactionalPublisher)
+        partitions = {tp.partition for tp in assigned if tp.topic == CLICKSTREAM_TOPIC}
+        delay = 0.5
+        while not self.app.should_stop:
+            try:
+                await self.publisher.assign(partitions)
+                return
+            except (TimeoutError, KafkaError, OSError) as exc:
+                log.warning(
+                    "transactional producers not started (%r); retrying in %.1f s", exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _consumer(self) -> BatchConsumer:
         consumer = self.app.consumer

@@ -156,8 +156,14 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
+        settings = rtim_settings(self.app)
         # Read by start(), when it builds the fetcher.
-        consumer._fetch_max_wait_ms = rtim_settings(self.app).fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms
+        if settings.processing_guarantee == "exactly_once":
+            # The clickstream (re-keyed copies) and the changelog are written in
+            # transactions: records of aborted ones must not be processed or recovered.
+            # (Faust reads read_committed only with its own transactions turned on.)
+            consumer._isolation_level = "read_committed"
         return consumer
 
     async def confirm_membership(self, generation_id: int, timeout: float) -> bool | None:
@@ -447,7 +453,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         if self._probe is None:
-            self._probe = EndOffsetProbe(rtim_settings(self.app).kafka)
+            settings = rtim_settings(self.app)
+            committed = settings.processing_guarantee == "exactly_once"
+            self._probe = EndOffsetProbe(settings.kafka, committed=committed)
         # Table recovery crashes the worker if this raises: a broker that is away
         # for a moment is waited for (Faust gives up after broker_request_timeout).
         delay = 0.5
