@@ -39,7 +39,9 @@ that table recovery waits for a broker that went away), the aiokafka driver's
 rtim/stream/app.py ``App._new_transport``, in rtim/stream/worker.py
 ``Worker._on_sigusr1`` and ``Worker._schedule_shutdown`` (wrapped); in
 rtim/stream/store.py ``Collection.apply_changelog_batch`` (``ContextTable``: stale
-contexts filtered out, then Faust's), built in rtim/stream/app.py as ``App.Table`` does.
+contexts filtered out, then Faust's) and ``Collection.on_rebalance`` (its
+``before_recovery`` hook first: the exactly-once producers), built in rtim/stream/app.py
+as ``App.Table`` does.
 
 Private state read or written, on Faust's consumer (created in its ``__init__``):
 
@@ -60,8 +62,8 @@ Private state read or written, on Faust's consumer (created in its ``__init__``)
 On aiokafka's group coordinator (``AIOKafkaConsumer._coordinator``): ``generation``,
 ``member_id``, ``group_id`` and ``_send_req``, by :meth:`ConsumerThread.confirm_membership`
 (the membership fence), which sends the same Heartbeat as ``_do_heartbeat``.
-On aiokafka's ``AIOKafkaConsumer``: ``_fetch_max_wait_ms`` (written by
-:class:`ConsumerThread` before ``start()`` builds the fetcher from it), and, read
+On aiokafka's ``AIOKafkaConsumer``: ``_fetch_max_wait_ms`` and ``_isolation_level``
+(written by :class:`ConsumerThread` before ``start()`` builds the fetcher from them), and, read
 only by :meth:`partition_report`, ``_subscription.subscription.assignment`` and
 each partition state's ``_position``; ``_client`` (closed by ``stop_consumer``
 when ``stop()`` fails). On ``AIOKafkaProducer`` (``BatchPublisher.stop``):
