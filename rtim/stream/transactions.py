@@ -71,7 +71,8 @@ def transactional_id(app_id: str, topic: str, partition: int) -> str:
 
 
 def is_fencing(exc: BaseException) -> bool:
-    return isinstance(exc, FENCING_ERRORS) or isinstance(exc.__cause__, FENCING_ERRORS)
+    fencing = (Fenced, *FENCING_ERRORS)
+    return isinstance(exc, fencing) or isinstance(exc.__cause__, fencing)
 
 
 class TransactionalPublisher:
@@ -136,13 +137,13 @@ class TransactionalPublisher:
         """Nothing to start: producers are started on assignment."""
 
     async def assign(self, partitions: Iterable[int]) -> None:
-        """The input partitions assigned now: start their producers (fencing any
-        other worker's), close those of partitions no longer assigned."""
-        assigned = set(partitions)
-        for partition in sorted(set(self._producers) - assigned):
+        """The input partitions assigned now: start their producers, fencing any other
+        worker's. Every assignment starts them anew: a partition kept across a rebalance
+        may have been another worker's in between (this worker's producer then fenced)."""
+        for partition in sorted(self._producers):
             await self._close(partition)
-        self._owned = assigned
-        await asyncio.gather(*(self._producer(p) for p in sorted(assigned)))
+        self._owned = set(partitions)
+        await asyncio.gather(*(self._producer(p) for p in sorted(self._owned)))
 
     async def stop(self, timeout: float | None = None) -> None:
         await self.abort()
@@ -229,12 +230,14 @@ class TransactionalPublisher:
         """After a failed send or commit: abort the batch's transactions, to be sent again
         by the next call; raises :class:`Fenced` if it was a fencing error (the partitions
         are then no longer this worker's until the next assignment)."""
-        fenced = isinstance(exc, Fenced) or is_fencing(exc)
+        fenced = is_fencing(exc)
         if fenced:
             self._owned.clear()
         await self._abort_all(keep=True)
         if fenced:
-            raise exc if isinstance(exc, Fenced) else Fenced(repr(exc)) from exc
+            if isinstance(exc, Fenced):
+                raise exc
+            raise Fenced(repr(exc)) from exc
 
     async def _commit_one(self, partition: int, offset: int, group_id: str) -> None:
         pub = await self._begin(partition)

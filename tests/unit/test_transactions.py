@@ -297,6 +297,23 @@ def test_a_record_kafka_refuses_in_a_transaction_is_reported_and_the_rest_commit
     assert broker.epochs[txn(0)] == 1  # the producer was replaced
 
 
+def test_a_partition_kept_across_a_rebalance_gets_a_new_producer() -> None:
+    """The partition was another worker's between two assignments of this one (this
+    worker was cut off meanwhile): its old producer is fenced, the new one commits."""
+    broker = TxnBroker()
+    pub = publisher(broker)
+
+    async def batch() -> None:
+        await pub.assign([0])
+        broker.init(txn(0))  # the other worker's producer, while it had the partition
+        await pub.assign([0])
+        await pub.publish([out("changelog", b"ctx", 0)])
+        await pub.commit({0: 1}, "rtim", lambda: True)
+
+    asyncio.run(batch())
+    assert [e.value for e in broker.committed()] == [b"ctx"]
+
+
 # The processor (rtim/stream/app.py) with the transactional publisher, on the stand-in.
 
 
