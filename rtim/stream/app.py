@@ -261,7 +261,9 @@ class ClickstreamProcessor:
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
         consumer = self._consumer()
         for tp, tp_records in batch.records.items():
-            if not isinstance(self.publisher, TransactionalPublisher):  # (else committed)
+            if isinstance(self.publisher, TransactionalPublisher):
+                consumer.committed_in_transaction(tp, tp_records[-1].offset + 1)
+            else:
                 consumer.ack_batch(tp, [r.offset for r in tp_records])
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                 max(0, (consumer.highwater(tp) or 0) - tp_records[-1].offset - 1)

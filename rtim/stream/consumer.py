@@ -311,6 +311,18 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 acked_index.add(offset)
                 acked.append(offset)
 
+    def committed_in_transaction(self, tp: TP, offset: int) -> None:
+        """Exactly once: a transaction committed ``offset`` for ``tp`` with the batch's
+        outputs. Faust commits nothing for a batch that is not acknowledged to it; this
+        keeps its books as its own commit would (the committed offset, no gaps below it:
+        transaction markers in the clickstream would otherwise pile up there)."""
+        committed = self._committed_offset.get(tp)
+        if committed is None or offset > committed:
+            self._committed_offset[tp] = offset
+        gaps = self._gap.get(tp)
+        if gaps:
+            gaps.chop(0, offset)
+
     def _new_offset(self, tp: TP) -> int | None:
         """The offset to commit for ``tp`` (None: nothing new), from its acknowledged offsets.
 

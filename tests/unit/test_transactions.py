@@ -322,6 +322,7 @@ class FakeConsumer:
 
     def __init__(self) -> None:
         self.acked: list[tuple[TP, list[int]]] = []
+        self.committed: dict[TP, int] = {}
         self.rejoined = 0
 
     def membership_lease(self, generation_id: int) -> bool:
@@ -335,6 +336,9 @@ class FakeConsumer:
 
     def ack_batch(self, tp: TP, offsets: list[int]) -> None:
         self.acked.append((tp, offsets))
+
+    def committed_in_transaction(self, tp: TP, offset: int) -> None:
+        self.committed[tp] = offset
 
     def highwater(self, tp: TP) -> int | None:
         return None
@@ -413,6 +417,7 @@ def test_a_committed_batch_is_stored_and_its_offsets_are_the_transactions(
     assert processor.store.get(1, b.encode()) is not None
     # The consumer's own commit is not asked for: the transactions committed the offsets.
     assert consumer.acked == []
+    assert consumer.committed == {TP(CLICKSTREAM_TOPIC, 0): 13, TP(CLICKSTREAM_TOPIC, 1): 12}
 
 
 def test_a_batch_dropped_after_a_failed_publish_leaves_nothing(tmp_path: Path) -> None:
@@ -434,7 +439,7 @@ def test_a_batch_dropped_after_a_failed_publish_leaves_nothing(tmp_path: Path) -
     assert broker.committed() == []
     assert broker.group_offsets == {}
     assert processor.store.get(0, a.encode()) is None
-    assert consumer.acked == [] and consumer.rejoined == 0
+    assert consumer.acked == [] and consumer.committed == {} and consumer.rejoined == 0
 
 
 def test_a_fenced_producer_drops_the_batch_as_a_lost_membership_does(tmp_path: Path) -> None:
@@ -463,4 +468,4 @@ def test_a_fenced_producer_drops_the_batch_as_a_lost_membership_does(tmp_path: P
     assert processor.store.get(0, a.encode()) is None
     assert consumer.rejoined == 1
     assert processor._fenced_generation == 0
-    assert consumer.acked == []
+    assert consumer.acked == [] and consumer.committed == {}
