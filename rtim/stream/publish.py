@@ -59,6 +59,9 @@ REFUSALS: tuple[type[Exception], ...] = (
     kafka_errors.InvalidTimestampError,
     kafka_errors.RecordTooLargeError,
 )
+#: What a transactional producer's batches get after the broker refused an earlier batch
+#: of their partition.
+OUT_OF_SEQUENCE = kafka_errors.OutOfOrderSequenceNumber
 #: Kafka's INVALID_RECORD (a record the broker's validation refuses), unknown to aiokafka.
 INVALID_RECORD = 87
 
@@ -169,7 +172,9 @@ class BatchPublisher:
         #: Whether the broker refused a batch in the last :meth:`publish`. A
         #: transactional producer cannot send that partition's records again one at a
         #: time (its sequence numbers went on without the refused batch, so the broker
-        #: takes nothing more from it): the whole batch is listed in :attr:`refused`.
+        #: takes nothing more from it): the whole batch is listed in :attr:`refused`,
+        #: and the partition's later batches, which the broker then refuses as out of
+        #: sequence, are not (they are to be sent again, by a new producer).
         self.broker_refused = False
 
     async def start(self) -> None:
@@ -266,8 +271,11 @@ class BatchPublisher:
         last: dict[tuple[str, int], int] = {}
         results = await asyncio.gather(*(fut for _, _, fut in pending), return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
+        transactional = "transactional_id" in self._config
         if failed is not None and not all(
-            is_refusal(r) for r in results if isinstance(r, BaseException)
+            is_refusal(r) or (transactional and isinstance(r, OUT_OF_SEQUENCE))
+            for r in results
+            if isinstance(r, BaseException)
         ):
             raise failed
         # A batch is refused as a whole: its records are sent again one at a time,
@@ -278,8 +286,9 @@ class BatchPublisher:
             done[tp] = first + count
             if isinstance(meta, BaseException):
                 self.broker_refused = True
-                if "transactional_id" in self._config:
-                    refused.extend((index, meta) for index in placed[tp][first : first + count])
+                if transactional:
+                    if is_refusal(meta):
+                        refused.extend((index, meta) for index in placed[tp][first : first + count])
                     continue
                 for index in placed[tp][first : first + count]:
                     end = await self._publish_alone(records[index], tp, index)

@@ -26,6 +26,7 @@ from aiokafka.errors import (
     IllegalOperation,
     KafkaConnectionError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
     ProducerFenced,
 )
 from aiokafka.producer.message_accumulator import BatchBuilder
@@ -62,6 +63,8 @@ class TxnBroker:
     partitions: int = 4
     #: Record batches over this many bytes are refused (MESSAGE_TOO_LARGE).
     limit: int | None = None
+    #: The producers' record batch size.
+    batch_bytes: int = 512 * 1024
     entries: list[Entry] = field(default_factory=list)
     epochs: dict[str, int] = field(default_factory=dict)
     group_offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -99,7 +102,8 @@ class StandInProducer:
         self.epoch = -1
         self.in_txn = False
         self.offsets: dict[TopicPartition, int] = {}
-        self._closed = False
+        #: Partitions where a batch was refused: the sequence numbers went on without it.
+        self.out_of_sequence: set[tuple[str, int]] = set()
 
     def _check_epoch(self) -> None:
         if self.broker.epochs.get(self.txn) != self.epoch:
@@ -115,7 +119,7 @@ class StandInProducer:
         return set(range(self.broker.partitions))
 
     def create_batch(self) -> BatchBuilder:
-        return BatchBuilder(512 * 1024, 0, is_transactional=True)
+        return BatchBuilder(self.broker.batch_bytes, 0, is_transactional=True)
 
     async def begin_transaction(self) -> None:
         assert not self.in_txn, "begin_transaction inside a transaction"
@@ -129,7 +133,10 @@ class StandInProducer:
         try:
             self.broker.fault("send")
             self._check_epoch()
+            if (topic, partition) in self.out_of_sequence:
+                raise OutOfOrderSequenceNumber()
             if self.broker.limit is not None and builder.size() > self.broker.limit:
+                self.out_of_sequence.add((topic, partition))
                 raise MessageSizeTooLargeError()
         except Exception as exc:
             fut.set_exception(exc)
@@ -295,6 +302,24 @@ def test_a_record_kafka_refuses_in_a_transaction_is_reported_and_the_rest_commit
     assert asyncio.run(batch()) == [1]
     assert sorted(e.value for e in broker.committed()) == [b"ctx", b"other", b"small"]
     assert broker.epochs[txn(0)] == 1  # the producer was replaced
+
+
+def test_batches_after_a_refused_one_are_sent_again_not_refused() -> None:
+    """The partition's later batches, out of sequence after the refused one, are sent
+    again with a new producer; only the refused batch's records are reported."""
+    broker = TxnBroker(limit=3_000, batch_bytes=1_000)
+    pub = publisher(broker)
+    values = [b"x" * 5_000, b"a" * 400, b"b" * 400, b"c" * 400, b"d" * 400]
+
+    async def batch() -> list[int]:
+        await pub.assign([0])
+        await pub.publish([out("t", v, 0, partition=1) for v in values])
+        refused = [i for i, _ in pub.refused]
+        await pub.commit({0: 1}, "rtim", lambda: True)
+        return refused
+
+    assert asyncio.run(batch()) == [0]
+    assert [e.value for e in broker.committed()] == values[1:]
 
 
 def test_a_partition_kept_across_a_rebalance_gets_a_new_producer() -> None:
