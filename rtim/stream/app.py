@@ -7,6 +7,10 @@ path"). Data flow::
       --> Engine (in parts of CORE_CHUNK records)
       --> publish changelog + triggers + dead letters (send_batch, awaited)
       --> write the context store --> acknowledge the batch's offsets
+
+With RTIM_PROCESSING_GUARANTEE=exactly_once the publish is into a transaction per input
+partition (rtim/stream/transactions.py), committed with the batch's next offsets before
+the store is written; nothing is acknowledged to Faust.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ every other topic take Faust's normal path. Faust still owns the group,
 assignment, tables, recovery, commits and rebalances:
 
 - a batch is acknowledged (:meth:`BatchConsumer.ack_batch`) only after its
-  effects are durable, so Faust commits no offset past unprocessed work;
+  effects are durable, so Faust commits no offset past unprocessed work (in
+  exactly-once processing the batch's transactions commit its offsets instead, and
+  :meth:`BatchConsumer.committed_in_transaction` keeps Faust's books);
 - a batch is processed in the drain loop itself (not queued, so nothing can
   drop it after its read offsets moved on); records fetched while the flow is
   suspended for a rebalance are dropped before that, and Faust seeks back to
