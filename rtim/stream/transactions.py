@@ -71,7 +71,7 @@ def transactional_id(app_id: str, topic: str, partition: int) -> str:
 
 
 def is_fencing(exc: BaseException) -> bool:
-    fencing = (Fenced, *FENCING_ERRORS)
+    fencing: tuple[type[BaseException], ...] = (Fenced, *FENCING_ERRORS)
     return isinstance(exc, fencing) or isinstance(exc.__cause__, fencing)
 
 
