@@ -34,12 +34,18 @@ from aiokafka.record.default_records import DefaultRecordBatch
 from faust.types import TP
 
 from rtim.engine import Record
+from rtim.errors import ConfigError
 from rtim.names import CLICKSTREAM_TOPIC, DLQ_TOPIC
-from rtim.settings import Settings
+from rtim.settings import KafkaConnection, Settings
 from rtim.stream.app import ClickstreamProcessor, create_app
 from rtim.stream.consumer import FetchedBatch
 from rtim.stream.publish import OutRecord
-from rtim.stream.transactions import Fenced, TransactionalPublisher, transactional_id
+from rtim.stream.transactions import (
+    Fenced,
+    TransactionalPublisher,
+    check_transactions,
+    transactional_id,
+)
 
 from .test_engine import T0, cart_events, page
 
@@ -494,3 +500,33 @@ def test_a_fenced_producer_drops_the_batch_as_a_lost_membership_does(tmp_path: P
     assert consumer.rejoined == 1
     assert processor._fenced_generation == 0
     assert consumer.acked == [] and consumer.committed == {}
+
+
+class NeverStarts:
+    """A producer whose transaction coordinator never answers (Kafka with a transaction
+    state log it cannot create, say)."""
+
+    def __init__(self, **config: Any) -> None:
+        pass
+
+    async def start(self) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        pass
+
+
+def test_the_start_up_check_gives_up_with_a_configuration_error() -> None:
+    """A broker that never gives a transactional producer its id stops the worker with
+    the one line, instead of leaving it waiting before it consumes anything."""
+    with pytest.raises(ConfigError) as err:
+        asyncio.run(
+            check_transactions(
+                KafkaConnection.parse("k1:9092"), "shop", timeout=0.05, producer_class=NeverStarts
+            )
+        )
+    assert str(err.value).startswith(
+        "the broker at RTIM_BROKER=k1:9092 does not support transactions (no producer id "
+        "within 0.05 s)"
+    )
+    assert str(err.value).endswith("use RTIM_PROCESSING_GUARANTEE=at_least_once")
