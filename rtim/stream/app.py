@@ -231,22 +231,16 @@ class ClickstreamProcessor:
             for key, value in items.items()
             if key not in result.updates.get(partition, ())
         )
-        try:
-            written = await self._publish(out, batch)
-            refused = written is not None and self.publisher.refused and self._current(batch)
-            if refused and not await self._dead_letter_refused(run, result, out, batch):
-                written = None
-            if written is None or not self._current(batch):
-                if isinstance(self.publisher, TransactionalPublisher):
-                    await self.publisher.abort()
-                self.engine.invalidate()
-                return
-            sealed = await self._seal(batch, written)
-        except Fenced as exc:  # exactly-once: another worker has the partition's producer
-            log.warning("producer fenced (%s): batch dropped", exc)
-            metrics.BATCHES_FENCED.labels("transaction").inc()
-            sealed = None
-        if sealed is None:
+        written = await self._publish(out, batch)
+        refused = written is not None and self.publisher.refused and self._current(batch)
+        if refused and not await self._dead_letter_refused(run, result, out, batch):
+            written = None
+        if written is None or not self._current(batch):
+            await self._abandon()
+            self.engine.invalidate()
+            return
+        written = await self._seal(batch, written)
+        if written is None:
             # Published, maybe after another owner's records: nothing of it is stored
             # (the persisted changelog offset stays before them), and recovery reads
             # these partitions again from the start, keeping the newest context per key.
@@ -259,7 +253,7 @@ class ClickstreamProcessor:
         metrics.BATCH_STAGES["publish"].observe(published - core_done)
         for partition, items in result.updates.items():
             if items:  # (none left if Kafka refused them all)
-                self.store.write(partition, items, sealed[(self.changelog_topic, partition)])
+                self.store.write(partition, items, written[(self.changelog_topic, partition)])
         self.store.added(result.new_customers)
         self.store.healed(heal)
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
@@ -283,6 +277,9 @@ class ClickstreamProcessor:
                     return None
                 await self.publisher.start()
                 return await self.publisher.publish(out)
+            except Fenced as exc:
+                await self._fenced(batch, exc)
+                return None
             except (TimeoutError, KafkaError, OSError) as exc:
                 metrics.PUBLISH_RETRIES.inc()
                 log.warning("publish failed (%r); retrying in %.1f s", exc, delay)
@@ -341,7 +338,8 @@ class ClickstreamProcessor:
         return True
 
     async def _seal(self, batch: FetchedBatch, written: dict) -> dict | None:
-        """Make the published batch this worker's, or find that it is not (None).
+        """Make the published batch this worker's, or find that it is not (None); the last
+        offsets written.
 
         At least once: the coordinator confirms the membership after the publish.
         Exactly once: the batch's transactions commit, with its next offsets.
@@ -349,8 +347,35 @@ class ClickstreamProcessor:
         if not isinstance(self.publisher, TransactionalPublisher):
             return written if await self._still_member(batch, "after_publish") else None
         offsets = {tp.partition: records[-1].offset + 1 for tp, records in batch.records.items()}
-        return await self.publisher.commit(
-            offsets, self.settings.app_id, lambda: self._current(batch)
+        try:
+            return await self.publisher.commit(
+                offsets, self.settings.app_id, lambda: self._current(batch)
+            )
+        except Fenced as exc:
+            self._log_fenced(batch, exc)
+            return None
+
+    async def _abandon(self) -> None:
+        """Exactly once: abort the transactions of a batch that is dropped."""
+        if isinstance(self.publisher, TransactionalPublisher):
+            await self.publisher.abort()
+
+    async def _fenced(self, batch: FetchedBatch, exc: Fenced) -> None:
+        """Exactly once, a producer fenced while the batch was being published: nothing of
+        it is visible (its transactions are aborted) or stored; the worker drops that
+        generation's batches and rejoins its group, as when its membership is lost."""
+        self._log_fenced(batch, exc)
+        self.engine.invalidate()
+        self._fenced_generation = batch.generation_id
+        await self._consumer().rejoin()
+
+    @staticmethod
+    def _log_fenced(batch: FetchedBatch, exc: Fenced) -> None:
+        metrics.BATCHES_FENCED.labels("transaction").inc()
+        log.warning(
+            "producer fenced (%s): batch of %d records dropped",
+            exc,
+            sum(len(r) for r in batch.records.values()),
         )
 
     async def _assigned(self, assigned: set[Any]) -> None:

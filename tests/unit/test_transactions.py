@@ -473,12 +473,15 @@ def test_a_batch_dropped_after_a_failed_publish_leaves_nothing(tmp_path: Path) -
     assert consumer.acked == [] and consumer.committed == {} and consumer.rejoined == 0
 
 
-def test_a_fenced_producer_drops_the_batch_as_a_lost_membership_does(tmp_path: Path) -> None:
-    """Another worker took partition 0 (it started the partition's producer: a new epoch).
-    This worker's commit is refused: nothing of the batch is stored or visible, the
-    worker rejoins its group (the lost-membership path), and it does not start that
-    partition's producer again (which would fence the new owner) before it is assigned
-    the partition again."""
+@pytest.mark.parametrize("when", ["publish", "commit"])
+def test_a_fenced_producer_drops_the_batch_as_a_lost_membership_does(
+    tmp_path: Path, when: str
+) -> None:
+    """Another worker took partition 0 (it started the partition's producer: a new epoch)
+    before this worker published its batch, or before it committed it. Its send or its
+    commit is refused: nothing of the batch is stored or visible, the worker rejoins its
+    group (the lost-membership path), and it does not start that partition's producer
+    again (which would fence the new owner) before it is assigned the partition again."""
     broker = TxnBroker()
     processor, consumer = eos_processor(tmp_path, broker)
     a = customer_on(processor, 0)
@@ -486,7 +489,11 @@ def test_a_fenced_producer_drops_the_batch_as_a_lost_membership_does(tmp_path: P
 
     async def run() -> None:
         await processor._assigned(set(batch.records))
-        broker.init(txn(0))  # the new owner's producer
+        if when == "publish":
+            broker.init(txn(0))  # the new owner's producer
+        else:
+            broker.faults["commit"].append(ProducerFenced())
+            broker.on_fault = lambda: broker.init(txn(0))
         await processor.handle(batch)
         epoch = broker.epochs[txn(0)]
         with pytest.raises(Fenced):
