@@ -53,7 +53,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 import orjson
@@ -467,7 +467,9 @@ class Engine:
             decision.window_end_ms,
         )
         first = next_window_end(ctx)
-        result.examples.extend(open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER))
+        result.examples.extend(
+            _at(partition, open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER))
+        )
         if first is None or pending.window_end_ms < first:
             # One entry per customer, at its first window end: when it comes due, the
             # customer's next end is scheduled (so the heap grows with customers, not
@@ -498,6 +500,11 @@ class Engine:
             exc=exc,
             stage=stage,
         )
+
+
+def _at(partition: int, examples: list[Example]) -> list[Example]:
+    """The examples, made on this input partition."""
+    return [replace(e, partition=partition) for e in examples]
 
 
 class _Close(NamedTuple):
@@ -698,7 +705,7 @@ class BatchRun:
             if ctx is not None and joined != "unknown":
                 self._journal(partition, key, ctx, record, "response")
             if example is not None:
-                result.examples.append(example)
+                result.examples.append(replace(example, partition=partition))
 
     def _journal(
         self, partition: int, key: bytes, ctx: Context, entry: Any, kind: str | None
@@ -734,7 +741,7 @@ class BatchRun:
                 continue
             closed = close_due(ctx, now_ms)
             if closed:
-                self.result.examples.extend(closed)
+                self.result.examples.extend(_at(partition, closed))
                 entry = _Close(partition, -1, key, None, now_ms)
                 self._journal(partition, key, ctx, entry, "close")
             end = next_window_end(ctx)

@@ -110,7 +110,9 @@ PUBLISH_RETRIES = Counter(
 BATCHES_FENCED = Counter(
     "rtim_batches_fenced_total",
     "Batches not stored because the group coordinator no longer counted this worker a "
-    "member of the generation that fetched them (stage: before_publish, after_publish).",
+    "member of the generation that fetched them (stage: before_publish, after_publish), "
+    "or because another worker's producer fenced this one's (stage: transaction, with "
+    "RTIM_PROCESSING_GUARANTEE=exactly_once).",
     ["stage"],
 )
 CHANGELOG_STALE_RECORDS = Counter(
@@ -187,7 +189,7 @@ def start_at_zero(topic: str, channel_offers: Iterable[tuple[str, str]]) -> None
     EVENTS_CONSUMED.labels(topic)
     for offered in ("yes", "no"):
         DECISIONS.labels(offered)
-    for stage in ("before_publish", "after_publish"):
+    for stage in ("before_publish", "after_publish", "transaction"):
         BATCHES_FENCED.labels(stage)
     for channel, offer in channel_offers:
         TRIGGERS_SENT.labels(channel, offer)

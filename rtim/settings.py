@@ -114,6 +114,13 @@ class Settings(BaseSettings):
         description="How often a worker publishes the snapshots of the offer models it "
         "learned since (they reach every worker's decisions through rtim.models).",
     )
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once",
+        description="'at_least_once', or 'exactly_once' on a broker with transactions (Kafka, "
+        "Redpanda): each batch's outputs and input offsets committed in Kafka transactions, "
+        "the changelog read committed only. The worker refuses to start if the broker has "
+        "no transactions.",
+    )
     shutdown_timeout_s: float = Field(
         20.0,
         gt=0,

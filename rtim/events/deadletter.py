@@ -60,12 +60,16 @@ class DeadLetter:
         The original headers followed by the error headers.
     reason : str
         The ``rtim.errors.reason`` header value, as a str (for metrics).
+    partition : int or None
+        The partition of the failed record (exactly-once processing publishes the
+        dead letter in that partition's transaction).
     """
 
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
     reason: str
+    partition: int | None = None
 
 
 def error_reason(exc: BaseException) -> str:
@@ -193,7 +197,9 @@ def dead_letter(
     headers.extend(
         dead_letter_headers(topic=topic, partition=partition, offset=offset, exc=exc, stage=stage)
     )
-    return DeadLetter(key=key, value=value, headers=headers, reason=error_reason(exc))
+    return DeadLetter(
+        key=key, value=value, headers=headers, reason=error_reason(exc), partition=partition
+    )
 
 
 def without_value(letter: DeadLetter, exc: BaseException) -> DeadLetter:
@@ -211,4 +217,4 @@ def without_value(letter: DeadLetter, exc: BaseException) -> DeadLetter:
     headers.append(("__connect.errors.exception.message", _message(exc)))
     headers.append(("__connect.errors.stage", b"publish"))
     headers.append(("rtim.errors.reason", REFUSED.encode()))
-    return DeadLetter(key=letter.key, value=None, headers=headers, reason=REFUSED)
+    return DeadLetter(letter.key, None, headers, REFUSED, letter.partition)

@@ -184,6 +184,10 @@ class Example:
     converted: bool
     closed_ms: int
     why: str  # "conversion", "window", "evicted"
+    #: The input partition of the decision's customer, where the worker made the
+    #: example (exactly-once processing publishes it in that partition's transaction;
+    #: not part of the training record).
+    partition: int = -1
 
 
 #: Format of a training record (:func:`encode_example`).

@@ -7,6 +7,10 @@ path"). Data flow::
       --> Engine (in parts of CORE_CHUNK records)
       --> publish changelog + triggers + dead letters (send_batch, awaited)
       --> write the context store --> acknowledge the batch's offsets
+
+With RTIM_PROCESSING_GUARANTEE=exactly_once the publish is into a transaction per input
+partition (rtim/stream/transactions.py), committed with the batch's next offsets before
+the store is written; nothing is acknowledged to Faust.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from rtim.stream.health import BrokerHealth
 from rtim.stream.models import SharedModels, install_view
 from rtim.stream.publish import BatchPublisher, OutRecord
 from rtim.stream.store import ContextStore, ContextTable
+from rtim.stream.transactions import Fenced, TransactionalPublisher
 
 log = logging.getLogger("rtim.stream")
 
@@ -119,6 +124,10 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
+def cause_partition(cause: Any) -> int | None:
+    return None if cause is None else int(cause.partition)
+
+
 class ClickstreamProcessor:
     """Runs each fetched batch through the engine and makes its effects durable."""
 
@@ -146,11 +155,22 @@ class ClickstreamProcessor:
             idle_ms=int(settings.idle_close_s * 1000),
         )
         self._partitions = partitions
-        self.publisher = BatchPublisher(
-            settings.kafka,
-            client_id=f"{settings.app_id}-publisher",
-            max_record_bytes=settings.max_record_bytes,
-        )
+        self.publisher: BatchPublisher | TransactionalPublisher
+        if settings.processing_guarantee == "exactly_once":
+            self.publisher = TransactionalPublisher(
+                settings.kafka,
+                app_id=settings.app_id,
+                input_topic=CLICKSTREAM_TOPIC,
+                client_id=f"{settings.app_id}-publisher",
+                max_record_bytes=settings.max_record_bytes,
+            )
+            table.before_recovery = self._assigned
+        else:
+            self.publisher = BatchPublisher(
+                settings.kafka,
+                client_id=f"{settings.app_id}-publisher",
+                max_record_bytes=settings.max_record_bytes,
+            )
         self.changelog_topic = table.changelog_topic.get_topic_name()
         self._generation: int | None = None
         #: A generation whose membership was not confirmed after a publish: its batches
@@ -247,27 +267,39 @@ class ClickstreamProcessor:
         result = run.finish()
         core_done = time.perf_counter()
         metrics.BATCH_STAGES["core"].observe(core_done - started)
+        # Each output names the input partition that caused it (its source): a context's
+        # partition is its input partition.
         out: list[OutRecord] = [
-            OutRecord(self.changelog_topic, key, value, [], partition)
+            OutRecord(self.changelog_topic, key, value, [], partition, partition)
             for partition, items in result.updates.items()
             for key, value in items.items()
         ]
-        out.extend(OutRecord(t.topic, t.key, t.value, t.headers) for t in result.triggers)
-        out.extend(OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in result.dead_letters)
+        out.extend(
+            OutRecord(t.topic, t.key, t.value, t.headers, None, cause_partition(t.cause))
+            for t in result.triggers
+        )
+        out.extend(
+            OutRecord(DLQ_TOPIC, d.key, d.value, d.headers, None, d.partition)
+            for d in result.dead_letters
+        )
         # Re-keyed copies go out with the batch's other outputs: the records they
         # copy are acknowledged only once the copies are in Kafka.
         out.extend(
-            OutRecord(r.topic, r.key, r.value, r.headers, r.partition) for r in result.rekeyed
+            OutRecord(r.topic, r.key, r.value, r.headers, r.partition, r.record.partition)
+            for r in result.rekeyed
         )
-        out.extend(OutRecord(DECISIONS_TOPIC, d.key, d.value, []) for d in result.decisions)
         out.extend(
-            OutRecord(TRAINING_TOPIC, e.offer_id.encode(), encode_example(e), [])
+            OutRecord(DECISIONS_TOPIC, d.key, d.value, [], None, cause_partition(d.cause))
+            for d in result.decisions
+        )
+        out.extend(
+            OutRecord(TRAINING_TOPIC, e.offer_id.encode(), encode_example(e), [], None, e.partition)
             for e in result.examples
         )
         # Last (_dead_letter_refused reads the outputs above by their position).
         heal = self.store.to_heal(tp.partition for tp in batch.records)
         out.extend(
-            OutRecord(self.changelog_topic, key, value, [], partition)
+            OutRecord(self.changelog_topic, key, value, [], partition, partition)
             for partition, items in heal.items()
             for key, value in items.items()
             if key not in result.updates.get(partition, ())
@@ -277,9 +309,11 @@ class ClickstreamProcessor:
         if refused and not await self._dead_letter_refused(run, result, out, batch):
             written = None
         if written is None or not self._current(batch):
+            await self._abandon()
             self.engine.invalidate()
             return
-        if not await self._still_member(batch, "after_publish"):
+        written = await self._seal(batch, written)
+        if written is None:
             # Published, maybe after another owner's records: nothing of it is stored
             # (the persisted changelog offset stays before them), and recovery reads
             # these partitions again from the start, keeping the newest context per key.
@@ -298,7 +332,10 @@ class ClickstreamProcessor:
         metrics.BATCH_STAGES["store"].observe(time.perf_counter() - published)
         consumer = self._consumer()
         for tp, tp_records in batch.records.items():
-            consumer.ack_batch(tp, [r.offset for r in tp_records])
+            if isinstance(self.publisher, TransactionalPublisher):
+                consumer.committed_in_transaction(tp, tp_records[-1].offset + 1)
+            else:
+                consumer.ack_batch(tp, [r.offset for r in tp_records])
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                 max(0, (consumer.highwater(tp) or 0) - tp_records[-1].offset - 1)
             )
@@ -313,6 +350,9 @@ class ClickstreamProcessor:
                     return None
                 await self.publisher.start()
                 return await self.publisher.publish(out)
+            except Fenced as exc:
+                await self._fenced(batch, exc)
+                return None
             except (TimeoutError, KafkaError, OSError) as exc:
                 metrics.PUBLISH_RETRIES.inc()
                 log.warning("publish failed (%r); retrying in %.1f s", exc, delay)
@@ -368,7 +408,9 @@ class ClickstreamProcessor:
             # else: a stored context published again to heal the changelog; it stays
             # stored, and is published again with the partition's next batch.
         while letters:
-            records = [OutRecord(DLQ_TOPIC, d.key, d.value, d.headers) for d in letters]
+            records = [
+                OutRecord(DLQ_TOPIC, d.key, d.value, d.headers, None, d.partition) for d in letters
+            ]
             if await self._publish(records, batch) is None:
                 return False
             smaller = []
@@ -380,6 +422,66 @@ class ClickstreamProcessor:
                     smaller.append(without_value(letters[index], exc))
             letters = smaller
         return True
+
+    async def _seal(self, batch: FetchedBatch, written: dict) -> dict | None:
+        """Make the published batch this worker's, or find that it is not (None); the last
+        offsets written.
+
+        At least once: the coordinator confirms the membership after the publish.
+        Exactly once: the batch's transactions commit, with its next offsets.
+        """
+        if not isinstance(self.publisher, TransactionalPublisher):
+            return written if await self._still_member(batch, "after_publish") else None
+        offsets: dict[int, dict[str, int]] = {}
+        for tp, records in batch.records.items():
+            offsets.setdefault(tp.partition, {})[tp.topic] = records[-1].offset + 1
+        try:
+            return await self.publisher.commit(
+                offsets, self.settings.app_id, lambda: self._current(batch)
+            )
+        except Fenced as exc:
+            self._log_fenced(batch, exc)
+            return None
+
+    async def _abandon(self) -> None:
+        """Exactly once: abort the transactions of a batch that is dropped."""
+        if isinstance(self.publisher, TransactionalPublisher):
+            await self.publisher.abort()
+
+    async def _fenced(self, batch: FetchedBatch, exc: Fenced) -> None:
+        """Exactly once, a producer fenced while the batch was being published: nothing of
+        it is visible (its transactions are aborted) or stored; the worker drops that
+        generation's batches and rejoins its group, as when its membership is lost."""
+        self._log_fenced(batch, exc)
+        self.engine.invalidate()
+        self._fenced_generation = batch.generation_id
+        await self._consumer().rejoin()
+
+    @staticmethod
+    def _log_fenced(batch: FetchedBatch, exc: Fenced) -> None:
+        metrics.BATCHES_FENCED.labels("transaction").inc()
+        log.warning(
+            "producer fenced (%s): batch of %d records dropped",
+            exc,
+            sum(len(r) for r in batch.records.values()),
+        )
+
+    async def _assigned(self, assigned: set[Any]) -> None:
+        """Exactly once: start the producers of the assigned clickstream partitions (which
+        fences their earlier owners' producers) before their contexts are recovered."""
+        assert isinstance(self.publisher, TransactionalPublisher)
+        partitions = {tp.partition for tp in assigned if tp.topic == CLICKSTREAM_TOPIC}
+        delay = 0.5
+        while not self.app.should_stop:
+            try:
+                await self.publisher.assign(partitions)
+                return
+            except (TimeoutError, KafkaError, OSError) as exc:
+                log.warning(
+                    "transactional producers not started (%r); retrying in %.1f s", exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _consumer(self) -> BatchConsumer:
         consumer = self.app.consumer

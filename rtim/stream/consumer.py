@@ -9,7 +9,9 @@ every other topic take Faust's normal path. Faust still owns the group,
 assignment, tables, recovery, commits and rebalances:
 
 - a batch is acknowledged (:meth:`BatchConsumer.ack_batch`) only after its
-  effects are durable, so Faust commits no offset past unprocessed work;
+  effects are durable, so Faust commits no offset past unprocessed work (in
+  exactly-once processing the batch's transactions commit its offsets instead, and
+  :meth:`BatchConsumer.committed_in_transaction` keeps Faust's books);
 - a batch is processed in the drain loop itself (not queued, so nothing can
   drop it after its read offsets moved on); records fetched while the flow is
   suspended for a rebalance are dropped before that, and Faust seeks back to
@@ -39,7 +41,9 @@ that table recovery waits for a broker that went away), the aiokafka driver's
 rtim/stream/app.py ``App._new_transport``, in rtim/stream/worker.py
 ``Worker._on_sigusr1`` and ``Worker._schedule_shutdown`` (wrapped); in
 rtim/stream/store.py ``Collection.apply_changelog_batch`` (``ContextTable``: stale
-contexts filtered out, then Faust's), built in rtim/stream/app.py as ``App.Table`` does.
+contexts filtered out, then Faust's) and ``Collection.on_rebalance`` (its
+``before_recovery`` hook first: the exactly-once producers), built in rtim/stream/app.py
+as ``App.Table`` does.
 
 Private state read or written, on Faust's consumer (created in its ``__init__``):
 
@@ -60,8 +64,8 @@ Private state read or written, on Faust's consumer (created in its ``__init__``)
 On aiokafka's group coordinator (``AIOKafkaConsumer._coordinator``): ``generation``,
 ``member_id``, ``group_id`` and ``_send_req``, by :meth:`ConsumerThread.confirm_membership`
 (the membership fence), which sends the same Heartbeat as ``_do_heartbeat``.
-On aiokafka's ``AIOKafkaConsumer``: ``_fetch_max_wait_ms`` (written by
-:class:`ConsumerThread` before ``start()`` builds the fetcher from it), and, read
+On aiokafka's ``AIOKafkaConsumer``: ``_fetch_max_wait_ms`` and ``_isolation_level``
+(written by :class:`ConsumerThread` before ``start()`` builds the fetcher from them), and, read
 only by :meth:`partition_report`, ``_subscription.subscription.assignment`` and
 each partition state's ``_position``; ``_client`` (closed by ``stop_consumer``
 when ``stop()`` fails). On ``AIOKafkaProducer`` (``BatchPublisher.stop``):
@@ -156,8 +160,14 @@ class ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
+        settings = rtim_settings(self.app)
         # Read by start(), when it builds the fetcher.
-        consumer._fetch_max_wait_ms = rtim_settings(self.app).fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = settings.fetch_max_wait_ms
+        if settings.processing_guarantee == "exactly_once":
+            # The clickstream (re-keyed copies) and the changelog are written in
+            # transactions: records of aborted ones must not be processed or recovered.
+            # (Faust reads read_committed only with its own transactions turned on.)
+            consumer._isolation_level = "read_committed"
         return consumer
 
     async def confirm_membership(self, generation_id: int, timeout: float) -> bool | None:
@@ -303,6 +313,18 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 acked_index.add(offset)
                 acked.append(offset)
 
+    def committed_in_transaction(self, tp: TP, offset: int) -> None:
+        """Exactly once: a transaction committed ``offset`` for ``tp`` with the batch's
+        outputs. Faust commits nothing for a batch that is not acknowledged to it; this
+        keeps its books as its own commit would (the committed offset, no gaps below it:
+        transaction markers in the clickstream would otherwise pile up there)."""
+        committed = self._committed_offset.get(tp)
+        if committed is None or offset > committed:
+            self._committed_offset[tp] = offset
+        gaps = self._gap.get(tp)
+        if gaps:
+            gaps.chop(0, offset)
+
     def _new_offset(self, tp: TP) -> int | None:
         """The offset to commit for ``tp`` (None: nothing new), from its acknowledged offsets.
 
@@ -447,7 +469,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         if self._probe is None:
-            self._probe = EndOffsetProbe(rtim_settings(self.app).kafka)
+            settings = rtim_settings(self.app)
+            committed = settings.processing_guarantee == "exactly_once"
+            self._probe = EndOffsetProbe(settings.kafka, committed=committed)
         # Table recovery crashes the worker if this raises: a broker that is away
         # for a moment is waited for (Faust gives up after broker_request_timeout).
         delay = 0.5

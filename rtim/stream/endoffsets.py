@@ -90,6 +90,12 @@ class EndOffsetProbe:
         The connection (or bootstrap servers, ``host:port[,host:port]``).
     timeout
         Default deadline in seconds for one :meth:`end_offsets` call.
+    committed
+        Speak of committed records only (exactly-once processing): the offset after the
+        last record of a committed transaction, which readers with ``read_committed``
+        (table recovery) see last. Not the last stable offset itself: a transaction's
+        commit marker takes the offset before it, and is never delivered, so a reader
+        waiting for the record at *last stable offset - 1* would wait for ever.
     **consumer_config
         Extra :class:`aiokafka.AIOKafkaConsumer` arguments.
     """
@@ -99,16 +105,18 @@ class EndOffsetProbe:
         kafka: KafkaConnection | str,
         *,
         timeout: float = 10.0,
+        committed: bool = False,
         **consumer_config: Any,
     ) -> None:
         self.timeout = timeout
+        self.committed = committed
         self._config: dict[str, Any] = {
             **KafkaConnection.parse(kafka).client_config(),
             "group_id": None,
             "enable_auto_commit": False,
             # read_uncommitted, so ListOffsets and the fetch both speak of the high
             # watermark (read_committed would mix the last stable offset in).
-            "isolation_level": "read_uncommitted",
+            "isolation_level": "read_committed" if committed else "read_uncommitted",
             # If end-1 was deleted by retention, fall back to the end, not the start.
             "auto_offset_reset": "latest",
             # Short long-polls: after the tail fetch the fetcher polls the (empty) end
@@ -173,7 +181,9 @@ class EndOffsetProbe:
                     # A reported 0 is right on both brokers: Tansu's wrong answer is at
                     # least 1 for a partition holding any record.
                     pending = {tp for tp in wanted if ends[tp] > 0}
-                    if pending:
+                    if pending and self.committed:
+                        await self._last_committed(consumer, ends, pending)
+                    elif pending:
                         await self._read_tails(consumer, ends, pending)
             except TimeoutError:
                 missing = ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(pending))
@@ -216,6 +226,48 @@ class EndOffsetProbe:
         finally:
             # Stop background fetching between calls.
             consumer.unsubscribe()
+
+    @staticmethod
+    async def _last_committed(
+        consumer: AIOKafkaConsumer,
+        ends: dict[TopicPartition, int],
+        pending: set[TopicPartition],
+    ) -> None:
+        """Set ``ends`` to the offset after each partition's last committed record.
+
+        ``ends`` holds the last stable offsets (ListOffsets with ``read_committed``).
+        Each partition is read from a little before it up to it; if only markers and
+        aborted records are there, from further back (twice as far each time), down
+        to the start of the partition (then 0: no committed record).
+        """
+        stable = dict(ends)
+        last: dict[TopicPartition, int] = {}
+        back = 16
+        upto = dict(stable)
+        while pending:
+            starts = {tp: max(0, upto[tp] - back) for tp in pending}
+            consumer.assign(list(pending))
+            for tp, start in starts.items():
+                consumer.seek(tp, start)
+            try:
+                reading = set(pending)
+                while reading:
+                    batches = await consumer.getmany(timeout_ms=20)
+                    for tp, records in batches.items():
+                        if records:
+                            last[tp] = max(last.get(tp, -1), records[-1].offset)
+                    for tp in list(reading):
+                        if await consumer.position(tp) >= upto[tp]:
+                            reading.discard(tp)
+            finally:
+                consumer.unsubscribe()
+            for tp in list(pending):
+                if tp in last or starts[tp] == 0:
+                    ends[tp] = last.get(tp, -1) + 1
+                    pending.discard(tp)
+                else:
+                    upto[tp] = starts[tp]
+            back *= 2
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +35,18 @@ KEY_HASHES_CACHED = 100_000
 
 @dataclass(slots=True)
 class OutRecord:
-    """A record to publish; ``partition=None`` means Kafka's default partitioner on the key."""
+    """A record to publish; ``partition=None`` means Kafka's default partitioner on the key.
+
+    ``source`` is the input partition whose records caused it (exactly-once processing
+    publishes it in that partition's transaction; see :mod:`rtim.stream.transactions`).
+    """
 
     topic: str
     key: bytes | None
     value: bytes | None
     headers: list[tuple[str, bytes]]
     partition: int | None = None
+    source: int | None = None
 
 
 _NO_HEADERS: list[tuple[str, bytes]] = []
@@ -53,6 +59,9 @@ REFUSALS: tuple[type[Exception], ...] = (
     kafka_errors.InvalidTimestampError,
     kafka_errors.RecordTooLargeError,
 )
+#: What a transactional producer's batches get after the broker refused an earlier batch
+#: of their partition.
+OUT_OF_SEQUENCE = kafka_errors.OutOfOrderSequenceNumber
 #: Kafka's INVALID_RECORD (a record the broker's validation refuses), unknown to aiokafka.
 INVALID_RECORD = 87
 
@@ -135,6 +144,8 @@ class BatchPublisher:
         linger_ms: int = 0,
         request_timeout_ms: int = 30_000,
         max_record_bytes: int | None = None,
+        transactional_id: str | None = None,
+        producer_class: Callable[..., AIOKafkaProducer] = AIOKafkaProducer,
     ) -> None:
         # aiokafka binds its producer to the running loop: it is built in start().
         self._config = {
@@ -146,6 +157,9 @@ class BatchPublisher:
             "request_timeout_ms": request_timeout_ms,
             "max_request_size": 4 * 1024 * 1024,
         }
+        if transactional_id is not None:
+            self._config["transactional_id"] = transactional_id
+        self._producer_class = producer_class
         self._producer: AIOKafkaProducer | None = None
         self._partitioner = DefaultPartitioner()
         self._key_hashes: dict[bytes, int] = {}
@@ -155,16 +169,29 @@ class BatchPublisher:
         #: The records of the last :meth:`publish` that Kafka refused (or that were
         #: over ``max_record_bytes``), as (index in its list, error), not published.
         self.refused: list[tuple[int, BaseException]] = []
+        #: Whether the broker refused a batch in the last :meth:`publish`. A
+        #: transactional producer cannot send that partition's records again one at a
+        #: time (its sequence numbers went on without the refused batch, so the broker
+        #: takes nothing more from it): the whole batch is listed in :attr:`refused`,
+        #: and the partition's later batches, which the broker then refuses as out of
+        #: sequence, are not (they are to be sent again, by a new producer).
+        self.broker_refused = False
 
     async def start(self) -> None:
         if not self._started:
-            self._producer = AIOKafkaProducer(**self._config)
+            self._producer = self._producer_class(**self._config)
             try:
                 await self._producer.start()
             except BaseException:
                 await self._producer.stop()
                 raise
             self._started = True
+
+    @property
+    def producer(self) -> AIOKafkaProducer:
+        """The started producer (its transaction calls, in exactly-once processing)."""
+        assert self._producer is not None and self._started, "start() the publisher first"
+        return self._producer
 
     async def stop(self, timeout: float | None = None) -> None:
         """Deliver what the producer holds, then close it.
@@ -219,6 +246,7 @@ class BatchPublisher:
         """
         assert self._producer is not None, "start() the publisher first"
         self.refused = refused = []
+        self.broker_refused = False
         limit = self.max_record_bytes
         writer = BatchWriter(self._producer)
         pending: list[Sent] = []
@@ -243,8 +271,11 @@ class BatchPublisher:
         last: dict[tuple[str, int], int] = {}
         results = await asyncio.gather(*(fut for _, _, fut in pending), return_exceptions=True)
         failed = next((r for r in results if isinstance(r, BaseException)), None)
+        transactional = "transactional_id" in self._config
         if failed is not None and not all(
-            is_refusal(r) for r in results if isinstance(r, BaseException)
+            is_refusal(r) or (transactional and isinstance(r, OUT_OF_SEQUENCE))
+            for r in results
+            if isinstance(r, BaseException)
         ):
             raise failed
         # A batch is refused as a whole: its records are sent again one at a time,
@@ -254,6 +285,11 @@ class BatchPublisher:
             first = done.get(tp, 0)
             done[tp] = first + count
             if isinstance(meta, BaseException):
+                self.broker_refused = True
+                if transactional:
+                    if is_refusal(meta):
+                        refused.extend((index, meta) for index in placed[tp][first : first + count])
+                    continue
                 for index in placed[tp][first : first + count]:
                     end = await self._publish_alone(records[index], tp, index)
                     if end is not None and end > last.get(tp, -1):

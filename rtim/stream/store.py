@@ -15,7 +15,7 @@ key (docs/architecture.md, "Zombie writers").
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import faust
@@ -55,6 +55,17 @@ class ContextTable(faust.Table):
         super().__init__(*args, **kwargs)
         #: Per changelog partition, keys whose latest changelog record is stale.
         self.stale: dict[int, set[bytes]] = {}
+        #: Awaited with the new assignment before the table's recovery is told of it
+        #: (exactly-once processing starts its producers there, fencing earlier owners).
+        self.before_recovery: Callable[[set[TP]], Awaitable[None]] | None = None
+
+    async def on_rebalance(
+        self, assigned: set[TP], revoked: set[TP], newly_assigned: set[TP], generation_id: int = 0
+    ) -> None:
+        # Faust's TableManager calls this for every table, then starts the recovery.
+        if self.before_recovery is not None:
+            await self.before_recovery(assigned)
+        await super().on_rebalance(assigned, revoked, newly_assigned, generation_id)
 
     def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
         data = self.data

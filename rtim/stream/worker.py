@@ -20,6 +20,7 @@ from rtim.settings import Settings
 from rtim.stream.app import create_app
 from rtim.stream.consumer import BatchConsumer
 from rtim.stream.topics import create_topics, topic_specs
+from rtim.stream.transactions import check_transactions
 
 log = logging.getLogger("rtim.worker")
 
@@ -194,6 +195,8 @@ def run_worker(settings: Settings) -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     loop.run_until_complete(ensure_topics(settings))
+    if settings.processing_guarantee == "exactly_once":
+        loop.run_until_complete(check_transactions(settings.kafka, settings.app_id))
     app = create_app(settings)
     worker = Worker(
         app,

@@ -95,9 +95,13 @@ async def test_one_batch_of_100_end_offset_is_short_but_probe_is_exact(
         assert await probe.end_offsets([tp]) == {tp: 100}
 
 
+@pytest.mark.parametrize("committed", [False, True], ids=["uncommitted", "committed"])
 async def test_probe_handles_many_batches_single_records_and_empty_partitions_in_one_call(
-    broker: EmbeddedBroker, topic_name: TopicName
+    broker: EmbeddedBroker, topic_name: TopicName, committed: bool
 ) -> None:
+    """Also for the probe of exactly-once processing (``committed``: the offset after the
+    last committed record), on records written outside transactions (the embedded broker
+    has none): the same end offsets."""
     topic = topic_name()
     await create_topics(broker.bootstrap, {topic: 12})
     expected: dict[TopicPartition, int] = {}
@@ -109,7 +113,7 @@ async def test_probe_handles_many_batches_single_records_and_empty_partitions_in
         expected[TopicPartition(topic, p)] = sum(sizes)
 
     started = time.monotonic()
-    async with EndOffsetProbe(broker.bootstrap, timeout=10) as probe:
+    async with EndOffsetProbe(broker.bootstrap, timeout=10, committed=committed) as probe:
         assert await probe.end_offsets(expected) == expected
     # All partitions are fetched in one assignment, not one by one with waits.
     assert time.monotonic() - started < 3

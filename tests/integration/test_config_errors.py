@@ -167,3 +167,21 @@ def test_log_level_reaches_the_worker(tmp_path: Path) -> None:
 
     assert " DEBUG " in first_lines("debug")
     assert " DEBUG " not in first_lines("info")
+
+
+def test_exactly_once_needs_a_broker_with_transactions(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The embedded broker has no transactions (InitProducerId with a transactional id
+    answers UnknownError): a worker asked for exactly-once refuses to start, before it
+    consumes anything, and says what to use instead."""
+    code, stderr = rtim_worker(
+        tmp_path,
+        {"RTIM_BROKER": broker.bootstrap, "RTIM_PROCESSING_GUARANTEE": "exactly_once"},
+    )
+    assert_one_line(
+        code,
+        stderr,
+        f"RTIM_BROKER={broker.bootstrap} does not support transactions",
+        "use RTIM_PROCESSING_GUARANTEE=at_least_once",
+    )

@@ -145,3 +145,20 @@ def test_a_partition_whose_commit_is_stuck_is_read_again_from_the_commit(
         assert commit(consumer, TP1) == 350
 
     asyncio.run(scenario())
+
+
+def test_a_transactions_commit_is_kept_as_faust_keeps_its_own(tmp_path: Path) -> None:
+    """Exactly once: offsets are committed by the batch's transactions, none by Faust.
+    The tracked offset follows them (a seek that answers an older one does not take it
+    back), and the gaps of transaction markers below them do not pile up."""
+    consumer = consumer_for(tmp_path, {TP1: 100})
+    asyncio.run(consumer.perform_seek())
+    asyncio.run(consumer._add_gap(TP1, 150, 151))  # a commit marker
+    asyncio.run(consumer._add_gap(TP1, 250, 251))
+    consumer.committed_in_transaction(TP1, 200)
+    consumer.committed_in_transaction(TP1, 180)  # an older answer comes late
+    assert consumer._committed_offset[TP1] == 200
+    assert sorted((i.begin, i.end) for i in consumer._gap[TP1]) == [(250, 252)]  # (Faust's end)
+    asyncio.run(consumer.perform_seek())  # the broker's answer read before the commit
+    assert consumer._committed_offset[TP1] == 200
+    assert commit(consumer, TP1) is None  # nothing for Faust to commit

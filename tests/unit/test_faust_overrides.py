@@ -221,6 +221,38 @@ GUARDED: dict[str, tuple[str, str]] = {
         "e59c82f3785458b2",
         "ContextStore reads and updates the memory store's data dict",
     ),
+    # Exactly-once processing (rtim/stream/transactions.py, store.py, consumer.py)
+    "faust.tables.manager:TableManager.on_rebalance": (
+        "2d2c23a07bf54328",
+        "ContextTable.on_rebalance starts the exactly-once producers (fencing the "
+        "partitions' earlier owners) before the recovery: check every table is still "
+        "told before recovery.on_rebalance",
+    ),
+    "faust.tables.base:Collection.on_rebalance": (
+        "0812ad692171a8fd",
+        "ContextTable.on_rebalance awaits its before_recovery hook, then this",
+    ),
+    "faust.tables.recovery:Recovery._build_highwaters": (
+        "91b4cc0d3724ae7b",
+        "recovery reads up to the end offset - 1, so EndOffsetProbe(committed=True) "
+        "gives the offset after the last committed record (a commit marker is never "
+        "delivered)",
+    ),
+    "aiokafka.consumer.consumer:AIOKafkaConsumer.__init__": (
+        "01506f316191f7c9",
+        "ConsumerThread._create_worker_consumer sets _isolation_level (the string; "
+        "read_committed in exactly-once processing) before start() builds the fetcher",
+    ),
+    "aiokafka.protocol.transaction:TxnOffsetCommitRequest": (
+        "841e324a3ddd2c17",
+        "rtim/stream/transactions.py has a producer per input partition because "
+        "TxnOffsetCommit has no generation or member id (version 0, no KIP-447): with "
+        "them, one producer per worker would fence zombies too",
+    ),
+    "aiokafka.producer.sender:TxnOffsetCommitHandler.create_request": (
+        "4f6bf93bb0a1639e",
+        "as for TxnOffsetCommitRequest: offsets committed with the transactional id and epoch only",
+    ),
 }
 
 

@@ -134,6 +134,15 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "max_record_bytes": lambda tmp: Case(
         50_000, lambda w: w.processor.publisher.max_record_bytes, 50_000
     ),
+    "processing_guarantee": lambda tmp: Case(
+        "exactly_once",
+        lambda w: (
+            type(w.processor.publisher).__name__,
+            w.kafka_consumer._isolation_level,  # the fetcher reads committed records only
+            table(w).before_recovery == w.processor._assigned,  # producers fence first
+        ),
+        ("TransactionalPublisher", "read_committed", True),
+    ),
     "dedupe_window_s": lambda tmp: Case(
         3600.0, lambda w: w.processor.engine.dedupe_window_ms, 3_600_000
     ),
