@@ -142,3 +142,66 @@ def test_an_idle_partition_closes_its_windows_on_wall_clock_time(kafka, workers)
         time.sleep(0.5)
     assert {(e["converted"], e["why"]) for e in examples} == {(False, "window")}
     assert len({e["decision_id"] for e in examples}) == len(CUSTOMERS)
+
+
+def test_two_workers_learn_from_each_others_decisions_and_survive_a_sigkill(kafka, workers) -> None:
+    # The whole loop with two workers: each decides for its own partitions' customers,
+    # responses are joined where the decisions are, the offer's learner (one of them)
+    # learns every example, and both decide with the model within seconds. A worker
+    # SIGKILLed and replaced resumes from rtim.models: nothing learned twice or lost.
+    from .test_shared_models import wait_models
+
+    env = {"RTIM_ATTRIBUTION_WINDOW_S": "3600", "RTIM_MODEL_SNAPSHOT_INTERVAL_S": "0.5"}
+    first = workers("w1", env=env).wait_ready()
+    second = workers("w2", env=env).wait_ready()
+    wait_until(lambda: all(w.status("/health/ready") == 200 for w in (first, second)))
+
+    def round_of(customers: list[str], start: int) -> dict[str, dict]:
+        """Tickets, then a conversion for every other decision, then time passing."""
+        tickets = [
+            track(c, "Support Ticket Opened", "web", start, ticket_id="T") for c in customers
+        ]
+        asyncio.run(produce(kafka.bootstrap, [segment(e) for e in tickets]))
+        made: dict[str, dict] = {}
+        wait_until(lambda: len(made.update(decisions_of(customers)) or made) == len(customers))
+        converted = [made[c] for c in customers[::2]]
+        answers = [response(d, "conversion", start + 5 * 60_000) for d in converted]
+        asyncio.run(produce(kafka.bootstrap, answers, topic=RESPONSES_TOPIC))
+        # Joined before the later events move the stream time past the windows (the two
+        # topics are read side by side, in no set order).
+        asyncio.run(wait_committed(kafka.bootstrap, "rtim", topic=RESPONSES_TOPIC))
+        later = [track(c, "Page Viewed", "web", start + 2 * HOUR) for c in customers]
+        asyncio.run(produce(kafka.bootstrap, [segment(e) for e in later]))
+        return made
+
+    def decisions_of(customers: list[str]) -> dict[str, dict]:
+        return {
+            d["customer_id"]: d
+            for d in values(kafka.bootstrap, DECISIONS_TOPIC)
+            if d["customer_id"] in customers
+        }
+
+    batch_one = [f"duo-{i}" for i in range(24)]
+    round_of(batch_one, T0)
+    # Both workers decided (each owns two of the four partitions) ...
+    assert first.metric("rtim_decisions_total", offered="yes") > 0
+    assert second.metric("rtim_decisions_total", offered="yes") > 0
+    # ... and both see the model learned from all of it: 12 conversions, 12 windows ended.
+    for worker in (first, second):
+        wait_models(worker, {"service-recovery": (24, 12)}, timeout=60)
+
+    first.kill()
+    third = workers("w3", env=env).wait_ready()
+    batch_two = [f"trio-{i}" for i in range(16)]
+    round_of(batch_two, T0 + 3 * HOUR)
+    for worker in (second, third):
+        wait_models(worker, {"service-recovery": (40, 20)}, timeout=90)
+    examples = values(kafka.bootstrap, TRAINING_TOPIC)
+    assert len({e["decision_id"] for e in examples}) == 40
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
