@@ -78,6 +78,15 @@ def decision_id(customer_id: str, message_id: str, trigger_id: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def draw_seed(decision_id: str) -> int:
+    """The seed of a decision's Thompson draws: 64 bits of its (UUID) id.
+
+    >>> draw_seed("6f1c2a9e-3c57-4b8e-9a51-2f3b8d7c4e10") == 0x6F1C2A9E3C574B8E
+    True
+    """
+    return int(decision_id[:8] + decision_id[9:13] + decision_id[14:18], 16)
+
+
 def context_snapshot(ctx: Context) -> dict[str, Any]:
     """The part of the context a channel system may want with a trigger (no PII)."""
     affinity = ctx["affinity"]
@@ -135,7 +144,7 @@ def decide(
     the_id = decision_id(ctx["id"], event.message_id, rule.id)
     # The draws are seeded by the decision: the same moment scored by the same
     # models is decided the same way (a replayed event gives the same trigger).
-    rng.seed(int(the_id[:8] + the_id[9:13] + the_id[14:18], 16))
+    rng.seed(draw_seed(the_id))
     ranked = rank(
         builder,
         models,

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rtim.context.model import Context, new_context
+from rtim.decide.arbitrate import decision_id, draw_seed
 from rtim.learn.attribution import Attributor, Example, Pending, Response
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelParams, ModelSet
@@ -314,6 +315,9 @@ def run(
         learn(attributor.observe(m.at_ms))
 
         evs = {o.id: _sigmoid(true_logit(o.id, m)) * o.value for o in offers}
+        # Seeded per decision, as the worker seeds its draws (rtim.decide.arbitrate).
+        the_id = decision_id(m.customer.id, f"m{seed}-{i}", m.trigger)
+        decide_rng.seed(draw_seed(the_id))
         ranked = rank(
             builder,
             models,
@@ -325,11 +329,10 @@ def run(
             rng=decide_rng,
         )
         chosen = ranked[0]
-        decision_id = f"d{seed}-{i}"
         learn(
             attributor.decide(
                 Pending(
-                    decision_id,
+                    the_id,
                     m.customer.id,
                     chosen.offer.id,
                     chosen.features,
@@ -339,7 +342,7 @@ def run(
             )
         )
         p = evs[chosen.offer.id] / chosen.offer.value
-        for ts, response in _responses(response_rng, decision_id, m.customer.id, m.at_ms, p):
+        for ts, response in _responses(response_rng, the_id, m.customer.id, m.at_ms, p):
             seq += 1
             heapq.heappush(inbox, (ts, seq, response))
 

@@ -16,6 +16,10 @@ from the belief and answers with the likelihood under them: one normal draw
 Its expectation is exactly ``predict_proba_one``; an offer with little
 evidence (large ``V``) is drawn over a wide range and so wins in proportion to
 the chance that it is the best, one with much evidence is drawn near its mean.
+Past ``ModelParams.narrow_after`` examples the draw's spread is narrowed (see
+there: the belief has no covariances, so ``V`` overstates the uncertainty of
+the sum); the draws then average to ``Phi(M / sqrt(k**2 V + beta**2))`` for the
+narrowing factor ``k``, while the mean reported stays AdPredictor's.
 
 Snapshots
 ---------
@@ -72,6 +76,23 @@ class ModelParams:
     #: whichever decision meets it first (the same moments, in any order, are
     #: decided the same way).
     prior_active: int = 12
+    #: The Thompson draw of an offer with more than ``narrow_after`` examples is
+    #: narrowed by sqrt(narrow_after / examples), down to ``narrow_floor`` of its width.
+    #: AdPredictor keeps one variance per weight and no covariances, so the spread of
+    #: a sum of weights that are always active together (the bias and the common
+    #: features) is overstated more and more as evidence grows, and plain draws keep
+    #: exploring offers long known to be worse. An offer with little evidence is drawn
+    #: over its whole belief. On ``rtim evaluate`` (seeds 1-5) narrowing took RTIM
+    #: from 77.9% to 80.8% of the oracle and the new offer from 75.6% to 88.9% of its
+    #: moments (30-300 and floors 0.1-0.3 were tried).
+    narrow_after: int = 50
+    narrow_floor: float = 0.15
+
+    def narrowing(self, examples: int) -> float:
+        """The factor on the draw's spread of an offer with this many examples."""
+        if examples <= self.narrow_after:
+            return 1.0
+        return max(self.narrow_floor, math.sqrt(self.narrow_after / examples))
 
 
 class OfferModel:
@@ -124,6 +145,8 @@ class OfferModel:
                 "epsilon": self.params.epsilon,
                 "exploration": self.params.exploration,
                 "prior_active": self.params.prior_active,
+                "narrow_after": self.params.narrow_after,
+                "narrow_floor": self.params.narrow_floor,
             },
             "weights": {k: [means[k], variances[k]] for k in means},
         }
@@ -224,7 +247,9 @@ class ModelSet:
             for f in own:
                 total_mean += get_mean(f, 0.0)
                 total_var += get_var(f, 1.0)
-            s = gauss(total_mean, sqrt(total_var) * model.params.exploration)
+            params = model.params
+            spread = sqrt(total_var) * params.exploration * params.narrowing(model.examples)
+            s = gauss(total_mean, spread)
             # Phi(x) = erfc(-x / sqrt 2) / 2, clipped as AdPredictor clips.
             sampled = 0.5 * erfc(-s / (beta * _SQRT2))
             mean = 0.5 * erfc(-total_mean / (sqrt(total_var + beta * beta) * _SQRT2))

@@ -116,3 +116,23 @@ def test_a_new_model_is_the_same_whichever_decision_meets_it_first():
     # and it predicts the prior for a decision of the expected size
     twelve = [f"f{i}" for i in range(params.prior_active - 1)]
     assert few.models["o"].mean(twelve) == pytest.approx(params.prior_probability)
+
+
+def test_the_draw_narrows_as_evidence_grows_and_not_before():
+    plain = ModelParams(beta=1.0, prior_probability=0.1, epsilon=0.0, narrow_after=10**9)
+    narrowed = ModelParams(beta=1.0, prior_probability=0.1, epsilon=0.0, narrow_after=50)
+    assert narrowed.narrowing(50) == 1.0  # little evidence: the whole belief
+    assert narrowed.narrowing(200) == pytest.approx(0.5)
+    assert narrowed.narrowing(10**6) == narrowed.narrow_floor
+    spreads = {}
+    for name, params in (("plain", plain), ("narrowed", narrowed)):
+        models = ModelSet(params)
+        model = trained(200, 1800)
+        model.params = params
+        models.models["o"] = model
+        spreads[name] = statistics.pstdev(draws(models, "o", 4000))
+    assert spreads["narrowed"] < 0.5 * spreads["plain"]
+    # a new offer is drawn as widely either way
+    fresh = {n: statistics.pstdev(draws(ModelSet(p), "new", 4000)) for n, p in
+             (("plain", plain), ("narrowed", narrowed))}  # fmt: skip
+    assert fresh["narrowed"] == pytest.approx(fresh["plain"], rel=0.05)
