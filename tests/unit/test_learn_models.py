@@ -123,6 +123,7 @@ def test_the_draw_narrows_as_evidence_grows_and_not_before():
     narrowed = ModelParams(beta=1.0, prior_probability=0.1, epsilon=0.0, narrow_after=50)
     assert narrowed.narrowing(50) == 1.0  # little evidence: the whole belief
     assert narrowed.narrowing(200) == pytest.approx(0.5)
+    assert ModelParams().narrowing(ModelParams().narrow_after) == 1.0
     assert narrowed.narrowing(10**6) == narrowed.narrow_floor
     spreads = {}
     for name, params in (("plain", plain), ("narrowed", narrowed)):
