@@ -558,8 +558,8 @@ def decision_cost(records: list[Record], catalog: Catalog, *, runs: int = 3) -> 
 # -- responses ----------------------------------------------------------------
 
 #: A response to send: the clickstream offset its partition must be committed to
-#: first, the key (customer id) and the value.
-Planned = tuple[int, bytes, bytes]
+#: first, its time (ms, event time), the key (customer id) and the value.
+Planned = tuple[int, int, bytes, bytes]
 
 
 def plan_responses(
@@ -570,10 +570,11 @@ def plan_responses(
 
     Of the decisions with an offer, 40% get an impression, a quarter of those a
     click, 30% of the clicks a conversion, within seconds to an hour; 5% of the
-    impressions a dismissal; 1% of decisions a response after their window ended
-    (late); 1% of responses name a decision never made (unknown), 2% are sent twice
-    (duplicate). Each is stamped after its decision in event time and is sent once
-    the worker has committed the clickstream to its decision and to its time.
+    impressions without a click a dismissal; 1% of the decisions a click after their
+    window ended (late, and nothing else); 1% a response naming a decision never
+    made (unknown); 2% of all responses are sent twice (duplicate). Each is stamped
+    after its decision in event time and is sent once the worker has committed the
+    clickstream to its decision and to its time.
     """
     rng = random.Random(seed)
     # Stream time of each partition at each of its records.
@@ -593,10 +594,10 @@ def plan_responses(
         due = max(cause.offset, offsets[part][i] if i < len(offsets[part]) else offsets[part][-1])
         body = {**body, "timestamp": iso_ms(at_ms)}
         value = orjson.dumps(body)
-        plan[part].append((due + 1, cause.key or b"", value))
+        plan[part].append((due + 1, at_ms, cause.key or b"", value))
         kinds[kind] += 1
         if rng.random() < 0.02:
-            plan[part].append((due + 1, cause.key or b"", value))
+            plan[part].append((due + 1, at_ms, cause.key or b"", value))
             kinds["duplicate"] += 1
 
     for made in decisions:
@@ -640,7 +641,10 @@ def plan_responses(
                 "dismissal",
             )
     for items in plan.values():
-        items.sort(key=lambda item: item[0])  # stable: a customer's stay in their order
+        # In event-time order among those due together (all those stamped after the
+        # last event are due at the end): a response that arrives after one stamped
+        # later would find its decision closed by the partition's stream time.
+        items.sort(key=lambda item: item[:2])
     return dict(plan), kinds
 
 
@@ -667,7 +671,7 @@ async def feed_responses(
                 except KafkaError:  # the group may not exist yet
                     committed = 0
                 while i < len(items) and items[i][0] <= committed:
-                    _, key, value = items[i]
+                    _, _, key, value = items[i]
                     await producer.send(RESPONSES_TOPIC, value, key=key)
                     i += 1
                 sent += i - at[part]

@@ -103,11 +103,12 @@ def test_responses_answer_the_decisions_after_they_are_made() -> None:
         if r.value is not None
     }
     for part, items in plan.items():
-        assert [due for due, _, _ in items] == sorted(due for due, _, _ in items)
-        for due, key, value in items:
+        # In the order of their dues, and of their times among those due together.
+        assert [item[:2] for item in items] == sorted(item[:2] for item in items)
+        for due, at_ms, key, value in items:
             # Every one is a valid response of the customer it is keyed by...
             response = parse_response(value)
-            assert response.customer_id.encode() == key
+            assert response.customer_id.encode() == key and response.timestamp_ms == at_ms
             made_it = offered.get(response.decision_id)
             if made_it is None:
                 continue  # one of the unknown ones
