@@ -9,7 +9,8 @@ from outside, by polling their consumer group's committed offsets):
    -> commit. This is the practical ceiling of Python on one core;
 3. throughput of the **RTIM worker**: validate, dedupe, durable context update
    (RocksDB + changelog), triggers, scoring when a trigger fires, CloudEvents
-   out, metrics, commits;
+   and decision records out, metrics, commits; with channel responses flowing
+   into ``rtim.responses`` for the decisions it makes (see below);
 4. latency at a fixed offered rate: live events (stamped at send time) at
    ``--rate`` events/s while both pipelines run; latency is the time from the
    event's timestamp to the output (raw) or trigger (RTIM) arriving at a
@@ -17,31 +18,56 @@ from outside, by polling their consumer group's committed offsets):
 
 Throughput is (events committed) / (time from the first commit to the last),
 so start-up and group joins are not counted, and commits are.
+
+Responses: once the clickstream is loaded, the core runs offline on it (the
+records read back from Kafka, with the worker's catalog) to learn which
+decisions the worker will make; decision ids depend only on their cause, so
+they are the worker's. A mix of responses for them (most decisions get none,
+some impressions, clicks, conversions, dismissals; a few late, unknown and
+duplicate) is sent to ``rtim.responses`` while the worker runs, each once the
+worker has committed the clickstream up to its decision and to its timestamp
+(event time), as a channel system would answer. The raw baseline consumes the
+clickstream only.
+
+The cost of one decision is measured in-process on the same records: the
+engine in batches like the worker's with the catalog, and without its
+triggers (the same context updates, no decision); the difference over the
+number of decisions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import datetime as dt
+import gc
 import json
+import random
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
+import uuid
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from rtim.broker import EmbeddedBroker
+from rtim.decide.cloudevent import iso_ms
+from rtim.engine import DecisionRecord, Engine, Record
 from rtim.events import customer_key
-from rtim.names import CLICKSTREAM_TOPIC, TRIGGER_TOPIC_PREFIX
-from rtim.settings import KafkaConnection
+from rtim.names import CLICKSTREAM_TOPIC, RESPONSES_TOPIC, TRIGGER_TOPIC_PREFIX
+from rtim.offers.catalog import Catalog, load_catalog, parse_catalog
+from rtim.settings import DEFAULT_CATALOG, DEFAULTS, KafkaConnection
 from rtim.simulate import JourneySimulator, past_start_ms
 from rtim.simulate_kafka import produce_events
 from rtim.stream.endoffsets import true_end_offsets
@@ -52,6 +78,9 @@ CLICKSTREAM = CLICKSTREAM_TOPIC
 RAW_OUT = "bench.raw.out"
 RAW_GROUP = "bench-raw"
 RTIM_APP = "rtim-bench"
+#: The catalog of ``--decisions-mix``: decision moments on about a quarter of the
+#: events, twelve candidate offers each.
+DECISIONS_CATALOG = Path(__file__).parent / "data" / "bench_catalog.yaml"
 
 
 # -- the baseline -----------------------------------------------------------
@@ -141,6 +170,15 @@ class WorkerProfile:
     fence_us: float = 0.0
     #: Time in the garbage collector per event (every thread stops), microseconds.
     gc_us: float = 0.0
+    #: Decisions made per clickstream event (the share of decision moments).
+    decisions_per_event: float = 0.0
+    #: Response records consumed in the same window.
+    responses: int = 0
+
+
+def _delta_sum(before: dict[str, float], after: dict[str, float], prefix: str) -> float:
+    """The change of every sample whose key starts with ``prefix`` (all label values)."""
+    return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(prefix))
 
 
 def worker_profile(
@@ -175,7 +213,46 @@ def worker_profile(
             * 1e6,
             1,
         ),
+        decisions_per_event=round(_delta_sum(before, after, "rtim_decisions_total{") / events, 3),
+        responses=int(delta(f'rtim_events_consumed_total{{topic="{RESPONSES_TOPIC}"}}')),
     )
+
+
+@dataclass
+class DecisionCost:
+    """The cost of one decision, measured in-process on the core (no Kafka)."""
+
+    events: int
+    decisions: int
+    #: Decisions per event.
+    share: float
+    #: Candidate offers scored per decision, on average.
+    candidates: float
+    #: Per decision, microseconds: the median of the runs, and the smallest and largest.
+    us: float
+    us_min: float
+    us_max: float
+    runs: int
+    #: Per event, microseconds (medians): the catalog, and the catalog without triggers.
+    event_us: float
+    event_us_without: float
+
+
+@dataclass
+class ResponsesSent:
+    """Responses sent to ``rtim.responses`` for the decisions the loaded events make."""
+
+    #: Decisions the loaded events make (with an offer or none), from the offline run.
+    decisions: int
+    #: Of which with an offer (a trigger out, a decision left open).
+    offered: int
+    #: Response records by kind: the outcomes, and "late", "unknown", "duplicate".
+    planned: dict[str, int] = field(default_factory=dict)
+    sent: int = 0
+    #: Committed by the RTIM worker's group.
+    consumed: int = 0
+    #: The worker's join results (``rtim_responses_total`` by result).
+    joined: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -193,6 +270,10 @@ class BenchReport:
     rtim_triggers: int = 0
     #: Where the RTIM worker's time went during the throughput phase.
     rtim_profile: WorkerProfile | None = None
+    #: "default" (the worker's catalog) or "decisions" (:data:`DECISIONS_CATALOG`).
+    mix: str = "default"
+    responses: ResponsesSent | None = None
+    decision_cost: DecisionCost | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -217,8 +298,9 @@ async def measure_until_committed(
     timeout: float,
     proc: subprocess.Popen | None = None,
     at_edges: Callable[[], Awaitable[None]] | None = None,
+    topic: str = CLICKSTREAM,
 ) -> Throughput:
-    """Poll the group's committed offsets until they reach ``total``.
+    """Poll the group's committed offsets on ``topic`` until they reach ``total``.
 
     ``at_edges`` is awaited when the first commit is seen and when the last is.
     """
@@ -228,7 +310,7 @@ async def measure_until_committed(
         **KafkaConnection.parse(bootstrap).client_config(), group_id=group, enable_auto_commit=False
     )
     await reader.start()
-    tps = [TopicPartition(CLICKSTREAM, p) for p in range(partitions)]
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
     try:
         deadline = time.monotonic() + timeout
         first_t, first_n = None, 0
@@ -370,6 +452,279 @@ async def load_events(
     return await produce_events(bootstrap, CLICKSTREAM, sim.events(n), progress=progress)
 
 
+# -- the core offline: the decisions the load makes, and their cost -----------
+
+
+async def read_back(bootstrap: str, partitions: int) -> list[Record]:
+    """Every record of the clickstream, as the worker reads them, ordered by offset
+    then partition (about the order of the events, each partition in its order)."""
+    tps = [TopicPartition(CLICKSTREAM, p) for p in range(partitions)]
+    ends = await true_end_offsets(bootstrap, tps)
+    consumer = AIOKafkaConsumer(
+        **KafkaConnection.parse(bootstrap).client_config(),
+        group_id=None,
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    out: list[Record] = []
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        left = {tp for tp in tps if ends[tp] > 0}
+        while left:
+            fetched = await consumer.getmany(*left, timeout_ms=1000, max_records=10_000)
+            for tp, records in fetched.items():
+                out.extend(
+                    Record(tp.partition, r.offset, r.key, r.value, (), r.timestamp) for r in records
+                )
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    left.discard(tp)
+    finally:
+        await consumer.stop()
+    out.sort(key=lambda r: (r.offset, r.partition))
+    return out
+
+
+def run_core(
+    records: list[Record], catalog: Catalog, *, batch: int = DEFAULTS.max_fetch_records
+) -> tuple[float, list[DecisionRecord]]:
+    """Run the engine over ``records`` in batches like the worker's, with a store in
+    memory; the seconds spent in the engine, and the decisions made."""
+    store: dict[tuple[int, bytes], bytes] = {}
+    engine = Engine(
+        catalog=catalog,
+        load=lambda partition, key: store.get((partition, key)),
+        rng=random.Random(0),
+        window_ms=int(DEFAULTS.attribution_window_s * 1000),
+    )
+    decisions: list[DecisionRecord] = []
+    spent = 0.0
+    clock = time.thread_time  # CPU time of this thread: what others run meanwhile is not counted
+    for i in range(0, len(records), batch):
+        started = clock()
+        chunk: list[Any] = records[i : i + batch]  # Records are what the engine reads
+        result = engine.process(CLICKSTREAM, chunk)
+        spent += clock() - started
+        for partition, items in result.updates.items():
+            for key, value in items.items():
+                store[(partition, key)] = value
+        decisions.extend(result.decisions)
+    return spent, decisions
+
+
+def decision_cost(records: list[Record], catalog: Catalog, *, runs: int = 3) -> DecisionCost:
+    """Per decision: (engine time with the catalog - without its triggers) / decisions.
+
+    Without triggers every event makes the same context update and no decision, so
+    the difference is what deciding adds: trigger conditions, eligibility, features,
+    scoring, sampling, reasons, the trigger and the decision record, and the larger
+    contexts (open decisions) written. Runs alternate, so that a slower spell of a
+    shared machine falls on both.
+    """
+    from rtim.stream.app import tune_gc  # the worker's garbage collector settings
+
+    none = parse_catalog({}, "no triggers")
+    with_s: list[float] = []
+    without_s: list[float] = []
+    decisions: list[DecisionRecord] = []
+    threshold = gc.get_threshold()
+    tune_gc()
+    try:
+        for _ in range(runs):
+            spent, decisions = run_core(records, catalog)
+            with_s.append(spent)
+            without_s.append(run_core(records, none)[0])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+    n = len(decisions)
+    per = sorted((w - wo) / max(n, 1) * 1e6 for w, wo in zip(with_s, without_s, strict=True))
+    candidates = sum(len(orjson.loads(d.value)["candidates"]) for d in decisions)
+    events = len(records)
+    return DecisionCost(
+        events=events,
+        decisions=n,
+        share=round(n / max(events, 1), 3),
+        candidates=round(candidates / max(n, 1), 2),
+        us=round(statistics.median(per), 1),
+        us_min=round(per[0], 1),
+        us_max=round(per[-1], 1),
+        runs=runs,
+        event_us=round(statistics.median(with_s) / max(events, 1) * 1e6, 2),
+        event_us_without=round(statistics.median(without_s) / max(events, 1) * 1e6, 2),
+    )
+
+
+# -- responses ----------------------------------------------------------------
+
+#: A response to send: the clickstream offset its partition must be committed to
+#: first, its time (ms, event time), the key (customer id) and the value.
+Planned = tuple[int, int, bytes, bytes]
+
+
+def plan_responses(
+    records: list[Record], decisions: list[DecisionRecord], *, seed: int = 11
+) -> tuple[dict[int, list[Planned]], Counter[str]]:
+    """Responses for the decisions (records, decision records as the core made them):
+    per partition, in the order to send them; and how many of each kind.
+
+    Of the decisions with an offer, 40% get an impression, a quarter of those a
+    click, 30% of the clicks a conversion, within seconds to an hour; 5% of the
+    impressions without a click a dismissal; 1% of the decisions a click after their
+    window ended (late, and nothing else); 1% a response naming a decision never
+    made (unknown); 2% of all responses are sent twice (duplicate). Each is stamped
+    after its decision in event time and is sent once the worker has committed the
+    clickstream to its decision and to its time.
+    """
+    rng = random.Random(seed)
+    # Stream time of each partition at each of its records.
+    times: dict[int, list[int]] = defaultdict(list)
+    offsets: dict[int, list[int]] = defaultdict(list)
+    for rec in sorted(records, key=lambda r: (r.partition, r.offset)):
+        at = int(_parse_iso_ms(orjson.loads(rec.value or b"{}")["timestamp"]))
+        seen = times[rec.partition]
+        seen.append(max(at, seen[-1]) if seen else at)
+        offsets[rec.partition].append(rec.offset)
+    kinds: Counter[str] = Counter()
+    plan: dict[int, list[Planned]] = defaultdict(list)
+
+    def send(cause: Record, body: dict[str, object], at_ms: int, kind: str) -> None:
+        part = cause.partition
+        i = bisect.bisect_left(times[part], at_ms)
+        due = max(cause.offset, offsets[part][i] if i < len(offsets[part]) else offsets[part][-1])
+        body = {**body, "timestamp": iso_ms(at_ms)}
+        value = orjson.dumps(body)
+        plan[part].append((due + 1, at_ms, cause.key or b"", value))
+        kinds[kind] += 1
+        if rng.random() < 0.02:
+            plan[part].append((due + 1, at_ms, cause.key or b"", value))
+            kinds["duplicate"] += 1
+
+    for made in decisions:
+        record = orjson.loads(made.value)
+        cause = made.cause
+        if record["offer_id"] is None or not isinstance(cause, Record):
+            continue
+        base = {"decision_id": record["decision_id"], "customer_id": record["customer_id"]}
+        at = int(record["decided_ms"])
+        if rng.random() < 0.01:
+            send(
+                cause,
+                {
+                    **base,
+                    "decision_id": str(uuid.UUID(int=rng.getrandbits(128))),
+                    "outcome": "impression",
+                },
+                at + 1000,
+                "unknown",
+            )
+        if rng.random() < 0.01:
+            late = int(record["window_end_ms"]) + rng.randint(1_000, 3_600_000)
+            send(cause, {**base, "outcome": "click"}, late, "late")
+            continue
+        if rng.random() >= 0.40:
+            continue  # no response at all, as for most decisions
+        at += rng.randint(500, 20_000)
+        send(cause, {**base, "outcome": "impression"}, at, "impression")
+        if rng.random() < 0.25:
+            at += rng.randint(2_000, 120_000)
+            send(cause, {**base, "outcome": "click"}, at, "click")
+            if rng.random() < 0.30:
+                at += rng.randint(60_000, 3_600_000)
+                body = {**base, "outcome": "conversion", "value": round(rng.uniform(10, 300), 2)}
+                send(cause, body, at, "conversion")
+        elif rng.random() < 0.05:
+            send(
+                cause,
+                {**base, "outcome": "dismissal"},
+                at + rng.randint(1_000, 30_000),
+                "dismissal",
+            )
+    for items in plan.values():
+        # In event-time order among those due together (all those stamped after the
+        # last event are due at the end): a response that arrives after one stamped
+        # later would find its decision closed by the partition's stream time.
+        items.sort(key=lambda item: item[:2])
+    return dict(plan), kinds
+
+
+async def feed_responses(
+    bootstrap: str, group: str, plan: dict[int, list[Planned]], partitions: int
+) -> int:
+    """Send each planned response once ``group`` has committed the clickstream of its
+    partition to the response's offset; returns how many were sent (all of them)."""
+    config = KafkaConnection.parse(bootstrap).client_config()
+    reader = AIOKafkaConsumer(**config, group_id=group, enable_auto_commit=False)
+    producer = AIOKafkaProducer(**config, linger_ms=5)
+    await reader.start()
+    await producer.start()
+    sent = 0
+    at = dict.fromkeys(plan, 0)
+    try:
+        while any(at[p] < len(items) for p, items in plan.items()):
+            for part, items in plan.items():
+                i = at[part]
+                if i >= len(items):
+                    continue
+                try:
+                    committed = await reader.committed(TopicPartition(CLICKSTREAM, part)) or 0
+                except KafkaError:  # the group may not exist yet
+                    committed = 0
+                while i < len(items) and items[i][0] <= committed:
+                    _, _, key, value = items[i]
+                    await producer.send(RESPONSES_TOPIC, value, key=key)
+                    i += 1
+                sent += i - at[part]
+                at[part] = i
+            await asyncio.sleep(0.05)
+        await producer.flush()
+    finally:
+        await producer.stop()
+        await reader.stop()
+    return sent
+
+
+async def wait_committed(
+    bootstrap: str, group: str, topic: str, partitions: int, *, timeout: float
+) -> int:
+    """Wait until ``group`` has committed ``topic`` to its end; the records committed."""
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+    ends = await true_end_offsets(bootstrap, tps)
+    total = sum(ends.values())
+    reader = AIOKafkaConsumer(
+        **KafkaConnection.parse(bootstrap).client_config(), group_id=group, enable_auto_commit=False
+    )
+    await reader.start()
+    try:
+        deadline = time.monotonic() + timeout
+        done = 0
+        while time.monotonic() < deadline:
+            try:
+                done = await _committed_total(reader, tps)
+            except KafkaError:
+                done = 0
+            if done >= total:
+                return done
+            await asyncio.sleep(0.05)
+        raise TimeoutError(f"{group}: {topic} committed to {done} of {total} in {timeout:.0f} s")
+    finally:
+        await reader.stop()
+
+
+_RESULT = re.compile(r'result="(\w+)"')
+
+
+def join_results(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """The worker's responses by join result between two scrapes of its metrics."""
+    out: Counter[str] = Counter()
+    for key, value in after.items():
+        if key.startswith("rtim_responses_total{"):
+            found = _RESULT.search(key)
+            if found:
+                out[found[1]] += int(value - before.get(key, 0.0))
+    return {k: v for k, v in sorted(out.items()) if v}
+
+
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "rtim", *args], stdout=log.open("wb"), stderr=subprocess.STDOUT
@@ -399,8 +754,22 @@ async def run_bench(
     workdir: Path | None = None,
     echo: Callable[[str], None] = print,
     progress: Callable[[int], None] | None = None,
+    decisions_mix: bool = False,
+    responses: bool = True,
+    cost_runs: int = 3,
+    cost_events: int = 50_000,
 ) -> BenchReport:
-    report = BenchReport(events=events, partitions=partitions, customers=customers, store=store)
+    """The whole bench; ``decisions_mix`` runs the worker with :data:`DECISIONS_CATALOG`,
+    ``responses`` sends responses while it runs, ``cost_runs`` times the cost of one
+    decision on the first ``cost_events`` events (0: not measured)."""
+    report = BenchReport(
+        events=events,
+        partitions=partitions,
+        customers=customers,
+        store=store,
+        mix="decisions" if decisions_mix else "default",
+    )
+    catalog_path = DECISIONS_CATALOG if decisions_mix else DEFAULT_CATALOG
     workdir = workdir or Path(tempfile.mkdtemp(prefix="rtim-bench-"))
     embedded = None
     if broker is None:
@@ -426,6 +795,29 @@ async def run_bench(
         total = sum(ends.values())
         assert total == loaded, f"loaded {loaded} but the topic holds {total}"
 
+        plan: dict[int, list[Planned]] = {}
+        if responses or cost_runs > 0:
+            echo("the core offline on the loaded events: which decisions, at what cost ...")
+            records = await read_back(broker, partitions)
+            catalog = load_catalog(catalog_path)
+            if cost_runs > 0:
+                report.decision_cost = cost = await asyncio.to_thread(
+                    decision_cost, records[:cost_events], catalog, runs=cost_runs
+                )
+                echo(
+                    f"  one decision: {cost.us:,.1f} us ({cost.candidates:.1f} candidates, "
+                    f"{cost.share:.0%} of events decide)"
+                )
+            if responses:
+                _, made = await asyncio.to_thread(run_core, records, catalog)
+                plan, kinds = plan_responses(records, made)
+                report.responses = ResponsesSent(
+                    decisions=len(made),
+                    offered=sum(1 for d in made if d.offered),
+                    planned=dict(sorted(kinds.items())),
+                )
+            del records
+
         echo("raw aiokafka baseline: consume -> parse -> update -> produce -> commit ...")
         raw_proc = _spawn(["bench-raw", "--broker", broker], workdir / "raw.log")
         try:
@@ -445,8 +837,17 @@ async def run_bench(
             datadir=workdir / "rtim-data",
             store=store,
             log_path=workdir / "rtim.log",
-            env={"RTIM_PARTITIONS": str(partitions), "RTIM_LOG_LEVEL": "warning"},
+            env={
+                "RTIM_PARTITIONS": str(partitions),
+                "RTIM_LOG_LEVEL": "warning",
+                "RTIM_CATALOG": str(catalog_path),
+            },
         ).start()
+        feeder = (
+            asyncio.create_task(feed_responses(broker, RTIM_APP, plan, partitions))
+            if plan
+            else None
+        )
         scrapes: list[tuple[float, dict[str, float]]] = []
 
         async def scrape() -> None:
@@ -472,6 +873,19 @@ async def run_bench(
         if len(scrapes) == 2:
             (t0, before), (t1, after) = scrapes
             report.rtim_profile = worker_profile(before, after, t1 - t0)
+        if feeder is not None and report.responses is not None:
+            # The clickstream is all committed, so every response is due: wait until
+            # they are all sent and consumed too.
+            report.responses.sent = await asyncio.wait_for(feeder, 300)
+            report.responses.consumed = await wait_committed(
+                broker, RTIM_APP, RESPONSES_TOPIC, partitions, timeout=300
+            )
+            try:
+                final = await asyncio.to_thread(rtim_worker.metrics)
+                report.responses.joined = join_results({}, final)
+            except OSError as exc:
+                report.notes.append(f"could not read the worker's metrics: {exc}")
+            echo(f"  responses: {report.responses.consumed:,} consumed")
         if report.raw and report.rtim:
             report.ratio = round(report.rtim.events_per_s / report.raw.events_per_s, 3)
 
@@ -498,9 +912,10 @@ async def run_bench(
 
 
 def format_report(report: BenchReport) -> str:
+    mix = "decision-heavy mix (12 offers)" if report.mix == "decisions" else "default catalog"
     lines = [
         f"rtim bench: {report.events:,} events, {report.customers:,} customers, "
-        f"{report.partitions} partitions, {report.store} store, one process each",
+        f"{report.partitions} partitions, {report.store} store, {mix}, one process each",
         "",
         f"{'pipeline':<28}{'events/s':>12}{'seconds':>10}",
     ]
@@ -534,7 +949,32 @@ def format_report(report: BenchReport) -> str:
             f"wall time per event: core {prof.core_us:.1f} us, publish {prof.publish_us:.1f} us "
             f"(of which membership checks {prof.fence_us:.1f} us), store {prof.store_us:.1f} us, "
             f"the rest (fetch, decode, ack, commit) {prof.other_us:.1f} us;",
-            f"of all that, garbage collection {prof.gc_us:.1f} us",
+            f"of all that, garbage collection {prof.gc_us:.1f} us;",
+            f"decisions per event {prof.decisions_per_event:.1%}, "
+            f"responses consumed meanwhile {prof.responses:,}",
+        ]
+    sent = report.responses
+    if sent:
+        planned = ", ".join(f"{k} {v:,}" for k, v in sent.planned.items())
+        joined = ", ".join(f"{k} {v:,}" for k, v in sent.joined.items()) or "none"
+        lines += [
+            "",
+            f"responses (to RTIM only; the raw baseline reads the clickstream alone): "
+            f"{sent.sent:,} sent for {sent.offered:,} decisions with an offer "
+            f"(of {sent.decisions:,}), {sent.consumed:,} consumed;",
+            f"sent: {planned};",
+            f"the worker joined them: {joined}",
+        ]
+    cost = report.decision_cost
+    if cost:
+        lines += [
+            "",
+            f"one decision, in-process on the core ({cost.events:,} of the events, "
+            f"{cost.decisions:,} decisions = {cost.share:.1%} of them, "
+            f"{cost.candidates:.1f} candidates each):",
+            f"{cost.us:.1f} us per decision (median of {cost.runs} runs, "
+            f"{cost.us_min:.1f} to {cost.us_max:.1f}); per event {cost.event_us:.2f} us "
+            f"with the decisions, {cost.event_us_without:.2f} us without",
         ]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)

@@ -232,6 +232,19 @@ def simulate(
     default=None,
     help="Also write the report as JSON to this file.",
 )
+@click.option(
+    "--decisions-mix",
+    is_flag=True,
+    help="Run the worker on the bench's decision-heavy catalog (a quarter of the events "
+    "decide, 12 candidate offers each) instead of the sample catalog.",
+)
+@click.option(
+    "--cost-runs",
+    type=int,
+    default=3,
+    show_default=True,
+    help="Runs of the in-process measurement of one decision's cost (0 skips it).",
+)
 def bench(
     events: int,
     partitions: int,
@@ -241,11 +254,15 @@ def bench(
     store: str,
     broker: str | None,
     json_path: str | None,
+    decisions_mix: bool,
+    cost_runs: int,
 ) -> None:
     """Benchmark RTIM against a raw aiokafka loop, in one run, on one broker.
 
     Reports events/s for each (from first to last committed offset), their
-    ratio, and p50/p95/p99 latency at a fixed offered rate.
+    ratio, and p50/p95/p99 latency at a fixed offered rate. RTIM runs with
+    responses to its decisions flowing in; the cost of one decision is
+    measured on the core in-process.
     """
     import asyncio
 
@@ -261,6 +278,8 @@ def bench(
                 latency_seconds=latency_seconds,
                 store=store,
                 broker=broker,
+                decisions_mix=decisions_mix,
+                cost_runs=cost_runs,
                 echo=lambda m: click.echo("\n" + m if not m.startswith(" ") else m),
                 progress=bar.update,
             )

@@ -177,17 +177,18 @@ def decide(
     reasons.append(f"offer:{offer.id}")
     reasons.extend(f"eligible:{c.text}" for c in offer.eligibility)
     window = offer.attribution_window_ms or window_ms
+    candidates = [(c.offer.id, round(c.score, 6)) for c in ranked]
     return Decision(
         decision_id=the_id,
         customer_id=ctx["id"],
         trigger=rule,
         offer=offer,
         channel=offer.channel_for(event.channel),
-        score=round(best.score, 6),
+        score=candidates[0][1],
         propensity=round(best.mean, 6),
         reasons=reasons,
         features=top_features(models, offer.id, best.features),
-        candidates=[(c.offer.id, round(c.score, 6)) for c in ranked],
+        candidates=candidates,
         event=event,
         decided_ms=now_ms,
         expires_ms=now_ms + ttl_ms,

@@ -141,7 +141,8 @@ DEFAULT_SPEC = parse_spec(DEFAULT_SPEC_DATA, "default features")
 def _lookup(ctx: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
     value: Any = ctx
     for key in keys:
-        if not isinstance(value, Mapping):
+        # Contexts are dicts: the tuple skips the slower ABC check for them.
+        if not isinstance(value, (dict, Mapping)):
             return None
         value = value.get(key)
     return value
@@ -195,7 +196,7 @@ class FeatureBuilder:
                 value = _lookup(ctx, entry.keys)
             encode = entry.encode
             if encode == "category":
-                if isinstance(value, Mapping):
+                if isinstance(value, (dict, Mapping)):
                     for k, v in value.items():
                         if isinstance(v, (str, int, float)):
                             append(f"{path}.{k}={v}")
@@ -212,7 +213,7 @@ class FeatureBuilder:
                 else:
                     append(f"{path}@never")
             elif encode == "cart":
-                items = value.get("items") if isinstance(value, Mapping) else None
+                items = value.get("items") if isinstance(value, (dict, Mapping)) else None
                 if not items:
                     append(f"{path}=empty")
                 else:
@@ -238,7 +239,7 @@ class FeatureBuilder:
         out = []
         for entry in self._offer_entries:
             table = _lookup(ctx, entry.keys)
-            value = table.get(category, 0.0) if isinstance(table, Mapping) else 0.0
+            value = table.get(category, 0.0) if isinstance(table, (dict, Mapping)) else 0.0
             bucket = log2_bucket(value if _is_number(value) else 0.0, entry.options.get("max", 4))
             out.append(f"{entry.path}~{bucket}")
         return tuple(out)

@@ -25,6 +25,9 @@ def test_bench_measures_both_pipelines_and_explains_the_worker(tmp_path: Path) -
             latency_seconds=3.0,
             workdir=tmp_path,
             echo=lambda line: None,
+            decisions_mix=True,
+            cost_runs=1,
+            cost_events=5_000,
         )
     )
 
@@ -45,9 +48,28 @@ def test_bench_measures_both_pipelines_and_explains_the_worker(tmp_path: Path) -
     assert prof.core_us > 0 and prof.publish_us > 0 and prof.store_us >= 0
     assert 0 < prof.cpu_cores < 3
 
+    # The decision-heavy mix: the worker decided on at least a fifth of the events.
+    assert prof.decisions_per_event >= 0.2
+
+    # Responses to the worker's decisions flowed while it ran, and were joined to them.
+    sent = report.responses
+    assert sent is not None and sent.offered > 0
+    assert sent.sent == sum(sent.planned.values()) > 0
+    assert sent.consumed == sent.sent and prof.responses > 0
+    assert sent.joined.get("joined", 0) > 0.8 * (sent.planned["impression"] + sent.planned["click"])
+    # Every response is valid, so every one has a join result; the unknown ones too.
+    assert sum(sent.joined.values()) == sent.sent
+    assert sent.joined["unknown"] >= sent.planned["unknown"]
+
+    # The cost of one decision, measured in-process on the same mix.
+    cost = report.decision_cost
+    assert cost is not None and cost.events == 5_000 and cost.share >= 0.2
+    assert cost.candidates > 11 and cost.us > 0
+
     text = format_report(report)
     assert "ratio RTIM / raw" in text
     assert f"{prof.batches:,} batches" in text and "garbage collection" in text
+    assert f"{sent.consumed:,} consumed" in text and "us per decision" in text
 
 
 def test_a_load_committed_all_at_once_gives_no_made_up_rate(kafka: EmbeddedBroker) -> None:
