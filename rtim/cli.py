@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from rtim.errors import ConfigError
-from rtim.names import CLICKSTREAM_TOPIC
+from rtim.names import CLICKSTREAM_TOPIC, MODELS_TOPIC
 from rtim.settings import DEFAULTS, describe, load_settings
 
 #: Exit code for a configuration the user must fix (as for a usage error).
@@ -363,3 +363,54 @@ def evaluate(
     if json_path:
         with open(json_path, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)
+
+
+@main.command()
+@click.option("--broker", default=None, help="Bootstrap servers (default: RTIM_BROKER).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
+@click.option(
+    "--timeout", type=float, default=30, show_default=True, help="Seconds to read the topic."
+)
+def models(broker: str | None, as_json: bool, timeout: float) -> None:
+    """List the shared model of each offer, as every worker decides with it.
+
+    Reads rtim.models to its end: per offer, the examples and positives learned,
+    the mean predicted propensity and the observed conversion over its latest
+    examples (predicted just before each was learned), the version and the age
+    of its newest snapshot.
+    """
+    import asyncio
+    import json
+
+    from aiokafka.errors import KafkaError
+
+    from rtim.settings import KafkaConnection
+    from rtim.stream.models import read_models
+
+    kafka = KafkaConnection.parse(broker) if broker else load_settings().kafka
+    try:
+        rows = asyncio.run(read_models(kafka, timeout=timeout)).summaries()
+    except (TimeoutError, KafkaError) as exc:
+        click.echo(f"rtim: {MODELS_TOPIC} not read from {kafka} ({exc!r})", err=True)
+        raise SystemExit(1) from None
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no model snapshots on rtim.models yet")
+        return
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2%}"
+
+    width = max(len("offer"), *(len(r["offer"]) for r in rows))
+    click.echo(
+        f"{'offer':<{width}}  {'examples':>9}  {'positives':>9}  {'predicted':>9}  "
+        f"{'observed':>9}  {'over':>5}  {'version':>9}  {'age':>8}"
+    )
+    for r in rows:
+        click.echo(
+            f"{r['offer']:<{width}}  {r['examples']:>9,}  {r['positives']:>9,}  "
+            f"{rate(r['predicted']):>9}  {rate(r['observed']):>9}  {r['recent']:>5}  "
+            f"{r['version']:>9,}  {r['age_s']:>7.1f}s"
+        )

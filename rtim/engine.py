@@ -348,11 +348,15 @@ class Engine:
         """Customers with open decisions, about (the index may hold closed ones)."""
         return sum(len(heap) for heap in self._windows.values())
 
-    def _schedule(self, partition: int, key: bytes, end_ms: int) -> None:
+    def windows(self, partition: int) -> list[tuple[int, bytes]]:
+        """The heap of (window end, customer key) of a partition."""
         heap = self._windows.get(partition)
         if heap is None:
             heap = self._windows[partition] = []
-        heapq.heappush(heap, (end_ms, key))
+        return heap
+
+    def _schedule(self, partition: int, key: bytes, end_ms: int) -> None:
+        heapq.heappush(self.windows(partition), (end_ms, key))
 
     def tick(self, wall_ms: int) -> BatchRun | None:
         """Wall-clock time passes: close the windows that end on partitions idle for
@@ -530,8 +534,6 @@ class BatchRun:
         self._created: set[tuple[int, bytes]] = set()
         # Records dead-lettered after they were applied (the ceiling), by id().
         self._withdrawn: set[int] = set()
-        # Per partition, the latest event time of this part of the batch.
-        self._latest: dict[int, int] = {}
 
     def _parse(self, record: RecordLike) -> Any:
         engine = self.engine
@@ -567,16 +569,20 @@ class BatchRun:
         cache: dict[bytes, Context] = {}
         cache_partition = -1
         consumed = applied = 0
-        latest = -1  # the latest event time of the partition's records
+        # The partition's stream time, and its heap of window ends (see _advance).
+        clock: StreamClock | None = None
+        stream = -1
+        ends: list[tuple[int, bytes]] = []
         for record in records:
             consumed += 1
             partition = record.partition
             offset = record.offset
             if partition != cache_partition:
-                if cache_partition >= 0:
-                    self._saw(cache_partition, latest)
+                if clock is not None:
+                    clock.observe(stream, now_ms)
                 cache, cache_partition = engine.cached(partition), partition
-                latest = -1
+                clock, ends = engine.clock(partition), engine.windows(partition)
+                stream = -1 if clock.stream_ms is None else clock.stream_ms
             try:
                 event = parse(
                     record.value, max_bytes=max_bytes, now_ms=now_ms, max_future_skew_ms=skew
@@ -585,8 +591,6 @@ class BatchRun:
                 result.invalid[exc.reason] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc))
                 continue
-            if event.timestamp_ms > latest:
-                latest = event.timestamp_ms
             key = ctx = snapshot = None
             mark = no_offer = marks = -1
             changing = False
@@ -599,6 +603,13 @@ class BatchRun:
                 if partition_of is not None and partition_of(key) != partition:
                     rekeyed.append(engine._rekeyed(record, key, partition_of(key)))
                     continue
+                if event.timestamp_ms > stream:
+                    stream = event.timestamp_ms
+                    if ends and ends[0][0] <= stream:
+                        # Windows this event's time passes close before it is applied:
+                        # the result is the same whatever the batches (a replay learns
+                        # what the live run learned).
+                        self._close_due(partition, stream)
                 ctx = cache.get(key)
                 if ctx is None:
                     ctx = engine.context(partition, key)
@@ -649,11 +660,10 @@ class BatchRun:
                 reason = error_reason(exc)
                 result.invalid[reason] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc, stage="process"))
-        if cache_partition >= 0:
-            self._saw(cache_partition, latest)
+        if clock is not None:
+            clock.observe(stream, now_ms)
         result.consumed += consumed
         result.applied += applied
-        self._close_all_due()
 
     def add_responses(self, records: Iterable[RecordLike]) -> None:
         """Join response records (``rtim.responses``) to their customers' decisions."""
@@ -681,7 +691,7 @@ class BatchRun:
             if record.key != key or (owner is not None and owner != partition):
                 result.rekeyed.append(engine._rekeyed(record, key, owner, RESPONSES_TOPIC))
                 continue
-            self._saw(partition, response.timestamp_ms)
+            self._advance(partition, response.timestamp_ms)
             ctx = engine.context(partition, key)
             joined, example = respond(ctx, response)
             result.responses[(response.outcome, joined)] += 1
@@ -689,7 +699,6 @@ class BatchRun:
                 self._journal(partition, key, ctx, record, "response")
             if example is not None:
                 result.examples.append(example)
-        self._close_all_due()
 
     def _journal(
         self, partition: int, key: bytes, ctx: Context, entry: Any, kind: str | None
@@ -704,18 +713,15 @@ class BatchRun:
         self._keys.append(key)
         self._records.append(entry)
 
-    def _saw(self, partition: int, event_ms: int) -> None:
-        if event_ms >= 0:
-            seen = self._latest
-            if seen.get(partition, -1) < event_ms:
-                seen[partition] = event_ms
-
-    def _close_all_due(self) -> None:
-        """Move the stream time of the partitions seen, and close the windows it passed."""
-        engine = self.engine
-        for partition, event_ms in self._latest.items():
-            self._close_due(partition, engine.clock(partition).observe(event_ms, self.now_ms))
-        self._latest.clear()
+    def _advance(self, partition: int, event_ms: int) -> None:
+        """A record of ``event_ms`` arrived: move the partition's stream time, and close
+        the windows it passes (before the record is applied)."""
+        clock = self.engine.clock(partition)
+        before = clock.stream_ms
+        now = clock.observe(event_ms, self.now_ms)
+        ends = self.engine.windows(partition)
+        if (before is None or now > before) and ends and ends[0][0] <= now:
+            self._close_due(partition, now)
 
     def _close_due(self, partition: int, now_ms: int) -> None:
         """Close the open decisions of the partition whose windows end by ``now_ms``."""

@@ -25,6 +25,7 @@ from prometheus_client.core import HistogramMetricFamily
 from rtim.engine import REKEY_REASONS
 from rtim.events import INTERNAL_ERROR, REASONS
 from rtim.learn.attribution import JOIN_RESULTS, OUTCOMES, RESPONSE_REASONS
+from rtim.learn.learner import LEARN_RESULTS
 
 #: The decision latency objective (event in Kafka -> trigger acknowledged by Kafka);
 #: the histogram has a bucket boundary exactly there.
@@ -136,6 +137,30 @@ BROKER_UP = Gauge(
     "rtim_broker_up",
     "1 when the worker's probe reaches the Kafka cluster, 0 while it is unreachable.",
 )
+EXAMPLES_LEARNED = Counter(
+    "rtim_examples_learned_total",
+    "Training records taken by this worker's learner, by result: learned, duplicate (a "
+    "decision learned before), invalid (not a training example; skipped).",
+    ["result"],
+)
+MODEL_SNAPSHOTS_PUBLISHED = Counter(
+    "rtim_model_snapshots_published_total",
+    "Offer model snapshots this worker's learner published to the models topic.",
+)
+MODEL_RECORDS_INVALID = Counter(
+    "rtim_model_records_invalid_total",
+    "Records of the models topic that are neither a model snapshot nor a cursor (skipped).",
+)
+MODEL_SNAPSHOT_AGE = Gauge(
+    "rtim_model_snapshot_age_seconds",
+    "Seconds since the newest snapshot of each offer's model this worker decides with was made.",
+    ["offer"],
+)
+MODEL_VERSION = Gauge(
+    "rtim_model_version",
+    "Examples learned by the newest snapshot of each offer's model this worker decides with.",
+    ["offer"],
+)
 
 # A labelled series exists only once its labels are used: a dashboard panel or an alert
 # on a reason no event has had yet would show "No data" instead of 0. Every label value
@@ -148,6 +173,8 @@ for _reason in REKEY_REASONS:
 for _outcome in OUTCOMES:
     for _result in JOIN_RESULTS:
         RESPONSES.labels(_outcome, _result)
+for _result in LEARN_RESULTS:
+    EXAMPLES_LEARNED.labels(_result)
 #: The stages of :data:`BATCH_STAGE_SECONDS`, one child each.
 BATCH_STAGES = {
     stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store", "fence")

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         "its stream time moved on with the wall clock, so that attribution windows still "
         "close when traffic stops.",
     )
+    model_snapshot_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often a worker publishes the snapshots of the offer models it "
+        "learned since (they reach every worker's decisions through rtim.models).",
+    )
     shutdown_timeout_s: float = Field(
         20.0,
         gt=0,

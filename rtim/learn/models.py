@@ -66,6 +66,12 @@ class ModelParams:
     #: Scales the spread of the Thompson draw (1 is plain Thompson sampling;
     #: less explores less, 0 always takes the mean).
     exploration: float = 1.0
+    #: How many features a decision has, about (the default spec gives 10-14). River
+    #: sets a new model's bias so that its prediction is ``prior_probability`` for the
+    #: size of the first feature set it meets; a fixed size makes a new model the same
+    #: whichever decision meets it first (the same moments, in any order, are
+    #: decided the same way).
+    prior_active: int = 12
 
 
 class OfferModel:
@@ -82,6 +88,7 @@ class OfferModel:
         self.examples = 0
         self.positives = 0
         self.version = 0
+        self._ensure_bias(params.prior_active)
 
     def _ensure_bias(self, n_active: int) -> None:
         if BIAS not in self.model.means:
@@ -116,6 +123,7 @@ class OfferModel:
                 "prior_probability": self.params.prior_probability,
                 "epsilon": self.params.epsilon,
                 "exploration": self.params.exploration,
+                "prior_active": self.params.prior_active,
             },
             "weights": {k: [means[k], variances[k]] for k in means},
         }

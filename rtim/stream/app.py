@@ -37,6 +37,7 @@ from rtim.offers.catalog import load_catalog
 from rtim.settings import Settings
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
 from rtim.stream.health import BrokerHealth
+from rtim.stream.models import SharedModels, install_view
 from rtim.stream.publish import BatchPublisher, OutRecord
 from rtim.stream.store import ContextStore, ContextTable
 
@@ -53,6 +54,10 @@ class RtimApp(faust.App):
     consumer's fetch wait, the end-offset probe's connection): Faust builds
     those when the consumer is first used, so they must be known from the start.
     """
+
+    #: The offer models decisions are made with, kept current by :attr:`rtim_shared`.
+    rtim_models: ModelSet
+    rtim_shared: SharedModels
 
     def __init__(self, settings: Settings) -> None:
         self.rtim_settings = settings
@@ -471,10 +476,14 @@ def create_app(settings: Settings) -> RtimApp:
         value_serializer="raw",
         partitions=settings.partitions,
     )
-    models = ModelSet()
-    processor = ClickstreamProcessor(app, settings, table, models)
+    # The offer models decisions are made with, kept current from rtim.models.
+    app.rtim_models = ModelSet()
+    processor = ClickstreamProcessor(app, settings, table, app.rtim_models)
     broker = BrokerHealth(settings.kafka, client_id=f"{settings.app_id}-health", loop=app.loop)
     app.add_dependency(broker)  # started and stopped with the app
+    app.rtim_shared = SharedModels(settings, app.rtim_models, loop=app.loop)
+    app.add_dependency(app.rtim_shared)
+    install_view(app, app.rtim_shared)
 
     # Subscribe the consumer to the clickstream, and hand its records to the
     # processor a fetch at a time instead of one message at a time.

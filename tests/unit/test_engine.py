@@ -1114,3 +1114,27 @@ def test_a_response_keyed_otherwise_is_rekeyed_to_its_customer() -> None:
     (copy,) = result.rekeyed
     assert (copy.topic, copy.key, copy.reason) == ("rtim.responses", b"u-1", "key")
     assert result.responses == {}
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_windows_close_the_same_whatever_the_batches(batch: int) -> None:
+    # Decisions, responses and later events of several customers, run as one batch and
+    # in smaller ones: the same contexts and the same examples, in the same order.
+    events = []
+    for i in range(6):
+        events.append(ticket(f"u-{i}", T0 + i * 10 * MINUTE))
+        events.append(page("/", user=f"u-{(i + 3) % 6}", ts=T0 + i * 10 * MINUTE + HOUR // 2))
+    events += [ticket(f"u-{i}", T0 + 2 * HOUR + i) for i in range(3)]
+
+    def go(size: int) -> tuple[dict[Any, bytes], list[tuple[str, bool, str]]]:
+        store, log = Store(), Log()
+        eng = engine(store, window_ms=HOUR, models=warm_models())
+        records = log.records(*events)
+        examples = []
+        for i in range(0, len(records), size):
+            examples += run(eng, records[i : i + size], store).examples
+        return store.data, [(e.decision_id, e.converted, e.why) for e in examples]
+
+    whole = go(len(events))
+    assert len(whole[1]) == 6  # each first decision closed once, by a later event's time
+    assert go(batch) == whole

@@ -46,7 +46,9 @@ def test_a_model_with_evidence_samples_near_its_mean():
 def test_a_new_offer_is_explored_against_a_known_one():
     # The known offer converts 10%; a new one, with its prior of 5%, still
     # wins a fair share of draws because nothing is known about it.
-    models = ModelSet(ModelParams(beta=1.0, prior_probability=0.05, epsilon=0.0))
+    models = ModelSet(
+        ModelParams(beta=1.0, prior_probability=0.05, epsilon=0.0, prior_active=len(FEATURES))
+    )
     models.models["known"] = trained(200, 1800)
     rng = random.Random(7)
     wins = 0
@@ -99,3 +101,18 @@ def test_a_weight_that_is_not_a_belief_is_refused():
     snap["weights"]["cart.value~7"] = [0.0, -1.0]
     with pytest.raises(ValueError, match="not a valid belief"):
         OfferModel.from_snapshot(snap)
+
+
+def test_a_new_model_is_the_same_whichever_decision_meets_it_first():
+    # River sets a new model's bias from the first feature set it sees; RTIM fixes the
+    # size, so the same moments are decided alike in any order (a replay, or another
+    # worker's interleaving of partitions).
+    params = ModelParams(prior_active=12)
+    few, many = ModelSet(params), ModelSet(params)
+    rng = random.Random(3)
+    few.score(FEATURES[:1], [("o", ())], rng)
+    many.score([f"f{i}" for i in range(30)], [("o", ())], rng)
+    assert few.models["o"].snapshot() == many.models["o"].snapshot()
+    # and it predicts the prior for a decision of the expected size
+    twelve = [f"f{i}" for i in range(params.prior_active - 1)]
+    assert few.models["o"].mean(twelve) == pytest.approx(params.prior_probability)

@@ -1,0 +1,359 @@
+"""Learning the training topic exactly once, resumable from the published snapshots.
+
+Plain data in, plain data out: no Kafka, no asyncio. The shell
+(:mod:`rtim.stream.models`) feeds a :class:`Learner` the records of the
+training partitions its worker owns, publishes what :meth:`Learner.flush`
+returns to the models topic, and feeds every record of that topic to a
+:class:`ModelBoard`, which keeps the newest snapshot of each offer.
+
+Exactly once, by training offset
+--------------------------------
+Each offer's snapshot carries, per training partition, its *mark*: the offset
+after the last record of that partition it has taken into account. A *cursor*
+record per training partition (key ``__cursor__.<partition>``) carries the
+learner's position: it is published only after the snapshots of every offer
+changed before that position have been acknowledged. Records below a cursor
+are therefore all in published snapshots. A learner that takes a partition
+over reads it from its cursor (from 0 without one) and skips, per offer, the
+records below that offer's mark: those are in the offer's snapshot already;
+the others are not, since an offer's records of a partition are learned in
+offset order. So a crash anywhere (before the snapshots, between two offers'
+snapshots, before the cursor) loses nothing and learns nothing twice, for
+offers with snapshots and offers without alike.
+
+A training record is keyed by its offer, so each offer has one learner: the
+worker that owns the partition of its key.
+
+Duplicates
+----------
+The worker that closed a decision may publish its example again (after a
+crash, a batch's outputs go out again): each offer remembers the decision ids
+of its last :data:`REMEMBERED_DECISIONS` examples (as short digests, carried
+in its snapshot) and learns a decision once.
+
+What a snapshot adds to :meth:`OfferModel.snapshot`
+---------------------------------------------------
+``marks`` (training partition -> offset), ``decisions`` (digests of the
+remembered decision ids, oldest first), ``recent`` (the last
+:data:`RECENT_EXAMPLES` examples as ``[mean predicted before learning it,
+converted 0/1]``) and ``made_ms`` (wall-clock time it was made).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import orjson
+
+from rtim.learn.attribution import decode_example
+from rtim.learn.models import ModelParams, OfferModel
+
+#: Key prefix of the cursor records on the models topic.
+CURSOR_PREFIX = "__cursor__."
+#: Format of a cursor record's value.
+CURSOR_FORMAT = 1
+#: Examples per offer over which predicted and observed conversion are reported.
+RECENT_EXAMPLES = 1000
+#: Decision ids per offer remembered to learn each decision once.
+REMEMBERED_DECISIONS = 1000
+#: What became of a training record (metric label values); records below an
+#: offer's mark (read again after a take-over) are not counted.
+LEARN_RESULTS = ("learned", "duplicate", "invalid")
+
+
+def cursor_key(partition: int) -> str:
+    """The key of a training partition's cursor record.
+
+    >>> cursor_key(3)
+    '__cursor__.3'
+    """
+    return f"{CURSOR_PREFIX}{partition}"
+
+
+def decision_digest(decision_id: str) -> str:
+    """A short, stable digest of a decision id (64 bits: collisions are negligible
+    among the few thousand ids an offer remembers)."""
+    return hashlib.blake2b(decision_id.encode(), digest_size=8).hexdigest()
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class OfferState:
+    """One offer's model and what the learner keeps with it."""
+
+    __slots__ = ("decisions", "made_ms", "marks", "model", "recent", "seen")
+
+    def __init__(self, model: OfferModel) -> None:
+        self.model = model
+        self.marks: dict[int, int] = {}
+        self.decisions: deque[str] = deque()
+        self.seen: set[str] = set()
+        self.recent: deque[tuple[float, int]] = deque(maxlen=RECENT_EXAMPLES)
+        self.made_ms = 0
+
+    def remember(self, digest: str) -> None:
+        self.decisions.append(digest)
+        self.seen.add(digest)
+        while len(self.decisions) > REMEMBERED_DECISIONS:
+            self.seen.discard(self.decisions.popleft())
+
+    def snapshot(self, made_ms: int) -> dict[str, Any]:
+        data = self.model.snapshot()
+        data["marks"] = {str(p): o for p, o in sorted(self.marks.items())}
+        data["decisions"] = list(self.decisions)
+        data["recent"] = [[round(p, 6), c] for p, c in self.recent]
+        data["made_ms"] = made_ms
+        return data
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> OfferState:
+        """Rebuild from :meth:`snapshot` (raises ValueError if it is not one)."""
+        state = cls(OfferModel.from_snapshot(data))
+        try:
+            state.marks = {int(p): int(o) for p, o in data.get("marks", {}).items()}
+            for digest in data.get("decisions", []):
+                state.remember(str(digest))
+            state.recent.extend((float(p), 1 if c else 0) for p, c in data.get("recent", []))
+            state.made_ms = int(data.get("made_ms", 0))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a model snapshot: {exc!r}") from None
+        return state
+
+
+def summary(snapshot: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    """What ``rtim models`` and ``GET /v1/models`` show of one offer's snapshot.
+
+    >>> summary({"offer": "o", "examples": 3, "positives": 1, "version": 3, "made_ms": 1000,
+    ...          "recent": [[0.2, 1], [0.1, 0]]}, 3500)["observed"]
+    0.5
+    """
+    recent = snapshot.get("recent") or []
+    n = len(recent)
+    return {
+        "offer": snapshot["offer"],
+        "examples": snapshot["examples"],
+        "positives": snapshot["positives"],
+        "recent": n,
+        "predicted": sum(p for p, _ in recent) / n if n else None,
+        "observed": sum(c for _, c in recent) / n if n else None,
+        "version": snapshot["version"],
+        "age_s": max(0.0, (now_ms - int(snapshot.get("made_ms", 0))) / 1000),
+    }
+
+
+class ModelBoard:
+    """The newest snapshot of every offer and the last cursor of every training
+    partition, from the records of the models topic in any order per partition.
+
+    A reader feeds it every record; so does ``rtim models``. On a broker that
+    compacts, the topic holds about one record per key; on one that does not, all
+    of them, and the board keeps the newest (highest version) all the same.
+    """
+
+    def __init__(self) -> None:
+        self.snapshots: dict[str, dict[str, Any]] = {}
+        self.cursors: dict[int, int] = {}
+
+    def add(self, key: bytes | None, value: bytes | None) -> dict[str, Any] | None:
+        """Take one record; returns the snapshot if it is an offer's newest so far.
+
+        Raises ValueError for a record that is neither a snapshot nor a cursor.
+        """
+        name = key.decode(errors="replace") if key is not None else ""
+        try:
+            data = orjson.loads(value) if value is not None else None
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if name.startswith(CURSOR_PREFIX):
+            partition, offset = data.get("partition"), data.get("offset")
+            if (
+                data.get("format") != CURSOR_FORMAT
+                or not isinstance(partition, int)
+                or name != cursor_key(partition)
+                or not isinstance(offset, int)
+                or offset < 0
+            ):
+                raise ValueError(f"not a cursor record: {data!r:.200}")
+            # In log order (one key, one partition): the last one written is the
+            # learner's newest, as compaction would keep it.
+            self.cursors[partition] = offset
+            return None
+        OfferState.from_snapshot(data)  # validates, raises ValueError
+        if data["offer"] != name:
+            raise ValueError(f"snapshot of {data['offer']!r} under key {name!r}")
+        current = self.snapshots.get(name)
+        if current is not None and current["version"] >= data["version"]:
+            return None
+        self.snapshots[name] = data
+        return data
+
+    def summaries(self, now_ms: int | None = None) -> list[dict[str, Any]]:
+        now = _now_ms() if now_ms is None else now_ms
+        return [summary(self.snapshots[offer], now) for offer in sorted(self.snapshots)]
+
+
+def cursor_record(partition: int, offset: int) -> tuple[bytes, bytes]:
+    """(key, value) of a cursor record on the models topic."""
+    value = {"format": CURSOR_FORMAT, "partition": partition, "offset": offset}
+    return cursor_key(partition).encode(), orjson.dumps(value)
+
+
+class Outcome(NamedTuple):
+    """What :meth:`Learner.learn` did with one record: a :data:`LEARN_RESULTS` value
+    (None: not this learner's, or learned before), the offer, and for an invalid
+    record why."""
+
+    result: str | None
+    offer_id: str | None = None
+    problem: str | None = None
+
+
+class Flush(NamedTuple):
+    """What to publish, in this order: the snapshots, then (once Kafka has them) the
+    cursors."""
+
+    snapshots: list[dict[str, Any]]
+    cursors: dict[int, int]
+
+
+class Learner:
+    """Learns the training partitions it is given, each from where the snapshots say.
+
+    Parameters
+    ----------
+    params
+        The models' parameters (those of the worker's :class:`ModelSet`).
+    clock_ms
+        Wall-clock milliseconds (snapshots say when they were made).
+
+    Examples
+    --------
+    >>> from rtim.learn.attribution import Example, encode_example
+    >>> board = ModelBoard()
+    >>> learner = Learner()
+    >>> learner.assign(0, board)
+    0
+    >>> learner.learn(0, 0, encode_example(Example("d1", "o", ["a"], True, 1, "conversion")))
+    Outcome(result='learned', offer_id='o', problem=None)
+    >>> learner.learn(0, 1, encode_example(Example("d1", "o", ["a"], True, 1, "conversion")))
+    Outcome(result='duplicate', offer_id='o', problem=None)
+    >>> flush = learner.flush()
+    >>> [(s["offer"], s["examples"], s["marks"]) for s in flush.snapshots], flush.cursors
+    ([('o', 1, {'0': 2})], {0: 2})
+    """
+
+    def __init__(
+        self, params: ModelParams | None = None, *, clock_ms: Callable[[], int] = _now_ms
+    ) -> None:
+        self.params = params or ModelParams()
+        self.clock_ms = clock_ms
+        #: Training partitions owned -> the offset of the next record to read.
+        self.positions: dict[int, int] = {}
+        self.offers: dict[str, OfferState] = {}
+        self._board: ModelBoard | None = None
+        self._dirty: set[str] = set()
+        self._flushed: dict[int, int] = {}
+        self.counts: dict[str, int] = dict.fromkeys(LEARN_RESULTS, 0)
+
+    def assign(self, partition: int, board: ModelBoard) -> int:
+        """Take a training partition over; returns the offset to read it from.
+
+        ``board`` must hold every record of the models topic written before the
+        partition was assigned (its newest snapshots and cursors).
+        """
+        self._board = board
+        offset = board.cursors.get(partition, 0)
+        self.positions[partition] = offset
+        self._flushed[partition] = offset
+        return offset
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        """Give partitions up (after :meth:`flush` was published): their offers'
+        state is dropped, and taken from the snapshots again if they come back."""
+        gone = set(partitions)
+        for partition in gone:
+            self.positions.pop(partition, None)
+            self._flushed.pop(partition, None)
+        for offer_id in [o for o, s in self.offers.items() if gone & s.marks.keys()]:
+            del self.offers[offer_id]
+            self._dirty.discard(offer_id)
+
+    def _state(self, offer_id: str) -> OfferState:
+        state = self.offers.get(offer_id)
+        if state is None:
+            snapshot = self._board.snapshots.get(offer_id) if self._board is not None else None
+            if snapshot is not None:
+                state = OfferState.from_snapshot(snapshot)
+            else:
+                state = OfferState(OfferModel(offer_id, self.params))
+            self.offers[offer_id] = state
+        return state
+
+    def learn(self, partition: int, offset: int, value: bytes | None) -> Outcome:
+        """Take one training record at ``offset`` of ``partition``."""
+        position = self.positions.get(partition)
+        if position is None or offset < position:
+            return Outcome(None)  # not (or no longer) ours, or read before
+        self.positions[partition] = offset + 1
+        try:
+            example = decode_example(value)  # type: ignore[arg-type]
+            if not example.offer_id or not example.decision_id:
+                raise ValueError("empty offer or decision id")
+        except ValueError as exc:
+            self.counts["invalid"] += 1
+            return Outcome("invalid", None, str(exc))
+        state = self._state(example.offer_id)
+        if offset < state.marks.get(partition, 0):
+            return Outcome(None, example.offer_id)  # in the offer's snapshot already
+        state.marks[partition] = offset + 1
+        digest = decision_digest(example.decision_id)
+        if digest in state.seen:
+            self.counts["duplicate"] += 1
+            return Outcome("duplicate", example.offer_id)
+        model = state.model
+        state.recent.append((model.mean(example.features), 1 if example.converted else 0))
+        model.learn(example.features, example.converted)
+        state.remember(digest)
+        self._dirty.add(example.offer_id)
+        self.counts["learned"] += 1
+        return Outcome("learned", example.offer_id)
+
+    def flush(self) -> Flush:
+        """The snapshots of the offers changed since the last flush, and the cursors
+        that may be published once Kafka has acknowledged them (the positions that
+        moved). The caller publishes both or neither; after a failure,
+        :meth:`unflushed` gives the snapshots back."""
+        now = self.clock_ms()
+        snapshots = []
+        for offer_id in sorted(self._dirty):
+            state = self.offers[offer_id]
+            state.made_ms = now
+            snapshots.append(state.snapshot(now))
+        self._dirty.clear()
+        cursors = {p: o for p, o in self.positions.items() if self._flushed.get(p) != o}
+        return Flush(snapshots, cursors)
+
+    def flushed(self, flush: Flush) -> None:
+        """Kafka has the flush's snapshots and cursors."""
+        for partition, offset in flush.cursors.items():
+            if partition in self._flushed:
+                self._flushed[partition] = offset
+
+    def unflushed(self, flush: Flush) -> None:
+        """The flush was not published: its offers are to be published again."""
+        self._dirty.update(s["offer"] for s in flush.snapshots if s["offer"] in self.offers)
+
+    @property
+    def changed(self) -> bool:
+        """Whether a flush would publish anything."""
+        return bool(self._dirty) or any(
+            self._flushed.get(p) != o for p, o in self.positions.items()
+        )
