@@ -333,8 +333,8 @@ def evaluate(
             f"not a list of integers: {seeds!r}", param_hint="--seeds"
         ) from None
     if decisions is None:
-        # A worker takes about ten events per moment, each through Kafka: 4,000
-        # moments keep a seed to a minute or so.
+        # About ten events per moment go through Kafka, and each wave of moments
+        # waits for the models: 4,000 moments keep a seed to about half a minute.
         decisions = 4_000 if through_worker else 20_000
     if not seed_list or decisions < 8:
         raise click.BadParameter("give at least one seed and 8 decisions")
