@@ -28,17 +28,17 @@ that launches it. Every offer's attribution window is the market's (2 h).
 
 Pacing
 ------
-Moments go in waves (:data:`WAVE` at a time): the responses due by the wave's
-first moment are sent first, and the worker has taken them in before the wave's
-events go (so that no event of the wave moves its partition's stream time past a
-window those responses belong to); then the wave's events; then its decisions are
-read from ``rtim.decisions`` (matched by the moment's message id), scored with the
-market's truth exactly as the offline run scores its own, and their responses
-drawn. A response is sent once the market's clock has reached its timestamp. So
-the worker hears of responses up to one wave (about 50 minutes of market time)
-later than the offline loop does, and a response stamped inside a wave whose
-decision's window closes before the wave ends is late (about 10 more of 2,600
-responses in 4,000 decisions).
+Moments go in waves (at most :data:`WAVE` at a time): the responses due by the
+wave's first moment are sent first, and the worker has taken them in before the
+wave's events go (so that no event of the wave moves its partition's stream time
+past a window those responses belong to); then the wave's events; then its
+decisions are read from ``rtim.decisions`` (matched by the moment's message id),
+scored with the market's truth exactly as the offline run scores its own, and
+their responses drawn. A response is sent once the market's clock has reached its
+timestamp, so the worker hears of responses up to one wave (about 50 minutes of
+market time) later than the offline loop does. A wave ends early, before the
+moment that would close the window of a response still to come, so that this
+response is not late for the worker when it would not be for the offline loop.
 
 The market runs thousands of times faster than its clock, so a wave also waits
 until the models the worker decides with have learned every example it wrote
@@ -50,6 +50,7 @@ numbers then do not depend on how fast the machine is.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import heapq
 import itertools
@@ -446,26 +447,30 @@ async def _play(
         feed = Feed(seed)
         # The offline run's stream of responses for this seed.
         response_rng = random.Random(seed * 7919 + 1)
-        inbox: list[tuple[int, int, bytes, bytes]] = []  # heap of (arrival, seq, key, value)
+        # Heap of (arrival, seq, window end of its decision, key, value).
+        inbox: list[tuple[int, int, int, bytes, bytes]] = []
         seq = itertools.count()
+        times = [m.at_ms for m in moments]
         sent = 0
-        for start in range(0, len(moments), wave):
-            block = moments[start : start + wave]
+        start = 0
+        while start < len(moments):
             # Responses the market's clock has reached, taken in before the wave's events.
             due = []
-            while inbox and inbox[0][0] <= block[0].at_ms:
+            while inbox and inbox[0][0] <= times[start]:
                 due.append(heapq.heappop(inbox))
             if due:
-                await _send(producer, RESPONSES_TOPIC, [(k, v) for _, _, k, v in due])
+                await _send(producer, RESPONSES_TOPIC, [(k, v) for *_, k, v in due])
                 sent += len(due)
             await _until(worker, _caught_up(sent), "the responses and the models")
+            end = _wave_end(times, start, wave, inbox)
+            block = moments[start:end]
             calls = [c for i, m in enumerate(block, start) for c in feed.calls(i, m)]
             await _send(
                 producer,
                 CLICKSTREAM_TOPIC,
                 [(c["userId"].encode(), orjson.dumps(c)) for c in calls],
             )
-            wanted = {Feed.moment_id(feed.prefix, i): i for i in range(start, start + len(block))}
+            wanted = {Feed.moment_id(feed.prefix, i): i for i in range(start, end)}
             made = await _decisions(decisions, worker, wanted)
             for i, m in enumerate(block, start):
                 decision_id, offer_id = made[i]
@@ -477,11 +482,12 @@ async def _play(
                         "outcome": r.outcome,
                         "timestamp": iso_ms(r.timestamp_ms),
                     }
-                    heapq.heappush(
-                        inbox, (ts, next(seq), r.customer_id.encode(), orjson.dumps(body))
-                    )
-            if (start + len(block)) % 1000 < wave:
-                echo(f"seed {seed}: {start + len(block):,} decisions")
+                    key = r.customer_id.encode()
+                    entry = (ts, next(seq), m.at_ms + WINDOW_MS, key, orjson.dumps(body))
+                    heapq.heappush(inbox, entry)
+            if end // 1000 > start // 1000:
+                echo(f"seed {seed}: {end:,} decisions")
+            start = end
         # Every batch of the worker counted in its metrics (those of the last decisions too).
         final = await _until(
             worker, _at_least(_DECISIONS_OFFERED, len(moments)), "the last decisions' metrics"
@@ -490,6 +496,19 @@ async def _play(
         await decisions.stop()
         await producer.stop()
     return board.result(seed, joins_of(final))
+
+
+def _wave_end(
+    times: list[int], start: int, wave: int, inbox: list[tuple[int, int, int, bytes, bytes]]
+) -> int:
+    """Where the wave starting at ``start`` ends: after ``wave`` moments, or before the
+    first moment at or after the end of a window that a response still to come (stamped
+    before that end) belongs to, so that the response is sent before the window closes."""
+    end = min(start + wave, len(times))
+    closing = min((e for ts, _, e, _, _ in inbox if ts < e), default=None)
+    if closing is not None:
+        end = max(start + 1, min(end, bisect.bisect_left(times, closing, start)))
+    return end
 
 
 async def _send(producer: AIOKafkaProducer, topic: str, items: list[tuple[bytes, bytes]]) -> None:

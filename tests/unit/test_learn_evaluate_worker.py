@@ -6,7 +6,7 @@ import yaml
 
 from rtim.engine import Engine, Record
 from rtim.learn.evaluate import CATEGORIES, NEW_OFFER, Market
-from rtim.learn.evaluate_worker import Feed, Scoreboard, market_catalog
+from rtim.learn.evaluate_worker import Feed, Scoreboard, _wave_end, market_catalog
 from rtim.learn.features import FeatureBuilder
 from rtim.names import CLICKSTREAM_TOPIC
 from rtim.offers.catalog import load_catalog
@@ -55,3 +55,23 @@ def test_the_market_catalog_decides_each_moment_once_on_its_trigger(tmp_path: Pa
         offered = {c["offer_id"] for c in decision["candidates"]}
         assert offered == {o.id for o in Scoreboard(400).offers(i)}
         assert (NEW_OFFER in offered) == (i >= 200)
+
+
+def test_a_wave_ends_before_it_would_close_the_window_of_a_response_to_come() -> None:
+    times = [1000 * k for k in range(10)]  # moments at 0 s, 1 s, ... 9 s
+
+    def response(ts: int, window_end: int) -> tuple[int, int, int, bytes, bytes]:
+        return (ts, 0, window_end, b"c", b"{}")
+
+    assert _wave_end(times, 0, 5, []) == 5
+    assert _wave_end(times, 8, 5, []) == 10
+    # A response stamped at 2.5 s of a decision whose window ends at 3.5 s: the moment
+    # at 4 s would close that window, so the wave stops before it (the response goes
+    # before the next wave).
+    assert _wave_end(times, 0, 8, [response(2500, 3500)]) == 4
+    # A window ending at a moment's time closes at that moment.
+    assert _wave_end(times, 0, 8, [response(2500, 3000)]) == 3
+    # A response after its window (late whoever sends it when) does not cut a wave.
+    assert _wave_end(times, 0, 8, [response(5000, 3000)]) == 8
+    # The shortest wave: one moment.
+    assert _wave_end(times, 3, 8, [response(3200, 3900)]) == 4
