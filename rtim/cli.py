@@ -339,13 +339,18 @@ def evaluate(
     if not seed_list or decisions < 8:
         raise click.BadParameter("give at least one seed and 8 decisions")
     if through_worker:
-        from rtim.learn.evaluate_worker import format_timing, run_seed
+        from rtim.broker import BrokerError
+        from rtim.learn.evaluate_worker import EvaluationError, format_timing, run_seed
+        from rtim.stream.process import WorkerError
 
         echo = lambda line: click.echo(line, err=True)  # noqa: E731
         try:
             runs = [run_seed(seed, decisions, echo=echo) for seed in seed_list]
         except KeyboardInterrupt:
             click.echo("stopped.", err=True)
+            raise SystemExit(1) from None
+        except (BrokerError, WorkerError, EvaluationError) as exc:
+            click.echo(f"rtim: {exc}", err=True)
             raise SystemExit(1) from None
         summary = summarise([r.result for r in runs])
         for run_, timing in zip(summary["runs"], runs, strict=True):

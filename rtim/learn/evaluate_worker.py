@@ -88,11 +88,11 @@ from rtim.learn.evaluate import (
 from rtim.learn.features import DEFAULT_SPEC_DATA
 from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC, RESPONSES_TOPIC
 from rtim.offers.catalog import Offer
-from rtim.settings import KafkaConnection, Settings
+from rtim.settings import KafkaConnection, Settings, load_settings
 from rtim.stream.process import WorkerError, WorkerProcess
 from rtim.stream.topics import create_topics, topic_specs
 
-#: Moments sent to the worker at once.
+#: Most moments sent to the worker at once.
 WAVE = 200
 #: The market's moment kinds (:meth:`rtim.learn.evaluate.Market.moment`): one trigger each.
 MOMENT_KINDS = ("browse", "cart", "service")
@@ -123,7 +123,7 @@ _MODEL_VERSION = "rtim_model_version{"
 
 
 class EvaluationError(RuntimeError):
-    """The worker did not answer as expected; the message says what and ends with its log."""
+    """The worker did not answer as expected; the message says what."""
 
 
 @dataclass
@@ -364,6 +364,7 @@ async def _run_seed(
     seed: int, decisions: int, wave: int, workdir: Path, echo: Callable[[str], None]
 ) -> WorkerRun:
     started = time.monotonic()
+    load_settings()  # RTIM_* of the environment reach the worker too: check them first
     # The broker first, while this process has no other thread: only then does the
     # kernel end it with this process (rtim.broker).
     with EmbeddedBroker(log_path=workdir / "broker.log") as broker, _stopped_by_sigterm():
@@ -372,7 +373,7 @@ async def _run_seed(
         catalog = workdir / "market-catalog.yaml"
         launch_ms = moments[decisions // 2].at_ms
         catalog.write_text(yaml.safe_dump(market_catalog(launch_ms), sort_keys=False))
-        settings = Settings(broker=broker.bootstrap, catalog=catalog)
+        settings = load_settings(broker=broker.bootstrap, catalog=catalog)
         await create_topics(broker.bootstrap, topic_specs(settings))
         worker = WorkerProcess(
             broker=broker.bootstrap,
