@@ -308,9 +308,21 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 @main.command()
-@click.option("--decisions", "-n", type=int, default=20_000, show_default=True)
+@click.option(
+    "--decisions",
+    "-n",
+    type=int,
+    default=None,
+    help="Decisions per seed (default: 20,000; 4,000 with --worker).",
+)
 @click.option(
     "--seeds", default="1,2,3,4,5", show_default=True, help="Comma-separated market seeds."
+)
+@click.option(
+    "--worker",
+    "through_worker",
+    is_flag=True,
+    help="Through a real worker on an embedded broker instead of the core alone.",
 )
 @click.option(
     "--json",
@@ -319,9 +331,15 @@ if __name__ == "__main__":  # pragma: no cover
     default=None,
     help="Also write the results as JSON to this file.",
 )
-def evaluate(decisions: int, seeds: str, json_path: str | None) -> None:
+def evaluate(
+    decisions: int | None, seeds: str, through_worker: bool, json_path: str | None
+) -> None:
     """Run the learner on a simulated market and compare it with an oracle, random
     and the best context-free policy (offline: the core alone, no Kafka).
+
+    With --worker, the same market goes through a worker process on an embedded
+    broker: Segment events in, decision records out, responses back; a fresh
+    broker and worker per seed, stopped at the end (also on Ctrl-C).
     """
     import json
 
@@ -333,14 +351,39 @@ def evaluate(decisions: int, seeds: str, json_path: str | None) -> None:
         raise click.BadParameter(
             f"not a list of integers: {seeds!r}", param_hint="--seeds"
         ) from None
+    if decisions is None:
+        # About ten events per moment go through Kafka, and each wave of moments
+        # waits for the models: 4,000 moments keep a seed to about half a minute.
+        decisions = 4_000 if through_worker else 20_000
     if not seed_list or decisions < 8:
         raise click.BadParameter("give at least one seed and 8 decisions")
-    results = []
-    for seed in seed_list:
-        click.echo(f"seed {seed}: {decisions:,} decisions ...", err=True)
-        results.append(run(seed, decisions))
-    summary = summarise(results)
-    click.echo(format_summary(summary))
+    if through_worker:
+        from rtim.broker import BrokerError
+        from rtim.learn.evaluate_worker import EvaluationError, format_timing, run_seed
+        from rtim.stream.process import WorkerError
+
+        echo = lambda line: click.echo(line, err=True)  # noqa: E731
+        try:
+            runs = [run_seed(seed, decisions, echo=echo) for seed in seed_list]
+        except KeyboardInterrupt:
+            click.echo("stopped.", err=True)
+            raise SystemExit(1) from None
+        except (BrokerError, WorkerError, EvaluationError) as exc:
+            click.echo(f"rtim: {exc}", err=True)
+            raise SystemExit(1) from None
+        summary = summarise([r.result for r in runs])
+        for run_, timing in zip(summary["runs"], runs, strict=True):
+            run_["wall_s"] = round(timing.wall_s, 1)
+            run_["decisions_per_s"] = round(timing.decisions_per_s, 1)
+        click.echo(format_summary(summary))
+        click.echo(format_timing(summary))
+    else:
+        results = []
+        for seed in seed_list:
+            click.echo(f"seed {seed}: {decisions:,} decisions ...", err=True)
+            results.append(run(seed, decisions))
+        summary = summarise(results)
+        click.echo(format_summary(summary))
     if json_path:
         with open(json_path, "w", encoding="utf-8") as fh:
             json.dump(summary, fh, indent=2)

@@ -34,7 +34,10 @@ best context-free policy (the single offer with the highest mean value, per
 half). The learner is the worker's own code: :mod:`rtim.learn.features`,
 :mod:`rtim.learn.policy` (Thompson sampling over :mod:`rtim.learn.models`) and
 :mod:`rtim.learn.attribution` (responses joined on event time, windows closed
-by stream time, no response = negative).
+by stream time, no response = negative). With ``--worker``
+(:mod:`rtim.learn.evaluate_worker`), the same moments are Segment events to a
+worker process on an embedded broker, its decision records are scored the same
+way and the responses go back on ``rtim.responses``.
 """
 
 from __future__ import annotations
