@@ -552,14 +552,19 @@ class ClickstreamProcessor:
 def create_app(settings: Settings) -> RtimApp:
     """Build the RTIM Faust app for these settings."""
     app = RtimApp(settings)
-    clickstream = app.topic(
-        CLICKSTREAM_TOPIC,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-    )
+
+    def raw_topic(name: str) -> Any:
+        # bytes in, bytes out: the core parses the records itself
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+
+    clickstream = raw_topic(CLICKSTREAM_TOPIC)
     table = app.tables.add(
         ContextTable(  # app.Table(), with recovery that keeps the newest context
             app,
@@ -570,14 +575,7 @@ def create_app(settings: Settings) -> RtimApp:
             partitions=settings.partitions,
         )
     )
-    responses = app.topic(
-        RESPONSES_TOPIC,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-    )
+    responses = raw_topic(RESPONSES_TOPIC)
     # The offer models decisions are made with, kept current from rtim.models.
     app.rtim_models = ModelSet()
     processor = ClickstreamProcessor(app, settings, table, app.rtim_models)

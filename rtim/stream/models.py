@@ -110,6 +110,21 @@ class SharedModels(Service):
         self._probe = EndOffsetProbe(self.kafka)
         self._bad = Throttled(log)
 
+    async def _fetch(
+        self, consumer: AIOKafkaConsumer, topic: str, wait_ms: int, most: int
+    ) -> dict[TopicPartition, list[Any]]:
+        """The next records (none if reading failed: logged, and tried again a second later)."""
+        try:
+            batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
+                timeout_ms=wait_ms, max_records=most
+            )
+            return batches
+        except (KafkaError, ConsumerStoppedError) as exc:
+            if not self.should_stop:
+                log.warning("reading %s failed (%r); retrying", topic, exc)
+                await self.sleep(1.0)
+            return {}
+
     def _client(self, suffix: str) -> dict[str, Any]:
         return {**self.kafka.client_config(), "client_id": f"{self.settings.app_id}-{suffix}"}
 
@@ -132,14 +147,7 @@ class SharedModels(Service):
         self.models_tps = tps
         self._read_progress.set()
         while not self.should_stop:
-            try:
-                batches = await reader.getmany(timeout_ms=500, max_records=READ_CHUNK)
-            except (KafkaError, ConsumerStoppedError) as exc:
-                if self.should_stop:
-                    break
-                log.warning("reading %s failed (%r); retrying", MODELS_TOPIC, exc)
-                await self.sleep(1.0)
-                continue
+            batches = await self._fetch(reader, MODELS_TOPIC, 500, READ_CHUNK)
             for tp, records in batches.items():
                 for rec in records:
                     self._take(tp.partition, rec.offset, rec.key, rec.value)
@@ -226,14 +234,7 @@ class SharedModels(Service):
             return
         next_flush = time.monotonic() + self.interval
         while not self.should_stop:
-            try:
-                batches = await consumer.getmany(timeout_ms=200, max_records=LEARN_CHUNK)
-            except (KafkaError, ConsumerStoppedError) as exc:
-                if self.should_stop:
-                    break
-                log.warning("reading %s failed (%r); retrying", TRAINING_TOPIC, exc)
-                await self.sleep(1.0)
-                continue
+            batches = await self._fetch(consumer, TRAINING_TOPIC, 200, LEARN_CHUNK)
             if batches:
                 async with self._lock:
                     for tp, records in batches.items():
