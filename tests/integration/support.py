@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from rtim.engine import Engine, Record
 from rtim.names import CLICKSTREAM_TOPIC, changelog_topic
 from rtim.offers.catalog import load_catalog
-from rtim.settings import DEFAULT_CATALOG, DEFAULTS
+from rtim.settings import DEFAULTS
 from rtim.stream.endoffsets import true_end_offsets
 from rtim.stream.process import WorkerProcess
 
@@ -26,7 +26,10 @@ PARTITIONS = 4
 #: The context table's changelog under the default app id.
 CHANGELOG = changelog_topic(DEFAULTS.app_id)
 # Short group timeouts, so that a killed worker's partitions move in seconds.
+#: The catalog the tests' workers run: one offer per trigger (see the file).
+TEST_CATALOG = Path(__file__).with_name("one_offer_catalog.yaml")
 TEST_ENV = {
+    "RTIM_CATALOG": str(TEST_CATALOG),
     "RTIM_PARTITIONS": str(PARTITIONS),
     "RTIM_SESSION_TIMEOUT_S": "6",
     "RTIM_LOG_LEVEL": "info",
@@ -139,7 +142,7 @@ async def wait_committed(
 def expected_contexts(records: list[Any]) -> dict[str, dict[str, Any]]:
     """The contexts a clean, uninterrupted run builds from these records (the pure core)."""
     store: dict[bytes, bytes] = {}
-    engine = Engine(catalog=load_catalog(DEFAULT_CATALOG), load=lambda p, k: store.get(k))
+    engine = Engine(catalog=load_catalog(TEST_CATALOG), load=lambda p, k: store.get(k))
     for record in records:
         result = engine.process(
             CLICKSTREAM_TOPIC, [Record(record.partition, record.offset, record.key, record.value)]

@@ -15,12 +15,12 @@ from cloudevents.core.formats.json import JSONFormat
 
 from rtim.names import TRIGGER_TOPIC_PREFIX
 from rtim.offers.catalog import load_catalog
-from rtim.settings import DEFAULT_CATALOG
 from rtim.simulate import JourneySimulator
 from rtim.stream.worker import STATE_REPORT_END
 
 from .support import (
     CHANGELOG,
+    TEST_CATALOG,
     committed,
     expected_contexts,
     latest_values,
@@ -106,7 +106,7 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store)
     asyncio.run(produce(kafka.bootstrap, [segment(e) for e in events]))
     asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=worker))
 
-    catalog = load_catalog(DEFAULT_CATALOG)
+    catalog = load_catalog(TEST_CATALOG)
     offers = {o.id: o for o in catalog.offers}
     triggers = {}
     for channel in sorted(catalog.channels):

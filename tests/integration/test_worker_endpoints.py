@@ -7,7 +7,8 @@ from rtim.events import INTERNAL_ERROR, REASONS
 from rtim.learn.learner import LEARN_RESULTS
 from rtim.names import CLICKSTREAM_TOPIC
 from rtim.offers.catalog import load_catalog
-from rtim.settings import DEFAULT_CATALOG
+
+from .support import TEST_CATALOG
 
 
 def test_a_fresh_worker_answers_its_probes_and_counts_from_zero(workers) -> None:
@@ -26,7 +27,7 @@ def test_a_fresh_worker_answers_its_probes_and_counts_from_zero(workers) -> None
     assert samples.get("rtim_model_snapshots_published_total") == 0
     assert samples.get("rtim_model_records_invalid_total") == 0
     assert worker.status("/v1/models") == 200
-    for offer in load_catalog(DEFAULT_CATALOG).offers:
+    for offer in load_catalog(TEST_CATALOG).offers:
         for channel in offer.channels:
             series = f'rtim_triggers_total{{channel="{channel}",offer="{offer.id}"}}'
             assert samples.get(series) == 0, series
