@@ -30,6 +30,7 @@ the same model exactly (floats survive JSON's shortest round-trip repr).
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterable, Sequence
@@ -43,6 +44,9 @@ SNAPSHOT_FORMAT = 1
 #: AdPredictor's own key for its always-active bias weight.
 BIAS = "__bias__"
 _SQRT2 = math.sqrt(2.0)
+#: Defaults of unseen features, for map(dict.get, keys, ...): never exhausted.
+_ZEROS = itertools.repeat(0.0)
+_ONES = itertools.repeat(1.0)
 _LOW = 1e-12
 _HIGH = 1.0 - 1e-12
 
@@ -238,16 +242,16 @@ class ModelSet:
                 model._ensure_bias(n_shared + len(own))
             variances = ad.variances
             beta = ad.beta
-            total_mean = means[BIAS]
-            total_var = variances[BIAS]
+            # Sums over the active weights, the bias first (an unseen feature's weight
+            # is at its prior, N(0, 1)); map and sum run the loop in C.
             get_mean = means.get
             get_var = variances.get
-            for f in shared:
-                total_mean += get_mean(f, 0.0)
-                total_var += get_var(f, 1.0)
-            for f in own:
-                total_mean += get_mean(f, 0.0)
-                total_var += get_var(f, 1.0)
+            total_mean = sum(
+                map(get_mean, own, _ZEROS), sum(map(get_mean, shared, _ZEROS), means[BIAS])
+            )
+            total_var = sum(
+                map(get_var, own, _ONES), sum(map(get_var, shared, _ONES), variances[BIAS])
+            )
             params = model.params
             spread = sqrt(total_var) * params.exploration * params.narrowing(model.examples)
             s = gauss(total_mean, spread)
