@@ -585,7 +585,7 @@ class BatchRun:
             partition = record.partition
             offset = record.offset
             if partition != cache_partition:
-                if clock is not None:
+                if clock is not None and stream >= 0:
                     clock.observe(stream, now_ms)
                 cache, cache_partition = engine.cached(partition), partition
                 clock, ends = engine.clock(partition), engine.windows(partition)
@@ -667,7 +667,7 @@ class BatchRun:
                 reason = error_reason(exc)
                 result.invalid[reason] += 1
                 result.dead_letters.append(engine._dead_letter(topic, record, exc, stage="process"))
-        if clock is not None:
+        if clock is not None and stream >= 0:
             clock.observe(stream, now_ms)
         result.consumed += consumed
         result.applied += applied

@@ -1138,3 +1138,12 @@ def test_windows_close_the_same_whatever_the_batches(batch: int) -> None:
     whole = go(len(events))
     assert len(whole[1]) == 6  # each first decision closed once, by a later event's time
     assert go(batch) == whole
+
+
+def test_records_that_are_not_applied_leave_the_stream_time_alone() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    run(eng, log.records(b"{oops", b""), store)
+    assert eng.clock(0).stream_ms is None  # nothing seen: no stream time, and no idle clock
+    run(eng, log.records(page("/", ts=T0)), store)
+    assert eng.clock(0).stream_ms == T0
