@@ -11,10 +11,9 @@ import random
 import statistics
 import time
 
-from rtim.learn.evaluate import OFFERS, Market
+from rtim.learn.evaluate import OFFERS, Market, rank_moment
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelSet
-from rtim.learn.policy import rank
 
 
 def measure(candidates: int = 12, decisions: int = 20_000, repeats: int = 5) -> list[float]:
@@ -26,16 +25,7 @@ def measure(candidates: int = 12, decisions: int = 20_000, repeats: int = 5) -> 
     # Learn from a few thousand examples so the weight tables are realistic.
     for _ in range(4000):
         m = market.moment()
-        for c in rank(
-            builder,
-            models,
-            m.ctx,
-            OFFERS,
-            channel=m.channel,
-            trigger=m.trigger,
-            now_ms=m.at_ms,
-            rng=rng,
-        )[:1]:
+        for c in rank_moment(builder, models, m, OFFERS, rng)[:1]:
             models.learn(c.offer.id, c.features, rng.random() < 0.2)
     offers = list(OFFERS)
     while len(offers) < candidates:
@@ -46,17 +36,7 @@ def measure(candidates: int = 12, decisions: int = 20_000, repeats: int = 5) -> 
     for _ in range(repeats):
         start = time.perf_counter()
         for i in range(decisions):
-            m = moments[i % 1000]
-            rank(
-                builder,
-                models,
-                m.ctx,
-                offers,
-                channel=m.channel,
-                trigger=m.trigger,
-                now_ms=m.at_ms,
-                rng=rng,
-            )
+            rank_moment(builder, models, moments[i % 1000], offers, rng)
         out.append((time.perf_counter() - start) / decisions * 1e6)
     return out
 

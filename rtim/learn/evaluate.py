@@ -46,6 +46,7 @@ import heapq
 import math
 import random
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,7 @@ from rtim.decide.arbitrate import decision_id, draw_seed
 from rtim.learn.attribution import Attributor, Example, Pending, Response
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelParams, ModelSet
-from rtim.learn.policy import rank
+from rtim.learn.policy import Candidate, rank
 from rtim.offers.catalog import Offer
 
 CATEGORIES = ("shoes", "electronics", "apparel", "home", "beauty", "sports")
@@ -110,6 +111,26 @@ class Moment:
     cart: str  # empty, small, medium, large
     issue: bool
     true_p: dict[str, float] = field(default_factory=dict)
+
+
+def rank_moment(
+    builder: FeatureBuilder,
+    models: ModelSet,
+    m: Moment,
+    offers: Sequence[Offer],
+    rng: random.Random,
+) -> list[Candidate]:
+    """RTIM's ranking of the offers at a market moment (the worker's own ``rank``)."""
+    return rank(
+        builder,
+        models,
+        m.ctx,
+        offers,
+        channel=m.channel,
+        trigger=m.trigger,
+        now_ms=m.at_ms,
+        rng=rng,
+    )
 
 
 def _sigmoid(x: float) -> float:
@@ -321,16 +342,7 @@ def run(
         # Seeded per decision, as the worker seeds its draws (rtim.decide.arbitrate).
         the_id = decision_id(m.customer.id, f"m{seed}-{i}", m.trigger)
         decide_rng.seed(draw_seed(the_id))
-        ranked = rank(
-            builder,
-            models,
-            m.ctx,
-            offers,
-            channel=m.channel,
-            trigger=m.trigger,
-            now_ms=m.at_ms,
-            rng=decide_rng,
-        )
+        ranked = rank_moment(builder, models, m, offers, decide_rng)
         chosen = ranked[0]
         learn(
             attributor.decide(
