@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,18 @@ from rtim.context.model import IDENTIFYING_TRAITS, KEPT_TRAITS, MAX_TRAIT_NAME_C
 from rtim.errors import ConfigError
 from rtim.learn.features import DEFAULT_SPEC, FeatureSpec, FeatureSpecError, parse_spec
 from rtim.names import OFFER_CHANNELS
+from rtim.offers.policy import (
+    KINDS,
+    Cap,
+    Policy,
+    PolicyError,
+    duration_ms,
+    parse_cap,
+    parse_groups,
+    parse_policy,
+    parse_suppression,
+    parse_weights,
+)
 from rtim.triggers.rules import TriggerRule, parse_rule
 
 CHANNELS = OFFER_CHANNELS
@@ -52,6 +64,10 @@ _OFFER_KEYS = {
     "valid_from",
     "valid_to",
     "creative",
+    "kind",
+    "group",
+    "cooldown",
+    "caps",
 }
 
 
@@ -133,6 +149,14 @@ class Offer:
     #: How long after a decision (event time) a conversion is credited to it, in ms;
     #: None: ``RTIM_ATTRIBUTION_WINDOW_S``.
     attribution_window_ms: int | None = None
+    #: sales, service or information (suppression rules select by kind).
+    kind: str = "sales"
+    #: The offer group (caps, weights, suppression and group priority select by group).
+    group: str | None = None
+    #: How long after a dismissal the offer is not offered again (None: the policy's).
+    cooldown_ms: int | None = None
+    #: The offer's own caps (they count this offer's contacts).
+    caps: tuple[Cap, ...] = ()
 
     def is_valid_at(self, now_ms: int) -> bool:
         if self.valid_from_ms is not None and now_ms < self.valid_from_ms:
@@ -155,6 +179,9 @@ class Catalog:
     traits: tuple[str, ...] = KEPT_TRAITS
     #: The features decisions are scored on.
     features: FeatureSpec = DEFAULT_SPEC
+    #: Contact policy and levers (:mod:`rtim.offers.policy`); None when the catalog
+    #: has none, so that decisions skip every policy step.
+    policy: Policy | None = None
     _by_trigger: dict[str, tuple[Offer, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -236,6 +263,16 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if not isinstance(creative, dict):
         raise CatalogError(f"{where}: 'creative' must be a mapping")
     category = raw.get("category")
+    kind = raw.get("kind", "sales")
+    if kind not in KINDS:
+        raise CatalogError(f"{where}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
+    group = raw.get("group")
+    if group is not None and (not isinstance(group, str) or not group):
+        raise CatalogError(f"{where}: 'group' must be a group name")
+    cooldown = raw.get("cooldown")
+    caps = raw.get("caps") or []
+    if not isinstance(caps, list):
+        raise CatalogError(f"{where}: 'caps' must be a list")
     try:
         eligibility = compile_all(raw.get("eligibility"), f"{where}.eligibility")
     except ConditionError as exc:
@@ -253,6 +290,10 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
         valid_to_ms=_date_ms(raw.get("valid_to"), f"{where}.valid_to"),
         creative=creative,
         attribution_window_ms=_window_ms(raw, where),
+        kind=kind,
+        group=group,
+        cooldown_ms=None if cooldown is None else duration_ms(cooldown, f"{where}.cooldown", raw),
+        caps=tuple(parse_cap(c, f"{where}.caps[{i}]", offer=raw["id"]) for i, c in enumerate(caps)),
     )
     if (
         offer.valid_from_ms is not None
@@ -281,7 +322,7 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
 
     if not isinstance(data, dict):
         raise error("the catalog must be a mapping with 'triggers' and 'offers'")
-    unknown = set(data) - {"triggers", "offers", "learning"}
+    unknown = set(data) - {"triggers", "offers", "learning", *_POLICY_SECTIONS}
     if unknown:
         raise error(f"unknown top-level field(s) {sorted(map(str, unknown))}")
     raw_triggers = data.get("triggers") or []
@@ -304,6 +345,8 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
             offers.append(parse_offer(raw, i, trigger_ids))
         except CatalogError as exc:
             raise error(str(exc), raw) from None
+        except PolicyError as exc:
+            raise error(str(exc), raw if exc.where is None else exc.where) from None
     offer_ids = [o.id for o in offers]
     if len(set(offer_ids)) != len(offer_ids):
         raise error(
@@ -314,12 +357,53 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
         traits, features = parse_learning(learning)
     except CatalogError as exc:
         raise error(str(exc), learning) from None
+    try:
+        policy = _policy(data, offers)
+    except PolicyError as exc:
+        raise error(str(exc), exc.where) from None
     return Catalog(
         triggers=tuple(triggers),
         offers=tuple(offers),
         source=source,
         traits=traits,
         features=features,
+        policy=policy,
+    )
+
+
+_POLICY_SECTIONS = ("policy", "groups", "weights", "suppression")
+
+
+def _policy(data: dict[str, Any], offers: list[Offer]) -> Policy | None:
+    """The contact policy and levers; None when they could change no decision."""
+    groups = parse_groups(data.get("groups"))
+    known = {
+        "offers": {o.id for o in offers},
+        "groups": set(groups) | {o.group for o in offers if o.group is not None},
+        "groups_of": {o.id: o.group for o in offers},
+        "kinds": {o.id: o.kind for o in offers},
+    }
+    weights = parse_weights(data.get("weights"), known)
+    suppression = parse_suppression(data.get("suppression"), known)
+    policy = parse_policy(data.get("policy"), groups, weights, known)
+    offer_caps = [c for o in offers for c in o.caps]
+    cooldowns = [o.cooldown_ms for o in offers if o.cooldown_ms is not None]
+    if policy.dismissal_cooldown_ms is not None:
+        cooldowns.append(policy.dismissal_cooldown_ms)
+    if not (
+        "policy" in data
+        or suppression
+        or weights
+        or any(p != 1.0 for p in groups.values())
+        or offer_caps
+        or cooldowns
+    ):
+        return None
+    return replace(
+        policy,
+        suppression=suppression,
+        contact_horizon_ms=max((c.per_ms for c in (*policy.caps, *offer_caps)), default=0),
+        dismissal_horizon_ms=max(cooldowns, default=0),
     )
 
 
