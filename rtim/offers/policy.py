@@ -140,7 +140,9 @@ def parse_cap(raw: Any, where: str, offer: str | None = None) -> Cap:
     channels = raw.get("channel", raw.get("channels"))
     scope = raw.get("scope", "customer")
     if scope not in ("customer", "offer"):
-        raise PolicyError(f"{where}: 'scope' is customer (all offers) or offer (each on its own)")
+        raise PolicyError(
+            f"{where}: 'scope' is customer (all offers) or offer (each on its own)", raw
+        )
     group = raw.get("group")
     if group is not None and not isinstance(group, str):
         raise PolicyError(f"{where}: 'group' must be a group name", raw)
@@ -294,10 +296,13 @@ def parse_suppression(raw: Any, known: Mapping[str, Any]) -> tuple[Suppression, 
     return tuple(out)
 
 
-def _unique(ids: list[str], what: str, where: Any) -> None:
-    twice = sorted({i for i in ids if ids.count(i) > 1})
-    if twice:
-        raise PolicyError(f"duplicate {what} id(s) {twice}", where)
+def _unique(ids: list[str], what: str, raws: list[Any]) -> None:
+    """Refuse an id used twice, naming the place of its second use."""
+    seen: set[str] = set()
+    for id_, raw in zip(ids, raws, strict=True):
+        if id_ in seen:
+            raise PolicyError(f"duplicate {what} id(s) {sorted({id_})}", raw)
+        seen.add(id_)
 
 
 def parse_groups(raw: Any) -> dict[str, float]:
