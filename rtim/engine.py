@@ -70,7 +70,12 @@ from rtim.context.model import (
 )
 from rtim.decide.arbitrate import Decision, decide
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
-from rtim.decide.policy import dismissed_offer, record_contact, record_dismissal
+from rtim.decide.policy import (
+    dismissed_offer,
+    record_contact,
+    record_dismissal,
+    rejection_kind,
+)
 from rtim.decide.record import encode_record
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, error_reason, parse_event
 from rtim.learn.attribution import (
@@ -194,6 +199,8 @@ class BatchResult:
     examples: list[Example] = field(default_factory=list)
     #: Responses consumed, by (outcome, join result); invalid ones are in ``invalid``.
     responses: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Offers decisions did not make, by the kind of reason (:data:`rtim.decide.policy.REJECTIONS`).
+    rejected: Counter[str] = field(default_factory=Counter)
 
 
 class Engine:
@@ -431,6 +438,13 @@ class Engine:
                 rng=self.rng,
             )
             offer = decision.offer
+            for reason in decision.reasons:
+                # rejected:, suppressed: (and skipped:, raised:); a decision undone by a
+                # failing event stays counted.
+                if reason[0] in "rs":
+                    kind = rejection_kind(reason)
+                    if kind is not None:
+                        result.rejected[kind] += 1
             result.decisions.append(
                 DecisionRecord(key, encode_record(decision), record, offer is not None)
             )

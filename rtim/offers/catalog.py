@@ -16,9 +16,55 @@ see :mod:`rtim.triggers.rules`) and ``offers``::
         valid_to: 2027-01-01
         creative: {title: "Shipping is on us", text: "..."}
 
+Contact policy and levers
+-------------------------
+Four optional sections say what a decision may offer and how it is weighed
+(:mod:`rtim.decide.policy` applies them; ``docs/catalog.example.yaml`` has them
+all). Offers get four fields more::
+
+      - id: double-points
+        kind: sales                 # sales (default) | service | information
+        group: loyalty              # optional; selected by caps, weights, suppression
+        cooldown: 7d                # after a dismissal (default: policy.dismissal_cooldown)
+        caps: [{max: 2, per: 30d}]  # the offer's own caps (channel: optional)
+
+    policy:
+      timezone: Europe/London       # customers whose context.timezone is unknown (IANA)
+      outbound: [email, push, sms, call_centre]   # what quiet hours hold back (default)
+      quiet_hours: {from: "21:00", to: "08:00"}   # customer's local time (default: none)
+      consent:
+        default: {email: false, sms: false}       # unnamed channels: allowed
+        categories: {Advertising: [email, sms, push]}   # Segment category -> channels
+      caps:                         # rolling windows of event time
+        - {id: daily-total, max: 3, per: 1d}
+        - {id: email-daily, channel: email, max: 1, per: 1d}     # or channels: [...]
+        - {id: offer-weekly, scope: offer, max: 1, per: 7d}      # each offer on its own
+        - {id: loyalty-weekly, group: loyalty, max: 2, per: 7d}  # or offer: <id>
+      dismissal_cooldown: 3d
+    groups: {loyalty: {priority: 1.2}}            # a lever on the group's scores
+    weights:                        # factor on the score while every condition holds
+      - {id: big-cart, when: "cart.value >= 100", factor: 1.5, offers: [bundle-discount]}
+    suppression:                    # while `when` holds, `suppress` is not offered
+      - {id: open-issue, when: "issues > 0", suppress: {kind: sales}, raise: service-recovery}
+
+Durations are ``<n><unit>`` with units w, d, h, m, s (``1d12h``). Weights and
+suppression select offers by ``offer(s)``, ``group(s)`` and ``kind(s)`` (any
+of them matches; a weight with none applies to every offer). ``raise`` names
+offers made candidates while the rule holds, whatever the trigger. A cap's
+``max`` is at most :data:`~rtim.offers.policy.MAX_CONTACTS`, the contacts a
+context keeps.
+
+Defaults change nothing for a catalog without these sections, but one: with
+no ``suppression`` section, a catalog that has an offer of kind ``service``
+gets the rule ``open-issue`` (``issues > 0`` suppresses kind sales and raises
+every service offer); ``suppression: []`` turns it off. A catalog without any
+of this has ``policy`` None, and its decisions skip the policy steps, except
+that a channel the customer withdrew consent for is never used.
+
 Loading checks everything (unknown fields, types, conditions, references from
-offers to triggers) and raises :class:`CatalogError` naming the place: the
-file and line of the offending trigger, offer or field, and what is wrong.
+offers to triggers, time zones, durations, and references to offers and
+groups) and raises :class:`CatalogError` naming the place: the file and line
+of the offending trigger, offer, rule or field, and what is wrong.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ def test_a_customers_cap_holds_across_a_restart() -> None:
     assert again.triggers == []
     (record,) = decisions(again)
     assert "rejected:picks:capped:daily" in record["reasons"]
+    assert again.rejected == {"capped": 1}
     day_later = run(engine(store), log.records(view(START + DAY)), store)
     assert [t.offer_id for t in day_later.triggers] == ["picks"]
 
