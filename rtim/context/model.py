@@ -814,6 +814,7 @@ def _is_contact(c: Any) -> bool:
         type(c) is list
         and len(c) == 4
         and _is_int(c[0])
+        and type(c[1]) is str
         and c[1] in OFFER_CHANNELS
         and type(c[2]) is str
         and (c[3] is None or type(c[3]) is str)

@@ -327,7 +327,7 @@ MAX_ZONE_CHARS = 64
 def _lookup_zone(name: str) -> ZoneInfo | None:
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # "Europe" is a directory
         return None
 
 

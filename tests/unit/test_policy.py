@@ -257,9 +257,10 @@ def test_quiet_hours_are_the_customers_own_zone_from_segment_context(at: int, qu
         assert offered(d) == ("a", "sms")
 
 
-def test_an_unknown_time_zone_from_an_event_is_ignored() -> None:
-    ctx = customer(call(context={"timezone": "Mars/Olympus_Mons"}))
-    assert ctx["tz"] is None
+@pytest.mark.parametrize("zone", ["Mars/Olympus_Mons", "Europe", "../etc/passwd", "", 42])
+def test_an_unknown_time_zone_from_an_event_is_ignored(zone: Any) -> None:
+    ctx = customer(call(context={"timezone": "Asia/Tokyo"}), call(context={"timezone": zone}))
+    assert ctx["n"] == 2 and ctx["tz"] == "Asia/Tokyo"
 
 
 # --------------------------------------------------------------------------
@@ -456,7 +457,7 @@ def test_a_context_of_the_previous_version_loads_with_empty_policy_state() -> No
     assert [loaded[k] for k in new_fields] == [None, {}, {}, [], {}]
     damaged = dict(ctx, v=2, tz="Nowhere/Land", dismissed={"a": 7, "b": "y"})
     damaged["consent"] = {"email": [1, "x"], "sms": [False, 5]}
-    damaged["contacts"] = [[1, "web", "a", None], ["x"]]
+    damaged["contacts"] = [[1, "web", "a", None], ["x"], [2, ["web"], "a", None]]
     fixed, _ = load_context(orjson.dumps(damaged), "u-1")
     assert fixed["tz"] is None
     assert fixed["consent"] == {"sms": [False, 5]}

@@ -86,6 +86,8 @@ def test_durations(text: str) -> None:
          ":5: offer 'bundle': 'kind' must be one of"),
         (("timezone: Europe/London", "timezone: Europe/Londres"),
          ":9: policy.timezone: unknown time zone 'Europe/Londres'"),
+        (("timezone: Europe/London", "timezone: Europe"),
+         ":9: policy.timezone: unknown time zone 'Europe'"),
         (('to: "08:00"', 'to: "8 am"'),
          ":10: policy.quiet_hours.to: '8 am' is not a time of day"),
         (("default: {email: false", "default: {fax: false"),
