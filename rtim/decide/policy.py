@@ -43,6 +43,7 @@ from rtim.offers.catalog import Catalog, Offer
 from rtim.offers.policy import (
     MAX_CONTACTS,
     MAX_DISMISSALS,
+    NO_POLICY,
     Cap,
     Policy,
     Suppression,
@@ -252,6 +253,33 @@ def record_dismissal(ctx: Context, policy: Policy | None, offer_id: str, at_ms: 
         del dismissed[stale]
     while len(dismissed) > MAX_DISMISSALS:
         del dismissed[min(dismissed, key=dismissed.__getitem__)]
+
+
+def counters(catalog: Catalog, ctx: Context, at_ms: int) -> dict[str, Any]:
+    """The customer's policy state at ``at_ms`` (for explaining it): per cap of the policy,
+    the contacts it counts in its window (per offer for caps of each offer), and the offers
+    cooling down after a dismissal with the event time their cool-down ends."""
+    policy = catalog.policy or NO_POLICY
+    contacts = ctx["contacts"]
+    caps: dict[str, Any] = {}
+    for cap in policy.caps:
+        counted = [
+            c for c in contacts if -cap.per_ms < c[0] - at_ms < cap.per_ms and cap.counts(*c[1:])
+        ]
+        if cap.each_offer:
+            per_offer: dict[str, int] = {}
+            for c in counted:
+                per_offer[c[2]] = per_offer.get(c[2], 0) + 1
+            caps[cap.id] = {"max": cap.max, "offers": per_offer}
+        else:
+            caps[cap.id] = {"max": cap.max, "count": len(counted)}
+    cooldowns = {o.id: o.cooldown_ms or policy.dismissal_cooldown_ms for o in catalog.offers}
+    cooling_until = {}
+    for offer_id, at in ctx["dismissed"].items():
+        cooldown = cooldowns.get(offer_id)
+        if cooldown is not None and at + cooldown > at_ms:
+            cooling_until[offer_id] = at + cooldown
+    return {"caps": caps, "cooling_until_ms": cooling_until}
 
 
 def dismissed_offer(ctx: Context | None, decision_id: str) -> str | None:

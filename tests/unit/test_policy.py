@@ -11,7 +11,7 @@ import pytest
 
 from rtim.context.model import VERSION, apply_event, load_context, new_context
 from rtim.decide.arbitrate import Decision, decide
-from rtim.decide.policy import record_contact, record_dismissal
+from rtim.decide.policy import counters, record_contact, record_dismissal
 from rtim.events import Event
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelSet
@@ -152,6 +152,37 @@ def test_a_cap_counts_only_what_it_selects_channel_offer_group() -> None:
     # Two of the loyalty group within a week: d, never offered, is capped by its group.
     assert "rejected:d:capped:loyalty-weekly" in run(cat, ctx, call(ts=T0 + 5 * DAY)).reasons
     assert offered(run(cat, ctx, call(ts=T0 + 8 * DAY), {"a": 0, "b": 0, "c": 0, "d": 1}))[0] == "d"
+
+
+def test_the_policy_counters_say_where_each_cap_stands() -> None:
+    cat = catalog(
+        [
+            {"id": "a", "channels": ["web", "email"], "cooldown": "1h"},
+            {"id": "b", "channels": ["web"]},
+        ],
+        policy={
+            "caps": [
+                {"id": "daily", "max": 3, "per": "1d"},
+                {"id": "email", "channel": "email", "max": 1, "per": "1d"},
+                {"id": "each", "scope": "offer", "max": 1, "per": "7d"},
+            ],
+            "dismissal_cooldown": "3d",
+        },
+    )
+    ctx = new_context("u-1")
+    contact(ctx, cat, T0 - 2 * DAY, "web", "a")
+    contact(ctx, cat, T0 - HOUR, "email", "a")
+    contact(ctx, cat, T0, "web", "b")
+    record_dismissal(ctx, cat.policy, "b", T0)
+    record_dismissal(ctx, cat.policy, "a", T0)  # its own cool-down is over at T0 + 1h
+    assert counters(cat, ctx, T0 + HOUR) == {
+        "caps": {
+            "daily": {"max": 3, "count": 2},
+            "email": {"max": 1, "count": 1},
+            "each": {"max": 1, "offers": {"a": 2, "b": 1}},
+        },
+        "cooling_until_ms": {"b": T0 + 3 * DAY},
+    }
 
 
 def test_an_offers_own_cap_counts_that_offer() -> None:
