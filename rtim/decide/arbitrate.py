@@ -6,14 +6,17 @@ as
 
     score = sampled propensity x value x business priority
 
-where the propensity is a Thompson draw from the offer's learned model
+(x context weight x group priority under the catalog's levers), where the
+propensity is a Thompson draw from the offer's learned model
 (:mod:`rtim.learn.models`), so that offers with little evidence are tried in
 proportion to the chance that they are the best. The best one wins. A decision
 carries reason codes that say which trigger fired, which eligibility rules
 passed, which offers were rejected and why, and the features that moved the
 winning offer's belief; and every candidate with its mean propensity, draw,
 score and model version, for the decision record (:mod:`rtim.decide.record`).
-A moment where no offer is eligible is a decision too, of no offer.
+A moment where no offer is eligible is a decision too, of no offer. Under a
+contact policy (:mod:`rtim.decide.policy`) suppression, cool-downs, consent,
+quiet hours and caps decide which candidates remain and on which channel.
 """
 
 from __future__ import annotations
