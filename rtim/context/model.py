@@ -11,7 +11,8 @@ the strings kept may be (longer names are not counted; pages, product ids,
 categories and trait values are cut). The customer id is at most
 :data:`rtim.events.segment.MAX_CUSTOMER_ID_CHARS` (longer ones are refused by
 the parser). Every part at its budget with plain ASCII strings makes a
-context of about 26 KB (12 KB of it message ids); a typical one is 1-2 KB.
+context of about 41 KB (12 KB of it message ids, 15 KB the contact policy's
+contacts, dismissals and consent); a typical one is 1-2 KB.
 
 The serialised context has a hard ceiling, :data:`MAX_CONTEXT_BYTES` (64 KiB;
 Kafka's default record limit is 1 MiB). Strings of characters that JSON

@@ -84,6 +84,7 @@ from rtim.learn.features import DEFAULT_SPEC, FeatureSpec, FeatureSpecError, par
 from rtim.names import OFFER_CHANNELS
 from rtim.offers.policy import (
     KINDS,
+    MAX_NAME_CHARS,
     Cap,
     Policy,
     PolicyError,
@@ -283,7 +284,10 @@ def _window_ms(raw: Mapping[str, Any], where: str) -> int | None:
 def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
         raise CatalogError(f"offers[{index}]: each offer needs a string 'id'")
-    where = f"offer {raw['id']!r}"
+    where = f"offer {raw['id'][:MAX_NAME_CHARS]!r}"
+    if len(raw["id"]) > MAX_NAME_CHARS:
+        # Contexts keep offer ids (contacts, dismissals, open decisions) within a budget.
+        raise CatalogError(f"{where}...: an offer id is at most {MAX_NAME_CHARS} characters")
     unknown = set(raw) - _OFFER_KEYS
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -313,8 +317,12 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if kind not in KINDS:
         raise CatalogError(f"{where}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
     group = raw.get("group")
-    if group is not None and (not isinstance(group, str) or not group):
-        raise CatalogError(f"{where}: 'group' must be a group name")
+    if group is not None and (
+        not isinstance(group, str) or not group or len(group) > MAX_NAME_CHARS
+    ):
+        raise CatalogError(
+            f"{where}: 'group' must be a name of at most {MAX_NAME_CHARS} characters"
+        )
     cooldown = raw.get("cooldown")
     caps = raw.get("caps") or []
     if not isinstance(caps, list):

@@ -23,6 +23,8 @@ from rtim.names import OFFER_CHANNELS
 KINDS = ("sales", "service", "information")
 #: Channels quiet hours apply to unless ``policy.outbound`` says otherwise.
 OUTBOUND = ("email", "push", "sms", "call_centre")
+#: Longest offer id and group name (contexts keep them in contacts and dismissals).
+MAX_NAME_CHARS = 64
 #: Contacts kept per customer (newest); a cap may allow at most this many.
 MAX_CONTACTS = 64
 #: Dismissed offers remembered per customer (newest).
@@ -314,6 +316,8 @@ def parse_groups(raw: Any) -> dict[str, float]:
     out = {}
     for name, item in raw.items():
         where = f"groups.{name}"
+        if len(str(name)) > MAX_NAME_CHARS:
+            raise PolicyError(f"groups: a group name is at most {MAX_NAME_CHARS} characters", raw)
         _check_keys(item or {}, {"priority"}, where)
         out[str(name)] = _factor(item or {}, "priority", where)
     return out

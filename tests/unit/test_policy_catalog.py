@@ -145,6 +145,14 @@ def test_suppression_errors_name_the_line(tmp_path: Path, extra: str, expected: 
     assert str(info.value).startswith(f"{tmp_path / 'catalog.yaml'}{expected}"), str(info.value)
 
 
+def test_offer_ids_and_group_names_fit_the_context_budget(tmp_path: Path) -> None:
+    long = "x" * 65
+    with pytest.raises(CatalogError, match=r":2: offer 'x+'...: an offer id is at most 64"):
+        load(tmp_path, OFFERS.replace("id: bundle", f"id: {long}"))
+    with pytest.raises(CatalogError, match=r":4: offer 'bundle': 'group' must be a name of"):
+        load(tmp_path, OFFERS.replace("group: loyalty", f"group: {long}"))
+
+
 def test_an_offers_own_caps_and_cooldown_name_the_line(tmp_path: Path) -> None:
     text = OFFERS + "    cooldown: 2h\n    caps:\n      - {max: 1, per: 1d}\n      - {max: 1}\n"
     with pytest.raises(CatalogError) as info:
