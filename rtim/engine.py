@@ -451,7 +451,6 @@ class Engine:
             if offer is None:
                 result.no_offer += 1
                 continue
-            record_contact(ctx, self.catalog.policy, event.timestamp_ms, decision.channel, offer)
             opened.append(self._open(ctx, key, record.partition, decision, result))
             result.triggers.append(
                 Trigger(
@@ -472,8 +471,12 @@ class Engine:
     def _open(
         self, ctx: Context, key: bytes, partition: int, decision: Decision, result: BatchResult
     ) -> Pending:
-        """Keep a decision open in the customer's context until its window ends."""
+        """Keep a decision open in the customer's context until its window ends, and
+        count it as a contact of the customer (caps)."""
         assert decision.offer is not None and decision.window_end_ms is not None
+        record_contact(
+            ctx, self.catalog.policy, decision.event.timestamp_ms, decision.channel, decision.offer
+        )
         pending = Pending(
             decision.decision_id,
             decision.customer_id,
