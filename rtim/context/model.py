@@ -11,7 +11,7 @@ the strings kept may be (longer names are not counted; pages, product ids,
 categories and trait values are cut). The customer id is at most
 :data:`rtim.events.segment.MAX_CUSTOMER_ID_CHARS` (longer ones are refused by
 the parser). Every part at its budget with plain ASCII strings makes a
-context of about 41 KB (12 KB of it message ids, 15 KB the contact policy's
+context of about 43 KB (12 KB of it message ids, 15 KB the contact policy's
 contacts, dismissals and consent); a typical one is 1-2 KB.
 
 The serialised context has a hard ceiling, :data:`MAX_CONTEXT_BYTES` (64 KiB;
@@ -48,7 +48,8 @@ Fields
 ``ids_ms``        the event time before which message ids may have been forgotten
 ``pending``       open decisions: ``[decision id, offer id, features, decided ms, window end ms,
                   outcomes seen]``, oldest first (:mod:`rtim.learn.attribution`)
-``closed``        decisions closed lately: ``[decision id, window end ms, outcomes seen]``
+``closed``        decisions closed lately: ``[decision id, window end ms, outcomes seen, offer
+                  id]`` (a late dismissal still cools its offer down; null when repaired)
 ``tz``            the customer's IANA time zone (Segment ``context.timezone``), or null
 ``consent``       per channel the customer said yes or no to: ``{channel: [allowed, event ms]}``
 ``consent_cat``   per Segment consent category: ``{category: [allowed, event ms]}``
@@ -784,7 +785,11 @@ def repair(stored: Any, customer_id: str) -> Context:
     if ctx["id_hours"]:
         _forget(ctx, -(2**62))  # within the budget
     ctx["pending"] = [p for p in _list(get("pending")) if _is_pending(p)][-MAX_PENDING:]
-    ctx["closed"] = [c for c in _list(get("closed")) if _is_closed(c)][-MAX_CLOSED:]
+    ctx["closed"] = [
+        [c[0], c[1], c[2], c[3] if len(c) == 4 else None]
+        for c in _list(get("closed"))
+        if _is_closed(c)
+    ][-MAX_CLOSED:]
     zone = get("tz")
     if type(zone) is str and known_zone(zone) is not None:
         ctx["tz"] = zone
@@ -844,9 +849,10 @@ def _is_pending(p: Any) -> bool:
 
 
 def _is_closed(c: Any) -> bool:
+    """A closed decision, of version 4 or, without its offer id, of an earlier one."""
     return (
         type(c) is list
-        and len(c) == 3
+        and (len(c) == 3 or (len(c) == 4 and (c[3] is None or type(c[3]) is str)))
         and type(c[0]) is str
         and _is_int(c[1])
         and _strings(c[2], 4)

@@ -283,12 +283,17 @@ def counters(catalog: Catalog, ctx: Context, at_ms: int) -> dict[str, Any]:
 
 
 def dismissed_offer(ctx: Context | None, decision_id: str) -> str | None:
-    """The offer of an open decision (the one a dismissal response is about)."""
+    """The offer of a decision open or closed lately (the one a dismissal response is
+    about): a customer who says no after the window ended still said no."""
     if ctx is None:
         return None
     for pending in ctx["pending"]:
         if pending[0] == decision_id:
             return str(pending[1])
+    for closed in ctx["closed"]:
+        if closed[0] == decision_id:
+            offer_id: str | None = closed[3]  # None: closed before offers were kept
+            return offer_id
     return None
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from rtim.context.model import VERSION, apply_event, load_context, new_context
 from rtim.decide.arbitrate import Decision, decide
-from rtim.decide.policy import counters, record_contact, record_dismissal
+from rtim.decide.policy import counters, dismissed_offer, record_contact, record_dismissal
 from rtim.events import Event
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelSet
@@ -482,10 +482,13 @@ def test_a_context_of_the_previous_version_loads_with_empty_policy_state() -> No
     new_fields = ("tz", "consent", "consent_cat", "contacts", "dismissed")
     old = {k: v for k, v in ctx.items() if k not in new_fields}
     old["v"] = 3
+    old["closed"] = [["d-1", T0, ["impression"]]]  # closed decisions kept no offer id then
     loaded, repaired = load_context(orjson.dumps(old), "u-1")
     assert repaired and loaded["v"] == VERSION
     assert loaded["cart"] == ctx["cart"] and loaded["ids"] == ctx["ids"]
     assert [loaded[k] for k in new_fields] == [None, {}, {}, [], {}]
+    assert loaded["closed"] == [["d-1", T0, ["impression"], None]]
+    assert dismissed_offer(loaded, "d-1") is None
     damaged = dict(ctx, v=2, tz="Nowhere/Land", dismissed={"a": 7, "b": "y"})
     damaged["consent"] = {"email": [1, "x"], "sms": [False, 5]}
     damaged["contacts"] = [[1, "web", "a", None], ["x"], [2, ["web"], "a", None]]

@@ -105,3 +105,22 @@ def test_responses_dismissing_twice_or_unknown_decisions_change_nothing() -> Non
         ("dismissal", "unknown"): 1,
     }
     assert orjson.loads(store.data[(0, b"u-1")])["dismissed"] == {"picks": START + 60_000}
+
+
+def test_a_dismissal_after_the_decisions_window_closed_still_cools_the_offer_down() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)  # one worker throughout: it closes the windows it opened
+    (first,) = decisions(run(eng, log.records(view(START)), store))
+    # A day and an hour on (past the daily cap), the stream time closes the first window.
+    second = run(eng, log.records(view(START + DAY + HOUR)), store)
+    assert [t.offer_id for t in second.triggers] == ["picks"]
+    stored = orjson.loads(store.data[(0, b"u-1")])
+    assert [c[0] for c in stored["closed"]] == [first["decision_id"]]
+    # The customer says no to the first offer after its window ended: still a no.
+    late = ("u-1", first["decision_id"], "dismissal", START + DAY + 2 * HOUR)
+    joined = respond(eng, response_records(late), store)
+    assert joined.responses == {("dismissal", "late"): 1}
+    assert orjson.loads(store.data[(0, b"u-1")])["dismissed"] == {"picks": START + DAY + 2 * HOUR}
+    cooled = run(eng, log.records(view(START + 2 * DAY + 3 * HOUR)), store)
+    assert cooled.triggers == []
+    assert "rejected:picks:cooldown" in decisions(cooled)[0]["reasons"]
