@@ -12,6 +12,7 @@ import pytest
 from rtim.context.model import VERSION, apply_event, load_context, new_context
 from rtim.decide.arbitrate import Decision, decide
 from rtim.decide.policy import counters, dismissed_offer, record_contact, record_dismissal
+from rtim.decide.record import encode_record
 from rtim.events import Event
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelSet
@@ -19,6 +20,7 @@ from rtim.offers.catalog import Catalog, parse_catalog
 
 from .segment_calls import parsed, segment_call
 from .test_decide import FixedModel
+from .test_topics_and_deploy import errors
 
 
 def ms(y: int, mo: int, d: int, h: int = 0, mi: int = 0) -> int:
@@ -461,6 +463,33 @@ def test_context_weights_and_group_priority_move_the_ranking_and_show_in_reasons
         "lever:bundle:group-priority=1",
     ]
     assert big.levers["club"]["group-priority"] == 1.2
+
+
+def test_the_decision_record_names_each_candidates_channel_and_levers() -> None:
+    offers = [
+        {"id": "club", "channels": ["web"], "value": 10, "group": "loyalty"},
+        {"id": "mail", "channels": ["email", "web"], "value": 8, "priority": 1.5},
+    ]
+    cat = catalog(offers, groups={"loyalty": {"priority": 1.2}}, policy={"timezone": "UTC"})
+    d = run(cat, customer(call()), call(ts=T0 + 1), {"club": 0.3, "mail": 0.2})
+    record = orjson.loads(encode_record(d))
+    # Without consent for e-mail, the runner-up would have gone to the web.
+    assert [(c["offer_id"], c["channel"], c["levers"]) for c in record["candidates"]] == [
+        ("club", "web", {"weight": 1, "value": 10, "priority": 1, "group-priority": 1.2}),
+        ("mail", "web", {"weight": 1, "value": 8, "priority": 1.5, "group-priority": 1}),
+    ]
+    assert not errors("decision.schema.json", record)
+    plain = catalog([{"id": "a", "channels": ["web", "email"]}])
+    without = orjson.loads(encode_record(run(plain, customer(call()), call(ts=T0 + 1))))
+    assert set(without["candidates"][0]) == {
+        "offer_id",
+        "propensity",
+        "sampled",
+        "score",
+        "model_version",
+        "features",
+    }
+    assert not errors("decision.schema.json", without)
 
 
 # --------------------------------------------------------------------------
