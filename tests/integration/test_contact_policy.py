@@ -120,9 +120,10 @@ def test_a_cap_holds_across_a_worker_killed_after_its_commit(kafka, workers, tmp
 
     sent = triggers_by_message(kafka.bootstrap, "web")
     decided = decisions_by_message(kafka.bootstrap)
-    capped, other = after[0]["messageId"], after[2]["messageId"]
+    capped, other = [e["messageId"] for e in after[:2]], after[2]["messageId"]
     # The capped customer got no third offer that day, on any channel, and the record says why.
-    for message_id in (capped, after[1]["messageId"]):
+    assert survivor.metric("rtim_offers_rejected_total", reason="capped") == len(capped)
+    for message_id in capped:
         assert message_id not in sent
         assert decided[message_id]["offer_id"] is None
         assert "rejected:spring-sale:capped:daily-total" in decided[message_id]["reasons"]
