@@ -70,6 +70,12 @@ from rtim.context.model import (
 )
 from rtim.decide.arbitrate import Decision, decide
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
+from rtim.decide.policy import (
+    dismissed_offer,
+    record_contact,
+    record_dismissal,
+    rejection_kind,
+)
 from rtim.decide.record import encode_record
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, error_reason, parse_event
 from rtim.learn.attribution import (
@@ -193,6 +199,8 @@ class BatchResult:
     examples: list[Example] = field(default_factory=list)
     #: Responses consumed, by (outcome, join result); invalid ones are in ``invalid``.
     responses: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Offers decisions did not make, by the kind of reason (:data:`rtim.decide.policy.REJECTIONS`).
+    rejected: Counter[str] = field(default_factory=Counter)
 
 
 class Engine:
@@ -430,6 +438,13 @@ class Engine:
                 rng=self.rng,
             )
             offer = decision.offer
+            for reason in decision.reasons:
+                # rejected:, suppressed: (and skipped:, raised:); a decision undone by a
+                # failing event stays counted.
+                if reason[0] in "rs":
+                    kind = rejection_kind(reason)
+                    if kind is not None:
+                        result.rejected[kind] += 1
             result.decisions.append(
                 DecisionRecord(key, encode_record(decision), record, offer is not None)
             )
@@ -456,8 +471,12 @@ class Engine:
     def _open(
         self, ctx: Context, key: bytes, partition: int, decision: Decision, result: BatchResult
     ) -> Pending:
-        """Keep a decision open in the customer's context until its window ends."""
+        """Keep a decision open in the customer's context until its window ends, and
+        count it as a contact of the customer (caps)."""
         assert decision.offer is not None and decision.window_end_ms is not None
+        record_contact(
+            ctx, self.catalog.policy, decision.event.timestamp_ms, decision.channel, decision.offer
+        )
         pending = Pending(
             decision.decision_id,
             decision.customer_id,
@@ -700,12 +719,22 @@ class BatchRun:
                 continue
             self._advance(partition, response.timestamp_ms)
             ctx = engine.context(partition, key)
-            joined, example = respond(ctx, response)
+            joined, example = self._respond(ctx, response)
             result.responses[(response.outcome, joined)] += 1
             if ctx is not None and joined != "unknown":
                 self._journal(partition, key, ctx, record, "response")
             if example is not None:
                 result.examples.append(replace(example, partition=partition))
+
+    def _respond(self, ctx: Context | None, response: Any) -> tuple[str, Any]:
+        """Join a response; a dismissal starts its offer's cool-down (event time)."""
+        offer_id = None
+        if response.outcome == "dismissal":
+            offer_id = dismissed_offer(ctx, response.decision_id)
+        joined, example = respond(ctx, response)
+        if offer_id is not None and ctx is not None and joined in ("joined", "late"):
+            record_dismissal(ctx, self.engine.catalog.policy, offer_id, response.timestamp_ms)
+        return joined, example
 
     def _journal(
         self, partition: int, key: bytes, ctx: Context, entry: Any, kind: str | None
@@ -767,13 +796,13 @@ class BatchRun:
         return self.engine.stored(partition, key), entries
 
     def _apply_again(self, ctx: Context | None, entry: tuple[Any, ...]) -> Context:
-        record, fired, _, opened, kind = entry
+        record, fired, made, opened, kind = entry
         if kind is not None:
             assert ctx is not None  # a response or a window closed changes an existing context
             if kind == "close":
                 close_due(ctx, record.at_ms)
             else:
-                respond(ctx, parse_response(record.value))
+                self._respond(ctx, parse_response(record.value))
             return ctx
         event = self._parse(record)
         if ctx is None:
@@ -790,6 +819,13 @@ class BatchRun:
         )
         for rule in fired:
             ctx["fired"][rule.id] = event.timestamp_ms
+        by_id = {o.id: o for o in engine.catalog.offers} if made else {}
+        for trigger in made:
+            offer = by_id.get(trigger.offer_id) if isinstance(trigger, Trigger) else None
+            if offer is not None:
+                record_contact(
+                    ctx, engine.catalog.policy, event.timestamp_ms, trigger.channel, offer
+                )
         for pending in opened:
             open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
         return ctx

@@ -55,6 +55,13 @@ DECISIONS_NO_OFFER = Counter(
     "rtim_decisions_no_offer_total",
     "Decision moments where no offer was eligible (the decision was to do nothing).",
 )
+OFFERS_REJECTED = Counter(
+    "rtim_offers_rejected_total",
+    "Offers a decision moment considered and did not make, by the kind of reason: "
+    "not-valid-now, ineligible, suppressed, cooldown, no-consent, quiet-hours, capped "
+    "(rtim/decide/policy.py).",
+    ["reason"],
+)
 DECISIONS = Counter(
     "rtim_decisions_total",
     "Decisions made and recorded on rtim.decisions, by whether an offer was chosen.",

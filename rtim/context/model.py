@@ -11,7 +11,8 @@ the strings kept may be (longer names are not counted; pages, product ids,
 categories and trait values are cut). The customer id is at most
 :data:`rtim.events.segment.MAX_CUSTOMER_ID_CHARS` (longer ones are refused by
 the parser). Every part at its budget with plain ASCII strings makes a
-context of about 26 KB (12 KB of it message ids); a typical one is 1-2 KB.
+context of about 43 KB (12 KB of it message ids, 15 KB the contact policy's
+contacts, dismissals and consent); a typical one is 1-2 KB.
 
 The serialised context has a hard ceiling, :data:`MAX_CONTEXT_BYTES` (64 KiB;
 Kafka's default record limit is 1 MiB). Strings of characters that JSON
@@ -47,8 +48,39 @@ Fields
 ``ids_ms``        the event time before which message ids may have been forgotten
 ``pending``       open decisions: ``[decision id, offer id, features, decided ms, window end ms,
                   outcomes seen]``, oldest first (:mod:`rtim.learn.attribution`)
-``closed``        decisions closed lately: ``[decision id, window end ms, outcomes seen]``
+``closed``        decisions closed lately: ``[decision id, window end ms, outcomes seen, offer
+                  id]`` (a late dismissal still cools its offer down; null when repaired)
+``tz``            the customer's IANA time zone (Segment ``context.timezone``), or null
+``consent``       per channel the customer said yes or no to: ``{channel: [allowed, event ms]}``
+``consent_cat``   per Segment consent category: ``{category: [allowed, event ms]}``
+``contacts``      offers made: ``[event ms, channel, offer id, group]``, oldest first
+``dismissed``     per offer, the event time of its latest dismissal
 ``src``           ``[partition, offset]`` of the last clickstream record applied
+
+Consent and time zone
+---------------------
+Consent is read from three sources, each change stamped with its event time
+(an event older than the stamp changes nothing, so late events cannot undo a
+newer choice):
+
+- identify trait ``consent``, per channel: ``{"traits": {"consent": {"email": false,
+  "sms": true}}}`` (Segment recommends traits for communication preferences);
+- Segment Consent Management's ``context.consent.categoryPreferences``
+  (``{"Advertising": true, "Functional": false}``) on any event, among them the
+  ``Segment Consent Preference Updated`` track event; an empty
+  ``categoryPreferences`` withdraws every category (as Segment's profiles do).
+  The catalog's ``policy.consent.categories`` says which channels a category
+  covers; at most :data:`~rtim.offers.policy.MAX_CONSENT_CATEGORIES` are kept
+  (a new one replaces one that is granted, never a withdrawal).
+
+Which source counts for a channel is decided by :mod:`rtim.decide.policy`: the
+latest change among the channel's own consent and its categories' wins.
+``context.timezone`` (an IANA name; others are ignored) sets ``tz``.
+
+Contacts are recorded when a decision offers something, dismissals when a
+dismissal response joins its decision (:mod:`rtim.decide.policy`); both are
+pruned past the catalog's longest cap window and cool-down, and bounded
+(:data:`~rtim.offers.policy.MAX_CONTACTS`, :data:`~rtim.offers.policy.MAX_DISMISSALS`).
 
 Duplicate suppression
 ---------------------
@@ -101,10 +133,20 @@ import orjson
 from rtim.events import Event, InvalidEvent
 from rtim.events.segment import CHANNELS, EVENT_TYPES
 from rtim.learn.attribution import MAX_CLOSED_PER_CUSTOMER, MAX_PENDING_PER_CUSTOMER
+from rtim.names import OFFER_CHANNELS
+from rtim.offers.policy import (
+    MAX_CATEGORY_CHARS as MAX_CONSENT_CATEGORY_CHARS,
+)
+from rtim.offers.policy import (
+    MAX_CONSENT_CATEGORIES,
+    MAX_CONTACTS,
+    MAX_DISMISSALS,
+    known_zone,
+)
 from rtim.settings import DEFAULTS
 
 #: Shape version, stored in ``v``; contexts stored without it are repaired on load.
-VERSION = 3
+VERSION = 4
 #: Event and page names counted; names longer than ``MAX_NAME_CHARS`` are not counted.
 MAX_NAMES = 48
 MAX_NAME_CHARS = 64
@@ -213,6 +255,11 @@ def new_context(customer_id: str) -> Context:
         "ids_ms": None,
         "pending": [],
         "closed": [],
+        "tz": None,
+        "consent": {},
+        "consent_cat": {},
+        "contacts": [],
+        "dismissed": {},
         "src": None,
     }
 
@@ -503,6 +550,17 @@ def apply_event(
                 kept[trait] = value[:MAX_TRAIT_CHARS]
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 kept[trait] = value  # finite: JSON has no infinities
+        consent = event.traits.get("consent")
+        if type(consent) is dict:
+            _channel_consent(ctx, consent, ts)
+    segment = event.context
+    if segment:
+        zone = segment.get("timezone")
+        if zone is not None and zone != ctx["tz"] and known_zone(zone) is not None:
+            ctx["tz"] = zone
+        consent = segment.get("consent")
+        if type(consent) is dict:
+            _category_consent(ctx, consent.get("categoryPreferences"), ts)
 
     # Remember the message id (see the module notes), then forget what is due.
     if token is None:
@@ -523,6 +581,40 @@ def apply_event(
     else:
         src[0] = partition
         src[1] = offset
+
+
+def _channel_consent(ctx: Context, consent: dict[str, Any], ts: int) -> None:
+    """Trait ``consent``: ``{channel: true|false}``; other channels and values are ignored."""
+    kept = ctx["consent"]
+    for channel, allowed in consent.items():
+        if channel in OFFER_CHANNELS and type(allowed) is bool:
+            old = kept.get(channel)
+            if old is None or ts >= old[1]:
+                kept[channel] = [allowed, ts]
+
+
+def _category_consent(ctx: Context, preferences: Any, ts: int) -> None:
+    """Segment's ``categoryPreferences``: ``{category: true|false}``; ``{}`` withdraws all."""
+    if type(preferences) is not dict:
+        return
+    kept = ctx["consent_cat"]
+    if not preferences:
+        preferences = dict.fromkeys(kept, False)
+    for category, allowed in preferences.items():
+        if type(allowed) is not bool or len(category) > MAX_CONSENT_CATEGORY_CHARS:
+            continue
+        old = kept.get(category)
+        if old is not None:
+            if ts >= old[1] and old[0] is not allowed:
+                kept[category] = [allowed, ts]
+            continue
+        if len(kept) >= MAX_CONSENT_CATEGORIES:
+            # Forget a category the customer granted, never a withdrawal.
+            granted = next((c for c, v in kept.items() if v[0]), None)
+            if granted is None:
+                continue
+            del kept[granted]
+        kept[category] = [allowed, ts]
 
 
 # --------------------------------------------------------------------------
@@ -693,11 +785,46 @@ def repair(stored: Any, customer_id: str) -> Context:
     if ctx["id_hours"]:
         _forget(ctx, -(2**62))  # within the budget
     ctx["pending"] = [p for p in _list(get("pending")) if _is_pending(p)][-MAX_PENDING:]
-    ctx["closed"] = [c for c in _list(get("closed")) if _is_closed(c)][-MAX_CLOSED:]
+    ctx["closed"] = [
+        [c[0], c[1], c[2], c[3] if len(c) == 4 else None]
+        for c in _list(get("closed"))
+        if _is_closed(c)
+    ][-MAX_CLOSED:]
+    zone = get("tz")
+    if type(zone) is str and known_zone(zone) is not None:
+        ctx["tz"] = zone
+    ctx["consent"] = {
+        k: [v[0], v[1]] for k, v in mapping("consent").items() if k in OFFER_CHANNELS and _stamp(v)
+    }
+    categories = [
+        (k, v)
+        for k, v in mapping("consent_cat").items()
+        if len(k) <= MAX_CONSENT_CATEGORY_CHARS and _stamp(v)
+    ]
+    ctx["consent_cat"] = {k: [v[0], v[1]] for k, v in categories[:MAX_CONSENT_CATEGORIES]}
+    ctx["contacts"] = [c for c in _list(get("contacts")) if _is_contact(c)][-MAX_CONTACTS:]
+    dismissed = [(k, v) for k, v in mapping("dismissed").items() if _is_int(v)]
+    ctx["dismissed"] = dict(dismissed[-MAX_DISMISSALS:])
     src = get("src")
     if type(src) is list and len(src) == 2 and all(_is_int(x) and x >= 0 for x in src):
         ctx["src"] = list(src)
     return ctx
+
+
+def _stamp(value: Any) -> bool:
+    return type(value) is list and len(value) == 2 and type(value[0]) is bool and _is_int(value[1])
+
+
+def _is_contact(c: Any) -> bool:
+    return (
+        type(c) is list
+        and len(c) == 4
+        and _is_int(c[0])
+        and type(c[1]) is str
+        and c[1] in OFFER_CHANNELS
+        and type(c[2]) is str
+        and (c[3] is None or type(c[3]) is str)
+    )
 
 
 def _list(value: Any) -> list[Any]:
@@ -722,9 +849,10 @@ def _is_pending(p: Any) -> bool:
 
 
 def _is_closed(c: Any) -> bool:
+    """A closed decision, of version 4 or, without its offer id, of an earlier one."""
     return (
         type(c) is list
-        and len(c) == 3
+        and (len(c) == 3 or (len(c) == 4 and (c[3] is None or type(c[3]) is str)))
         and type(c[0]) is str
         and _is_int(c[1])
         and _strings(c[2], 4)

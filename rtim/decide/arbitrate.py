@@ -6,14 +6,17 @@ as
 
     score = sampled propensity x value x business priority
 
-where the propensity is a Thompson draw from the offer's learned model
+(x context weight x group priority under the catalog's levers), where the
+propensity is a Thompson draw from the offer's learned model
 (:mod:`rtim.learn.models`), so that offers with little evidence are tried in
 proportion to the chance that they are the best. The best one wins. A decision
 carries reason codes that say which trigger fired, which eligibility rules
 passed, which offers were rejected and why, and the features that moved the
 winning offer's belief; and every candidate with its mean propensity, draw,
 score and model version, for the decision record (:mod:`rtim.decide.record`).
-A moment where no offer is eligible is a decision too, of no offer.
+A moment where no offer is eligible is a decision too, of no offer. Under a
+contact policy (:mod:`rtim.decide.policy`) suppression, cool-downs, consent,
+quiet hours and caps decide which candidates remain and on which channel.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rtim.context.model import Context
+from rtim.decide import policy as contact
 from rtim.events import Event
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelSet
 from rtim.learn.policy import Candidate, rank
 from rtim.offers.catalog import Catalog, Offer
+from rtim.offers.policy import NO_POLICY
 from rtim.triggers.rules import TriggerRule, first_failed
 
 # Decision ids are derived from what caused the decision, so that a replayed
@@ -62,6 +67,12 @@ class Decision:
     ranked: list[Candidate] = field(default_factory=list)
     #: End of the winner's attribution window (event time; None without a winner).
     window_end_ms: int | None = None
+    #: Per ranked offer, the channel it would go to (under a contact policy; else
+    #: each goes to ``offer.channel_for(event.channel)``).
+    channels: dict[str, str] = field(default_factory=dict)
+    #: Per ranked offer, the factors of its score beyond the sampled propensity
+    #: (``weight``, ``value``, ``priority``, ``group-priority``), under a contact policy.
+    levers: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def decision_id(customer_id: str, message_id: str, trigger_id: str) -> str:
@@ -128,19 +139,30 @@ def decide(
     window_ms: int,
     rng: random.Random,
 ) -> Decision:
-    """Pick the best eligible offer for a fired trigger (or none, with the reasons)."""
+    """Pick the best eligible offer for a fired trigger (or none, with the reasons).
+
+    Under a contact policy (the catalog's, or the customer's withdrawn consent) the
+    candidates pass :mod:`rtim.decide.policy` too, and the levers weigh them.
+    """
     reasons = [f"trigger:{rule.id}"]
     at_ms = event.timestamp_ms
     eligible: list[Offer] = []
-    for offer in catalog.offers_for(rule.id):
-        if not offer.is_valid_at(at_ms):
-            reasons.append(f"rejected:{offer.id}:not-valid-now")
-            continue
-        failed = first_failed(offer.eligibility, event, ctx)
-        if failed is not None:
-            reasons.append(f"rejected:{offer.id}:{failed.text}")
-            continue
-        eligible.append(offer)
+    policy = catalog.policy
+    if policy is None and not contact.withdrawn(ctx):
+        for offer in catalog.offers_for(rule.id):
+            if not offer.is_valid_at(at_ms):
+                reasons.append(f"rejected:{offer.id}:not-valid-now")
+                continue
+            failed = first_failed(offer.eligibility, event, ctx)
+            if failed is not None:
+                reasons.append(f"rejected:{offer.id}:{failed.text}")
+                continue
+            eligible.append(offer)
+        channels = None
+    else:
+        eligible, channels = _within_policy(
+            catalog, policy or NO_POLICY, rule, event, ctx, at_ms, reasons
+        )
     the_id = decision_id(ctx["id"], event.message_id, rule.id)
     # The draws are seeded by the decision: the same moment scored by the same
     # models is decided the same way (a replayed event gives the same trigger).
@@ -155,6 +177,9 @@ def decide(
         now_ms=at_ms,
         rng=rng,
     )
+    levers: dict[str, dict[str, float]] = {}
+    if channels is not None and ranked:
+        ranked = _weigh(policy or NO_POLICY, event, ctx, ranked, reasons, levers)
     if not ranked:
         reasons.append("no-offer:none-eligible")
         return Decision(
@@ -176,6 +201,8 @@ def decide(
     offer = best.offer
     reasons.append(f"offer:{offer.id}")
     reasons.extend(f"eligible:{c.text}" for c in offer.eligibility)
+    if channels is not None:
+        reasons.extend(f"lever:{offer.id}:{k}={v:g}" for k, v in levers[offer.id].items())
     window = offer.attribution_window_ms or window_ms
     candidates = [(c.offer.id, round(c.score, 6)) for c in ranked]
     return Decision(
@@ -183,7 +210,7 @@ def decide(
         customer_id=ctx["id"],
         trigger=rule,
         offer=offer,
-        channel=offer.channel_for(event.channel),
+        channel=offer.channel_for(event.channel) if channels is None else channels[offer.id],
         score=candidates[0][1],
         propensity=round(best.mean, 6),
         reasons=reasons,
@@ -195,4 +222,91 @@ def decide(
         snapshot=context_snapshot(ctx),
         ranked=ranked,
         window_end_ms=at_ms + window,
+        channels={} if channels is None else {c.offer.id: channels[c.offer.id] for c in ranked},
+        levers=levers,
     )
+
+
+def _within_policy(
+    catalog: Catalog,
+    policy: Any,
+    rule: TriggerRule,
+    event: Event,
+    ctx: Context,
+    at_ms: int,
+    reasons: list[str],
+) -> tuple[list[Offer], dict[str, str]]:
+    """The candidates the contact policy allows, and the channel each would go to."""
+    suppressions = contact.active_suppressions(policy, event, ctx) if policy.suppression else []
+    offers = [(o, "") for o in catalog.offers_for(rule.id)]
+    if suppressions:
+        offers += contact.raised(catalog, suppressions, {o.id for o, _ in offers})
+    quiet = contact.is_quiet(policy, ctx, at_ms)
+    eligible: list[Offer] = []
+    channels: dict[str, str] = {}
+    for offer, raised_by in offers:
+        if not offer.is_valid_at(at_ms):
+            reasons.append(f"rejected:{offer.id}:not-valid-now")
+            continue
+        failed = first_failed(offer.eligibility, event, ctx)
+        if failed is not None:
+            reasons.append(f"rejected:{offer.id}:{failed.text}")
+            continue
+        if suppressions:
+            by = contact.suppressed_by(suppressions, offer)
+            if by is not None:
+                reasons.append(f"suppressed:{offer.id}:{by.id}")
+                continue
+        if contact.cooling(policy, ctx, offer, at_ms):
+            reasons.append(f"rejected:{offer.id}:cooldown")
+            continue
+        channel, passed = contact.place(policy, ctx, offer, event.channel, at_ms, quiet)
+        if channel is None:
+            reasons.extend(f"rejected:{offer.id}:{why}" for why in passed)
+            continue
+        if raised_by:
+            reasons.append(f"raised:{offer.id}:{raised_by}")
+        reasons.extend(f"skipped:{offer.id}:{why}" for why in passed)
+        channels[offer.id] = channel
+        eligible.append(offer)
+    return eligible, channels
+
+
+def _weigh(
+    policy: Any,
+    event: Event,
+    ctx: Context,
+    ranked: list[Candidate],
+    reasons: list[str],
+    levers: dict[str, dict[str, float]],
+) -> list[Candidate]:
+    """Multiply the scores by the context weights and group priorities; best first again."""
+    weights = contact.weights_for(policy, event, ctx, [c.offer for c in ranked])
+    groups = policy.groups
+    out = []
+    moved = False
+    for c in ranked:
+        offer = c.offer
+        factor = 1.0
+        for weight_id, w in weights.get(offer.id, ()):
+            reasons.append(f"weight:{weight_id}:{offer.id}={w:g}")
+            factor *= w
+        group = groups.get(offer.group, 1.0) if offer.group is not None else 1.0
+        levers[offer.id] = {
+            "weight": factor,
+            "value": offer.value,
+            "priority": offer.priority,
+            "group-priority": group,
+        }
+        factor *= group
+        if factor != 1.0:
+            c = c._replace(score=c.score * factor)
+            moved = True
+        out.append(c)
+    if moved:
+        out.sort(key=_by_score, reverse=True)
+    return out
+
+
+def _by_score(candidate: Candidate) -> float:
+    return candidate.score

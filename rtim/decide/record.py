@@ -17,6 +17,7 @@ from rtim.decide.arbitrate import Decision
 from rtim.decide.cloudevent import iso_ms
 
 RECORD_FORMAT = 1
+_NONE: dict[str, object] = {}
 
 
 def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
@@ -26,6 +27,11 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
     # Rounding a float to digits is slow (a decimal conversion): the scores were
     # rounded once already, for the decision's candidates.
     scores = [score for _, score in decision.candidates]
+    # Under a contact policy, where each candidate would have gone and what weighed it.
+    policy: dict[str, dict[str, object]] | None = None
+    if decision.channels:
+        levers = decision.levers
+        policy = {o: {"channel": ch, "levers": levers[o]} for o, ch in decision.channels.items()}
     return orjson.dumps(
         {
             "format": RECORD_FORMAT,
@@ -43,6 +49,7 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
                     "score": score,
                     "model_version": c.version,
                     "features": c.own,  # a tuple: orjson writes it as the same array
+                    **(policy[c.offer.id] if policy else _NONE),
                 }
                 for c, score in zip(ranked, scores, strict=True)
             ],

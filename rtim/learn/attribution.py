@@ -243,7 +243,7 @@ def decode_example(raw: bytes) -> Example:
 # whichever worker owns the customer:
 #
 #   pending: [[decision id, offer id, features, decided ms, window end ms, outcomes seen], ...]
-#   closed:  [[decision id, window end ms, outcomes seen], ...]
+#   closed:  [[decision id, window end ms, outcomes seen, offer id], ...]
 #
 # both oldest first. The functions below are the one implementation of the
 # join; :class:`Attributor` runs them over customers held in memory (the
@@ -338,7 +338,7 @@ def _close(
 ) -> Example:
     state["pending"].remove(p)
     closed = state["closed"]
-    closed.append([p[_ID], p[_END], p[_SEEN]])
+    closed.append([p[_ID], p[_END], p[_SEEN], p[_OFFER]])
     if len(closed) > max_closed:
         del closed[: len(closed) - max_closed]
     return Example(p[_ID], p[_OFFER], p[_FEATURES], converted, at_ms, why)

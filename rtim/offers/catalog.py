@@ -16,16 +16,62 @@ see :mod:`rtim.triggers.rules`) and ``offers``::
         valid_to: 2027-01-01
         creative: {title: "Shipping is on us", text: "..."}
 
+Contact policy and levers
+-------------------------
+Four optional sections say what a decision may offer and how it is weighed
+(:mod:`rtim.decide.policy` applies them; ``docs/catalog.example.yaml`` has them
+all). Offers get four fields more::
+
+      - id: double-points
+        kind: sales                 # sales (default) | service | information
+        group: loyalty              # optional; selected by caps, weights, suppression
+        cooldown: 7d                # after a dismissal (default: policy.dismissal_cooldown)
+        caps: [{max: 2, per: 30d}]  # the offer's own caps (channel: optional)
+
+    policy:
+      timezone: Europe/London       # customers whose context.timezone is unknown (IANA)
+      outbound: [email, push, sms, call_centre]   # what quiet hours hold back (default)
+      quiet_hours: {from: "21:00", to: "08:00"}   # customer's local time (default: none)
+      consent:
+        default: {email: false, sms: false}       # unnamed channels: allowed
+        categories: {Advertising: [email, sms, push]}   # Segment category -> channels
+      caps:                         # rolling windows of event time
+        - {id: daily-total, max: 3, per: 1d}
+        - {id: email-daily, channel: email, max: 1, per: 1d}     # or channels: [...]
+        - {id: offer-weekly, scope: offer, max: 1, per: 7d}      # each offer on its own
+        - {id: loyalty-weekly, group: loyalty, max: 2, per: 7d}  # or offer: <id>
+      dismissal_cooldown: 3d
+    groups: {loyalty: {priority: 1.2}}            # a lever on the group's scores
+    weights:                        # factor on the score while every condition holds
+      - {id: big-cart, when: "cart.value >= 100", factor: 1.5, offers: [bundle-discount]}
+    suppression:                    # while `when` holds, `suppress` is not offered
+      - {id: open-issue, when: "issues > 0", suppress: {kind: sales}, raise: service-recovery}
+
+Durations are ``<n><unit>`` with units w, d, h, m, s (``1d12h``). Weights and
+suppression select offers by ``offer(s)``, ``group(s)`` and ``kind(s)`` (any
+of them matches; a weight with none applies to every offer). ``raise`` names
+offers made candidates while the rule holds, whatever the trigger. A cap's
+``max`` is at most :data:`~rtim.offers.policy.MAX_CONTACTS`, the contacts a
+context keeps.
+
+Defaults change nothing for a catalog without these sections, but one: with
+no ``suppression`` section, a catalog that has an offer of kind ``service``
+gets the rule ``open-issue`` (``issues > 0`` suppresses kind sales and raises
+every service offer); ``suppression: []`` turns it off. A catalog without any
+of this has ``policy`` None, and its decisions skip the policy steps, except
+that a channel the customer withdrew consent for is never used.
+
 Loading checks everything (unknown fields, types, conditions, references from
-offers to triggers) and raises :class:`CatalogError` naming the place: the
-file and line of the offending trigger, offer or field, and what is wrong.
+offers to triggers, time zones, durations, and references to offers and
+groups) and raises :class:`CatalogError` naming the place: the file and line
+of the offending trigger, offer, rule or field, and what is wrong.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +82,19 @@ from rtim.context.model import IDENTIFYING_TRAITS, KEPT_TRAITS, MAX_TRAIT_NAME_C
 from rtim.errors import ConfigError
 from rtim.learn.features import DEFAULT_SPEC, FeatureSpec, FeatureSpecError, parse_spec
 from rtim.names import OFFER_CHANNELS
+from rtim.offers.policy import (
+    KINDS,
+    MAX_NAME_CHARS,
+    Cap,
+    Policy,
+    PolicyError,
+    duration_ms,
+    parse_cap,
+    parse_groups,
+    parse_policy,
+    parse_suppression,
+    parse_weights,
+)
 from rtim.triggers.rules import TriggerRule, parse_rule
 
 CHANNELS = OFFER_CHANNELS
@@ -52,6 +111,10 @@ _OFFER_KEYS = {
     "valid_from",
     "valid_to",
     "creative",
+    "kind",
+    "group",
+    "cooldown",
+    "caps",
 }
 
 
@@ -133,6 +196,14 @@ class Offer:
     #: How long after a decision (event time) a conversion is credited to it, in ms;
     #: None: ``RTIM_ATTRIBUTION_WINDOW_S``.
     attribution_window_ms: int | None = None
+    #: sales, service or information (suppression rules select by kind).
+    kind: str = "sales"
+    #: The offer group (caps, weights, suppression and group priority select by group).
+    group: str | None = None
+    #: How long after a dismissal the offer is not offered again (None: the policy's).
+    cooldown_ms: int | None = None
+    #: The offer's own caps (they count this offer's contacts).
+    caps: tuple[Cap, ...] = ()
 
     def is_valid_at(self, now_ms: int) -> bool:
         if self.valid_from_ms is not None and now_ms < self.valid_from_ms:
@@ -155,6 +226,9 @@ class Catalog:
     traits: tuple[str, ...] = KEPT_TRAITS
     #: The features decisions are scored on.
     features: FeatureSpec = DEFAULT_SPEC
+    #: Contact policy and levers (:mod:`rtim.offers.policy`); None when the catalog
+    #: has none, so that decisions skip every policy step.
+    policy: Policy | None = None
     _by_trigger: dict[str, tuple[Offer, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -210,7 +284,10 @@ def _window_ms(raw: Mapping[str, Any], where: str) -> int | None:
 def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
         raise CatalogError(f"offers[{index}]: each offer needs a string 'id'")
-    where = f"offer {raw['id']!r}"
+    where = f"offer {raw['id'][:MAX_NAME_CHARS]!r}"
+    if len(raw["id"]) > MAX_NAME_CHARS:
+        # Contexts keep offer ids (contacts, dismissals, open decisions) within a budget.
+        raise CatalogError(f"{where}...: an offer id is at most {MAX_NAME_CHARS} characters")
     unknown = set(raw) - _OFFER_KEYS
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}")
@@ -236,6 +313,20 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if not isinstance(creative, dict):
         raise CatalogError(f"{where}: 'creative' must be a mapping")
     category = raw.get("category")
+    kind = raw.get("kind", "sales")
+    if kind not in KINDS:
+        raise CatalogError(f"{where}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
+    group = raw.get("group")
+    if group is not None and (
+        not isinstance(group, str) or not group or len(group) > MAX_NAME_CHARS
+    ):
+        raise CatalogError(
+            f"{where}: 'group' must be a name of at most {MAX_NAME_CHARS} characters"
+        )
+    cooldown = raw.get("cooldown")
+    caps = raw.get("caps") or []
+    if not isinstance(caps, list):
+        raise CatalogError(f"{where}: 'caps' must be a list")
     try:
         eligibility = compile_all(raw.get("eligibility"), f"{where}.eligibility")
     except ConditionError as exc:
@@ -253,6 +344,10 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
         valid_to_ms=_date_ms(raw.get("valid_to"), f"{where}.valid_to"),
         creative=creative,
         attribution_window_ms=_window_ms(raw, where),
+        kind=kind,
+        group=group,
+        cooldown_ms=None if cooldown is None else duration_ms(cooldown, f"{where}.cooldown", raw),
+        caps=tuple(parse_cap(c, f"{where}.caps[{i}]", offer=raw["id"]) for i, c in enumerate(caps)),
     )
     if (
         offer.valid_from_ms is not None
@@ -281,7 +376,7 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
 
     if not isinstance(data, dict):
         raise error("the catalog must be a mapping with 'triggers' and 'offers'")
-    unknown = set(data) - {"triggers", "offers", "learning"}
+    unknown = set(data) - {"triggers", "offers", "learning", *_POLICY_SECTIONS}
     if unknown:
         raise error(f"unknown top-level field(s) {sorted(map(str, unknown))}")
     raw_triggers = data.get("triggers") or []
@@ -304,6 +399,8 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
             offers.append(parse_offer(raw, i, trigger_ids))
         except CatalogError as exc:
             raise error(str(exc), raw) from None
+        except PolicyError as exc:
+            raise error(str(exc), raw if exc.where is None else exc.where) from None
     offer_ids = [o.id for o in offers]
     if len(set(offer_ids)) != len(offer_ids):
         raise error(
@@ -314,12 +411,53 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
         traits, features = parse_learning(learning)
     except CatalogError as exc:
         raise error(str(exc), learning) from None
+    try:
+        policy = _policy(data, offers)
+    except PolicyError as exc:
+        raise error(str(exc), exc.where) from None
     return Catalog(
         triggers=tuple(triggers),
         offers=tuple(offers),
         source=source,
         traits=traits,
         features=features,
+        policy=policy,
+    )
+
+
+_POLICY_SECTIONS = ("policy", "groups", "weights", "suppression")
+
+
+def _policy(data: dict[str, Any], offers: list[Offer]) -> Policy | None:
+    """The contact policy and levers; None when they could change no decision."""
+    groups = parse_groups(data.get("groups"))
+    known = {
+        "offers": {o.id for o in offers},
+        "groups": set(groups) | {o.group for o in offers if o.group is not None},
+        "groups_of": {o.id: o.group for o in offers},
+        "kinds": {o.id: o.kind for o in offers},
+    }
+    weights = parse_weights(data.get("weights"), known)
+    suppression = parse_suppression(data.get("suppression"), known)
+    policy = parse_policy(data.get("policy"), groups, weights, known)
+    offer_caps = [c for o in offers for c in o.caps]
+    cooldowns = [o.cooldown_ms for o in offers if o.cooldown_ms is not None]
+    if policy.dismissal_cooldown_ms is not None:
+        cooldowns.append(policy.dismissal_cooldown_ms)
+    if not (
+        "policy" in data
+        or suppression
+        or weights
+        or any(p != 1.0 for p in groups.values())
+        or offer_caps
+        or cooldowns
+    ):
+        return None
+    return replace(
+        policy,
+        suppression=suppression,
+        contact_horizon_ms=max((c.per_ms for c in (*policy.caps, *offer_caps)), default=0),
+        dismissal_horizon_ms=max(cooldowns, default=0),
     )
 
 

@@ -538,6 +538,8 @@ class ClickstreamProcessor:
             metrics.EVENTS_REKEYED.labels(rekeyed.reason).inc()
         metrics.CONTEXT_WRITES.inc(sum(len(i) for i in result.updates.values()))
         metrics.DECISIONS_NO_OFFER.inc(result.no_offer)
+        for reason, count in result.rejected.items():
+            metrics.OFFERS_REJECTED.labels(reason).inc(count)
         for reason, count in result.invalid.items():
             metrics.EVENTS_DEAD_LETTERED.labels(reason).inc(count)
         now_ms = time.time() * 1000
