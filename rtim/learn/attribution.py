@@ -47,11 +47,12 @@ import datetime as dt
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
+from rtim.learn.models import POOLED
 from rtim.settings import DEFAULTS
 
 #: Outcomes a channel system may report.
@@ -217,6 +218,18 @@ def encode_example(example: Example) -> bytes:
             "why": example.why,
         }
     )
+
+
+def training_records(example: Example) -> list[tuple[bytes, bytes]]:
+    """The training records of one closed decision, as ``(key, value)``: the example
+    under its offer's id, and the same example under :data:`~rtim.learn.models.POOLED`
+    for the pooled model (a record of its own, so that learners stay partitioned
+    by key)."""
+    pooled = replace(example, offer_id=POOLED)
+    return [
+        (example.offer_id.encode(), encode_example(example)),
+        (POOLED.encode(), encode_example(pooled)),
+    ]
 
 
 def decode_example(raw: bytes) -> Example:

@@ -211,6 +211,10 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
         raise CatalogError(f"offers[{index}]: each offer needs a string 'id'")
     where = f"offer {raw['id']!r}"
+    if raw["id"].startswith("__"):
+        # Keys beginning with two underscores name the pooled model and the
+        # learners' cursors on rtim.training and rtim.models.
+        raise CatalogError(f"{where}: an offer id may not begin with '__' (reserved)")
     unknown = set(raw) - _OFFER_KEYS
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}")
