@@ -182,3 +182,18 @@ def test_the_pooled_model_is_not_used_when_its_spread_is_zero():
     models.models["o"] = trained(3, 27)
     (score,) = models.score(FEATURES, [("o", ())], random.Random(1))
     assert score.mean == pytest.approx(models.models["o"].mean(FEATURES))
+
+
+def test_a_set_rebuilt_from_its_snapshots_decides_the_same_with_a_pooled_prior():
+    models = pooled_set(50, 950)
+    models.models["o"] = trained(40, 160)
+    models.models["p"] = trained(3, 7)
+    models.models["p"].offer_id = "p"
+    rebuilt = ModelSet(models.params)
+    for model in models.models.values():
+        assert rebuilt.swap(json.loads(json.dumps(model.snapshot())))
+    candidates = [("o", ()), ("p", ("affinity~2",)), ("new", ())]
+    for seed in range(20):
+        assert rebuilt.score(FEATURES, candidates, random.Random(seed)) == models.score(
+            FEATURES, candidates, random.Random(seed)
+        )
