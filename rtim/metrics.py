@@ -77,7 +77,7 @@ RESPONSES = Counter(
 TRAINING_EXAMPLES = Counter(
     "rtim_training_examples_total",
     "Closed decisions written to rtim.training, by label (positive, negative) and why "
-    "they closed (conversion, window, evicted).",
+    "they closed (conversion, dismissal, window, evicted).",
     ["label", "why"],
 )
 OPEN_WINDOWS = Gauge(

@@ -9,6 +9,11 @@ co-partitioned).
   window ends (``window_end_ms``, event time).
 - A ``conversion`` within the window makes it a **positive** example, learned
   at once; the decision is then closed.
+- A ``dismissal`` within the window makes it a **negative** example at once:
+  the customer said no, so the window would end without a conversion, and a
+  negative learned minutes rather than a window after the decision is what
+  makes a poor or new offer's optimism fade before its first windows end. A
+  conversion reported after it is ``late``.
 - A window that ends without a conversion makes it a **negative** example,
   even if no response at all ever came. Windows end on the partition's
   *stream time*, the highest event time seen on it (decisions, responses and
@@ -22,7 +27,7 @@ co-partitioned).
   decision was closed), ``unknown`` (no such decision on this partition, or
   one of another customer),
   ``duplicate`` (the same outcome for the same decision again). Only a joined
-  conversion is learned; nothing is learned twice.
+  conversion or dismissal is learned; nothing is learned twice.
 
 Budgets
 -------
@@ -42,11 +47,12 @@ import datetime as dt
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
+from rtim.learn.models import POOLED
 from rtim.settings import DEFAULTS
 
 #: Outcomes a channel system may report.
@@ -183,7 +189,7 @@ class Example:
     features: Sequence[str]
     converted: bool
     closed_ms: int
-    why: str  # "conversion", "window", "evicted"
+    why: str  # "conversion", "dismissal", "window", "evicted"
     #: The input partition of the decision's customer, where the worker made the
     #: example (exactly-once processing publishes it in that partition's transaction;
     #: not part of the training record).
@@ -212,6 +218,18 @@ def encode_example(example: Example) -> bytes:
             "why": example.why,
         }
     )
+
+
+def training_records(example: Example) -> list[tuple[bytes, bytes]]:
+    """The training records of one closed decision, as ``(key, value)``: the example
+    under its offer's id, and the same example under :data:`~rtim.learn.models.POOLED`
+    for the pooled model (a record of its own, so that learners stay partitioned
+    by key)."""
+    pooled = replace(example, offer_id=POOLED)
+    return [
+        (example.offer_id.encode(), encode_example(example)),
+        (POOLED.encode(), encode_example(pooled)),
+    ]
 
 
 def decode_example(raw: bytes) -> Example:
@@ -279,7 +297,8 @@ def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> 
 
 def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Example | None]:
     """Join one response to the customer's decisions: its result (one of
-    :data:`JOIN_RESULTS`) and, for a joined conversion, the positive example."""
+    :data:`JOIN_RESULTS`) and, for a joined conversion or dismissal, the example
+    (positive or negative) that closes the decision."""
     if state is None:
         return "unknown", None
     decision_id = response.decision_id
@@ -293,6 +312,8 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
                 return "late", None
             if response.outcome == "conversion":
                 return "joined", _close(state, p, True, response.timestamp_ms, "conversion")
+            if response.outcome == "dismissal":
+                return "joined", _close(state, p, False, response.timestamp_ms, "dismissal")
             return "joined", None
     for c in state["closed"]:
         if c[0] == decision_id:
@@ -463,7 +484,8 @@ class Attributor:
         return out
 
     def respond(self, response: Response) -> tuple[str, Example | None]:
-        """Join one response: its result and, for a joined conversion, the example."""
+        """Join one response: its result and, for a joined conversion or dismissal,
+        the example."""
         result, example = respond(self.customers.get(response.customer_id), response)
         self.counts[result] += 1
         if example is not None:

@@ -288,6 +288,10 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     if len(raw["id"]) > MAX_NAME_CHARS:
         # Contexts keep offer ids (contacts, dismissals, open decisions) within a budget.
         raise CatalogError(f"{where}...: an offer id is at most {MAX_NAME_CHARS} characters")
+    if raw["id"].startswith("__"):
+        # Keys beginning with two underscores name the pooled model and the
+        # learners' cursors on rtim.training and rtim.models.
+        raise CatalogError(f"{where}: an offer id may not begin with '__' (reserved)")
     unknown = set(raw) - _OFFER_KEYS
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}")

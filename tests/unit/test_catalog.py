@@ -270,6 +270,13 @@ def test_valid_from_must_be_before_valid_to(valid_from: str, valid_to: str) -> N
         parse_catalog(doc)
 
 
+@pytest.mark.parametrize("offer_id", ["__shared__", "__cursor__.0"])
+def test_an_offer_id_may_not_take_a_models_topic_key(offer_id: str) -> None:
+    # its training records and snapshot would be the pooled model's or a cursor
+    with pytest.raises(CatalogError, match=rf"offer '{offer_id}': .* may not begin with '__'"):
+        parse_catalog(with_change("offers.0.id", offer_id))
+
+
 @pytest.mark.parametrize("doc", [None, [], "offers", 3])
 def test_the_document_must_be_a_mapping(doc: Any) -> None:
     with pytest.raises(CatalogError, match="must be a mapping"):

@@ -39,6 +39,20 @@ def test_a_conversion_after_the_window_is_late_and_not_learned():
     assert att.counts["late"] == 2
 
 
+def test_a_dismissal_in_the_window_closes_the_decision_as_a_negative_at_once():
+    att = Attributor()
+    att.decide(pending())
+    result, example = att.respond(response("dismissal", T0 + 60_000))
+    assert result == "joined"
+    assert example is not None and not example.converted and example.why == "dismissal"
+    assert example.closed_ms == T0 + 60_000 and example.features == ["f=1"]
+    assert att.open_windows == 0 and att.counts["negative"] == 1
+    # the customer said no: a later conversion is late, and the window's end adds nothing
+    assert att.respond(response("conversion", T0 + 30 * 60_000)) == ("late", None)
+    assert att.observe(T0 + 5 * HOUR) == []
+    assert att.counts["positive"] == 0 and att.counts["negative"] == 1
+
+
 def test_a_response_for_a_decision_never_made_is_unknown():
     att = Attributor()
     att.decide(pending())

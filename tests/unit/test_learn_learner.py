@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from rtim.learn import learner as learner_module
-from rtim.learn.attribution import Example, encode_example
+from rtim.learn.attribution import Example, encode_example, training_records
 from rtim.learn.learner import (
     Flush,
     Learner,
@@ -21,7 +21,7 @@ from rtim.learn.learner import (
     cursor_record,
     summary,
 )
-from rtim.learn.models import ModelParams, OfferModel
+from rtim.learn.models import POOLED, ModelParams, ModelSet, OfferModel
 
 FEATURES = ["moment.channel=web", "cart.value~7", "traits.plan=gold", "page=/shoes", "hour~3"]
 #: Training partitions and the offers keyed to them.
@@ -375,3 +375,29 @@ def test_a_flush_kafka_did_not_take_goes_again_with_the_next() -> None:
     learner.flushed(again)
     assert not learner.changed
     assert learner.flush() == Flush([], {})  # nothing new: no snapshot, no cursor
+
+
+def test_the_pooled_model_learns_every_offers_examples_and_reaches_the_deciders() -> None:
+    rng = random.Random(5)
+    learner = Learner(ModelParams(prior_active=3))
+    learner.assign(0, ModelBoard())
+    offset = 0
+    for i in range(400):
+        offer = rng.choice(["free-shipping", "shoes-10"])
+        closed = Example(f"d{i}", offer, rng.sample(FEATURES, 3), rng.random() < 0.05, 1, "window")
+        for key, value in training_records(closed):
+            assert orjson.loads(value)["offer_id"] == key.decode()
+            learner.learn(0, offset, value)
+            offset += 1
+    snapshots = {s["offer"]: s for s in learner.flush().snapshots}
+    assert snapshots[POOLED]["examples"] == 400
+    assert snapshots["free-shipping"]["examples"] + snapshots["shoes-10"]["examples"] == 400
+    # a worker swaps the pooled snapshot in like an offer's, and an offer it never saw
+    # is scored on what every offer taught (5%), not on its prior (20%)
+    deciders = ModelSet(learner.params)
+    for snap in snapshots.values():
+        assert deciders.swap(orjson.loads(orjson.dumps(snap)))
+    (new,) = deciders.score(FEATURES[:3], [("new", ())], random.Random(1))
+    assert new.mean < 0.12
+    (alone,) = ModelSet(learner.params).score(FEATURES[:3], [("new", ())], random.Random(1))
+    assert alone.mean == pytest.approx(0.2, abs=0.01)

@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 
-from rtim.learn.models import ModelParams, ModelSet, OfferModel
+from rtim.learn.models import POOLED, ModelParams, ModelSet, OfferModel
 
 FEATURES = ["moment.channel=web", "cart.value~7", "traits.plan=gold"]
 
@@ -137,3 +137,63 @@ def test_the_draw_narrows_as_evidence_grows_and_not_before():
     fresh = {n: statistics.pstdev(draws(ModelSet(p), "new", 4000)) for n, p in
              (("plain", plain), ("narrowed", narrowed))}  # fmt: skip
     assert fresh["narrowed"] == pytest.approx(fresh["plain"], rel=0.05)
+
+
+def pooled_set(positives: int, negatives: int, **params: float) -> ModelSet:
+    """A set whose pooled model saw these examples (on FEATURES)."""
+    models = ModelSet(ModelParams(beta=1.0, prior_probability=0.5, epsilon=0.0, **params))
+    n = positives + negatives
+    for i in range(n):
+        models.learn(POOLED, FEATURES, (i * positives) // n != ((i + 1) * positives) // n)
+    return models
+
+
+def test_a_cold_offer_starts_from_what_every_offer_taught():
+    # Every offer converts about 5% on these features; a new offer's own prior says 50%.
+    models = pooled_set(50, 950, prior_active=len(FEATURES))
+    pooled_mean = models.models[POOLED].mean(FEATURES)
+    (new,) = models.score(FEATURES, [("new", ())], random.Random(1))
+    assert pooled_mean < 0.1
+    assert new.mean < 0.2
+    # without a pooled model, the same new offer is scored on its prior alone
+    alone = ModelSet(models.params).score(FEATURES, [("new", ())], random.Random(1))
+    assert alone[0].mean == pytest.approx(0.5, abs=0.05)
+
+
+def test_an_offer_with_much_evidence_is_scored_on_its_own():
+    models = pooled_set(50, 950)
+    models.models["o"] = trained(600, 1400)  # 30%, where the pool says 5%
+    own = models.models["o"].mean(FEATURES)
+    (score,) = models.score(FEATURES, [("o", ())], random.Random(1))
+    assert own == pytest.approx(0.3, abs=0.03)
+    assert score.mean == pytest.approx(own, abs=0.03)
+
+
+def test_draws_with_a_pooled_prior_average_to_the_mean_reported():
+    models = pooled_set(50, 950)
+    models.models["o"] = trained(3, 27)
+    samples = draws(models, "o", 20_000)
+    (score,) = models.score(FEATURES, [("o", ())], random.Random(1))
+    assert statistics.fmean(samples) == pytest.approx(score.mean, abs=0.01)
+
+
+def test_the_pooled_model_is_not_used_when_its_spread_is_zero():
+    models = pooled_set(50, 950, pooled_spread=0.0)
+    models.models["o"] = trained(3, 27)
+    (score,) = models.score(FEATURES, [("o", ())], random.Random(1))
+    assert score.mean == pytest.approx(models.models["o"].mean(FEATURES))
+
+
+def test_a_set_rebuilt_from_its_snapshots_decides_the_same_with_a_pooled_prior():
+    models = pooled_set(50, 950)
+    models.models["o"] = trained(40, 160)
+    models.models["p"] = trained(3, 7)
+    models.models["p"].offer_id = "p"
+    rebuilt = ModelSet(models.params)
+    for model in models.models.values():
+        assert rebuilt.swap(json.loads(json.dumps(model.snapshot())))
+    candidates = [("o", ()), ("p", ("affinity~2",)), ("new", ())]
+    for seed in range(20):
+        assert rebuilt.score(FEATURES, candidates, random.Random(seed)) == models.score(
+            FEATURES, candidates, random.Random(seed)
+        )
