@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 from rtim import metrics
 from rtim.engine import BatchResult, BatchRun, Engine
 from rtim.events.deadletter import DeadLetter, without_value
-from rtim.learn.attribution import encode_example
+from rtim.learn.attribution import training_records
 from rtim.learn.models import ModelSet
 from rtim.names import (
     CLICKSTREAM_TOPIC,
@@ -292,9 +292,11 @@ class ClickstreamProcessor:
             OutRecord(DECISIONS_TOPIC, d.key, d.value, [], None, cause_partition(d.cause))
             for d in result.decisions
         )
+        # Two records per example: its offer's, and the pooled model's (training_records).
         out.extend(
-            OutRecord(TRAINING_TOPIC, e.offer_id.encode(), encode_example(e), [], None, e.partition)
+            OutRecord(TRAINING_TOPIC, key, value, [], None, e.partition)
             for e in result.examples
+            for key, value in training_records(e)
         )
         # Last (_dead_letter_refused reads the outputs above by their position).
         heal = self.store.to_heal(tp.partition for tp in batch.records)
@@ -375,7 +377,7 @@ class ClickstreamProcessor:
         letters_end = triggers + len(result.dead_letters)
         rekeyed_end = letters_end + len(result.rekeyed)
         decisions_end = rekeyed_end + len(result.decisions)
-        examples_end = decisions_end + len(result.examples)
+        examples_end = decisions_end + 2 * len(result.examples)
         letters: list[DeadLetter] = []
         for index, exc in self.publisher.refused:
             rec = out[index]
@@ -399,7 +401,7 @@ class ClickstreamProcessor:
                 if cause is not None:
                     letters.append(run.refused(cause, exc))
             elif index < examples_end:
-                example = result.examples[index - decisions_end]
+                example = result.examples[(index - decisions_end) // 2]
                 log.error(
                     "Kafka refused the training example of decision %s (%r): not learned",
                     example.decision_id,

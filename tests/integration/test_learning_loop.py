@@ -16,6 +16,7 @@ from pathlib import Path
 import jsonschema
 import orjson
 
+from rtim.learn.models import POOLED
 from rtim.names import DECISIONS_TOPIC, DLQ_TOPIC, RESPONSES_TOPIC, TRAINING_TOPIC
 
 from .support import produce, read_topic, segment, wait_committed
@@ -43,6 +44,16 @@ def response(decision: dict, outcome: str, at_ms: int) -> tuple[bytes, bytes]:
 
 def values(bootstrap: str, topic: str) -> list[dict]:
     return [orjson.loads(r.value) for r in asyncio.run(read_topic(bootstrap, topic))]
+
+
+def offer_examples(bootstrap: str) -> list[dict]:
+    """The training records keyed by an offer (each example is also on rtim.training
+    under the pooled model's key)."""
+    return [e for e in values(bootstrap, TRAINING_TOPIC) if e["offer_id"] != POOLED]
+
+
+def pooled_examples(bootstrap: str) -> list[dict]:
+    return [e for e in values(bootstrap, TRAINING_TOPIC) if e["offer_id"] == POOLED]
 
 
 def test_decisions_responses_and_examples_survive_a_sigkill(kafka, workers) -> None:
@@ -79,11 +90,13 @@ def test_decisions_responses_and_examples_survive_a_sigkill(kafka, workers) -> N
     asyncio.run(produce(kafka.bootstrap, answers, topic=RESPONSES_TOPIC))
     asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=worker, topic=RESPONSES_TOPIC))
 
-    examples = values(kafka.bootstrap, TRAINING_TOPIC)
+    examples = offer_examples(kafka.bootstrap)
     assert [(e["decision_id"], e["converted"], e["why"]) for e in examples] == [
         (first["decision_id"], True, "conversion")
     ]
     assert not list(schema("training-example.schema.json").iter_errors(examples[0]))
+    # The same example, for the pooled model every offer is scored on as a prior.
+    assert pooled_examples(kafka.bootstrap) == [{**examples[0], "offer_id": POOLED}]
     results = {
         r: worker.metric("rtim_responses_total", outcome=o, result=r)
         for o, r in [
@@ -108,7 +121,7 @@ def test_decisions_responses_and_examples_survive_a_sigkill(kafka, workers) -> N
     asyncio.run(produce(kafka.bootstrap, [segment(e) for e in later]))
     asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=fresh))
     deadline = time.monotonic() + 20
-    while len(examples := values(kafka.bootstrap, TRAINING_TOPIC)) < len(CUSTOMERS):
+    while len(examples := offer_examples(kafka.bootstrap)) < len(CUSTOMERS):
         assert time.monotonic() < deadline, examples
         time.sleep(0.2)
     by_decision = {e["decision_id"]: e for e in examples}
@@ -123,7 +136,7 @@ def test_decisions_responses_and_examples_survive_a_sigkill(kafka, workers) -> N
     asyncio.run(produce(kafka.bootstrap, late, topic=RESPONSES_TOPIC))
     asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=fresh, topic=RESPONSES_TOPIC))
     assert fresh.metric("rtim_responses_total", outcome="conversion", result="late") == 1
-    assert len(values(kafka.bootstrap, TRAINING_TOPIC)) == len(CUSTOMERS)
+    assert len(offer_examples(kafka.bootstrap)) == len(CUSTOMERS)
 
 
 def test_an_idle_partition_closes_its_windows_on_wall_clock_time(kafka, workers) -> None:
@@ -135,9 +148,9 @@ def test_an_idle_partition_closes_its_windows_on_wall_clock_time(kafka, workers)
     tickets = [track(c, "Support Ticket Opened", "web", now, ticket_id="T") for c in CUSTOMERS]
     asyncio.run(produce(kafka.bootstrap, [segment(e) for e in tickets]))
     asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=worker))
-    assert values(kafka.bootstrap, TRAINING_TOPIC) == []  # nothing closed yet
+    assert offer_examples(kafka.bootstrap) == []  # nothing closed yet
     deadline = time.monotonic() + 20
-    while len(examples := values(kafka.bootstrap, TRAINING_TOPIC)) < len(CUSTOMERS):
+    while len(examples := offer_examples(kafka.bootstrap)) < len(CUSTOMERS):
         assert time.monotonic() < deadline, examples
         time.sleep(0.5)
     assert {(e["converted"], e["why"]) for e in examples} == {(False, "window")}
@@ -188,15 +201,15 @@ def test_two_workers_learn_from_each_others_decisions_and_survive_a_sigkill(kafk
     assert second.metric("rtim_decisions_total", offered="yes") > 0
     # ... and both see the model learned from all of it: 12 conversions, 12 windows ended.
     for worker in (first, second):
-        wait_models(worker, {"service-recovery": (24, 12)}, timeout=60)
+        wait_models(worker, {"service-recovery": (24, 12), POOLED: (24, 12)}, timeout=60)
 
     first.kill()
     third = workers("w3", env=env).wait_ready()
     batch_two = [f"trio-{i}" for i in range(16)]
     round_of(batch_two, T0 + 3 * HOUR)
     for worker in (second, third):
-        wait_models(worker, {"service-recovery": (40, 20)}, timeout=90)
-    examples = values(kafka.bootstrap, TRAINING_TOPIC)
+        wait_models(worker, {"service-recovery": (40, 20), POOLED: (40, 20)}, timeout=90)
+    examples = offer_examples(kafka.bootstrap)
     assert len({e["decision_id"] for e in examples}) == 40
 
 
