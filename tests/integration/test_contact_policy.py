@@ -9,7 +9,6 @@ traits, Segment's consent events) and decides which channel topic a trigger goes
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import time
 import uuid
 from pathlib import Path
@@ -22,19 +21,12 @@ from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC, TRIGGER_TOPIC_PREFIX
 from rtim.offers.catalog import load_catalog
 
 from .support import CHANGELOG, latest_values, produce, read_topic, segment, wait_committed
+from .test_pipeline import iso
 
 HERE = Path(__file__).parent
 CAPPED_CATALOG = HERE / "capped_catalog.yaml"
 CONSENT_CATALOG = HERE / "consent_catalog.yaml"
 NOW_MS = int(time.time() * 1000)
-
-
-def iso(ms: int) -> str:
-    return (
-        dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
 
 
 def event(user: str, ms: int, kind: str = "track", **fields: Any) -> dict[str, Any]:
