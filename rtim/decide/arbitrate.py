@@ -19,6 +19,7 @@ A moment where no offer is eligible is a decision too, of no offer.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -103,6 +104,31 @@ def context_snapshot(ctx: Context) -> dict[str, Any]:
     }
 
 
+def round6(x: float) -> float:
+    """``round(x, 6)``, without its decimal conversion for the usual values.
+
+    Away from a tie, the nearest multiple of 1e-6 is ``n / 1e6`` for the integer
+    ``n`` nearest to ``x * 1e6`` (that product is off by far less than the margin
+    kept around ties, and the division rounds as ``round``'s conversion back does);
+    ties, zero and negative values (``-0.0``) and large or non-finite values take
+    ``round``.
+
+    >>> all(round6(x) == round(x, 6) for x in (0.1234565, 1 / 128, 0.5, 2.5e-7, 1e-12))
+    True
+    """
+    t = x * 1e6
+    if not 0.0 < t < 1e9:
+        return round(x, 6)
+    n = _floor(t)
+    f = t - n
+    if 0.4999 < f < 0.5001:
+        return round(x, 6)
+    return (n + 1 if f > 0.5 else n) / 1e6
+
+
+_floor = math.floor
+
+
 #: How many of the winner's features its reasons name.
 TOP_FEATURES = 5
 
@@ -177,7 +203,7 @@ def decide(
     reasons.append(f"offer:{offer.id}")
     reasons.extend(f"eligible:{c.text}" for c in offer.eligibility)
     window = offer.attribution_window_ms or window_ms
-    candidates = [(c.offer.id, round(c.score, 6)) for c in ranked]
+    candidates = [(c.offer.id, round6(c.score)) for c in ranked]
     return Decision(
         decision_id=the_id,
         customer_id=ctx["id"],
@@ -185,7 +211,7 @@ def decide(
         offer=offer,
         channel=offer.channel_for(event.channel),
         score=candidates[0][1],
-        propensity=round(best.mean, 6),
+        propensity=round6(best.mean),
         reasons=reasons,
         features=top_features(models, offer.id, best.features),
         candidates=candidates,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import orjson
 
-from rtim.decide.arbitrate import Decision
+from rtim.decide.arbitrate import Decision, round6
 from rtim.decide.cloudevent import iso_ms
 
 RECORD_FORMAT = 1
@@ -23,9 +23,6 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
     """The value of a decision record."""
     ranked = decision.ranked
     event = decision.event
-    # Rounding a float to digits is slow (a decimal conversion): the scores were
-    # rounded once already, for the decision's candidates.
-    scores = [score for _, score in decision.candidates]
     return orjson.dumps(
         {
             "format": RECORD_FORMAT,
@@ -35,16 +32,19 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
             "trigger": decision.trigger.id,
             "channel": decision.channel,
             "offer_id": None if decision.offer is None else decision.offer.id,
+            # The scores were rounded once already, for the decision's candidates.
             "candidates": [
                 {
-                    "offer_id": c.offer.id,
-                    "propensity": round(c.mean, 6),
-                    "sampled": round(c.sampled, 6),
+                    "offer_id": offer_id,
+                    "propensity": round6(mean),
+                    "sampled": round6(sampled),
                     "score": score,
-                    "model_version": c.version,
-                    "features": c.own,  # a tuple: orjson writes it as the same array
+                    "model_version": version,
+                    "features": own,  # a tuple: orjson writes it as the same array
                 }
-                for c, score in zip(ranked, scores, strict=True)
+                for (_, _, own, sampled, mean, _, version), (offer_id, score) in zip(
+                    ranked, decision.candidates, strict=True
+                )
             ],
             "features": ranked[0].shared if ranked else [],
             "decided_ms": event.timestamp_ms,
