@@ -246,20 +246,22 @@ class ModelSet:
                 model = self.get(offer_id)
             ad = model.model
             means = ad.means
-            if BIAS not in means:
+            bias = means.get(BIAS)
+            if bias is None:
                 model._ensure_bias(n_shared + len(own))
+                bias = means[BIAS]
             variances = ad.variances
             beta = ad.beta
             # Sums over the active weights, the bias first (an unseen feature's weight
-            # is at its prior, N(0, 1)); map and sum run the loop in C.
+            # is at its prior, N(0, 1)); map and sum run the loop in C. A candidate
+            # has one or two keys of its own: added one by one, in the same order.
             get_mean = means.get
             get_var = variances.get
-            total_mean = sum(
-                map(get_mean, own, _ZEROS), sum(map(get_mean, shared, _ZEROS), means[BIAS])
-            )
-            total_var = sum(
-                map(get_var, own, _ONES), sum(map(get_var, shared, _ONES), variances[BIAS])
-            )
+            total_mean = sum(map(get_mean, shared, _ZEROS), bias)
+            total_var = sum(map(get_var, shared, _ONES), variances[BIAS])
+            for key in own:
+                total_mean += get_mean(key, 0.0)
+                total_var += get_var(key, 1.0)
             params = model.params
             spread = sqrt(total_var) * params.exploration
             if model.examples > params.narrow_after:
