@@ -71,12 +71,16 @@ def decision_id(customer_id: str, message_id: str, trigger_id: str) -> str:
     >>> decision_id("u", "m", "t") == str(uuid.uuid5(_DECISION_NS, "u\x1fm\x1ft"))
     True
     """
-    name = f"{customer_id}\x1f{message_id}\x1f{trigger_id}".encode()
-    raw = bytearray(hashlib.sha1(_DECISION_NS_BYTES + name).digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    digest = _NS_SHA1.copy()  # the namespace hashed once
+    digest.update(f"{customer_id}\x1f{message_id}\x1f{trigger_id}".encode())
+    h = digest.hexdigest()
+    # The version (5) and the RFC 4122 variant set in the hex digits themselves.
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+_NS_SHA1 = hashlib.sha1(_DECISION_NS_BYTES)
+#: A hex digit with its two high bits set to the variant's 10.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def draw_seed(decision_id: str) -> int:

@@ -268,6 +268,19 @@ def test_decision_ids_are_stable_for_the_same_cause() -> None:
     assert len(others) == 5
 
 
+def test_decision_ids_are_the_uuid5_of_their_cause() -> None:
+    # Channel systems may check or rebuild the id: it must be the standard UUID 5.
+    namespace = uuid.UUID("6f1c2a9e-3c57-4b8e-9a51-2f3b8d7c4e10")
+    rng = random.Random(3)
+    for i in range(2000):
+        cause = (
+            f"u-{rng.getrandbits(40):x}",
+            str(uuid.UUID(int=rng.getrandbits(128))),
+            "é" * (i % 3),
+        )
+        assert decision_id(*cause) == str(uuid.uuid5(namespace, "\x1f".join(cause)))
+
+
 def test_a_replayed_event_gets_the_same_decision_id() -> None:
     cat = catalog({"id": "ship"})
     e = event("Product Added", message_id="m-replayed", product_id="p", price=200)
