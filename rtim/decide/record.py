@@ -36,15 +36,13 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
             "candidates": [
                 {
                     "offer_id": offer_id,
-                    "propensity": round6(mean),
-                    "sampled": round6(sampled),
+                    "propensity": round6(c.mean),
+                    "sampled": round6(c.sampled),
                     "score": score,
-                    "model_version": version,
-                    "features": own,  # a tuple: orjson writes it as the same array
+                    "model_version": c.version,
+                    "features": c.own,  # a tuple: orjson writes it as the same array
                 }
-                for (_, _, own, sampled, mean, _, version), (offer_id, score) in zip(
-                    ranked, decision.candidates, strict=True
-                )
+                for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
             ],
             "features": ranked[0].shared if ranked else [],
             "decided_ms": event.timestamp_ms,

@@ -67,5 +67,5 @@ def rank(
 
 
 _new = tuple.__new__
-#: The sort key (the descriptor of Candidate.score, called in C).
+#: The sort key (an attrgetter: no Python-level call per candidate).
 _by_score = attrgetter("score")
