@@ -22,6 +22,7 @@ quiet hours and caps decide which candidates remain and on which channel.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import uuid
 from dataclasses import dataclass, field
@@ -81,12 +82,16 @@ def decision_id(customer_id: str, message_id: str, trigger_id: str) -> str:
     >>> decision_id("u", "m", "t") == str(uuid.uuid5(_DECISION_NS, "u\x1fm\x1ft"))
     True
     """
-    name = f"{customer_id}\x1f{message_id}\x1f{trigger_id}".encode()
-    raw = bytearray(hashlib.sha1(_DECISION_NS_BYTES + name).digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    digest = _NS_SHA1.copy()  # the namespace hashed once
+    digest.update(f"{customer_id}\x1f{message_id}\x1f{trigger_id}".encode())
+    h = digest.hexdigest()
+    # The version (5) and the RFC 4122 variant set in the hex digits themselves.
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+_NS_SHA1 = hashlib.sha1(_DECISION_NS_BYTES)
+#: A hex digit with its two high bits set to the variant's 10.
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
 def draw_seed(decision_id: str) -> int:
@@ -114,6 +119,31 @@ def context_snapshot(ctx: Context) -> dict[str, Any]:
     }
 
 
+def round6(x: float) -> float:
+    """``round(x, 6)``, without its decimal conversion for the usual values.
+
+    Away from a tie, the nearest multiple of 1e-6 is ``n / 1e6`` for the integer
+    ``n`` nearest to ``x * 1e6`` (that product is off by far less than the margin
+    kept around ties, and the division rounds as ``round``'s conversion back does);
+    ties, zero and negative values (``-0.0``) and large or non-finite values take
+    ``round``.
+
+    >>> all(round6(x) == round(x, 6) for x in (0.1234565, 1 / 128, 0.5, 2.5e-7, 1e-12))
+    True
+    """
+    t = x * 1e6
+    if not 0.0 < t < 1e9:
+        return round(x, 6)
+    n = _floor(t)
+    f = t - n
+    if 0.4999 < f < 0.5001:
+        return round(x, 6)
+    return (n + 1 if f > 0.5 else n) / 1e6
+
+
+_floor = math.floor
+
+
 #: How many of the winner's features its reasons name.
 TOP_FEATURES = 5
 
@@ -123,7 +153,8 @@ def top_features(models: ModelSet, offer_id: str, features: list[str]) -> dict[s
     means = models.get(offer_id).model.means
     weighed = [(f, means.get(f, 0.0)) for f in features]
     weighed.sort(key=lambda fm: abs(fm[1]), reverse=True)
-    return {f: round(m, 4) for f, m in weighed[:TOP_FEATURES]}
+    # A feature the model has not seen weighs 0.0, its own rounding (round is slow).
+    return {f: round(m, 4) if m else m for f, m in weighed[:TOP_FEATURES]}
 
 
 def decide(
@@ -204,7 +235,7 @@ def decide(
     if channels is not None:
         reasons.extend(f"lever:{offer.id}:{k}={v:g}" for k, v in levers[offer.id].items())
     window = offer.attribution_window_ms or window_ms
-    candidates = [(c.offer.id, round(c.score, 6)) for c in ranked]
+    candidates = [(c.offer.id, round6(c.score)) for c in ranked]
     return Decision(
         decision_id=the_id,
         customer_id=ctx["id"],
@@ -212,7 +243,7 @@ def decide(
         offer=offer,
         channel=offer.channel_for(event.channel) if channels is None else channels[offer.id],
         score=candidates[0][1],
-        propensity=round(best.mean, 6),
+        propensity=round6(best.mean),
         reasons=reasons,
         features=top_features(models, offer.id, best.features),
         candidates=candidates,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import orjson
 
-from rtim.decide.arbitrate import Decision
+from rtim.decide.arbitrate import Decision, round6
 from rtim.decide.cloudevent import iso_ms
 
 RECORD_FORMAT = 1
@@ -24,9 +24,6 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
     """The value of a decision record."""
     ranked = decision.ranked
     event = decision.event
-    # Rounding a float to digits is slow (a decimal conversion): the scores were
-    # rounded once already, for the decision's candidates.
-    scores = [score for _, score in decision.candidates]
     # Under a contact policy, where each candidate would have gone and what weighed it.
     policy: dict[str, dict[str, object]] | None = None
     if decision.channels:
@@ -41,17 +38,18 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
             "trigger": decision.trigger.id,
             "channel": decision.channel,
             "offer_id": None if decision.offer is None else decision.offer.id,
+            # The scores were rounded once already, for the decision's candidates.
             "candidates": [
                 {
-                    "offer_id": c.offer.id,
-                    "propensity": round(c.mean, 6),
-                    "sampled": round(c.sampled, 6),
+                    "offer_id": offer_id,
+                    "propensity": round6(c.mean),
+                    "sampled": round6(c.sampled),
                     "score": score,
                     "model_version": c.version,
                     "features": c.own,  # a tuple: orjson writes it as the same array
-                    **(policy[c.offer.id] if policy else _NONE),
+                    **(policy[offer_id] if policy else _NONE),
                 }
-                for c, score in zip(ranked, scores, strict=True)
+                for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
             ],
             "features": ranked[0].shared if ranked else [],
             "decided_ms": event.timestamp_ms,

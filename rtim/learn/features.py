@@ -168,6 +168,16 @@ def recency_label(age_ms: float) -> str:
     return ">=30d"
 
 
+_EMPTY: Mapping[Any, Any] = {}
+
+
+def _bucket(value: Any, top: int) -> int:
+    """:func:`log2_bucket` of a number, 0 of anything else."""
+    if type(value) is float or _is_number(value):
+        return log2_bucket(value, top)
+    return 0
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -175,12 +185,20 @@ def _is_number(value: Any) -> bool:
 class FeatureBuilder:
     """Builds a decision's features from a context and the moment, as lists of keys."""
 
-    __slots__ = ("_offer_entries", "_shared_entries", "spec")
+    __slots__ = ("_offer_entries", "_own", "_shared_entries", "_singles", "spec")
 
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
         self.spec = spec
         self._shared_entries = tuple(e for e in spec.entries if not e.per_offer)
         self._offer_entries = tuple(e for e in spec.entries if e.per_offer)
+        # Per offer entry: its context path, top bucket and the key of each bucket,
+        # formatted once (a candidate's keys are looked up, not formatted).
+        self._own = tuple(
+            (e.keys, top, tuple(f"{e.path}~{b}" for b in range(top + 1)))
+            for e in self._offer_entries
+            for top in (e.options.get("max", 4),)
+        )
+        self._singles = tuple((k,) for k in self._own[0][2]) if len(self._own) == 1 else ()
 
     def shared(self, ctx: Context, *, channel: str, trigger: str, now_ms: int) -> list[str]:
         """The keys every candidate of this decision shares."""
@@ -232,17 +250,36 @@ class FeatureBuilder:
 
     def own(self, ctx: Context, category: str | None) -> tuple[str, ...]:
         """The keys of one candidate offer, scored with the shared ones."""
-        if category is None or not self._offer_entries:
-            # offer_affinity is the only per-offer encoding: an offer without a
-            # category has no affinity key at all.
-            return ()
+        return self.owns(ctx, (category,))[0]
+
+    def owns(self, ctx: Context, categories: Sequence[str | None]) -> list[tuple[str, ...]]:
+        """:meth:`own` of each of these offers' categories, in order (one tuple per
+        category: the offers of a category share it)."""
+        if not self._own:
+            return [()] * len(categories)
+        tables: list[tuple[Mapping[Any, Any], int, tuple[str, ...]]] = []
+        for path, top, bucket_keys in self._own:
+            table = _lookup(ctx, path)
+            tables.append(
+                (table if isinstance(table, (dict, Mapping)) else _EMPTY, top, bucket_keys)
+            )
+        # The usual spec has one per-offer entry: its keys come as ready tuples.
+        singles = self._singles
+        table, top, _ = tables[0]
+        # offer_affinity is the only per-offer encoding: an offer without a category
+        # has no affinity key at all.
+        by_category: dict[str | None, tuple[str, ...]] = {None: ()}
         out = []
-        for entry in self._offer_entries:
-            table = _lookup(ctx, entry.keys)
-            value = table.get(category, 0.0) if isinstance(table, (dict, Mapping)) else 0.0
-            bucket = log2_bucket(value if _is_number(value) else 0.0, entry.options.get("max", 4))
-            out.append(f"{entry.path}~{bucket}")
-        return tuple(out)
+        for category in categories:
+            own = by_category.get(category)
+            if own is None:
+                own = by_category[category] = (
+                    singles[_bucket(table.get(category, 0.0), top)]
+                    if singles
+                    else tuple([keys[_bucket(t.get(category, 0.0), n)] for t, n, keys in tables])
+                )
+            out.append(own)
+        return out
 
     def for_offer(self, shared: list[str], ctx: Context, category: str | None) -> list[str]:
         """All the keys one candidate is scored on: the shared ones and its own."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import NamedTuple
 
 from rtim.context.model import Context
@@ -53,13 +54,7 @@ def rank(
     if not offers:
         return []
     shared = builder.shared(ctx, channel=channel, trigger=trigger, now_ms=now_ms)
-    own_by_category: dict[str | None, tuple[str, ...]] = {}
-    owns = []
-    for offer in offers:
-        own = own_by_category.get(offer.category)
-        if own is None:
-            own = own_by_category[offer.category] = builder.own(ctx, offer.category)
-        owns.append(own)
+    owns = builder.owns(ctx, [o.category for o in offers])
     scores = models.score(shared, zip([o.id for o in offers], owns, strict=True), rng)
     # tuple.__new__ builds the same Candidate without the named tuple's Python-level
     # __new__ (half the cost, and there is one per candidate of every decision).
@@ -72,7 +67,5 @@ def rank(
 
 
 _new = tuple.__new__
-
-
-def _by_score(candidate: Candidate) -> float:
-    return candidate.score
+#: The sort key (an attrgetter: no Python-level call per candidate).
+_by_score = attrgetter("score")

@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from rtim.context.model import apply_event, new_context
-from rtim.decide.arbitrate import Decision, context_snapshot, decide, decision_id
+from rtim.decide.arbitrate import Decision, context_snapshot, decide, decision_id, round6
 from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE, encode_trigger, iso_ms, trigger_event
 from rtim.decide.record import encode_record
 from rtim.events import Event
@@ -268,6 +268,19 @@ def test_decision_ids_are_stable_for_the_same_cause() -> None:
     assert len(others) == 5
 
 
+def test_decision_ids_are_the_uuid5_of_their_cause() -> None:
+    # Channel systems may check or rebuild the id: it must be the standard UUID 5.
+    namespace = uuid.UUID("6f1c2a9e-3c57-4b8e-9a51-2f3b8d7c4e10")
+    rng = random.Random(3)
+    for i in range(2000):
+        cause = (
+            f"u-{rng.getrandbits(40):x}",
+            str(uuid.UUID(int=rng.getrandbits(128))),
+            "é" * (i % 3),
+        )
+        assert decision_id(*cause) == str(uuid.uuid5(namespace, "\x1f".join(cause)))
+
+
 def test_a_replayed_event_gets_the_same_decision_id() -> None:
     cat = catalog({"id": "ship"})
     e = event("Product Added", message_id="m-replayed", product_id="p", price=200)
@@ -440,3 +453,16 @@ def test_iso_ms(epoch_ms: int, text: str) -> None:
 
 def test_content_type_is_structured_cloudevents_json() -> None:
     assert CONTENT_TYPE.startswith(b"application/cloudevents+json")
+
+
+def test_round6_rounds_as_round_does() -> None:
+    # Records and triggers carry propensities, draws and scores to 6 digits: the
+    # fast rounding must write the same numbers, ties (half to even) included.
+    rng = random.Random(11)
+    values = [rng.random() for _ in range(20_000)]
+    values += [rng.random() * 1000 for _ in range(2_000)]
+    values += [(2 * k + 1) / 2_000_000 for k in range(2_000)]  # nearest the ties
+    values += [1 / 128, 0.0, -0.0, -1e-9, -0.25, 1e-12, 1.0 - 1e-12, 2e9, float("inf")]
+    for x in values:
+        assert repr(round6(x)) == repr(round(x, 6)), x
+    assert repr(round6(float("nan"))) == "nan"

@@ -62,6 +62,29 @@ def test_the_offer_adds_its_category_affinity_and_offers_without_one_add_nothing
     assert "affinity~4" not in shared  # the shared list is not changed
 
 
+def test_the_keys_of_all_candidates_at_once_are_each_candidates_own():
+    ctx = shopper()
+    ctx["views"] = {"shoes": 3, "garden": "many"}  # not a number: the lowest bucket
+    categories = ["shoes", None, "electronics", "shoes", "garden"]
+    two = FeatureBuilder(
+        parse_spec(
+            [
+                {"path": "affinity", "encode": "offer_affinity", "max": 2},
+                {"path": "views", "encode": "offer_affinity"},
+            ]
+        )
+    )
+    assert two.owns(ctx, categories) == [
+        ("affinity~2", "views~2"),
+        (),
+        ("affinity~1", "views~0"),
+        ("affinity~2", "views~2"),
+        ("affinity~0", "views~0"),
+    ]
+    for builder in (FeatureBuilder(), two):
+        assert builder.owns(ctx, categories) == [builder.own(ctx, c) for c in categories]
+
+
 def test_log2_buckets():
     assert [log2_bucket(v, 5) for v in (-1, 0, 0.5, 1, 2, 3, 4, 7, 8, 10_000)] == [
         0, 0, 1, 1, 2, 2, 3, 3, 4, 5,

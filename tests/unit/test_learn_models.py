@@ -1,4 +1,5 @@
 import json
+import math
 import random
 import statistics
 
@@ -197,3 +198,24 @@ def test_a_set_rebuilt_from_its_snapshots_decides_the_same_with_a_pooled_prior()
         assert rebuilt.score(FEATURES, candidates, random.Random(seed)) == models.score(
             FEATURES, candidates, random.Random(seed)
         )
+
+
+def test_the_draws_are_random_gauss_draws_and_the_spare_normal_is_handed_back():
+    # A replayed decision must draw what the live one drew: the sampler takes its
+    # normals as Random.gauss does, so the seed alone fixes them, and what follows
+    # on the same generator is unchanged.
+    models = ModelSet()
+    models.models["o"] = trained(3, 27)  # few examples: drawn over its whole belief
+    offers = [("o", ()), ("new", ("affinity~2",)), ("o", ("affinity~1",))]
+    scores = models.score(FEATURES, offers, random.Random(5))
+    reference = random.Random(5)
+    for (offer, own), score in zip(offers, scores, strict=True):
+        ad = models.get(offer).model
+        keys = ["__bias__", *FEATURES, *own]
+        total_mean = sum(ad.means.get(k, 0.0) for k in keys)
+        total_var = sum(ad.variances.get(k, 1.0) for k in keys)
+        s = reference.gauss(total_mean, math.sqrt(total_var))
+        assert score.sampled == 0.5 * math.erfc(-s / (ad.beta * math.sqrt(2.0)))
+    rng = random.Random(5)
+    models.score(FEATURES, offers, rng)
+    assert rng.gauss(0.0, 1.0) == reference.gauss(0.0, 1.0)
