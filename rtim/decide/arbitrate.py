@@ -177,18 +177,11 @@ def decide(
     """
     reasons = [f"trigger:{rule.id}"]
     at_ms = event.timestamp_ms
-    eligible: list[Offer] = []
     policy = catalog.policy
     if policy is None and not contact.withdrawn(ctx):
-        for offer in catalog.offers_for(rule.id):
-            if not offer.is_valid_at(at_ms):
-                reasons.append(f"rejected:{offer.id}:not-valid-now")
-                continue
-            failed = first_failed(offer.eligibility, event, ctx)
-            if failed is not None:
-                reasons.append(f"rejected:{offer.id}:{failed.text}")
-                continue
-            eligible.append(offer)
+        eligible = [
+            o for o in catalog.offers_for(rule.id) if _admitted(o, event, ctx, at_ms, reasons)
+        ]
         channels = None
     else:
         eligible, channels = _within_policy(
@@ -258,6 +251,19 @@ def decide(
     )
 
 
+def _admitted(offer: Offer, event: Event, ctx: Context, at_ms: int, reasons: list[str]) -> bool:
+    """Whether the offer is valid at the event's time and eligible (else why not, in
+    the reasons)."""
+    if not offer.is_valid_at(at_ms):
+        reasons.append(f"rejected:{offer.id}:not-valid-now")
+        return False
+    failed = first_failed(offer.eligibility, event, ctx)
+    if failed is not None:
+        reasons.append(f"rejected:{offer.id}:{failed.text}")
+        return False
+    return True
+
+
 def _within_policy(
     catalog: Catalog,
     policy: Any,
@@ -276,12 +282,7 @@ def _within_policy(
     eligible: list[Offer] = []
     channels: dict[str, str] = {}
     for offer, raised_by in offers:
-        if not offer.is_valid_at(at_ms):
-            reasons.append(f"rejected:{offer.id}:not-valid-now")
-            continue
-        failed = first_failed(offer.eligibility, event, ctx)
-        if failed is not None:
-            reasons.append(f"rejected:{offer.id}:{failed.text}")
+        if not _admitted(offer, event, ctx, at_ms, reasons):
             continue
         if suppressions:
             by = contact.suppressed_by(suppressions, offer)
