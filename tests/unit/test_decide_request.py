@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
 
@@ -11,6 +14,7 @@ from rtim.decide.explain import MAX_RECENT, recent_decisions
 from rtim.decide.request import MAX_LIMIT, InvalidRequest, parse_request
 from rtim.engine import Engine
 from rtim.offers.catalog import CatalogError, catalog_from_text, parse_catalog
+from rtim.offers.live import decode_catalog, encode_catalog
 
 from .test_engine import NOW, T0, Log, Store, page, respond, responses, run, track
 
@@ -246,3 +250,47 @@ def test_a_bad_placement_is_refused_with_its_line(text: str, line: int, words: s
         catalog_from_text(text, "new.yaml")
     assert str(caught.value).startswith(f"new.yaml:{line}:")
     assert words in str(caught.value)
+
+
+# -- what is written matches the published schemas -----------------------------
+
+SCHEMAS = Path(__file__).parents[2] / "topics" / "schemas"
+
+
+def schema_errors(name: str, value: Any) -> list[str]:
+    schema = json.loads((SCHEMAS / name).read_text())
+    return [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(value)]
+
+
+def test_a_requests_record_and_context_match_their_schemas() -> None:
+    store = Store()
+    eng = engine(store)
+    for _ in range(MAX_RECENT + 1):
+        _, result = ask(eng, store, placement="home-hero")
+    assert not schema_errors("decision.schema.json", orjson.loads(result.decisions[0].value))
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    assert len(ctx["recent"]) == MAX_RECENT
+    assert not schema_errors("customer-context.schema.json", ctx)
+
+
+def test_a_catalog_record_matches_its_schema_and_loads() -> None:
+    text = "offers:\n  - {id: a, channels: [web]}\n"
+    value = encode_catalog(text, version=7, by="ops", at_ms=NOW)
+    assert not schema_errors("catalog.schema.json", orjson.loads(value))
+    version, catalog = decode_catalog(value, offset=12)
+    assert (version.version, version.source, version.offset) == (7, "rtim.offers", 12)
+    assert [o.id for o in catalog.offers] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (b"nope", "not JSON"),
+        (b'{"format": 9}', "format"),
+        (b'{"format": 1, "version": 0, "yaml": ""}', "version"),
+        (b'{"format": 1, "version": 2, "yaml": "offers: [{id: a, channels: [fax]}]"}', "fax"),
+    ],
+)
+def test_a_catalog_record_that_cannot_be_loaded_says_why(value: bytes, words: str) -> None:
+    with pytest.raises(CatalogError, match=words):
+        decode_catalog(value)
