@@ -130,6 +130,10 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     assert [d["decision_id"] for d in explained["open_decisions"]] == [answer["decision_id"]]
     assert explained["decisions"][0]["id"] == answer["decision_id"]
     assert "offer:free-shipping" in explained["decisions"][0]["reasons"]
+    shown = CliRunner().invoke(main, ["explain", "shopper", "--url", other.url])
+    assert shown.exit_code == 0, shown.output
+    assert f"{answer['decision_id']}" in shown.output and "offer:free-shipping" in shown.output
+    assert "cart 80.00 (1 items)" in shown.output
 
     # A malformed request names its field, whichever worker gets it.
     status, error, _ = call(f"{other.url}/v1/decide", {"customer_id": "shopper", "channel": "fax"})
