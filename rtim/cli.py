@@ -210,9 +210,8 @@ def simulate(
 @click.option(
     "--rate",
     type=float,
-    default=2_000,
-    show_default=True,
-    help="Offered rate (events/s) of the latency phase.",
+    default=None,
+    help="Offered rate (events/s) of the latency phase (default: 2,000; 5,000 with --api).",
 )
 @click.option(
     "--latency-seconds",
@@ -245,17 +244,32 @@ def simulate(
     show_default=True,
     help="Runs of the in-process measurement of one decision's cost (0 skips it).",
 )
+@click.option(
+    "--api",
+    is_flag=True,
+    help="Measure the decision API instead: POST /v1/decide at --api-rate while the "
+    "worker takes live events at --rate, for --latency-seconds.",
+)
+@click.option(
+    "--api-rate",
+    type=float,
+    default=500,
+    show_default=True,
+    help="Requests/s to the decision API (open loop) with --api.",
+)
 def bench(
     events: int,
     partitions: int,
     customers: int,
-    rate: float,
+    rate: float | None,
     latency_seconds: float,
     store: str,
     broker: str | None,
     json_path: str | None,
     decisions_mix: bool,
     cost_runs: int,
+    api: bool,
+    api_rate: float,
 ) -> None:
     """Benchmark RTIM against a raw aiokafka loop, in one run, on one broker.
 
@@ -263,8 +277,32 @@ def bench(
     ratio, and p50/p95/p99 latency at a fixed offered rate. RTIM runs with
     responses to its decisions flowing in; the cost of one decision is
     measured on the core in-process.
+
+    With --api: p50/p95/p99 of POST /v1/decide over loopback and its errors,
+    while the worker takes live events.
     """
     import asyncio
+
+    if api:
+        from rtim.bench_api import api_report_json, format_api_report, run_api_bench
+
+        api_report = asyncio.run(
+            run_api_bench(
+                event_rate=5_000 if rate is None else rate,
+                request_rate=api_rate,
+                seconds=latency_seconds,
+                partitions=partitions,
+                customers=customers,
+                broker=broker,
+                echo=click.echo,
+            )
+        )
+        click.echo(format_api_report(api_report))
+        if json_path:
+            with open(json_path, "w", encoding="utf-8") as fh:
+                fh.write(api_report_json(api_report))
+        return
+    rate = 2_000 if rate is None else rate
 
     from rtim.bench import format_report, report_json, run_bench
 
