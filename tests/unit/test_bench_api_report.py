@@ -6,7 +6,13 @@ from __future__ import annotations
 import orjson
 
 from rtim.bench import Latency
-from rtim.bench_api import ApiReport, _channel, api_report_json, format_api_report
+from rtim.bench_api import (
+    ApiReport,
+    _channel,
+    api_report_json,
+    format_api_report,
+    worker_account,
+)
 
 
 def report(p99: float, errors: dict[str, int] | None = None) -> ApiReport:
@@ -38,3 +44,23 @@ def test_requests_come_on_the_channel_of_the_customers_latest_event() -> None:
     assert _channel({"properties": {"channel": "email"}}) == "email"
     assert _channel({"properties": {"channel": "service"}}) == "web"
     assert _channel({}) == "web"
+
+
+def test_the_workers_own_account_comes_from_its_histogram() -> None:
+    got = report(4.1)
+    name = 'rtim_api_seconds_bucket{endpoint="decide",le="%s"}'
+    worker_account(
+        got,
+        {
+            name % "0.001": 10.0,
+            name % "0.002": 60.0,
+            name % "0.005": 98.0,
+            name % "0.01": 100.0,
+            name % "+Inf": 100.0,
+            'rtim_api_seconds_count{endpoint="decide"}': 100.0,
+            'rtim_api_seconds_sum{endpoint="decide"}': 0.25,
+            'rtim_api_seconds_bucket{endpoint="customer",le="0.001"}': 7.0,
+        },
+    )
+    assert (got.worker_mean_ms, got.worker_p50_ms, got.worker_p99_ms) == (2.5, 2.0, 10.0)
+    assert "worker    mean 2.50 ms, p50 <= 2 ms, p99 <= 10 ms" in format_api_report(got)
