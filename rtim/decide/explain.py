@@ -3,7 +3,8 @@
 Every decision (a trigger's or a request's) is recorded in full on
 ``rtim.decisions``; the context keeps only a short summary of the last
 :data:`MAX_RECENT` (its id, when, what asked, the offer and channel, and the
-first :data:`MAX_REASONS` reasons), because every byte of a context is read and
+first :data:`MAX_REASONS` of its reasons that the catalog does not already say: which
+offers were rejected and why, and the outcome), because every byte of a context is read and
 written with each of the customer's events.
 """
 
@@ -17,7 +18,10 @@ from rtim.decide.arbitrate import Decision
 #: Decisions a context remembers.
 MAX_RECENT = 3
 #: Reasons remembered per decision (the record on rtim.decisions has them all).
-MAX_REASONS = 8
+MAX_REASONS = 6
+#: Reasons not remembered: the trigger is ``by``, and the winner's eligibility
+#: conditions are in the catalog (and in the decision record).
+_DERIVED = ("trigger:", "eligible:")
 
 
 def note_decision(ctx: Context, decision: Decision, by: str) -> None:
@@ -58,7 +62,7 @@ def _remember(
         "by": by,
         "offer": offer,
         "channel": channel,
-        "reasons": reasons[:MAX_REASONS],
+        "reasons": [r for r in reasons if not r.startswith(_DERIVED)][:MAX_REASONS],
     }
     recent = ctx.get("recent")
     if recent is None:

@@ -44,6 +44,9 @@ log = logging.getLogger("rtim.catalog")
 OFFERS_TP = TopicPartition(OFFERS_TOPIC, 0)
 #: Seconds each client gets to stop at shutdown.
 STOP_TIMEOUT = 3.0
+#: Seconds the clickstream waits for rtim.offers to be read at start; then it is decided
+#: with the catalog in force (the newest version is swapped in once read).
+LOAD_TIMEOUT_S = 30.0
 
 
 class LiveCatalog(Service):
@@ -157,6 +160,20 @@ class LiveCatalog(Service):
             len(catalog.placements),
             version.by,
         )
+
+    @Service.task
+    async def _watchdog(self) -> None:
+        try:
+            await asyncio.wait_for(self.loaded.wait(), LOAD_TIMEOUT_S)
+        except TimeoutError:
+            log.warning(
+                "%s not read within %.0f s: deciding with catalog version %d (%s) until it is",
+                OFFERS_TOPIC,
+                LOAD_TIMEOUT_S,
+                self.current.version,
+                self.current.source,
+            )
+            self.loaded.set()
 
     @Service.task
     async def _load(self) -> None:
