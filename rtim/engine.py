@@ -154,6 +154,7 @@ class DecisionRecord:
     #: The record that made the decision.
     cause: RecordLike | None = None
     offered: bool = True
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -44,6 +44,8 @@ log = logging.getLogger("rtim.api")
 FORWARDED = "X-RTIM-Forwarded-By"
 #: The header naming the worker that answered.
 ANSWERED_BY = "X-RTIM-Worker"
+#: The header of a request's decision record on rtim.decisions: the worker that decided.
+DECIDED_BY = "rtim.worker"
 #: Seconds a client is asked to wait before it tries again (a rebalance takes a few).
 RETRY_AFTER_S = 1
 #: Seconds a forwarded request may take.
@@ -140,9 +142,11 @@ class DecisionApi:
             processor._new_generation(generation)
         run = processor.engine.start_batch(CLICKSTREAM_TOPIC)
         decided: list[tuple[Answer, asyncio.Future[Answer]]] = []
+        made = run.result.decisions
         for request, future in ours:
             try:
                 decided.append((run.decide(request), future))
+                made[-1].headers.append((DECIDED_BY, self.url.encode()))
             except KeyError:
                 future.set_exception(
                     InvalidRequest(

@@ -308,7 +308,7 @@ class ClickstreamProcessor:
             for r in result.rekeyed
         )
         out.extend(
-            OutRecord(DECISIONS_TOPIC, d.key, d.value, [], None, cause_partition(d.cause))
+            OutRecord(DECISIONS_TOPIC, d.key, d.value, d.headers, None, cause_partition(d.cause))
             for d in result.decisions
         )
         out.extend(

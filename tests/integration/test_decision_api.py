@@ -118,13 +118,13 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     assert stranger["reason"] == "no-offer:none-eligible"
 
     # Recorded like a trigger's decision: on rtim.decisions, open in the context.
-    records = [
-        orjson.loads(r.value) for r in asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
-    ]
-    mine = [r for r in records if r["decision_id"] == answer["decision_id"]]
-    assert [(r["source"], r["offer_id"], r["customer_id"]) for r in mine] == [
-        ("api", "free-shipping", "shopper")
-    ]
+    records = asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
+    mine = [r for r in records if orjson.loads(r.value)["decision_id"] == answer["decision_id"]]
+    assert [
+        (body["source"], body["offer_id"], body["customer_id"])
+        for body in (orjson.loads(r.value) for r in mine)
+    ] == [("api", "free-shipping", "shopper")]
+    assert dict(mine[0].headers)["rtim.worker"] == owner.url.encode(), "decided by the owner"
     status, explained, _ = call(f"{other.url}/v1/customers/shopper")
     assert status == 200 and explained["worker"] == owner.url
     assert [d["decision_id"] for d in explained["open_decisions"]] == [answer["decision_id"]]
