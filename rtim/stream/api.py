@@ -112,6 +112,8 @@ class DecisionApi:
 
     async def _flush(self) -> None:
         processor = self.processor
+        # Decided with the live catalog, as the clickstream is.
+        await processor.catalog_loaded.wait()
         while self._waiting:
             async with processor._lock:
                 waiting, self._waiting = self._waiting, []
