@@ -157,6 +157,8 @@ class DecisionApi:
                 )
             except ValueError as exc:
                 future.set_exception(InvalidRequest("channel", str(exc)))
+        if not decided:
+            return  # (a request refused before it changed anything)
         if not await processor._handle(FetchedBatch(generation, {}), run):
             for _, future in decided:
                 future.set_exception(NotOwner())

@@ -138,6 +138,9 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     # A malformed request names its field, whichever worker gets it.
     status, error, _ = call(f"{other.url}/v1/decide", {"customer_id": "shopper", "channel": "fax"})
     assert (status, error["field"]) == (400, "channel")
+    body = {"customer_id": "shopper", "channel": "web", "placement": "nowhere"}
+    status, error, _ = call(f"{other.url}/v1/decide", body)
+    assert (status, error["field"]) == (400, "placement") and "nowhere" in error["message"]
 
 
 NEW_OFFER = """
