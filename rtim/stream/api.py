@@ -10,12 +10,12 @@ A worker asked for a partition it does not own at that moment (a rebalance, a
 forward that raced one) answers 503 with ``Retry-After``: it never decides on
 a partition it does not own.
 
-On the owner, requests are decided like the processor's idle tick: a batch of
-their own under the processor's lock (never in the middle of a clickstream
-batch), published (decision records, the changed contexts to the changelog)
-and stored before they are answered, so what a decision did to the context
-(an open decision, a cool-down) holds across restarts. Requests that arrive
-while a batch runs are decided together in the next one: one publish for all.
+On the owner, requests are decided under the processor's lock, never in the
+middle of a batch: those waiting when a batch (of the clickstream, or an idle
+tick) has applied its records ride it (:meth:`DecisionApi.ride`), otherwise they
+get a batch of their own. Either way they are published (decision records, the
+changed contexts to the changelog) and stored before they are answered, so what
+a decision did to the context (an open decision) holds across restarts.
 """
 
 from __future__ import annotations
@@ -111,41 +111,42 @@ class DecisionApi:
         return await future
 
     async def _flush(self) -> None:
+        """Decide the waiting requests in a batch of their own when no clickstream batch
+        takes them first (:meth:`ride`)."""
         processor = self.processor
         # Decided with the live catalog, as the clickstream is.
         await processor.catalog_loaded.wait()
         while self._waiting:
             async with processor._lock:
-                waiting, self._waiting = self._waiting, []
-                processor._idle.clear()
-                try:
-                    await self._decide_batch(waiting)
-                except Exception as exc:
-                    log.exception("decision requests failed")
-                    processor.engine.invalidate()
-                    for _, future in waiting:
-                        if not future.done():
-                            future.set_exception(exc)
-                finally:
-                    processor._idle.set()
+                before = list(self._waiting)
+                generation = self.app.consumer_generation_id
+                if before and generation is not None:
+                    processor._idle.clear()
+                    try:
+                        await processor._handle(FetchedBatch(generation, {}))
+                    except Exception:
+                        log.exception("decision requests failed")
+                        processor.engine.invalidate()
+                    finally:
+                        processor._idle.set()
+                # Those no batch took (it was not this worker's any more): not decided here.
+                for _, future in before:
+                    if not future.done():
+                        future.set_exception(NotOwner())
+                self._waiting = [(r, f) for r, f in self._waiting if not f.done()]
 
-    async def _decide_batch(
-        self, waiting: list[tuple[DecideRequest, asyncio.Future[Answer]]]
-    ) -> None:
-        processor = self.processor
-        generation = self.app.consumer_generation_id
-        ours = [(r, f) for r, f in waiting if self.owns(self.partition(r.customer_id))]
-        for request, future in waiting:
-            if (request, future) not in ours:
-                future.set_exception(NotOwner())
-        if not ours:
-            return
-        if processor._generation != generation:
-            processor._new_generation(generation)
-        run = processor.engine.start_batch(CLICKSTREAM_TOPIC)
+    def ride(self, run: Any) -> Callable[[bool], None]:
+        """Decide the waiting requests in a batch about to finish (the processor's lock is
+        held); returns what settles them once the batch is stored, or not."""
+        waiting, self._waiting = self._waiting, []
         decided: list[tuple[Answer, asyncio.Future[Answer]]] = []
         made = run.result.decisions
-        for request, future in ours:
+        for request, future in waiting:
+            if future.done():
+                continue
+            if not self.owns(self.partition(request.customer_id)):
+                future.set_exception(NotOwner())
+                continue
             try:
                 decided.append((run.decide(request), future))
                 made[-1].headers.append((DECIDED_BY, self.url.encode()))
@@ -157,14 +158,20 @@ class DecisionApi:
                 )
             except ValueError as exc:
                 future.set_exception(InvalidRequest("channel", str(exc)))
-        if not decided:
-            return  # (a request refused before it changed anything)
-        if not await processor._handle(FetchedBatch(generation, {}), run):
-            for _, future in decided:
-                future.set_exception(NotOwner())
-            return
-        for answer, future in decided:
-            future.set_result(answer)
+            except Exception as exc:  # one bad request must not stop the batch
+                log.exception("decision request for %r failed", request.customer_id)
+                future.set_exception(exc)
+
+        def settle(stored: bool) -> None:
+            for answer, future in decided:
+                if future.done():
+                    continue
+                if stored:
+                    future.set_result(answer)
+                else:
+                    future.set_exception(NotOwner())
+
+        return settle
 
     # -- routing -----------------------------------------------------------------
 

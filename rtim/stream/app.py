@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -183,6 +184,9 @@ class ClickstreamProcessor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._lock = asyncio.Lock()  # one batch at a time: fetched ones and idle ticks
+        #: Decides the waiting decision requests in a batch about to finish; returns what
+        #: to call with whether the batch was stored (:class:`rtim.stream.api.DecisionApi`).
+        self.riders: Callable[[BatchRun], Callable[[bool], None]] | None = None
         #: Set once the live catalog is read (:class:`rtim.stream.catalog.LiveCatalog`
         #: clears it when it starts); batches wait for it.
         self.catalog_loaded = asyncio.Event()
@@ -265,6 +269,18 @@ class ClickstreamProcessor:
 
     async def _handle(self, batch: FetchedBatch, run: BatchRun | None = None) -> bool:
         """Whether the batch was published and stored (False: dropped, it was not ours)."""
+        settle: list[Callable[[bool], None]] = []
+        stored = False
+        try:
+            stored = await self._run_batch(batch, run, settle)
+        finally:
+            for done in settle:
+                done(stored)
+        return stored
+
+    async def _run_batch(
+        self, batch: FetchedBatch, run: BatchRun | None, settle: list[Callable[[bool], None]]
+    ) -> bool:
         if not self._current(batch):
             return False  # revoked meanwhile: the records come again from the committed offset
         if not self._gc_tuned:
@@ -283,6 +299,9 @@ class ClickstreamProcessor:
                 # A turn for the rest of the worker (health checks, the consumer
                 # thread's results, heartbeats) while the core works on a big batch.
                 await asyncio.sleep(0)
+        if self.riders is not None:
+            # Decision requests waiting for the lock ride this batch (one publish for all).
+            settle.append(self.riders(run))
         result = run.finish()
         core_done = time.perf_counter()
         metrics.BATCH_STAGES["core"].observe(core_done - started)
@@ -615,7 +634,9 @@ def create_app(settings: Settings) -> RtimApp:
         loop=app.loop,
     )
     app.add_dependency(live)
-    install_api(app, DecisionApi(app, processor, live))
+    decision_api = DecisionApi(app, processor, live)
+    processor.riders = decision_api.ride
+    install_api(app, decision_api)
 
     # Subscribe the consumer to the clickstream, and hand its records to the
     # processor a fetch at a time instead of one message at a time.
