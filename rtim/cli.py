@@ -210,9 +210,8 @@ def simulate(
 @click.option(
     "--rate",
     type=float,
-    default=2_000,
-    show_default=True,
-    help="Offered rate (events/s) of the latency phase.",
+    default=None,
+    help="Offered rate (events/s) of the latency phase (default: 2,000; 5,000 with --api).",
 )
 @click.option(
     "--latency-seconds",
@@ -245,17 +244,32 @@ def simulate(
     show_default=True,
     help="Runs of the in-process measurement of one decision's cost (0 skips it).",
 )
+@click.option(
+    "--api",
+    is_flag=True,
+    help="Measure the decision API instead: POST /v1/decide at --api-rate while the "
+    "worker takes live events at --rate, for --latency-seconds.",
+)
+@click.option(
+    "--api-rate",
+    type=float,
+    default=500,
+    show_default=True,
+    help="Requests/s to the decision API (open loop) with --api.",
+)
 def bench(
     events: int,
     partitions: int,
     customers: int,
-    rate: float,
+    rate: float | None,
     latency_seconds: float,
     store: str,
     broker: str | None,
     json_path: str | None,
     decisions_mix: bool,
     cost_runs: int,
+    api: bool,
+    api_rate: float,
 ) -> None:
     """Benchmark RTIM against a raw aiokafka loop, in one run, on one broker.
 
@@ -263,8 +277,32 @@ def bench(
     ratio, and p50/p95/p99 latency at a fixed offered rate. RTIM runs with
     responses to its decisions flowing in; the cost of one decision is
     measured on the core in-process.
+
+    With --api: p50/p95/p99 of POST /v1/decide over loopback and its errors,
+    while the worker takes live events.
     """
     import asyncio
+
+    if api:
+        from rtim.bench_api import api_report_json, format_api_report, run_api_bench
+
+        api_report = asyncio.run(
+            run_api_bench(
+                event_rate=5_000 if rate is None else rate,
+                request_rate=api_rate,
+                seconds=latency_seconds,
+                partitions=partitions,
+                customers=customers,
+                broker=broker,
+                echo=click.echo,
+            )
+        )
+        click.echo(format_api_report(api_report))
+        if json_path:
+            with open(json_path, "w", encoding="utf-8") as fh:
+                fh.write(api_report_json(api_report))
+        return
+    rate = 2_000 if rate is None else rate
 
     from rtim.bench import format_report, report_json, run_bench
 
@@ -438,3 +476,129 @@ def models(broker: str | None, as_json: bool, timeout: float) -> None:
             f"{rate(r['predicted']):>9}  {rate(r['observed']):>9}  {r['recent']:>5}  "
             f"{r['version']:>9,}  {r['age_s']:>7.1f}s"
         )
+
+
+@main.group()
+def offers() -> None:
+    """The live catalog (rtim.offers): every worker decides with its newest version."""
+
+
+@offers.command("apply")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--broker", default=None, help="Bootstrap servers (default: RTIM_BROKER).")
+@click.option("--by", default=None, help="Who applies it (default: $USER).")
+@click.option("--timeout", type=float, default=30, show_default=True, help="Seconds for Kafka.")
+def offers_apply(file: Path, broker: str | None, by: str | None, timeout: float) -> None:
+    """Check a catalog file and publish it as the next version of the live catalog.
+
+    A catalog with an error is not published: the error is printed with its file
+    and line, and the exit status is 2. Published, it is in force on every worker
+    within seconds (GET /v1/catalog shows the version). The topics of the
+    channels it names are created if they are missing.
+    """
+    import asyncio
+    import getpass
+
+    from aiokafka.errors import KafkaError
+
+    from rtim.offers.catalog import load_catalog
+    from rtim.settings import KafkaConnection
+    from rtim.stream.catalog import apply_catalog
+    from rtim.stream.topics import create_topics
+
+    catalog = load_catalog(file)  # a CatalogError exits with 2 before anything is sent
+    assert catalog.text is not None
+    settings = load_settings()
+    kafka = KafkaConnection.parse(broker) if broker else settings.kafka
+    who = by or os.environ.get("USER") or getpass.getuser()
+
+    async def apply() -> int:
+        from rtim.names import OFFERS_TOPIC, trigger_topic
+
+        specs = {OFFERS_TOPIC: 1}
+        specs.update({trigger_topic(c): settings.partitions for c in sorted(catalog.channels)})
+        await create_topics(
+            kafka, specs, replication_factor=settings.replication_factor, timeout=timeout
+        )
+        return await apply_catalog(kafka, catalog.text or "", by=who, timeout=timeout)
+
+    try:
+        version = asyncio.run(apply())
+    except (TimeoutError, KafkaError, OSError) as exc:
+        click.echo(f"rtim: catalog not published to {kafka} ({exc!r})", err=True)
+        raise SystemExit(1) from None
+    click.echo(
+        f"catalog version {version} published ({len(catalog.triggers)} triggers, "
+        f"{len(catalog.offers)} offers, {len(catalog.placements)} placements)"
+    )
+
+
+@main.command()
+@click.argument("customer")
+@click.option(
+    "--url",
+    default=None,
+    help="A worker's web address (default: http://127.0.0.1:RTIM_WEB_PORT); any worker "
+    "answers for every customer.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the worker's JSON answer.")
+def explain(customer: str, url: str | None, as_json: bool) -> None:
+    """Show a customer's context, policy state and last decisions with their reasons."""
+    import datetime as dt
+    import json
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    base = (url or f"http://127.0.0.1:{load_settings().web_port}").rstrip("/")
+    address = f"{base}/v1/customers/{urllib.parse.quote(customer, safe='')}"
+    try:
+        with urllib.request.urlopen(address, timeout=10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        click.echo(f"rtim: {address} answered {exc.code}: {exc.read().decode(errors='replace')}")
+        raise SystemExit(1) from None
+    except (urllib.error.URLError, OSError) as exc:
+        click.echo(f"rtim: cannot reach {address} ({exc})", err=True)
+        raise SystemExit(1) from None
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+
+    def when(ms: int | None) -> str:
+        if ms is None:
+            return "-"
+        return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    click.echo(f"customer {customer}  (partition {body['partition']}, {body['worker']})")
+    if not body["known"]:
+        click.echo("  never seen: a request would be decided as for a new visitor")
+        return
+    ctx = body["context"]
+    click.echo(
+        f"  events {ctx['n']}, first {when(ctx['first_ms'])}, last {when(ctx['last_ms'])}; "
+        f"cart {ctx['cart']['value']:.2f} ({len(ctx['cart']['items'])} items), "
+        f"orders {ctx['orders']}, open issues {ctx['issues']}"
+    )
+    top = sorted(ctx["affinity"].items(), key=lambda kv: -kv[1])[:3]
+    if top:
+        click.echo("  affinity " + ", ".join(f"{k} {v:.2f}" for k, v in top))
+    click.echo("policy:")
+    for name, value in body["policy"].items():
+        click.echo(f"  {name}: {json.dumps(value)}")
+    click.echo("open decisions:")
+    for d in body["open_decisions"] or [{}]:
+        if d:
+            click.echo(f"  {d['decision_id']}  {d['offer_id']}  until {when(d['window_end'])}")
+        else:
+            click.echo("  none")
+    click.echo("last decisions (newest first):")
+    if not body["decisions"]:
+        click.echo("  none")
+    for d in body["decisions"]:
+        click.echo(
+            f"  {when(d['at'])}  {d['by']}  -> {d['offer'] or 'no offer'} on {d['channel']}"
+            f"  ({d['id']})"
+        )
+        for reason in d["reasons"]:
+            click.echo(f"      {reason}")

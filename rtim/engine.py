@@ -70,6 +70,7 @@ from rtim.context.model import (
 )
 from rtim.decide.arbitrate import Decision, decide
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
+from rtim.decide.explain import note_decision, note_record
 from rtim.decide.policy import (
     dismissed_offer,
     record_contact,
@@ -77,7 +78,9 @@ from rtim.decide.policy import (
     rejection_kind,
 )
 from rtim.decide.record import encode_record
+from rtim.decide.request import DecideRequest
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, error_reason, parse_event
+from rtim.events.segment import Event
 from rtim.learn.attribution import (
     DEFAULT_IDLE_MS,
     MAX_PENDING_PER_CUSTOMER,
@@ -94,7 +97,7 @@ from rtim.learn.attribution import (
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelSet
 from rtim.names import CLICKSTREAM_TOPIC, RESPONSES_TOPIC, trigger_topic
-from rtim.offers.catalog import Catalog
+from rtim.offers.catalog import Catalog, Offer
 from rtim.settings import DEFAULTS
 from rtim.triggers.rules import RuleIndex, TriggerRule, fired_rules
 
@@ -157,6 +160,7 @@ class DecisionRecord:
     #: The record that made the decision.
     cause: RecordLike | None = None
     offered: bool = True
+    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -201,6 +205,64 @@ class BatchResult:
     responses: Counter[tuple[str, str]] = field(default_factory=Counter)
     #: Offers decisions did not make, by the kind of reason (:data:`rtim.decide.policy.REJECTIONS`).
     rejected: Counter[str] = field(default_factory=Counter)
+    #: Decision requests answered (:meth:`BatchRun.decide`), in order.
+    answers: list[Answer] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Action:
+    """One ranked action of a decision request's answer."""
+
+    offer: Offer
+    channel: str
+    score: float
+    propensity: float
+    reasons: list[str]
+
+    def as_json(self) -> dict[str, Any]:
+        offer = self.offer
+        return {
+            "offer_id": offer.id,
+            "name": offer.name,
+            "channel": self.channel,
+            "creative": dict(offer.creative),
+            "score": self.score,
+            "propensity": self.propensity,
+            "reasons": self.reasons,
+        }
+
+
+@dataclass(slots=True)
+class Answer:
+    """What a decision request gets: its decision, the ranked actions, the reasons."""
+
+    decision_id: str
+    customer_id: str
+    channel: str
+    placement: str | None
+    partition: int
+    actions: list[Action]
+    reasons: list[str]
+    #: The customer had no context (decided as a new visitor).
+    new_customer: bool
+    decided_ms: int
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "decision_id": self.decision_id,
+            "customer_id": self.customer_id,
+            "channel": self.channel,
+            "placement": self.placement,
+            "actions": [a.as_json() for a in self.actions],
+            "reasons": self.reasons,
+            "new_customer": self.new_customer,
+            "partition": self.partition,
+        }
+        if not self.actions:
+            out["reason"] = next(
+                (r for r in reversed(self.reasons) if r.startswith("no-offer:")), "no-offer"
+            )
+        return out
 
 
 class Engine:
@@ -281,6 +343,57 @@ class Engine:
         self.partition_of = partition_of
         #: Stored contexts that were of an older shape or damaged, and repaired on load.
         self.repaired = 0
+        # (placement, channel) -> the offers a request there may get, and its moment.
+        self._placed: dict[tuple[str | None, str], tuple[Catalog, TriggerRule]] = {}
+
+    def set_catalog(self, catalog: Catalog) -> None:
+        """Decide with another catalog from the next batch on (call between batches)."""
+        self.catalog = catalog
+        self._rules = RuleIndex(catalog.triggers)
+        self.features = FeatureBuilder(catalog.features)
+        self._placed.clear()
+
+    def request_catalog(
+        self, placement_id: str | None, channel: str
+    ) -> tuple[Catalog, TriggerRule]:
+        """The offers a request may get (those of its placement, on its channel, whatever
+        their triggers), and the decision moment it is decided as.
+
+        Raises KeyError for a placement the catalog does not have, and ValueError for
+        a channel the placement is not on.
+        """
+        found = self._placed.get((placement_id, channel))
+        if found is not None:
+            return found
+        catalog = self.catalog
+        allowed: tuple[str, ...] | None = None
+        if placement_id is not None:
+            placement = catalog.placement(placement_id)
+            if placement is None:
+                raise KeyError(placement_id)
+            if channel not in placement.channels:
+                raise ValueError(
+                    f"placement {placement_id!r} is on {list(placement.channels)}, not {channel!r}"
+                )
+            allowed = placement.offers
+        offers = tuple(
+            replace(o, triggers=None)
+            for o in catalog.offers
+            if channel in o.channels and (allowed is None or o.id in allowed)
+        )
+        rule = TriggerRule(
+            id=f"placement:{placement_id}" if placement_id else f"request:{channel}",
+            description="a decision request",
+            cooldown_ms=0,
+        )
+        found = self._placed[(placement_id, channel)] = (replace(catalog, offers=offers), rule)
+        return found
+
+    def decide_request(self, request: DecideRequest) -> tuple[Answer, BatchResult]:
+        """Decide one request as a batch of its own (see :meth:`BatchRun.decide`)."""
+        run = self.start_batch(CLICKSTREAM_TOPIC)
+        answer = run.decide(request)
+        return answer, run.finish()
 
     def invalidate(self) -> None:
         """Forget every cached context (after a rebalance or a failed batch)."""
@@ -448,6 +561,7 @@ class Engine:
             result.decisions.append(
                 DecisionRecord(key, encode_record(decision), record, offer is not None)
             )
+            note_decision(ctx, decision, rule.id)
             if offer is None:
                 result.no_offer += 1
                 continue
@@ -533,6 +647,34 @@ class _Close(NamedTuple):
     offset: int
     key: bytes
     value: None
+    at_ms: int
+
+
+def _action_reasons(decision: Decision, offer: Offer) -> list[str]:
+    """Why an action of a request's answer is there and what weighed it: the eligibility
+    rules it passed, the context weights and the levers of its score."""
+    reasons = [f"eligible:{cond.text}" for cond in offer.eligibility]
+    weighed = f":{offer.id}="
+    reasons.extend(r for r in decision.reasons if r.startswith("weight:") and weighed in r)
+    levers = decision.levers.get(offer.id, {})
+    reasons.extend(f"lever:{offer.id}:{k}={v:g}" for k, v in levers.items())
+    return reasons
+
+
+def _note_again(ctx: Context, made: Iterable[Any]) -> None:
+    """Remember again the decisions an event made (replayed after a failure)."""
+    for out in made:
+        if isinstance(out, DecisionRecord):
+            note_record(ctx, orjson.loads(out.value))
+
+
+class _Request(NamedTuple):
+    """A journal entry: a decision request (its context attributes as the value)."""
+
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
     at_ms: int
 
 
@@ -736,6 +878,96 @@ class BatchRun:
             record_dismissal(ctx, self.engine.catalog.policy, offer_id, response.timestamp_ms)
         return joined, example
 
+    def decide(self, request: DecideRequest) -> Answer:
+        """Decide a request on the customer's current context, and record it exactly like
+        a trigger's decision: a decision record (``source`` ``api``), the decision open
+        in the context's ``pending`` (so that responses join it and it is learned), and
+        the context changed in this batch's updates.
+
+        The request must be for a partition this worker owns (the shell routes it).
+        With ``limit`` > 1 the answer ranks several actions; the decision is learned for
+        the first. Raises KeyError for an unknown placement, ValueError for a channel
+        the placement is not on.
+        """
+        engine = self.engine
+        result = self.result
+        catalog, rule = engine.request_catalog(request.placement, request.channel)
+        key = request.customer_id.encode()
+        partition = 0 if engine.partition_of is None else engine.partition_of(key)
+        at_ms = request.timestamp_ms
+        self._advance(partition, at_ms)
+        ctx = engine.context(partition, key)
+        new = ctx is None
+        if ctx is None:
+            ctx = new_context(request.customer_id)
+        event = Event(
+            "request",
+            request.request_id,
+            request.customer_id,
+            None,
+            None,
+            request.placement,
+            request.context,
+            {},
+            {},
+            at_ms,
+            request.channel,
+            {},
+        )
+        decision = decide(
+            catalog,
+            engine.models,
+            engine.features,
+            rule,
+            event,
+            ctx,
+            now_ms=self.now_ms,
+            ttl_ms=engine.trigger_ttl_ms,
+            window_ms=engine.window_ms,
+            rng=engine.rng,
+        )
+        entry: Any = _Request(partition, -1, key, orjson.dumps(request.context), at_ms)
+        made = DecisionRecord(
+            key, encode_record(decision, source="api"), entry, decision.offer is not None
+        )
+        result.decisions.append(made)
+        opened: list[Pending] = []
+        if decision.offer is None:
+            result.no_offer += 1
+        if decision.offer is not None or not new:
+            if new:
+                engine.cached(partition)[key] = ctx
+                result.new_customers += 1
+                self._created.add((partition, key))
+            if decision.offer is not None:
+                opened.append(engine._open(ctx, key, partition, decision, result))
+            note_decision(ctx, decision, rule.id)
+            self._fired[len(self._keys)] = ([], (made,), opened)
+            self._journal(partition, key, ctx, entry, "request")
+        actions = [
+            Action(
+                offer=c.offer,
+                channel=decision.channels.get(c.offer.id) or c.offer.channel_for(request.channel),
+                score=round(c.score, 6),
+                propensity=round(c.mean, 6),
+                reasons=_action_reasons(decision, c.offer),
+            )
+            for c in decision.ranked[: request.limit]
+        ]
+        answer = Answer(
+            decision_id=decision.decision_id,
+            customer_id=request.customer_id,
+            channel=request.channel,
+            placement=request.placement,
+            partition=partition,
+            actions=actions,
+            reasons=decision.reasons,
+            new_customer=new,
+            decided_ms=at_ms,
+        )
+        result.answers.append(answer)
+        return answer
+
     def _journal(
         self, partition: int, key: bytes, ctx: Context, entry: Any, kind: str | None
     ) -> None:
@@ -797,10 +1029,17 @@ class BatchRun:
 
     def _apply_again(self, ctx: Context | None, entry: tuple[Any, ...]) -> Context:
         record, fired, made, opened, kind = entry
+        if kind == "request" and ctx is None:
+            ctx = new_context(record.key.decode())  # a new visitor's first request
         if kind is not None:
             assert ctx is not None  # a response or a window closed changes an existing context
             if kind == "close":
                 close_due(ctx, record.at_ms)
+            elif kind == "request":
+                for pending in opened:
+                    open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
+                _note_again(ctx, made)
+                self._contact_again(ctx, made, record.at_ms)
             else:
                 self._respond(ctx, parse_response(record.value))
             return ctx
@@ -828,7 +1067,19 @@ class BatchRun:
                 )
         for pending in opened:
             open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
+        _note_again(ctx, made)
         return ctx
+
+    def _contact_again(self, ctx: Context, made: Iterable[Any], at_ms: int) -> None:
+        """Count again, as a contact, what a decision request offered (replayed after
+        a failure)."""
+        catalog = self.engine.catalog
+        by_id = {o.id: o for o in catalog.offers}
+        for out in made:
+            decided = orjson.loads(out.value)
+            offer = by_id.get(decided["offer_id"])
+            if offer is not None:
+                record_contact(ctx, catalog.policy, at_ms, decided["channel"], offer)
 
     def _restore(self, key: bytes, partition: int, snapshot: bytes | None) -> None:
         """Put the customer's context back as it was before the failed event."""
@@ -844,8 +1095,10 @@ class BatchRun:
             # The batch cannot go on; its contexts in the cache are not all whole.
             self.engine.invalidate()
             raise
-        if ctx is None or ctx["n"] == 0:
-            self._forget(key, partition)  # nothing of the customer's was ever applied
+        if ctx is None or (ctx["n"] == 0 and not ctx["pending"]):
+            # Nothing of the customer's was ever applied (a new visitor's decision
+            # request that offered something keeps its open decision).
+            self._forget(key, partition)
             return
         self.engine.cached(partition)[key] = ctx
         contexts = self._changed.get(partition)

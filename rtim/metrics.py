@@ -170,6 +170,28 @@ MODEL_VERSION = Gauge(
     "Examples learned by the newest snapshot of each offer's model this worker decides with.",
     ["offer"],
 )
+CATALOG_VERSION = Gauge(
+    "rtim_catalog_version",
+    "Version of the catalog this worker decides with (0: the file it started with).",
+)
+CATALOG_REJECTED = Counter(
+    "rtim_catalog_rejected_total",
+    "Records of rtim.offers this worker could not load (the catalog in force stays).",
+)
+#: Results of the decision API: decided here, forwarded to the owner, a bad request,
+#: not the owner now (503), or failed.
+API_RESULTS = ("decided", "forwarded", "invalid", "unavailable", "error")
+API_REQUESTS = Counter(
+    "rtim_api_requests_total",
+    "Requests to the decision API (POST /v1/decide, GET /v1/customers/{id}), by result.",
+    ["endpoint", "result"],
+)
+API_SECONDS = Histogram(
+    "rtim_api_seconds",
+    "Time to answer a decision API request on this worker (forwarding included).",
+    ["endpoint"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
 
 # A labelled series exists only once its labels are used: a dashboard panel or an alert
 # on a reason no event has had yet would show "No data" instead of 0. Every label value
@@ -184,6 +206,9 @@ for _outcome in OUTCOMES:
         RESPONSES.labels(_outcome, _result)
 for _result in LEARN_RESULTS:
     EXAMPLES_LEARNED.labels(_result)
+for _endpoint in ("decide", "customer"):
+    for _result in API_RESULTS:
+        API_REQUESTS.labels(_endpoint, _result)
 #: The stages of :data:`BATCH_STAGE_SECONDS`, one child each.
 BATCH_STAGES = {
     stage: BATCH_STAGE_SECONDS.labels(stage) for stage in ("core", "publish", "store", "fence")

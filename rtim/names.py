@@ -21,6 +21,8 @@ RESPONSES_TOPIC = "rtim.responses"
 TRAINING_TOPIC = "rtim.training"
 #: Model snapshots, keyed by offer id (compacted where the broker compacts).
 MODELS_TOPIC = "rtim.models"
+#: The live catalog: its versions under one key (compacted), read by every worker.
+OFFERS_TOPIC = "rtim.offers"
 #: The Faust table of customer contexts.
 CONTEXT_TABLE = "customers"
 

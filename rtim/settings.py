@@ -6,6 +6,7 @@ Each field is read from the environment variable ``RTIM_<NAME>`` (for example
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +34,12 @@ class Settings(BaseSettings):
     )
     web_port: int = Field(6066, description="Port of /metrics, /health/live, /health/ready.")
     web_host: str = Field("0.0.0.0", description="Interface the web server binds to.")
+    web_canonical_url: str = Field(
+        "",
+        description="URL other workers reach this worker's web server at (the decision API "
+        "forwards a request to the worker that owns its customer); empty: "
+        "http://<RTIM_WEB_HOST, or the host name if it is 0.0.0.0>:<RTIM_WEB_PORT>.",
+    )
     datadir: Path = Field(
         Path("rtim-data"), description="Directory of the worker's table stores (RocksDB)."
     )
@@ -127,6 +134,14 @@ class Settings(BaseSettings):
         description="Longest a stopping worker waits for Kafka (last commit, leaving the "
         "group) before it exits with code 1; keep it under the orchestrator's grace period.",
     )
+
+    @property
+    def canonical_url(self) -> str:
+        """The URL other workers reach this one at (``RTIM_WEB_CANONICAL_URL``)."""
+        if self.web_canonical_url:
+            return self.web_canonical_url.rstrip("/")
+        host = self.web_host if self.web_host not in ("0.0.0.0", "::", "") else socket.gethostname()
+        return f"http://{host}:{self.web_port}"
 
     @property
     def kafka(self) -> KafkaConnection:

@@ -61,6 +61,14 @@ every service offer); ``suppression: []`` turns it off. A catalog without any
 of this has ``policy`` None, and its decisions skip the policy steps, except
 that a channel the customer withdrew consent for is never used.
 
+The optional ``placements`` list names the places the decision API answers for
+(``POST /v1/decide``)::
+
+    placements:
+      - id: home-hero
+        channels: [web, app]        # the channels a request for it may come on
+        offers: [free-shipping]     # which offers may appear there (all of the channel's if absent)
+
 Loading checks everything (unknown fields, types, conditions, references from
 offers to triggers, time zones, durations, and references to offers and
 groups) and raises :class:`CatalogError` naming the place: the file and line
@@ -216,6 +224,16 @@ class Offer:
 
 
 @dataclass(frozen=True, slots=True)
+class Placement:
+    """A place the decision API answers for: on which channels, with which offers."""
+
+    id: str
+    channels: tuple[str, ...]
+    #: The offers that may appear there; None: every offer on the request's channel.
+    offers: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Catalog:
     """Triggers and offers, as loaded from one file."""
 
@@ -229,6 +247,9 @@ class Catalog:
     #: Contact policy and levers (:mod:`rtim.offers.policy`); None when the catalog
     #: has none, so that decisions skip every policy step.
     policy: Policy | None = None
+    placements: tuple[Placement, ...] = ()
+    #: The YAML text it was read from (what the live catalog publishes), if any.
+    text: str | None = field(default=None, repr=False, compare=False)
     _by_trigger: dict[str, tuple[Offer, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
@@ -240,6 +261,12 @@ class Catalog:
             found = tuple(o for o in self.offers if o.triggers is None or trigger_id in o.triggers)
             self._by_trigger[trigger_id] = found
         return found
+
+    def placement(self, placement_id: str) -> Placement | None:
+        for placement in self.placements:
+            if placement.id == placement_id:
+                return placement
+        return None
 
     @property
     def channels(self) -> frozenset[str]:
@@ -362,6 +389,34 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     return offer
 
 
+def parse_placement(raw: Any, index: int, offer_ids: frozenset[str]) -> Placement:
+    if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
+        raise CatalogError(f"placements[{index}]: each placement needs a string 'id'")
+    where = f"placement {raw['id']!r}"
+    unknown = set(raw) - {"id", "channels", "offers"}
+    if unknown:
+        raise CatalogError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
+    channels = raw.get("channels")
+    if isinstance(channels, str):
+        channels = [channels]
+    if not isinstance(channels, list) or not channels:
+        raise CatalogError(f"{where}: 'channels' must be a non-empty list")
+    bad = [c for c in channels if c not in CHANNELS]
+    if bad:
+        raise CatalogError(f"{where}: unknown channel(s) {bad}; known: {sorted(CHANNELS)}")
+    offers = raw.get("offers")
+    if offers is not None:
+        if isinstance(offers, str):
+            offers = [offers]
+        if not isinstance(offers, list) or not all(isinstance(o, str) for o in offers):
+            raise CatalogError(f"{where}: 'offers' must be a list of offer ids")
+        missing = [o for o in offers if o not in offer_ids]
+        if missing:
+            raise CatalogError(f"{where}: 'offers' refers to undefined offer(s) {missing}")
+        offers = tuple(offers)
+    return Placement(id=raw["id"], channels=tuple(channels), offers=offers)
+
+
 def _duplicates(ids: list[str]) -> list[str]:
     return sorted({i for i in ids if ids.count(i) > 1})
 
@@ -380,7 +435,7 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
 
     if not isinstance(data, dict):
         raise error("the catalog must be a mapping with 'triggers' and 'offers'")
-    unknown = set(data) - {"triggers", "offers", "learning", *_POLICY_SECTIONS}
+    unknown = set(data) - {"triggers", "offers", "learning", "placements", *_POLICY_SECTIONS}
     if unknown:
         raise error(f"unknown top-level field(s) {sorted(map(str, unknown))}")
     raw_triggers = data.get("triggers") or []
@@ -410,6 +465,21 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
         raise error(
             f"duplicate offer id(s) {_duplicates(offer_ids)}", _second(raw_offers, offer_ids)
         )
+    raw_placements = data.get("placements") or []
+    if not isinstance(raw_placements, list):
+        raise error("'placements' must be a list")
+    placements = []
+    for i, raw in enumerate(raw_placements):
+        try:
+            placements.append(parse_placement(raw, i, frozenset(offer_ids)))
+        except CatalogError as exc:
+            raise error(str(exc), raw) from None
+    placement_ids = [p.id for p in placements]
+    if len(set(placement_ids)) != len(placement_ids):
+        raise error(
+            f"duplicate placement id(s) {_duplicates(placement_ids)}",
+            _second(raw_placements, placement_ids),
+        )
     learning = data.get("learning") or {}
     try:
         traits, features = parse_learning(learning)
@@ -426,6 +496,7 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
         traits=traits,
         features=features,
         policy=policy,
+        placements=tuple(placements),
     )
 
 
@@ -509,14 +580,21 @@ def load_catalog(path: str | Path) -> Catalog:
     """Read and check a catalog file."""
     path = Path(path)
     try:
-        data, lines = _load_yaml(path.read_text(encoding="utf-8"))
-    except OSError as exc:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
         raise CatalogError(f"cannot read catalog {path}: {exc}") from None
+    return catalog_from_text(text, str(path))
+
+
+def catalog_from_text(text: str, source: str) -> Catalog:
+    """Check a catalog's YAML text; ``source`` names it in errors (``source:line``)."""
+    try:
+        data, lines = _load_yaml(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        where = f"{source}:{mark.line + 1}" if mark else source
         problem = "; ".join(p for p in (exc.context, exc.problem) if p)
         raise CatalogError(f"{where}: not valid YAML: {problem}") from None
     except yaml.YAMLError as exc:
-        raise CatalogError(f"{path}: not valid YAML: {exc}") from None
-    return parse_catalog(data, source=str(path), lines=lines)
+        raise CatalogError(f"{source}: not valid YAML: {exc}") from None
+    return replace(parse_catalog(data, source=source, lines=lines), text=text)

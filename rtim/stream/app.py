@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -37,8 +38,11 @@ from rtim.names import (
     RESPONSES_TOPIC,
     TRAINING_TOPIC,
 )
-from rtim.offers.catalog import load_catalog
+from rtim.offers.catalog import Catalog, load_catalog
+from rtim.offers.live import CatalogVersion
 from rtim.settings import Settings
+from rtim.stream.api import DecisionApi, install_api
+from rtim.stream.catalog import LiveCatalog
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
 from rtim.stream.health import BrokerHealth
 from rtim.stream.models import SharedModels, install_view
@@ -86,6 +90,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "web_enabled": True,
         "web_port": settings.web_port,
         "web_bind": settings.web_host,
+        "canonical_url": settings.canonical_url,
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.replication_factor,
         "broker_max_poll_records": settings.max_fetch_records,
@@ -179,6 +184,13 @@ class ClickstreamProcessor:
         self._idle = asyncio.Event()
         self._idle.set()
         self._lock = asyncio.Lock()  # one batch at a time: fetched ones and idle ticks
+        #: Decides the waiting decision requests in a batch about to finish; returns what
+        #: to call with whether the batch was stored (:class:`rtim.stream.api.DecisionApi`).
+        self.riders: Callable[[BatchRun], Callable[[bool], None]] | None = None
+        #: Set once the live catalog is read (:class:`rtim.stream.catalog.LiveCatalog`
+        #: clears it when it starts); batches wait for it.
+        self.catalog_loaded = asyncio.Event()
+        self.catalog_loaded.set()
         self._gc_tuned = False
 
     def _partition_of(self, key: bytes) -> int:
@@ -197,12 +209,22 @@ class ClickstreamProcessor:
 
     async def handle(self, batch: FetchedBatch) -> None:
         """Process one batch: core, publish, store, acknowledge."""
+        if not self.catalog_loaded.is_set():
+            await self.catalog_loaded.wait()
         async with self._lock:
             self._idle.clear()
             try:
                 await self._handle(batch)
             finally:
                 self._idle.set()
+
+    async def set_catalog(self, catalog: Catalog) -> None:
+        """Decide with ``catalog`` from the next batch on."""
+        async with self._lock:
+            self.engine.set_catalog(catalog)
+        metrics.start_at_zero(
+            CLICKSTREAM_TOPIC, ((c, o.id) for o in catalog.offers for c in o.channels)
+        )
 
     async def tick(self) -> None:
         """Close the attribution windows of partitions that received nothing for
@@ -245,9 +267,22 @@ class ClickstreamProcessor:
         )
         self._generation = generation
 
-    async def _handle(self, batch: FetchedBatch, run: BatchRun | None = None) -> None:
+    async def _handle(self, batch: FetchedBatch, run: BatchRun | None = None) -> bool:
+        """Whether the batch was published and stored (False: dropped, it was not ours)."""
+        settle: list[Callable[[bool], None]] = []
+        stored = False
+        try:
+            stored = await self._run_batch(batch, run, settle)
+        finally:
+            for done in settle:
+                done(stored)
+        return stored
+
+    async def _run_batch(
+        self, batch: FetchedBatch, run: BatchRun | None, settle: list[Callable[[bool], None]]
+    ) -> bool:
         if not self._current(batch):
-            return  # revoked meanwhile: the records come again from the committed offset
+            return False  # revoked meanwhile: the records come again from the committed offset
         if not self._gc_tuned:
             tune_gc()
             self._gc_tuned = True
@@ -264,6 +299,9 @@ class ClickstreamProcessor:
                 # A turn for the rest of the worker (health checks, the consumer
                 # thread's results, heartbeats) while the core works on a big batch.
                 await asyncio.sleep(0)
+        if self.riders is not None:
+            # Decision requests waiting for the lock ride this batch (one publish for all).
+            settle.append(self.riders(run))
         result = run.finish()
         core_done = time.perf_counter()
         metrics.BATCH_STAGES["core"].observe(core_done - started)
@@ -289,7 +327,7 @@ class ClickstreamProcessor:
             for r in result.rekeyed
         )
         out.extend(
-            OutRecord(DECISIONS_TOPIC, d.key, d.value, [], None, cause_partition(d.cause))
+            OutRecord(DECISIONS_TOPIC, d.key, d.value, d.headers, None, cause_partition(d.cause))
             for d in result.decisions
         )
         # Two records per example: its offer's, and the pooled model's (training_records).
@@ -313,7 +351,7 @@ class ClickstreamProcessor:
         if written is None or not self._current(batch):
             await self._abandon()
             self.engine.invalidate()
-            return
+            return False
         written = await self._seal(batch, written)
         if written is None:
             # Published, maybe after another owner's records: nothing of it is stored
@@ -323,7 +361,7 @@ class ClickstreamProcessor:
             self.engine.invalidate()
             self._fenced_generation = batch.generation_id
             await self._consumer().rejoin()  # if still a member, recover all the same
-            return
+            return False
         published = time.perf_counter()
         metrics.BATCH_STAGES["publish"].observe(published - core_done)
         for partition, items in result.updates.items():
@@ -342,6 +380,7 @@ class ClickstreamProcessor:
                 max(0, (consumer.highwater(tp) or 0) - tp_records[-1].offset - 1)
             )
         self._observe(result, len(records), started)
+        return True
 
     async def _publish(self, out: list[OutRecord], batch: FetchedBatch) -> dict | None:
         """Publish until Kafka takes it; None if the batch stopped being ours meanwhile."""
@@ -588,6 +627,20 @@ def create_app(settings: Settings) -> RtimApp:
     app.rtim_shared = SharedModels(settings, app.rtim_models, loop=app.loop)
     app.add_dependency(app.rtim_shared)
     install_view(app, app.rtim_shared)
+    # The live catalog: the file given at start is version 0, until rtim.offers has one.
+    live = LiveCatalog(
+        settings.kafka,
+        client_id=f"{settings.app_id}-catalog",
+        current=CatalogVersion(version=0, source=str(settings.catalog)),
+        swap=processor.set_catalog,
+        # The clickstream is decided with the live catalog from the first record on.
+        loaded=processor.catalog_loaded,
+        loop=app.loop,
+    )
+    app.add_dependency(live)
+    decision_api = DecisionApi(app, processor, live)
+    processor.riders = decision_api.ride
+    install_api(app, decision_api)
 
     # Subscribe the consumer to the clickstream, and hand its records to the
     # processor a fetch at a time instead of one message at a time.

@@ -20,6 +20,7 @@ from rtim.names import (
     DECISIONS_TOPIC,
     DLQ_TOPIC,
     MODELS_TOPIC,
+    OFFERS_TOPIC,
     RESPONSES_TOPIC,
     TRAINING_TOPIC,
     trigger_topic,
@@ -28,6 +29,12 @@ from rtim.offers.catalog import load_catalog
 from rtim.settings import KafkaConnection, Settings
 
 _TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")  # Kafka's own rule
+
+#: Configs of the topics that need their own (applied when they are created).
+TOPIC_CONFIGS: dict[str, dict[str, str]] = {
+    # The newest catalog is all a worker needs (one key, one partition: one order).
+    OFFERS_TOPIC: {"cleanup.policy": "compact"},
+}
 
 
 def topic_specs(settings: Settings) -> dict[str, int]:
@@ -43,6 +50,7 @@ def topic_specs(settings: Settings) -> dict[str, int]:
         DECISIONS_TOPIC: n,
         TRAINING_TOPIC: n,
         MODELS_TOPIC: n,
+        OFFERS_TOPIC: 1,
     }
     specs.update({trigger_topic(c): settings.partitions for c in sorted(channels)})
     return specs
@@ -66,7 +74,8 @@ async def create_topics(
         Topic name -> number of partitions. Existing topics are left as they are,
         even if their partition count differs.
     config
-        Topic configs applied to every created topic (values are sent as strings).
+        Topic configs applied to every created topic (values are sent as strings), with
+        those of :data:`TOPIC_CONFIGS` over them.
     replication_factor
         1 on the embedded broker; ``RTIM_REPLICATION_FACTOR`` for a worker's topics.
     timeout
@@ -92,7 +101,10 @@ async def create_topics(
         return []
     configs = {k: str(v) for k, v in (config or {}).items()}
     new = [
-        NewTopic(name, n, replication_factor, topic_configs=configs) for name, n in specs.items()
+        NewTopic(
+            name, n, replication_factor, topic_configs={**configs, **TOPIC_CONFIGS.get(name, {})}
+        )
+        for name, n in specs.items()
     ]
     admin = AIOKafkaAdminClient(
         **KafkaConnection.parse(kafka).client_config(), request_timeout_ms=int(timeout * 1000)

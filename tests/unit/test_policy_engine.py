@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import orjson
@@ -124,3 +125,45 @@ def test_a_dismissal_after_the_decisions_window_closed_still_cools_the_offer_dow
     cooled = run(eng, log.records(view(START + 2 * DAY + 3 * HOUR)), store)
     assert cooled.triggers == []
     assert "rejected:picks:cooldown" in decisions(cooled)[0]["reasons"]
+
+
+@pytest.mark.parametrize("known", [True, False])
+def test_a_requests_contact_is_kept_when_its_batch_is_replayed_after_a_failure(
+    monkeypatch: pytest.MonkeyPatch, known: bool
+) -> None:
+    # A decision request, then an event of the same customer that fails in the same
+    # batch: the customer's context is rebuilt from the store and the batch's earlier
+    # changes, and the request's contact is among them (the cap still counts it).
+    from rtim.decide.request import parse_request
+
+    store, log = Store(), Log()
+    eng = Engine(catalog=CATALOG, load=store.load, clock=lambda: CLOCK / 1000)
+    if known:  # a customer seen before (no decision then)
+        run(eng, log.records(track("Signed In", ts=START - HOUR)), store)
+    at = dt.datetime.fromtimestamp(START / 1000, dt.UTC).isoformat().replace("+00:00", "Z")
+    request = {"customer_id": "u-1", "channel": "email", "timestamp": at}
+    monkeypatch.setattr(rtim.engine, "apply_event", _failing(rtim.engine.apply_event))
+    batch = eng.start_batch("rtim.clickstream")
+    answer = batch.decide(parse_request(orjson.dumps(request), now_ms=CLOCK))
+    assert [a.offer.id for a in answer.actions] == ["picks"]
+    batch.add(log.records(view(START + HOUR)))
+    result = batch.finish()
+    store.persist(result)
+    assert [d.reason for d in result.dead_letters] == ["internal_error"]
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    assert ctx["contacts"] == [[START, "email", "picks", None]]
+    assert [p[1] for p in ctx["pending"]] == ["picks"]
+    assert ctx["n"] == (1 if known else 0)  # the failed event left nothing
+
+
+def _failing(apply_event: Any) -> Any:
+    """apply_event that fails on its first call (a defect in an event's update)."""
+    calls = []
+
+    def fails_first(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("bad update")
+        return apply_event(*args, **kwargs)
+
+    return fails_first

@@ -93,6 +93,11 @@ CASES: dict[str, Callable[[Path], Case]] = {
     ),
     "web_port": lambda tmp: Case(7077, lambda w: w.site._port, 7077),
     "web_host": lambda tmp: Case("127.0.0.2", lambda w: w.site._host, "127.0.0.2"),
+    "web_canonical_url": lambda tmp: Case(
+        "http://rtim-1.example:7077/",
+        lambda w: str(w.app.conf.canonical_url),
+        "http://rtim-1.example:7077",
+    ),
     "datadir": lambda tmp: Case(
         tmp / "data", lambda w: w.app.conf.tabledir.is_relative_to(tmp / "data"), True
     ),

@@ -1,0 +1,264 @@
+"""``rtim bench --api``: the decision API's latency while the worker takes a clickstream.
+
+One worker on an embedded broker (or ``--broker``) takes live simulated events at a
+fixed rate (``--rate``, 5,000/s by default) while ``POST /v1/decide`` requests go to it
+over loopback at their own fixed rate (``--api-rate``, 500/s) for ``--latency-seconds``.
+The requests follow an open-loop schedule: request *i* is due at start + i / rate and is
+sent then whatever the earlier ones are doing, and its latency runs from when it was
+due to its answer, so time spent queueing (in the client, the socket, the worker's lock
+behind a clickstream batch) is in it. Requests ask for customers whose events went in
+lately (their contexts are live), on the channel of their latest event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from rtim.bench import Latency, _iso_now, _latency
+from rtim.broker import EmbeddedBroker
+from rtim.events import customer_key
+from rtim.names import CLICKSTREAM_TOPIC, OFFER_CHANNELS
+from rtim.settings import DEFAULT_CATALOG, KafkaConnection, Settings
+from rtim.simulate import JourneySimulator
+from rtim.stream.process import WorkerProcess
+from rtim.stream.topics import create_topics, topic_specs
+
+#: The latency objective of the decision API's p99 on loopback (docs/architecture.md).
+OBJECTIVE_P99_MS = 5.0
+#: How often the schedules are looked at.
+TICK_S = 0.002
+#: Customers recently seen that requests choose from.
+RECENT_CUSTOMERS = 2_000
+
+
+@dataclass
+class ApiReport:
+    event_rate: float
+    request_rate: float
+    seconds: float
+    #: Requests sent, answered 200, and the others by status ("timeout", "error" too).
+    sent: int = 0
+    ok: int = 0
+    offered: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    events_sent: int = 0
+    latency: Latency | None = None
+    #: The worker's own account (``rtim_api_seconds``): mean, and the upper bounds of the
+    #: histogram buckets that hold its p50 and p99, in ms (forwarding and queueing for the
+    #: processor's lock included; the client and the socket not).
+    worker_mean_ms: float | None = None
+    worker_p50_ms: float | None = None
+    worker_p99_ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+async def api_load(
+    url: str,
+    bootstrap: str,
+    *,
+    event_rate: float,
+    request_rate: float,
+    seconds: float,
+    customers: int,
+) -> ApiReport:
+    """Send live events and decision requests at their rates; the requests' report."""
+    report = ApiReport(event_rate=event_rate, request_rate=request_rate, seconds=seconds)
+    producer = AIOKafkaProducer(**KafkaConnection.parse(bootstrap).client_config(), linger_ms=1)
+    await producer.start()
+    sim = JourneySimulator(customers=customers, seed=11, live=True)
+    stream = sim.events()
+    recent: dict[str, str] = {}  # customer -> channel of its latest event
+    rng = random.Random(5)
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    pending: set[asyncio.Task[None]] = set()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
+    timeout = aiohttp.ClientTimeout(total=10)
+
+    async def ask(due: float, body: bytes) -> None:
+        try:
+            async with session.post(f"{url}/v1/decide", data=body, timeout=timeout) as resp:
+                answer = await resp.read()
+                if resp.status == 200:
+                    report.ok += 1
+                    if orjson.loads(answer)["actions"]:
+                        report.offered += 1
+                else:
+                    errors[str(resp.status)] += 1
+        except TimeoutError:
+            errors["timeout"] += 1
+        except aiohttp.ClientError:
+            errors["error"] += 1
+        latencies.append((time.perf_counter() - due) * 1000)
+
+    try:
+        start = time.perf_counter()
+        events_due = requests_due = 0.0
+        while (now := time.perf_counter()) - start < seconds:
+            elapsed = now - start
+            for _ in range(int(elapsed * event_rate - events_due)):
+                event = next(stream)
+                event["timestamp"], _ = _iso_now()
+                key = customer_key(event)
+                await producer.send(CLICKSTREAM_TOPIC, orjson.dumps(event), key=key.encode())
+                recent.pop(key, None)
+                recent[key] = _channel(event)
+                if len(recent) > RECENT_CUSTOMERS:
+                    del recent[next(iter(recent))]
+                events_due += 1
+            report.events_sent = int(events_due)
+            while requests_due < elapsed * request_rate:
+                due = start + requests_due / request_rate
+                requests_due += 1
+                if recent:
+                    customer = rng.choice(list(recent))
+                    channel = recent[customer]
+                else:
+                    customer, channel = f"visitor-{int(requests_due)}", "web"
+                body = orjson.dumps({"customer_id": customer, "channel": channel, "limit": 3})
+                task = asyncio.create_task(ask(due, body))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                report.sent += 1
+            await asyncio.sleep(TICK_S)
+        if pending:
+            await asyncio.wait(pending, timeout=15)
+    finally:
+        await session.close()
+        await producer.stop()
+    report.errors = dict(errors)
+    report.latency = _latency(latencies)
+    return report
+
+
+def _channel(event: dict) -> str:
+    """The offer channel a request for this customer would come on (web by default)."""
+    context = event.get("context") or {}
+    if "app" in context:
+        return "app"
+    channel = (event.get("properties") or {}).get("channel")
+    return channel if channel in OFFER_CHANNELS else "web"
+
+
+async def run_api_bench(
+    *,
+    event_rate: float = 5_000.0,
+    request_rate: float = 500.0,
+    seconds: float = 10.0,
+    partitions: int = 4,
+    customers: int = 5_000,
+    broker: str | None = None,
+    workdir: Path | None = None,
+    catalog: Path = DEFAULT_CATALOG,
+    echo: Callable[[str], None] = print,
+) -> ApiReport:
+    """Start a broker (unless given) and a worker; measure the decision API under load."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="rtim-bench-api-"))
+    embedded = None
+    if broker is None:
+        embedded = EmbeddedBroker(log_path=workdir / "broker.log").start()
+        broker = embedded.bootstrap
+    worker: WorkerProcess | None = None
+    try:
+        await create_topics(broker, topic_specs(Settings(broker=broker, partitions=partitions)))
+        worker = WorkerProcess(
+            broker=broker,
+            app_id="rtim-bench-api",
+            datadir=workdir / "rtim-data",
+            log_path=workdir / "rtim.log",
+            env={
+                "RTIM_PARTITIONS": str(partitions),
+                "RTIM_LOG_LEVEL": "warning",
+                "RTIM_CATALOG": str(catalog),
+            },
+        ).start()
+        await asyncio.to_thread(worker.wait_ready)
+        echo(
+            f"decision API: {request_rate:,.0f} requests/s while {event_rate:,.0f} events/s "
+            f"go in, for {seconds:.0f} s ..."
+        )
+        report = await api_load(
+            worker.url,
+            broker,
+            event_rate=event_rate,
+            request_rate=request_rate,
+            seconds=seconds,
+            customers=customers,
+        )
+        try:
+            worker_account(report, await asyncio.to_thread(worker.metrics))
+        except OSError as exc:
+            report.notes.append(f"could not read the worker's metrics: {exc}")
+        return report
+    finally:
+        if worker is not None:
+            worker.stop()
+        if embedded is not None:
+            embedded.stop()
+
+
+def worker_account(report: ApiReport, scraped: dict[str, float]) -> None:
+    """Fill in the worker's own account of its answers from a scrape of its metrics."""
+    prefix = 'rtim_api_seconds_bucket{endpoint="decide",le="'
+    buckets = sorted(
+        (float(name[len(prefix) : -2]), count)
+        for name, count in scraped.items()
+        if name.startswith(prefix)
+    )
+    total = scraped.get('rtim_api_seconds_count{endpoint="decide"}', 0.0)
+    if not total:
+        return
+    report.worker_mean_ms = round(
+        scraped['rtim_api_seconds_sum{endpoint="decide"}'] / total * 1000, 2
+    )
+
+    def bound(q: float) -> float:
+        return next((le * 1000 for le, count in buckets if count >= q * total), float("inf"))
+
+    report.worker_p50_ms, report.worker_p99_ms = bound(0.50), bound(0.99)
+
+
+def format_api_report(report: ApiReport) -> str:
+    lines = [
+        f"decision API over loopback, {report.request_rate:,.0f} requests/s (open loop) while "
+        f"the worker takes {report.event_rate:,.0f} events/s, {report.seconds:.0f} s",
+        f"  requests  {report.sent:>8,} sent, {report.ok:,} answered 200 "
+        f"({report.offered:,} with an action)",
+        f"  events    {report.events_sent:>8,} sent",
+    ]
+    if report.errors:
+        lines.append(
+            "  errors    " + ", ".join(f"{k}: {v:,}" for k, v in sorted(report.errors.items()))
+        )
+    else:
+        lines.append("  errors           0")
+    lat = report.latency
+    if lat is not None:
+        verdict = "within" if lat.p99_ms <= OBJECTIVE_P99_MS else "over"
+        lines.append(
+            f"  latency   p50 {lat.p50_ms:.2f} ms  p95 {lat.p95_ms:.2f} ms  "
+            f"p99 {lat.p99_ms:.2f} ms  max {lat.max_ms:.2f} ms  "
+            f"({verdict} the p99 objective of {OBJECTIVE_P99_MS:g} ms)"
+        )
+    if report.worker_mean_ms is not None:
+        lines.append(
+            f"  worker    mean {report.worker_mean_ms:.2f} ms, p50 <= {report.worker_p50_ms:g} ms, "
+            f"p99 <= {report.worker_p99_ms:g} ms (its own rtim_api_seconds)"
+        )
+    lines.extend(f"  note: {n}" for n in report.notes)
+    return "\n".join(lines)
+
+
+def api_report_json(report: ApiReport) -> str:
+    return orjson.dumps(asdict(report), option=orjson.OPT_INDENT_2).decode()

@@ -1,0 +1,81 @@
+"""What a customer's context remembers of its last decisions, for ``rtim explain``.
+
+Every decision (a trigger's or a request's) is recorded in full on
+``rtim.decisions``; the context keeps only a short summary of the last
+:data:`MAX_RECENT` (its id, when, what asked, the offer and channel, and the
+first :data:`MAX_REASONS` of its reasons that the catalog does not already say: which
+offers were rejected and why, and the outcome), because every byte of a context is read and
+written with each of the customer's events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rtim.context.model import Context
+from rtim.decide.arbitrate import Decision
+
+#: Decisions a context remembers.
+MAX_RECENT = 3
+#: Reasons remembered per decision (the record on rtim.decisions has them all).
+MAX_REASONS = 6
+#: Reasons not remembered: the trigger is ``by``, and the winner's eligibility
+#: conditions are in the catalog (and in the decision record).
+_DERIVED = ("trigger:", "eligible:")
+
+
+def note_decision(ctx: Context, decision: Decision, by: str) -> None:
+    """Remember a decision's summary in the context (the oldest goes first)."""
+    offer = None if decision.offer is None else decision.offer.id
+    reasons = decision.reasons
+    _remember(
+        ctx, decision.decision_id, decision.event.timestamp_ms, by, offer, decision.channel, reasons
+    )
+
+
+def note_record(ctx: Context, record: dict[str, Any]) -> None:
+    """Remember a decision from its record (:mod:`rtim.decide.record`), as
+    :func:`note_decision` did when it was made."""
+    _remember(
+        ctx,
+        record["decision_id"],
+        record["decided_ms"],
+        record["trigger"],
+        record["offer_id"],
+        record["channel"],
+        record["reasons"],
+    )
+
+
+def _remember(
+    ctx: Context,
+    decision_id: str,
+    at_ms: int,
+    by: str,
+    offer: str | None,
+    channel: str,
+    reasons: list[str],
+) -> None:
+    entry = {
+        "id": decision_id,
+        "at": at_ms,
+        "by": by,
+        "offer": offer,
+        "channel": channel,
+        "reasons": [r for r in reasons if not r.startswith(_DERIVED)][:MAX_REASONS],
+    }
+    recent = ctx.get("recent")
+    if recent is None:
+        # ``src`` stays the last field (read without decoding the context).
+        src = ctx.pop("src", None)
+        ctx["recent"] = [entry]
+        ctx["src"] = src
+        return
+    recent.append(entry)
+    if len(recent) > MAX_RECENT:
+        del recent[: len(recent) - MAX_RECENT]
+
+
+def recent_decisions(ctx: Context) -> list[dict[str, Any]]:
+    """The summaries of the context's last decisions, newest first."""
+    return list(reversed(ctx.get("recent") or []))

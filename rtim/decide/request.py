@@ -1,0 +1,142 @@
+"""Decision requests: what ``POST /v1/decide`` asks, checked, and what it answers.
+
+A request asks for the next best actions for one customer on one channel, at
+an optional placement (the catalog's ``placements``). It is decided like a
+decision moment of the clickstream (:func:`rtim.decide.arbitrate.decide`) on an
+event of type ``request``: conditions see the placement as ``event.name`` and
+the request's ``context`` attributes as ``event.properties`` (so
+``event.properties.page == "/checkout"`` holds for a request made with
+``"context": {"page": "/checkout"}``), and the customer's context as for any
+event.
+
+Examples
+--------
+>>> req = parse_request(b'{"customer_id": "u1", "channel": "web"}', now_ms=1000)
+>>> req.customer_id, req.channel, req.limit, req.timestamp_ms
+('u1', 'web', 1, 1000)
+>>> parse_request(b'{"channel": "web"}', now_ms=0)
+Traceback (most recent call last):
+...
+rtim.decide.request.InvalidRequest: customer_id: required (the userId or anonymousId)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from rtim.events.segment import MAX_CUSTOMER_ID_CHARS
+from rtim.names import OFFER_CHANNELS
+
+#: The most actions one request may ask for.
+MAX_LIMIT = 10
+#: The most bytes a request body may have.
+MAX_REQUEST_BYTES = 16_384
+#: The most attributes a request's context may carry.
+MAX_CONTEXT_ATTRIBUTES = 32
+_FIELDS = {"customer_id", "channel", "placement", "timestamp", "limit", "context", "request_id"}
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot be decided; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def as_json(self) -> dict[str, str]:
+        return {"error": "invalid_request", "field": self.field, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class DecideRequest:
+    """One checked request."""
+
+    customer_id: str
+    channel: str
+    #: Event time of the request, epoch ms.
+    timestamp_ms: int
+    placement: str | None = None
+    limit: int = 1
+    #: Attributes of the request conditions may read (``event.properties.*``).
+    context: dict[str, Any] = field(default_factory=dict)
+    #: The request's id (the decision id is derived from it); a fresh one if not given.
+    request_id: str = ""
+
+
+def parse_request(
+    body: bytes, *, now_ms: int, max_future_skew_ms: int = 3_600_000
+) -> DecideRequest:
+    """Check a request body; raises :class:`InvalidRequest` naming the first bad field."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise InvalidRequest("body", f"longer than {MAX_REQUEST_BYTES} bytes")
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("body", f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequest("body", "must be a JSON object")
+    unknown = sorted(set(raw) - _FIELDS)
+    if unknown:
+        raise InvalidRequest(unknown[0], f"unknown field; known: {sorted(_FIELDS)}")
+    customer = raw.get("customer_id")
+    if customer is None:
+        raise InvalidRequest("customer_id", "required (the userId or anonymousId)")
+    if isinstance(customer, int) and not isinstance(customer, bool):
+        customer = str(customer)  # as Segment ids may be numbers
+    if not isinstance(customer, str) or not customer.strip():
+        raise InvalidRequest("customer_id", "must be a non-empty string")
+    if len(customer) > MAX_CUSTOMER_ID_CHARS:
+        raise InvalidRequest("customer_id", f"longer than {MAX_CUSTOMER_ID_CHARS} characters")
+    channel = raw.get("channel")
+    if channel is None:
+        raise InvalidRequest("channel", f"required, one of {sorted(OFFER_CHANNELS)}")
+    if channel not in OFFER_CHANNELS:
+        raise InvalidRequest("channel", f"{channel!r} is not one of {sorted(OFFER_CHANNELS)}")
+    placement = raw.get("placement")
+    if placement is not None and (not isinstance(placement, str) or not placement):
+        raise InvalidRequest("placement", "must be a placement id (a non-empty string)")
+    at_ms = _timestamp_ms(raw.get("timestamp"), now_ms)
+    if at_ms > now_ms + max_future_skew_ms:
+        raise InvalidRequest("timestamp", "more than RTIM_MAX_FUTURE_SKEW_S ahead of the clock")
+    limit = raw.get("limit", 1)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise InvalidRequest("limit", f"must be an integer from 1 to {MAX_LIMIT}")
+    context = raw.get("context") or {}
+    if not isinstance(context, dict):
+        raise InvalidRequest("context", "must be a JSON object of request attributes")
+    if len(context) > MAX_CONTEXT_ATTRIBUTES:
+        raise InvalidRequest("context", f"more than {MAX_CONTEXT_ATTRIBUTES} attributes")
+    request_id = raw.get("request_id")
+    if request_id is None:
+        request_id = uuid.uuid4().hex
+    elif not isinstance(request_id, str) or not 0 < len(request_id) <= 128:
+        raise InvalidRequest("request_id", "must be a string of 1 to 128 characters")
+    return DecideRequest(
+        customer_id=customer,
+        channel=channel,
+        timestamp_ms=at_ms,
+        placement=placement,
+        limit=limit,
+        context=context,
+        request_id=request_id,
+    )
+
+
+def _timestamp_ms(value: Any, now_ms: int) -> int:
+    if value is None:
+        return now_ms
+    if not isinstance(value, str):
+        raise InvalidRequest("timestamp", "must be an ISO 8601 string")
+    try:
+        moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest("timestamp", f"not an ISO 8601 time: {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() * 1000)

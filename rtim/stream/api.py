@@ -1,0 +1,345 @@
+"""The decision API on every worker: ``POST /v1/decide``, ``GET /v1/customers/{id}``,
+``GET /v1/catalog`` (docs/architecture.md, "The decision API").
+
+A customer's context lives on the worker that owns its clickstream partition
+(``partition_of``, Kafka's murmur2; the context table is co-partitioned). That
+worker answers; any other forwards the request, body and all, to the owner's
+canonical URL (``RTIM_WEB_CANONICAL_URL``) as Faust's assignor last published it,
+with the header :data:`FORWARDED` so that a request is forwarded once at most.
+A worker asked for a partition it does not own at that moment (a rebalance, a
+forward that raced one) answers 503 with ``Retry-After``: it never decides on
+a partition it does not own.
+
+On the owner, requests are decided under the processor's lock, never in the
+middle of a batch: those waiting when a batch (of the clickstream, or an idle
+tick) has applied its records ride it (:meth:`DecisionApi.ride`), otherwise they
+get a batch of their own. Either way they are published (decision records, the
+changed contexts to the changelog) and stored before they are answered, so what
+a decision did to the context (an open decision) holds across restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from faust.web import Request, Response, View, Web
+
+from rtim import metrics
+from rtim.decide.explain import recent_decisions
+from rtim.decide.policy import counters
+from rtim.decide.request import DecideRequest, InvalidRequest, parse_request
+from rtim.engine import Answer
+from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE
+from rtim.stream.catalog import LiveCatalog
+from rtim.stream.consumer import FetchedBatch
+
+log = logging.getLogger("rtim.api")
+
+#: The header of a forwarded request: the URL of the worker that forwarded it.
+FORWARDED = "X-RTIM-Forwarded-By"
+#: The header naming the worker that answered.
+ANSWERED_BY = "X-RTIM-Worker"
+#: The header of a request's decision record on rtim.decisions: the worker that decided.
+DECIDED_BY = "rtim.worker"
+#: Seconds a client is asked to wait before it tries again (a rebalance takes a few).
+RETRY_AFTER_S = 1
+#: Seconds a forwarded request may take.
+FORWARD_TIMEOUT_S = 5.0
+#: Context fields the contact policy and the trigger cool-downs keep (the policy state).
+POLICY_FIELDS = ("fired", "tz", "consent", "consent_cat", "contacts", "dismissed")
+
+
+class NotOwner(Exception):
+    """This worker does not own the customer's partition now."""
+
+
+class DecisionApi:
+    """Decides requests on the owner, and finds the owner for the others."""
+
+    def __init__(self, app: Any, processor: Any, live: LiveCatalog) -> None:
+        self.app = app
+        self.processor = processor
+        self.live = live
+        self.url = str(app.conf.canonical_url).rstrip("/")
+        self._waiting: list[tuple[DecideRequest, asyncio.Future[Answer]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    # -- owners ------------------------------------------------------------------
+
+    def partition(self, customer_id: str) -> int:
+        return int(self.processor._partition_of(customer_id.encode()))
+
+    def owns(self, partition: int) -> bool:
+        """Whether this worker owns the partition now (and its contexts are recovered)."""
+        app = self.app
+        if app.rebalancing or app.should_stop or app.consumer_generation_id is None:
+            return False
+        try:
+            if not app.tables.recovery.completed.is_set():
+                return False
+            assignment = app.consumer.assignment()
+        except Exception:  # not started yet
+            return False
+        return any(tp.topic == CLICKSTREAM_TOPIC and tp.partition == partition for tp in assignment)
+
+    def owner_url(self, partition: int) -> str | None:
+        """The canonical URL of the partition's owner, as the group's leader last
+        assigned it (None while it is not known)."""
+        try:
+            hosts = self.app.router.table_metadata(CONTEXT_TABLE)
+        except Exception:
+            return None
+        topic = self.processor.changelog_topic
+        for url, topics in hosts.items():
+            if partition in topics.get(topic, ()):
+                return str(url).rstrip("/")
+        return None
+
+    # -- deciding ----------------------------------------------------------------
+
+    async def decide(self, request: DecideRequest) -> Answer:
+        """Decide on this worker (which must own the customer); raises NotOwner."""
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        """Decide the waiting requests in a batch of their own when no clickstream batch
+        takes them first (:meth:`ride`)."""
+        processor = self.processor
+        # Decided with the live catalog, as the clickstream is.
+        await processor.catalog_loaded.wait()
+        while self._waiting:
+            async with processor._lock:
+                before = list(self._waiting)
+                generation = self.app.consumer_generation_id
+                if before and generation is not None:
+                    processor._idle.clear()
+                    try:
+                        await processor._handle(FetchedBatch(generation, {}))
+                    except Exception:
+                        log.exception("decision requests failed")
+                        processor.engine.invalidate()
+                    finally:
+                        processor._idle.set()
+                # Those no batch took (it was not this worker's any more): not decided here.
+                for _, future in before:
+                    if not future.done():
+                        future.set_exception(NotOwner())
+                self._waiting = [(r, f) for r, f in self._waiting if not f.done()]
+
+    def ride(self, run: Any) -> Callable[[bool], None]:
+        """Decide the waiting requests in a batch about to finish (the processor's lock is
+        held); returns what settles them once the batch is stored, or not."""
+        waiting, self._waiting = self._waiting, []
+        decided: list[tuple[Answer, asyncio.Future[Answer]]] = []
+        made = run.result.decisions
+        for request, future in waiting:
+            if future.done():
+                continue
+            if not self.owns(self.partition(request.customer_id)):
+                future.set_exception(NotOwner())
+                continue
+            try:
+                decided.append((run.decide(request), future))
+                made[-1].headers.append((DECIDED_BY, self.url.encode()))
+            except KeyError:
+                future.set_exception(
+                    InvalidRequest(
+                        "placement", f"no placement {request.placement!r} in the catalog"
+                    )
+                )
+            except ValueError as exc:
+                future.set_exception(InvalidRequest("channel", str(exc)))
+            except Exception as exc:  # one bad request must not stop the batch
+                log.exception("decision request for %r failed", request.customer_id)
+                future.set_exception(exc)
+
+        def settle(stored: bool) -> None:
+            for answer, future in decided:
+                if future.done():
+                    continue
+                if stored:
+                    future.set_result(answer)
+                else:
+                    future.set_exception(NotOwner())
+
+        return settle
+
+    # -- routing -----------------------------------------------------------------
+
+    async def route(
+        self,
+        web: Web,
+        request: Request,
+        endpoint: str,
+        customer_id: str,
+        body: bytes | None,
+        here: Callable[[], Awaitable[Response]],
+    ) -> Response:
+        """Answer here if this worker owns the customer, else forward to the owner."""
+        started = time.perf_counter()
+        partition = self.partition(customer_id)
+        result = "decided"
+        try:
+            if self.owns(partition):
+                try:
+                    return await here()
+                except NotOwner:
+                    pass  # lost it meanwhile: forward, or 503 below
+            forwarded_by = request.headers.get(FORWARDED)
+            owner = self.owner_url(partition)
+            if forwarded_by is not None or owner is None or owner == self.url:
+                result = "unavailable"
+                return self.unavailable(web, partition)
+            result = "forwarded"
+            return await self._forward(web, request, owner, body, partition)
+        except InvalidRequest as exc:
+            result = "invalid"
+            return json(web, exc.as_json(), 400)
+        except Exception:
+            result = "error"
+            log.exception("%s request for %r failed", endpoint, customer_id)
+            return json(web, {"error": "internal_error"}, 500)
+        finally:
+            metrics.API_REQUESTS.labels(endpoint, result).inc()
+            metrics.API_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _forward(
+        self, web: Web, request: Request, owner: str, body: bytes | None, partition: int
+    ) -> Response:
+        headers = {FORWARDED: self.url}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            async with self.app.http_client.request(
+                request.method,
+                owner + request.url.path_qs,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S),
+            ) as response:
+                content = await response.read()
+                out = {ANSWERED_BY: response.headers.get(ANSWERED_BY, owner)}
+                if "Retry-After" in response.headers:
+                    out["Retry-After"] = response.headers["Retry-After"]
+                return web.bytes(
+                    content,
+                    content_type=response.content_type,
+                    status=response.status,
+                    headers=out,
+                )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("forwarding to %s failed (%r)", owner, exc)
+            return self.unavailable(web, partition)
+
+    def unavailable(self, web: Web, partition: int) -> Response:
+        return json(
+            web,
+            {
+                "error": "unavailable",
+                "message": f"partition {partition}'s owner is not known now (a rebalance?): "
+                "try again",
+            },
+            503,
+            {"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    # -- the views -----------------------------------------------------------------
+
+    def answer(self, web: Web, answer: Answer) -> Response:
+        body = answer.as_json()
+        body["worker"] = self.url
+        return json(web, body, 200, {ANSWERED_BY: self.url})
+
+    def customer(self, web: Web, customer_id: str) -> Response:
+        """The customer's stored context, its policy state and its last decisions."""
+        partition = self.partition(customer_id)
+        if not self.owns(partition):
+            raise NotOwner()
+        ctx = self.processor.engine.stored(partition, customer_id.encode())
+        body: dict[str, Any] = {
+            "customer_id": customer_id,
+            "known": ctx is not None,
+            "partition": partition,
+            "worker": self.url,
+        }
+        if ctx is not None:
+            body["policy"] = {f: ctx[f] for f in POLICY_FIELDS if f in ctx}
+            # Where the customer stands against each cap, at its latest event time.
+            at_ms = ctx["last_ms"] if ctx["last_ms"] is not None else int(time.time() * 1000)
+            body["policy"]["counters"] = counters(self.processor.engine.catalog, ctx, at_ms)
+            body["decisions"] = recent_decisions(ctx)
+            body["open_decisions"] = [
+                {"decision_id": p[0], "offer_id": p[1], "at": p[3], "window_end": p[4]}
+                for p in ctx.get("pending", ())
+            ]
+            body["context"] = {k: v for k, v in ctx.items() if k != "recent"}
+        return json(web, body, 200, {ANSWERED_BY: self.url})
+
+    def catalog(self, web: Web) -> Response:
+        catalog = self.processor.engine.catalog
+        body = self.live.current.as_json()
+        body["loaded"] = self.live.loaded.is_set()
+        body["catalog"] = {
+            "source": catalog.source,
+            "triggers": [t.id for t in catalog.triggers],
+            "offers": [
+                {"id": o.id, "name": o.name, "channels": list(o.channels)} for o in catalog.offers
+            ],
+            "placements": [
+                {"id": p.id, "channels": list(p.channels), "offers": p.offers}
+                for p in catalog.placements
+            ],
+        }
+        return json(web, body, 200)
+
+
+def json(web: Web, body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
+    return web.bytes(
+        orjson.dumps(body), content_type="application/json", status=status, headers=headers
+    )
+
+
+def install_api(app: Any, api: DecisionApi) -> None:
+    """The views of the decision API."""
+
+    @app.page("/v1/decide")
+    class Decide(View):
+        async def post(self, request: Request) -> Response:
+            body = await request.read()
+            try:
+                parsed = parse_request(
+                    body,
+                    now_ms=int(time.time() * 1000),
+                    max_future_skew_ms=int(api.processor.settings.max_future_skew_s * 1000),
+                )
+            except InvalidRequest as exc:
+                metrics.API_REQUESTS.labels("decide", "invalid").inc()
+                return json(self.web, exc.as_json(), 400)
+
+            async def here() -> Response:
+                return api.answer(self.web, await api.decide(parsed))
+
+            return await api.route(self.web, request, "decide", parsed.customer_id, body, here)
+
+    @app.page("/v1/customers/{customer_id}")
+    class Customer(View):
+        async def get(self, request: Request, customer_id: str) -> Response:
+            async def here() -> Response:
+                return api.customer(self.web, customer_id)
+
+            return await api.route(self.web, request, "customer", customer_id, None, here)
+
+    @app.page("/v1/catalog")
+    class CatalogView(View):
+        async def get(self, request: Request) -> Response:
+            return api.catalog(self.web)

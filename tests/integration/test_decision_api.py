@@ -1,0 +1,238 @@
+"""The decision API and the live catalog on the embedded broker, with two workers: a
+request asked of either worker is answered from the owner's context and recorded; a
+catalog applied with ``rtim offers apply`` is in force on both within seconds; a bad one
+never reaches the topic."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+from click.testing import CliRunner
+
+from rtim.cli import main
+from rtim.names import DECISIONS_TOPIC, OFFERS_TOPIC, trigger_topic
+from rtim.stream.process import WorkerProcess
+
+from .support import TEST_CATALOG, produce, read_topic, segment
+
+NOW_MS = int(time.time() * 1000)
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def event(user: str, kind: str, name: str | None, ms: int, **props: object) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": kind,
+        "messageId": str(uuid.uuid4()),
+        "userId": user,
+        "properties": props,
+        "context": {"page": {"path": "/p"}},
+        "timestamp": iso(ms),
+    }
+    body["event" if kind == "track" else "name"] = name
+    return body
+
+
+def call(
+    url: str, body: dict[str, Any] | bytes | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    data = body if isinstance(body, bytes) or body is None else orjson.dumps(body)
+    req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read()), dict(resp.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), dict(exc.headers)
+
+
+def poll(what: str, check: Any, timeout: float = 30.0, *workers: WorkerProcess) -> Any:
+    """Call ``check()`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            logs = "\n".join(w.log_tail(20) for w in workers)
+            raise AssertionError(f"{what}: not within {timeout:.0f} s\n{logs}")
+        time.sleep(0.1)
+
+
+def serving(*workers: WorkerProcess) -> None:
+    """Wait until each worker answers for a customer it does not own (both are in the
+    group with their partitions)."""
+    for worker in workers:
+        poll(
+            f"{worker.url} routes requests",
+            lambda w=worker: all(
+                call(f"{w.url}/v1/customers/probe-{i}")[0] == 200 for i in range(8)
+            ),
+            60,
+            *workers,
+        )
+
+
+def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, workers) -> None:
+    w1 = workers("w1").wait_ready()
+    w2 = workers("w2").wait_ready()
+    serving(w1, w2)
+    # The customer's cart is worth 80: free-shipping (cart.value >= 50) is eligible on the
+    # web; no trigger fires (cart-builder wants 100).
+    added = event("shopper", "track", "Product Added", NOW_MS - 60_000, product_id="p1", price=80)
+    asyncio.run(produce(kafka.bootstrap, [segment(added)]))
+    seen = poll(
+        "the customer's event applied",
+        lambda: (r := call(f"{w1.url}/v1/customers/shopper"))[1].get("known") and r,
+        30,
+        w1,
+        w2,
+    )
+    owner_url = seen[1]["worker"]
+    owner, other = (w1, w2) if owner_url == w1.url else (w2, w1)
+    assert other.url != owner_url
+
+    status, answer, headers = call(
+        f"{other.url}/v1/decide", {"customer_id": "shopper", "channel": "web", "limit": 3}
+    )
+    assert status == 200, answer
+    assert [a["offer_id"] for a in answer["actions"]] == ["free-shipping"]
+    assert answer["worker"] == owner.url and headers["X-RTIM-Worker"] == owner.url
+    assert answer["actions"][0]["creative"]["title"] == "Shipping is on us"
+    assert owner.metric("rtim_api_requests_total", endpoint="decide", result="decided") == 1
+    assert other.metric("rtim_api_requests_total", endpoint="decide", result="forwarded") == 1
+
+    # A new visitor is decided on an empty context: nothing in the cart, no offer.
+    status, stranger, _ = call(f"{other.url}/v1/decide", {"customer_id": "new", "channel": "web"})
+    assert status == 200 and stranger["actions"] == [] and stranger["new_customer"]
+    assert stranger["reason"] == "no-offer:none-eligible"
+
+    # Recorded like a trigger's decision: on rtim.decisions, open in the context.
+    records = asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
+    mine = [r for r in records if orjson.loads(r.value)["decision_id"] == answer["decision_id"]]
+    assert [
+        (body["source"], body["offer_id"], body["customer_id"])
+        for body in (orjson.loads(r.value) for r in mine)
+    ] == [("api", "free-shipping", "shopper")]
+    assert dict(mine[0].headers)["rtim.worker"] == owner.url.encode(), "decided by the owner"
+    status, explained, _ = call(f"{other.url}/v1/customers/shopper")
+    assert status == 200 and explained["worker"] == owner.url
+    assert [d["decision_id"] for d in explained["open_decisions"]] == [answer["decision_id"]]
+    assert explained["decisions"][0]["id"] == answer["decision_id"]
+    assert "offer:free-shipping" in explained["decisions"][0]["reasons"]
+    shown = CliRunner().invoke(main, ["explain", "shopper", "--url", other.url])
+    assert shown.exit_code == 0, shown.output
+    assert f"{answer['decision_id']}" in shown.output and "offer:free-shipping" in shown.output
+    assert "cart 80.00 (1 items)" in shown.output
+
+    # A malformed request names its field, whichever worker gets it.
+    status, error, _ = call(f"{other.url}/v1/decide", {"customer_id": "shopper", "channel": "fax"})
+    assert (status, error["field"]) == (400, "channel")
+    body = {"customer_id": "shopper", "channel": "web", "placement": "nowhere"}
+    status, error, _ = call(f"{other.url}/v1/decide", body)
+    assert (status, error["field"]) == (400, "placement") and "nowhere" in error["message"]
+
+
+NEW_OFFER = """
+  - id: sale-banner
+    name: Winter sale
+    channels: [web]
+    triggers: [sale-page]
+    creative: {title: "Winter sale"}
+"""
+NEW_TRIGGER = """
+  - id: sale-page
+    when: {type: page, name: Sale}
+    cooldown: 0
+"""
+
+
+def new_catalog(tmp_path: Path) -> Path:
+    text = TEST_CATALOG.read_text()
+    text = text.replace("triggers:\n", "triggers:\n" + NEW_TRIGGER, 1)
+    text = text.replace("offers:\n", "offers:\n" + NEW_OFFER, 1)
+    text += "\nplacements:\n  - {id: home-hero, channels: [web], offers: [sale-banner]}\n"
+    path = tmp_path / "new.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_an_applied_catalog_is_in_force_on_every_worker_and_a_bad_one_never_published(
+    kafka, workers, tmp_path
+) -> None:
+    w1 = workers("w1").wait_ready()
+    w2 = workers("w2").wait_ready()
+    for worker in (w1, w2):
+        assert call(f"{worker.url}/v1/catalog")[1]["version"] == 0
+    # Events flow before, while and after the catalog is applied.
+    early = [event(f"c{i}", "page", "Sale", NOW_MS - 30_000 + i) for i in range(20)]
+    asyncio.run(produce(kafka.bootstrap, [segment(e) for e in early]))
+
+    runner = CliRunner()
+    done = runner.invoke(
+        main, ["offers", "apply", str(new_catalog(tmp_path)), "--broker", kafka.bootstrap]
+    )
+    assert done.exit_code == 0, done.output
+    assert "catalog version 1 published" in done.output
+    for worker in (w1, w2):
+        poll(
+            f"{worker.url} has catalog version 1",
+            lambda w=worker: call(f"{w.url}/v1/catalog")[1]["version"] == 1,
+            15,
+            w1,
+            w2,
+        )
+        body = call(f"{worker.url}/v1/catalog")[1]
+        assert (
+            body["source"] == "rtim.offers"
+            and body["catalog"]["placements"][0]["id"] == "home-hero"
+        )
+        assert worker.metric("rtim_catalog_version") == 1
+
+    # The new trigger fires for customers on both workers' partitions.
+    late = [event(f"c{i}", "page", "Sale", NOW_MS - 10_000 + i) for i in range(20)]
+    asyncio.run(produce(kafka.bootstrap, [segment(e) for e in late]))
+    fired = poll(
+        "sale-banner triggers",
+        lambda: (
+            {
+                r.key
+                for r in asyncio.run(read_topic(kafka.bootstrap, trigger_topic("web")))
+                if orjson.loads(r.value)["data"]["offer"]["id"] == "sale-banner"
+            }
+            >= {f"c{i}".encode() for i in range(20)}
+        ),
+        30,
+        w1,
+        w2,
+    )
+    assert fired
+    # And the new placement answers on either worker.
+    for worker in (w1, w2):
+        status, answer, _ = call(
+            f"{worker.url}/v1/decide",
+            {"customer_id": "c3", "channel": "web", "placement": "home-hero"},
+        )
+        assert status == 200 and [a["offer_id"] for a in answer["actions"]] == ["sale-banner"]
+
+    # A bad catalog: refused with its line, exit 2, nothing published.
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        new_catalog(tmp_path).read_text().replace("channels: [web]\n", "channels: [fax]\n", 1)
+    )
+    refused = runner.invoke(main, ["offers", "apply", str(bad), "--broker", kafka.bootstrap])
+    assert refused.exit_code == 2
+    assert f"{bad}:" in refused.output and "unknown channel" in refused.output
+    assert len(asyncio.run(read_topic(kafka.bootstrap, OFFERS_TOPIC))) == 1
+    for worker in (w1, w2):
+        assert call(f"{worker.url}/v1/catalog")[1]["version"] == 1

@@ -1,0 +1,338 @@
+"""Decision requests (``POST /v1/decide``) in the core: checked, decided, recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from rtim.decide.explain import MAX_RECENT, recent_decisions
+from rtim.decide.request import MAX_LIMIT, InvalidRequest, parse_request
+from rtim.engine import Engine
+from rtim.offers.catalog import CatalogError, catalog_from_text, parse_catalog
+from rtim.offers.live import decode_catalog, encode_catalog
+
+from .test_engine import NOW, T0, Log, Store, page, respond, responses, run, track
+
+CATALOG = parse_catalog(
+    {
+        "triggers": [
+            {"id": "cart-builder", "when": {"event": "Product Added"}, "if": ["cart.value >= 100"]}
+        ],
+        "offers": [
+            {
+                "id": "free-shipping",
+                "channels": ["web", "app"],
+                "value": 6,
+                "triggers": ["cart-builder"],
+                "eligibility": ["cart.value >= 50"],
+                "creative": {"title": "Shipping is on us"},
+            },
+            {"id": "welcome", "channels": ["web"], "value": 1, "creative": {"title": "Hi"}},
+            {
+                "id": "checkout-help",
+                "channels": ["web"],
+                "value": 2,
+                "eligibility": ['event.properties.page == "/checkout"'],
+            },
+            {"id": "app-only", "channels": ["app"], "value": 50},
+        ],
+        "placements": [
+            {"id": "home-hero", "channels": ["web", "app"], "offers": ["welcome", "app-only"]},
+            {"id": "cart-banner", "channels": ["web"], "offers": ["free-shipping"]},
+        ],
+    }
+)
+
+
+def engine(store: Store) -> Engine:
+    return Engine(
+        catalog=CATALOG,
+        load=store.load,
+        clock=lambda: NOW / 1000,
+        partition_of=lambda key: 0,
+    )
+
+
+def ask(eng: Engine, store: Store, **fields: Any) -> Any:
+    body = {"customer_id": "u-1", "channel": "web", "timestamp": "2026-11-25T11:30:00Z"}
+    body.update(fields)
+    answer, result = eng.decide_request(parse_request(orjson.dumps(body), now_ms=NOW))
+    store.persist(result)
+    return answer, result
+
+
+# -- request validation ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        (b"{oops", "body", "not JSON"),
+        (b"[1]", "body", "JSON object"),
+        (b'{"channel": "web"}', "customer_id", "required"),
+        (b'{"customer_id": "", "channel": "web"}', "customer_id", "non-empty"),
+        (b'{"customer_id": ["u"], "channel": "web"}', "customer_id", "non-empty"),
+        (b'{"customer_id": "u"}', "channel", "required"),
+        (b'{"customer_id": "u", "channel": "fax"}', "channel", "not one of"),
+        (b'{"customer_id": "u", "channel": "web", "placement": 3}', "placement", "placement id"),
+        (b'{"customer_id": "u", "channel": "web", "timestamp": "soon"}', "timestamp", "ISO"),
+        (b'{"customer_id": "u", "channel": "web", "timestamp": 17}', "timestamp", "ISO"),
+        (
+            b'{"customer_id": "u", "channel": "web", "timestamp": "2030-01-01T00:00:00Z"}',
+            "timestamp",
+            "ahead of the clock",
+        ),
+        (b'{"customer_id": "u", "channel": "web", "limit": 0}', "limit", "from 1 to"),
+        (b'{"customer_id": "u", "channel": "web", "limit": 99}', "limit", "from 1 to"),
+        (b'{"customer_id": "u", "channel": "web", "limit": true}', "limit", "integer"),
+        (b'{"customer_id": "u", "channel": "web", "context": [1]}', "context", "JSON object"),
+        (b'{"customer_id": "u", "channel": "web", "colour": "red"}', "colour", "unknown field"),
+        (b'{"customer_id": "u", "channel": "web", "request_id": 5}', "request_id", "string"),
+    ],
+)
+def test_a_malformed_request_names_its_field(body: bytes, field: str, words: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_request(body, now_ms=NOW)
+    assert caught.value.field == field
+    assert words in caught.value.message
+    assert caught.value.as_json()["field"] == field
+
+
+def test_a_request_without_timestamp_is_decided_now_and_numbers_are_ids() -> None:
+    req = parse_request(b'{"customer_id": 42, "channel": "app", "limit": 3}', now_ms=NOW)
+    assert (req.customer_id, req.timestamp_ms, req.limit) == ("42", NOW, 3)
+    assert MAX_LIMIT >= 3
+
+
+# -- deciding ----------------------------------------------------------------
+
+
+def test_a_request_is_recorded_like_a_trigger_decision_and_learned() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    run(eng, log.records(track("Product Added", product_id="p1", price=80, quantity=1)), store)
+    answer, result = ask(eng, store, placement="cart-banner")
+    assert [a.offer.id for a in answer.actions] == ["free-shipping"]
+    (made,) = result.decisions
+    record = orjson.loads(made.value)
+    assert record["source"] == "api"
+    assert (record["decision_id"], record["offer_id"]) == (answer.decision_id, "free-shipping")
+    assert record["trigger"] == "placement:cart-banner"
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    assert [p[:2] for p in ctx["pending"]] == [[answer.decision_id, "free-shipping"]]
+    assert ctx["n"] == 1, "a request is not an event of the customer"
+    assert next(iter(ctx)) == "v" and list(ctx)[-1] == "src"
+    (recent,) = recent_decisions(ctx)
+    assert (recent["id"], recent["offer"]) == (answer.decision_id, "free-shipping")
+    # A response joins it, and it is learned.
+    joined = respond(
+        eng,
+        responses(("u-1", answer.decision_id, "conversion", T0 + 60_000 * 40)),
+        store,
+    )
+    assert joined.responses == {("conversion", "joined"): 1}
+    assert [e.decision_id for e in joined.examples] == [answer.decision_id]
+
+
+def test_an_unknown_customer_is_decided_as_a_new_visitor() -> None:
+    store = Store()
+    eng = engine(store)
+    answer, result = ask(eng, store, customer_id="stranger", placement="home-hero")
+    assert answer.new_customer
+    assert [a.offer.id for a in answer.actions] == ["welcome"]
+    assert result.new_customers == 1
+    ctx = orjson.loads(store.data[(0, b"stranger")])
+    assert (ctx["n"], ctx["pending"][0][1]) == (0, "welcome")
+    # Nothing eligible for a stranger: an empty answer with the reason, and no context.
+    answer, result = ask(eng, store, customer_id="nobody", placement="cart-banner")
+    assert answer.actions == [] and answer.as_json()["reason"] == "no-offer:none-eligible"
+    assert result.updates == {} and len(result.decisions) == 1
+
+
+def test_a_placement_offers_only_its_own_offers_on_the_requests_channel() -> None:
+    store = Store()
+    eng = engine(store)
+    web, _ = ask(eng, store, placement="home-hero", limit=5)
+    app, _ = ask(eng, store, placement="home-hero", channel="app", limit=5)
+    assert [a.offer.id for a in web.actions] == ["welcome"]
+    assert [a.offer.id for a in app.actions] == ["app-only"]
+    with pytest.raises(KeyError):
+        ask(eng, store, placement="nowhere")
+    with pytest.raises(ValueError, match="not 'app'"):
+        ask(eng, store, placement="cart-banner", channel="app")
+
+
+def test_no_placement_means_every_offer_on_the_channel_ranked_up_to_the_limit() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    run(eng, log.records(track("Product Added", product_id="p1", price=80, quantity=1)), store)
+    answer, _ = ask(eng, store, limit=10, context={"page": "/checkout"})
+    offered = [a.offer.id for a in answer.actions]
+    assert sorted(offered) == ["checkout-help", "free-shipping", "welcome"]
+    scores = [a.score for a in answer.actions]
+    assert scores == sorted(scores, reverse=True)
+    one, _ = ask(eng, store, limit=1, context={"page": "/"})
+    assert len(one.actions) == 1
+    assert 'rejected:checkout-help:event.properties.page == "/checkout"' in one.reasons
+    body = one.as_json()
+    assert set(body["actions"][0]) == {
+        "offer_id",
+        "name",
+        "channel",
+        "creative",
+        "score",
+        "propensity",
+        "reasons",
+    }
+
+
+def test_the_context_remembers_only_the_last_few_decisions() -> None:
+    store = Store()
+    eng = engine(store)
+    ids = [ask(eng, store, placement="home-hero")[0].decision_id for _ in range(MAX_RECENT + 2)]
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    assert [r["id"] for r in recent_decisions(ctx)] == ids[::-1][:MAX_RECENT]
+
+
+def test_a_trigger_decision_is_remembered_too() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    result = run(
+        eng, log.records(track("Product Added", product_id="p1", price=120, quantity=1)), store
+    )
+    (made,) = result.decisions
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    (recent,) = recent_decisions(ctx)
+    assert (recent["id"], recent["by"]) == (orjson.loads(made.value)["decision_id"], "cart-builder")
+
+
+# -- the catalog ---------------------------------------------------------------
+
+
+def test_a_new_catalog_is_decided_with_from_the_next_batch() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    assert run(eng, log.records(page("/sale")), store).triggers == []
+    eng.set_catalog(
+        catalog_from_text(
+            "triggers:\n  - id: sale\n    when: {type: page}\n"
+            "offers:\n  - id: sale-banner\n    channels: [web]\n    triggers: [sale]\n",
+            "v2",
+        )
+    )
+    fired = run(eng, log.records(page("/sale", ts=T0 + 1000)), store)
+    assert [t.offer_id for t in fired.triggers] == ["sale-banner"]
+    answer, _ = ask(eng, store)
+    assert [a.offer.id for a in answer.actions] == ["sale-banner"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("offers: []\nplacements:\n  - id: p\n    channels: [fax]\n", 3, "unknown channel"),
+        ("offers: []\nplacements:\n  - id: p\n    channels: [web]\n    offers: [x]\n", 5, "x"),
+        ("offers: []\nplacements:\n  - id: p\n    channels: [web]\n    size: 3\n", 5, "size"),
+        (
+            "offers: []\nplacements:\n  - {id: p, channels: [web]}\n  - {id: p, channels: [app]}\n",
+            4,
+            "duplicate placement",
+        ),
+        ("offers: [\n", 2, "not valid YAML"),
+    ],
+)
+def test_a_bad_placement_is_refused_with_its_line(text: str, line: int, words: str) -> None:
+    with pytest.raises(CatalogError) as caught:
+        catalog_from_text(text, "new.yaml")
+    assert str(caught.value).startswith(f"new.yaml:{line}:")
+    assert words in str(caught.value)
+
+
+# -- what is written matches the published schemas -----------------------------
+
+SCHEMAS = Path(__file__).parents[2] / "topics" / "schemas"
+
+
+def schema_errors(name: str, value: Any) -> list[str]:
+    schema = json.loads((SCHEMAS / name).read_text())
+    return [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(value)]
+
+
+def test_a_requests_record_and_context_match_their_schemas() -> None:
+    store = Store()
+    eng = engine(store)
+    for _ in range(MAX_RECENT + 1):
+        _, result = ask(eng, store, placement="home-hero")
+    assert not schema_errors("decision.schema.json", orjson.loads(result.decisions[0].value))
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    assert len(ctx["recent"]) == MAX_RECENT
+    assert not schema_errors("customer-context.schema.json", ctx)
+
+
+def test_a_catalog_record_matches_its_schema_and_loads() -> None:
+    text = "offers:\n  - {id: a, channels: [web]}\n"
+    value = encode_catalog(text, version=7, by="ops", at_ms=NOW)
+    assert not schema_errors("catalog.schema.json", orjson.loads(value))
+    version, catalog = decode_catalog(value, offset=12)
+    assert (version.version, version.source, version.offset) == (7, "rtim.offers", 12)
+    assert [o.id for o in catalog.offers] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (b"nope", "not JSON"),
+        (b'{"format": 9}', "format"),
+        (b'{"format": 1, "version": 0, "yaml": ""}', "version"),
+        (b'{"format": 1, "version": 2, "yaml": "offers: [{id: a, channels: [fax]}]"}', "fax"),
+    ],
+)
+def test_a_catalog_record_that_cannot_be_loaded_says_why(value: bytes, words: str) -> None:
+    with pytest.raises(CatalogError, match=words):
+        decode_catalog(value)
+
+
+POLICY_CATALOG = parse_catalog(
+    {
+        "policy": {
+            "consent": {"default": {"email": False}},
+            "caps": [{"id": "daily-total", "max": 2, "per": "1d"}],
+        },
+        "groups": {"loyalty": {"priority": 1.5}},
+        "offers": [
+            {"id": "points", "channels": ["email", "web"], "value": 4, "group": "loyalty"},
+        ],
+        "placements": [{"id": "inbox", "channels": ["web", "email"], "offers": ["points"]}],
+    }
+)
+
+
+def test_requests_are_decided_within_the_contact_policy_and_count_against_its_caps() -> None:
+    store = Store()
+    eng = Engine(
+        catalog=POLICY_CATALOG, load=store.load, clock=lambda: NOW / 1000, partition_of=lambda k: 0
+    )
+    # No consent for email: the action goes to the offer's next channel, and says why.
+    first, _ = ask(eng, store, placement="inbox", channel="email", timestamp="2026-11-24T10:00:00Z")
+    (action,) = first.actions
+    assert action.channel == "web"
+    assert "skipped:points:no-consent:email" in first.reasons
+    assert "lever:points:group-priority=1.5" in action.reasons
+    second, _ = ask(eng, store, placement="inbox", channel="web", timestamp="2026-11-24T11:00:00Z")
+    assert [a.offer.id for a in second.actions] == ["points"]
+    # Two contacts in a day: the cap holds for requests as for triggers, stored and reloaded;
+    # a day after the first, one counts.
+    again = Engine(
+        catalog=POLICY_CATALOG, load=store.load, clock=lambda: NOW / 1000, partition_of=lambda k: 0
+    )
+    third, _ = ask(again, store, placement="inbox", channel="web", timestamp="2026-11-24T12:00:00Z")
+    assert third.actions == []
+    assert "rejected:points:capped:daily-total" in third.reasons
+    nextday, _ = ask(
+        again, store, placement="inbox", channel="web", timestamp="2026-11-25T10:00:01Z"
+    )
+    assert [a.offer.id for a in nextday.actions] == ["points"]
