@@ -322,24 +322,9 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
     unknown = set(raw) - _OFFER_KEYS
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}")
-    channels = raw.get("channels")
-    if isinstance(channels, str):
-        channels = [channels]
-    if not isinstance(channels, list) or not channels:
-        raise CatalogError(f"{where}: 'channels' must be a non-empty list")
-    bad = [c for c in channels if c not in CHANNELS]
-    if bad:
-        raise CatalogError(f"{where}: unknown channel(s) {bad}; known: {sorted(CHANNELS)}")
-    triggers = raw.get("triggers")
-    if triggers is not None:
-        if isinstance(triggers, str):
-            triggers = [triggers]
-        if not isinstance(triggers, list) or not all(isinstance(t, str) for t in triggers):
-            raise CatalogError(f"{where}: 'triggers' must be a list of trigger ids")
-        missing = [t for t in triggers if t not in trigger_ids]
-        if missing:
-            raise CatalogError(f"{where}: refers to undefined trigger(s) {missing}")
-        triggers = frozenset(triggers)
+    channels = _channels(raw, where)
+    linked = _references(raw, "triggers", where, trigger_ids, "trigger")
+    triggers = None if linked is None else frozenset(linked)
     creative = raw.get("creative") or {}
     if not isinstance(creative, dict):
         raise CatalogError(f"{where}: 'creative' must be a mapping")
@@ -396,6 +381,15 @@ def parse_placement(raw: Any, index: int, offer_ids: frozenset[str]) -> Placemen
     unknown = set(raw) - {"id", "channels", "offers"}
     if unknown:
         raise CatalogError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
+    channels = _channels(raw, where)
+    offers = _references(raw, "offers", where, offer_ids, "offer")
+    return Placement(
+        id=raw["id"], channels=tuple(channels), offers=None if offers is None else tuple(offers)
+    )
+
+
+def _channels(raw: dict[str, Any], where: str) -> list[str]:
+    """The ``channels`` of an offer or a placement: a non-empty list of known channels."""
     channels = raw.get("channels")
     if isinstance(channels, str):
         channels = [channels]
@@ -404,17 +398,25 @@ def parse_placement(raw: Any, index: int, offer_ids: frozenset[str]) -> Placemen
     bad = [c for c in channels if c not in CHANNELS]
     if bad:
         raise CatalogError(f"{where}: unknown channel(s) {bad}; known: {sorted(CHANNELS)}")
-    offers = raw.get("offers")
-    if offers is not None:
-        if isinstance(offers, str):
-            offers = [offers]
-        if not isinstance(offers, list) or not all(isinstance(o, str) for o in offers):
-            raise CatalogError(f"{where}: 'offers' must be a list of offer ids")
-        missing = [o for o in offers if o not in offer_ids]
-        if missing:
-            raise CatalogError(f"{where}: 'offers' refers to undefined offer(s) {missing}")
-        offers = tuple(offers)
-    return Placement(id=raw["id"], channels=tuple(channels), offers=offers)
+    return channels
+
+
+def _references(
+    raw: dict[str, Any], key: str, where: str, known: frozenset[str], kind: str
+) -> list[str] | None:
+    """Ids of triggers or offers listed under ``key`` (one id alone is a list of one),
+    each defined in the catalog; None if the key is absent."""
+    ids = raw.get(key)
+    if ids is None:
+        return None
+    if isinstance(ids, str):
+        ids = [ids]
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise CatalogError(f"{where}: '{key}' must be a list of {kind} ids")
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise CatalogError(f"{where}: '{key}' refers to undefined {kind}(s) {missing}")
+    return ids
 
 
 def _duplicates(ids: list[str]) -> list[str]:
