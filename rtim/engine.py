@@ -68,7 +68,7 @@ from rtim.context.model import (
     load_context,
     new_context,
 )
-from rtim.decide.arbitrate import Decision, decide
+from rtim.decide.arbitrate import Decision, decide, round6
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
 from rtim.decide.explain import note_decision, note_record
 from rtim.decide.policy import (
@@ -318,10 +318,12 @@ class Engine:
         dedupe_window_ms: int = DEDUPE_WINDOW_MS,
         partition_of: Callable[[bytes], int] | None = None,
     ) -> None:
-        self.catalog = catalog
-        self._rules = RuleIndex(catalog.triggers)
+        # (placement, channel) -> the offers a request there may get, and its moment.
+        self._placed: dict[tuple[str | None, str], tuple[Catalog, TriggerRule]] = {}
+        self.set_catalog(catalog)
+        if features is not None:
+            self.features = features
         self.models = models if models is not None else ModelSet()
-        self.features = features or FeatureBuilder(catalog.features)
         self.window_ms = window_ms
         self.idle_ms = idle_ms
         self.rng = rng or random.Random()
@@ -343,11 +345,10 @@ class Engine:
         self.partition_of = partition_of
         #: Stored contexts that were of an older shape or damaged, and repaired on load.
         self.repaired = 0
-        # (placement, channel) -> the offers a request there may get, and its moment.
-        self._placed: dict[tuple[str | None, str], tuple[Catalog, TriggerRule]] = {}
 
     def set_catalog(self, catalog: Catalog) -> None:
-        """Decide with another catalog from the next batch on (call between batches)."""
+        """Decide with this catalog from the next batch on (call between batches): its
+        trigger index, feature builder and placements' offers."""
         self.catalog = catalog
         self._rules = RuleIndex(catalog.triggers)
         self.features = FeatureBuilder(catalog.features)
@@ -948,8 +949,8 @@ class BatchRun:
             Action(
                 offer=c.offer,
                 channel=decision.channels.get(c.offer.id) or c.offer.channel_for(request.channel),
-                score=round(c.score, 6),
-                propensity=round(c.mean, 6),
+                score=round6(c.score),
+                propensity=round6(c.mean),
                 reasons=_action_reasons(decision, c.offer),
             )
             for c in decision.ranked[: request.limit]
