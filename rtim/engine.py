@@ -662,13 +662,6 @@ def _action_reasons(decision: Decision, offer: Offer) -> list[str]:
     return reasons
 
 
-def _note_again(ctx: Context, made: Iterable[Any]) -> None:
-    """Remember again the decisions an event made (replayed after a failure)."""
-    for out in made:
-        if isinstance(out, DecisionRecord):
-            note_record(ctx, orjson.loads(out.value))
-
-
 class _Request(NamedTuple):
     """A journal entry: a decision request (its context attributes as the value)."""
 
@@ -1039,8 +1032,7 @@ class BatchRun:
             elif kind == "request":
                 for pending in opened:
                     open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
-                _note_again(ctx, made)
-                self._contact_again(ctx, made, record.at_ms)
+                self._decided_again(ctx, made, record.at_ms)
             else:
                 self._respond(ctx, parse_response(record.value))
             return ctx
@@ -1059,28 +1051,27 @@ class BatchRun:
         )
         for rule in fired:
             ctx["fired"][rule.id] = event.timestamp_ms
-        by_id = {o.id: o for o in engine.catalog.offers} if made else {}
-        for trigger in made:
-            offer = by_id.get(trigger.offer_id) if isinstance(trigger, Trigger) else None
-            if offer is not None:
-                record_contact(
-                    ctx, engine.catalog.policy, event.timestamp_ms, trigger.channel, offer
-                )
         for pending in opened:
             open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
-        _note_again(ctx, made)
+        self._decided_again(ctx, made, event.timestamp_ms)
         return ctx
 
-    def _contact_again(self, ctx: Context, made: Iterable[Any], at_ms: int) -> None:
-        """Count again, as a contact, what a decision request offered (replayed after
-        a failure)."""
+    def _decided_again(self, ctx: Context, made: Iterable[Any], at_ms: int) -> None:
+        """What the decisions of a replayed event or request did to the context besides
+        opening them: remembered for explain, and what they offered counted as contacts
+        (caps); read from their decision records."""
         catalog = self.engine.catalog
-        by_id = {o.id: o for o in catalog.offers}
+        by_id: dict[str, Offer] | None = None
         for out in made:
+            if not isinstance(out, DecisionRecord):
+                continue
             decided = orjson.loads(out.value)
-            offer = by_id.get(decided["offer_id"])
-            if offer is not None:
-                record_contact(ctx, catalog.policy, at_ms, decided["channel"], offer)
+            note_record(ctx, decided)
+            if decided["offer_id"] is not None:
+                by_id = by_id or {o.id: o for o in catalog.offers}
+                offer = by_id.get(decided["offer_id"])
+                if offer is not None:
+                    record_contact(ctx, catalog.policy, at_ms, decided["channel"], offer)
 
     def _restore(self, key: bytes, partition: int, snapshot: bytes | None) -> None:
         """Put the customer's context back as it was before the failed event."""
