@@ -5,15 +5,20 @@ fixed rate (``--rate``, 5,000/s by default) while ``POST /v1/decide`` requests g
 over loopback at their own fixed rate (``--api-rate``, 500/s) for ``--latency-seconds``.
 The requests follow an open-loop schedule: request *i* is due at start + i / rate and is
 sent then whatever the earlier ones are doing, and its latency runs from when it was
-due to its answer, so time spent queueing (in the client, the socket, the worker's lock
-behind a clickstream batch) is in it. Requests ask for customers whose events went in
-lately (their contexts are live), on the channel of their latest event.
+due to its answer, so time spent queueing (in the client, the socket, the worker's event
+loop behind a clickstream batch) is in it. Requests ask for customers whose events went
+in lately (their contexts are live), on the channel of their latest event.
+
+The whole load is built before it starts, and the requests go from a process of their
+own, so that neither sender's work delays the other's; the first ``WARMUP_S`` seconds
+of load are not measured (errors in them are still reported).
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -63,6 +68,54 @@ class ApiReport:
     notes: list[str] = field(default_factory=list)
 
 
+#: What stands for an event's timestamp in its planned body until it is sent (as long
+#: as an ISO 8601 timestamp with milliseconds, so the body's length is its real one).
+_STAMP = b'"2000-01-01T00:00:00.000Z"'
+#: Seconds the request client is given to start before the load begins.
+CLIENT_START_S = 3.0
+#: Seconds of load before the measured part: the first requests and batches of a worker
+#: that has just started (connections opened, caches filled) are not its steady state.
+WARMUP_S = 2.0
+
+
+@dataclass
+class Plan:
+    """The whole load, built before it starts so that the senders only send: the events
+    (key, body with :data:`_STAMP` for its timestamp) and the request bodies, in order."""
+
+    events: list[tuple[bytes, bytes]]
+    requests: list[bytes]
+
+
+def plan_load(event_rate: float, request_rate: float, seconds: float, customers: int) -> Plan:
+    """Events from the journey simulator; each request asks for a customer whose events
+    went in lately (as of when it is due), on the channel of their latest event."""
+    sim = JourneySimulator(customers=customers, seed=11, live=True)
+    stream = sim.events()
+    recent: dict[str, str] = {}  # customer -> channel of its latest event
+    rng = random.Random(5)
+    events: list[tuple[bytes, bytes]] = []
+    requests: list[bytes] = []
+    for i in range(int(seconds * request_rate)):
+        while len(events) < int(i / request_rate * event_rate) or not events:
+            event = next(stream)
+            event["timestamp"] = "2000-01-01T00:00:00.000Z"
+            key = customer_key(event)
+            events.append((key.encode(), orjson.dumps(event)))
+            recent.pop(key, None)
+            recent[key] = _channel(event)
+            if len(recent) > RECENT_CUSTOMERS:
+                del recent[next(iter(recent))]
+        customer = rng.choice(list(recent))
+        body = {"customer_id": customer, "channel": recent[customer], "limit": 3}
+        requests.append(orjson.dumps(body))
+    while len(events) < int(seconds * event_rate):
+        event = next(stream)
+        event["timestamp"] = "2000-01-01T00:00:00.000Z"
+        events.append((customer_key(event).encode(), orjson.dumps(event)))
+    return Plan(events, requests)
+
+
 async def api_load(
     url: str,
     bootstrap: str,
@@ -72,74 +125,99 @@ async def api_load(
     seconds: float,
     customers: int,
 ) -> ApiReport:
-    """Send live events and decision requests at their rates; the requests' report."""
+    """Send live events and decision requests at their rates; the requests' report.
+
+    The requests go from a process of their own (:func:`ask_all`), as channel systems'
+    calls come from elsewhere than the clickstream's producers: neither sender's work
+    delays the other's.
+    """
     report = ApiReport(event_rate=event_rate, request_rate=request_rate, seconds=seconds)
+    length = WARMUP_S + seconds
+    plan = await asyncio.to_thread(plan_load, event_rate, request_rate, length, customers)
     producer = AIOKafkaProducer(**KafkaConnection.parse(bootstrap).client_config(), linger_ms=1)
     await producer.start()
-    sim = JourneySimulator(customers=customers, seed=11, live=True)
-    stream = sim.events()
-    recent: dict[str, str] = {}  # customer -> channel of its latest event
-    rng = random.Random(5)
+    with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
+        f.write(b"\n".join(plan.requests))
+    start = time.monotonic() + CLIENT_START_S
+    client = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        __name__,
+        url,
+        f.name,
+        repr(request_rate),
+        repr(start),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(max(0.0, start - time.monotonic()))
+        sent = 0
+        while (now := time.monotonic()) - start < length:
+            due = min(len(plan.events), int((now - start) * event_rate))
+            if due > sent:
+                stamp = b'"' + _iso_now()[0].encode() + b'"'
+                for key, body in plan.events[sent:due]:
+                    await producer.send(CLICKSTREAM_TOPIC, body.replace(_STAMP, stamp, 1), key=key)
+                sent = due
+            await asyncio.sleep(TICK_S)
+        report.events_sent = sent
+        out, _ = await asyncio.wait_for(client.communicate(), timeout=length + 30)
+    finally:
+        if client.returncode is None:
+            client.kill()
+        await producer.stop()
+        await asyncio.to_thread(Path(f.name).unlink, missing_ok=True)
+    asked = orjson.loads(out)
+    report.sent, report.ok, report.offered = asked["sent"], asked["ok"], asked["offered"]
+    report.errors = asked["errors"]
+    report.latency = _latency(asked["latencies"])
+    return report
+
+
+async def ask_all(url: str, bodies: list[bytes], rate: float, start: float) -> dict:
+    """Send each request when it is due (open loop, request *i* at ``start`` + i / rate,
+    on the monotonic clock every process shares); its latency runs from when it was due
+    to its answer. Those due in the first :data:`WARMUP_S` are sent but not counted,
+    unless they fail."""
     latencies: list[float] = []
     errors: Counter[str] = Counter()
+    counts = {"sent": 0, "ok": 0, "offered": 0}
     pending: set[asyncio.Task[None]] = set()
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512))
     timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as session:
 
-    async def ask(due: float, body: bytes) -> None:
-        try:
-            async with session.post(f"{url}/v1/decide", data=body, timeout=timeout) as resp:
-                answer = await resp.read()
-                if resp.status == 200:
-                    report.ok += 1
-                    if orjson.loads(answer)["actions"]:
-                        report.offered += 1
-                else:
-                    errors[str(resp.status)] += 1
-        except TimeoutError:
-            errors["timeout"] += 1
-        except aiohttp.ClientError:
-            errors["error"] += 1
-        latencies.append((time.perf_counter() - due) * 1000)
+        async def ask(due: float, body: bytes) -> None:
+            measured = due >= start + WARMUP_S
+            try:
+                async with session.post(f"{url}/v1/decide", data=body, timeout=timeout) as resp:
+                    answer = await resp.read()
+                    if resp.status != 200:
+                        errors[str(resp.status)] += 1
+                    elif measured:
+                        counts["ok"] += 1
+                        if orjson.loads(answer)["actions"]:
+                            counts["offered"] += 1
+            except TimeoutError:
+                errors["timeout"] += 1
+            except aiohttp.ClientError:
+                errors["error"] += 1
+            if measured:
+                latencies.append((time.monotonic() - due) * 1000)
 
-    try:
-        start = time.perf_counter()
-        events_due = requests_due = 0.0
-        while (now := time.perf_counter()) - start < seconds:
-            elapsed = now - start
-            for _ in range(int(elapsed * event_rate - events_due)):
-                event = next(stream)
-                event["timestamp"], _ = _iso_now()
-                key = customer_key(event)
-                await producer.send(CLICKSTREAM_TOPIC, orjson.dumps(event), key=key.encode())
-                recent.pop(key, None)
-                recent[key] = _channel(event)
-                if len(recent) > RECENT_CUSTOMERS:
-                    del recent[next(iter(recent))]
-                events_due += 1
-            report.events_sent = int(events_due)
-            while requests_due < elapsed * request_rate:
-                due = start + requests_due / request_rate
-                requests_due += 1
-                if recent:
-                    customer = rng.choice(list(recent))
-                    channel = recent[customer]
-                else:
-                    customer, channel = f"visitor-{int(requests_due)}", "web"
-                body = orjson.dumps({"customer_id": customer, "channel": channel, "limit": 3})
-                task = asyncio.create_task(ask(due, body))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-                report.sent += 1
-            await asyncio.sleep(TICK_S)
+        # Connections opened before the load, as a channel system's pool keeps them.
+        await asyncio.gather(*(session.get(f"{url}/health/live") for _ in range(8)))
+        for i, body in enumerate(bodies):
+            due = start + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(ask(due, body))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            counts["sent"] += due >= start + WARMUP_S
         if pending:
             await asyncio.wait(pending, timeout=15)
-    finally:
-        await session.close()
-        await producer.stop()
-    report.errors = dict(errors)
-    report.latency = _latency(latencies)
-    return report
+    return {**counts, "errors": dict(errors), "latencies": latencies}
 
 
 def _channel(event: dict) -> str:
@@ -232,7 +310,8 @@ def worker_account(report: ApiReport, scraped: dict[str, float]) -> None:
 def format_api_report(report: ApiReport) -> str:
     lines = [
         f"decision API over loopback, {report.request_rate:,.0f} requests/s (open loop) while "
-        f"the worker takes {report.event_rate:,.0f} events/s, {report.seconds:.0f} s",
+        f"the worker takes {report.event_rate:,.0f} events/s, {report.seconds:.0f} s "
+        f"(after {WARMUP_S:g} s of warm-up)",
         f"  requests  {report.sent:>8,} sent, {report.ok:,} answered 200 "
         f"({report.offered:,} with an action)",
         f"  events    {report.events_sent:>8,} sent",
@@ -262,3 +341,11 @@ def format_api_report(report: ApiReport) -> str:
 
 def api_report_json(report: ApiReport) -> str:
     return orjson.dumps(asdict(report), option=orjson.OPT_INDENT_2).decode()
+
+
+if __name__ == "__main__":
+    # The request client of :func:`api_load`: URL, file of request bodies, rate, start.
+    _url, _path, _rate, _start = sys.argv[1:5]
+    _bodies = Path(_path).read_bytes().split(b"\n")
+    _asked = asyncio.run(ask_all(_url, _bodies, float(_rate), float(_start)))
+    sys.stdout.buffer.write(orjson.dumps(_asked))

@@ -480,10 +480,10 @@ class Engine:
     def _schedule(self, partition: int, key: bytes, end_ms: int) -> None:
         heapq.heappush(self.windows(partition), (end_ms, key))
 
-    def tick(self, wall_ms: int) -> BatchRun | None:
+    def tick(self, wall_ms: int, run: BatchRun | None = None) -> BatchRun | None:
         """Wall-clock time passes: close the windows that end on partitions idle for
-        ``idle_ms``; a batch with their changes and examples, or None if nothing moved."""
-        run = None
+        ``idle_ms``; a batch with their changes and examples (``run`` if one is given),
+        or None if nothing moved and none was given."""
         for partition, clock in list(self._clocks.items()):
             moved = clock.tick(wall_ms)
             heap = self._windows.get(partition)
@@ -511,14 +511,19 @@ class Engine:
         run.add(records)
         return run.finish()
 
-    def start_batch(self, topic: str) -> BatchRun:
+    def start_batch(self, topic: str, *, trim: bool = True) -> BatchRun:
         """Begin a batch to feed in parts (:meth:`BatchRun.add`), so that a caller
         can give its event loop a turn between parts; see :meth:`process`.
 
         Every earlier batch must be persisted (in the store) by now: contexts
         not used lately may leave the cache and be read from the store again.
+        With ``trim=False`` none leaves, and the batch may begin while the previous
+        one is still being persisted (decision requests answered before they are
+        stored begin one so); it must then be persisted after that one, and not at
+        all if that one is not.
         """
-        self._trim_cache()
+        if trim:
+            self._trim_cache()
         return BatchRun(self, topic)
 
     def _decide(
@@ -696,6 +701,8 @@ class BatchRun:
         self._created: set[tuple[int, bytes]] = set()
         # Records dead-lettered after they were applied (the ceiling), by id().
         self._withdrawn: set[int] = set()
+        #: Decision requests of the batch answered before it is stored (lost if it is not).
+        self.answered_early = 0
 
     def _parse(self, record: RecordLike) -> Any:
         engine = self.engine

@@ -192,6 +192,12 @@ API_SECONDS = Histogram(
     ["endpoint"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+API_DECISIONS_LOST = Counter(
+    "rtim_api_decisions_lost_total",
+    "Decision requests answered before they were stored (RTIM_API_ANSWER=decided) whose "
+    "batch was then not stored (the worker lost their partition): not recorded, not counted "
+    "as contacts.",
+)
 
 # A labelled series exists only once its labels are used: a dashboard panel or an alert
 # on a reason no event has had yet would show "No data" instead of 0. Every label value

@@ -40,6 +40,14 @@ class Settings(BaseSettings):
         "forwards a request to the worker that owns its customer); empty: "
         "http://<RTIM_WEB_HOST, or the host name if it is 0.0.0.0>:<RTIM_WEB_PORT>.",
     )
+    api_answer: Literal["decided", "stored"] = Field(
+        "decided",
+        description="When the decision API answers: 'decided' (at once; the decision record "
+        "and the customer's changed context go out with the worker's next batch, "
+        "milliseconds later: a worker that dies or loses the customer's partition in "
+        "between forgets that decision and its contact) or 'stored' (once they are in "
+        "Kafka and the store: a whole batch later, tens of milliseconds under load).",
+    )
     datadir: Path = Field(
         Path("rtim-data"), description="Directory of the worker's table stores (RocksDB)."
     )

@@ -10,12 +10,21 @@ A worker asked for a partition it does not own at that moment (a rebalance, a
 forward that raced one) answers 503 with ``Retry-After``: it never decides on
 a partition it does not own.
 
-On the owner, requests are decided under the processor's lock, never in the
-middle of a batch: those waiting when a batch (of the clickstream, or an idle
-tick) has applied its records ride it (:meth:`DecisionApi.ride`), otherwise they
-get a batch of their own. Either way they are published (decision records, the
-changed contexts to the changelog) and stored before they are answered, so what
-a decision did to the context (an open decision) holds across restarts.
+On the owner, a request is decided in a batch, like the clickstream's events:
+what it did to the customer's context (an open decision, a contact) goes to the
+changelog and the store with that batch, and its decision record to
+``rtim.decisions``. ``RTIM_API_ANSWER`` says when it is answered:
+
+- ``decided`` (the default): at once. It is decided in the batch being built
+  (between two parts of its core), or in one begun for it while the previous
+  batch is being published (:meth:`ClickstreamProcessor.request_run`), which the
+  next clickstream batch, or a batch of its own, then publishes and stores. A
+  worker that dies or loses the partition in those milliseconds forgets the
+  decision (``rtim_api_decisions_lost_total``).
+- ``stored``: once its batch is stored. Requests waiting when a batch (of the
+  clickstream, or an idle tick) has applied its records ride it
+  (:meth:`DecisionApi.ride`), otherwise they get a batch of their own; so a
+  request waits for the batch in progress and then for its own.
 """
 
 from __future__ import annotations
@@ -67,6 +76,10 @@ class DecisionApi:
         self.processor = processor
         self.live = live
         self.url = str(app.conf.canonical_url).rstrip("/")
+        #: Answer as soon as decided (RTIM_API_ANSWER=decided), not once stored.
+        self.answer_early = processor.settings.api_answer == "decided"
+        self._owned: frozenset[int] = frozenset()
+        self._owned_generation: int | None = None
         self._waiting: list[tuple[DecideRequest, asyncio.Future[Answer]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -78,15 +91,23 @@ class DecisionApi:
     def owns(self, partition: int) -> bool:
         """Whether this worker owns the partition now (and its contexts are recovered)."""
         app = self.app
-        if app.rebalancing or app.should_stop or app.consumer_generation_id is None:
+        generation = app.consumer_generation_id
+        if app.rebalancing or app.should_stop or generation is None:
             return False
         try:
             if not app.tables.recovery.completed.is_set():
                 return False
-            assignment = app.consumer.assignment()
+            if generation != self._owned_generation:
+                # A generation's assignment does not change: read it once.
+                self._owned = frozenset(
+                    tp.partition
+                    for tp in app.consumer.assignment()
+                    if tp.topic == CLICKSTREAM_TOPIC
+                )
+                self._owned_generation = generation
         except Exception:  # not started yet
             return False
-        return any(tp.topic == CLICKSTREAM_TOPIC and tp.partition == partition for tp in assignment)
+        return partition in self._owned
 
     def owner_url(self, partition: int) -> str | None:
         """The canonical URL of the partition's owner, as the group's leader last
@@ -104,7 +125,14 @@ class DecisionApi:
     # -- deciding ----------------------------------------------------------------
 
     async def decide(self, request: DecideRequest) -> Answer:
-        """Decide on this worker (which must own the customer); raises NotOwner."""
+        """Decide on this worker (which must own the customer); raises NotOwner, or
+        InvalidRequest for a placement or channel the catalog does not have."""
+        if self.answer_early:
+            run = self.processor.request_run()
+            if run is not None:
+                answer = self._decide_in(run, request)
+                run.answered_early += 1
+                return answer
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
         if self._flusher is None or self._flusher.done():
@@ -141,7 +169,6 @@ class DecisionApi:
         held); returns what settles them once the batch is stored, or not."""
         waiting, self._waiting = self._waiting, []
         decided: list[tuple[Answer, asyncio.Future[Answer]]] = []
-        made = run.result.decisions
         for request, future in waiting:
             if future.done():
                 continue
@@ -149,16 +176,9 @@ class DecisionApi:
                 future.set_exception(NotOwner())
                 continue
             try:
-                decided.append((run.decide(request), future))
-                made[-1].headers.append((DECIDED_BY, self.url.encode()))
-            except KeyError:
-                future.set_exception(
-                    InvalidRequest(
-                        "placement", f"no placement {request.placement!r} in the catalog"
-                    )
-                )
-            except ValueError as exc:
-                future.set_exception(InvalidRequest("channel", str(exc)))
+                decided.append((self._decide_in(run, request), future))
+            except InvalidRequest as exc:
+                future.set_exception(exc)
             except Exception as exc:  # one bad request must not stop the batch
                 log.exception("decision request for %r failed", request.customer_id)
                 future.set_exception(exc)
@@ -173,6 +193,19 @@ class DecisionApi:
                     future.set_exception(NotOwner())
 
         return settle
+
+    def _decide_in(self, run: Any, request: DecideRequest) -> Answer:
+        """Decide a request in a batch being built, its record naming this worker."""
+        try:
+            answer: Answer = run.decide(request)
+        except KeyError:
+            raise InvalidRequest(
+                "placement", f"no placement {request.placement!r} in the catalog"
+            ) from None
+        except ValueError as exc:
+            raise InvalidRequest("channel", str(exc)) from None
+        run.result.decisions[-1].headers.append((DECIDED_BY, self.url.encode()))
+        return answer
 
     # -- routing -----------------------------------------------------------------
 

@@ -53,7 +53,7 @@ from rtim.stream.transactions import Fenced, TransactionalPublisher
 log = logging.getLogger("rtim.stream")
 
 #: Records the core handles between two turns of the event loop.
-CORE_CHUNK = 500
+CORE_CHUNK = 64
 
 
 class RtimApp(faust.App):
@@ -67,6 +67,8 @@ class RtimApp(faust.App):
     #: The offer models decisions are made with, kept current by :attr:`rtim_shared`.
     rtim_models: ModelSet
     rtim_shared: SharedModels
+    #: The decision API (:mod:`rtim.stream.api`).
+    rtim_api: DecisionApi
 
     def __init__(self, settings: Settings) -> None:
         self.rtim_settings = settings
@@ -187,6 +189,13 @@ class ClickstreamProcessor:
         #: Decides the waiting decision requests in a batch about to finish; returns what
         #: to call with whether the batch was stored (:class:`rtim.stream.api.DecisionApi`).
         self.riders: Callable[[BatchRun], Callable[[bool], None]] | None = None
+        #: The batch decision requests are decided in now (:meth:`request_run`): the one
+        #: being built, or one begun for them while the previous batch is being
+        #: persisted; and the generation it belongs to.
+        self._open: BatchRun | None = None
+        self._open_generation: int | None = None
+        self._building = False
+        self._flusher: asyncio.Future[None] | None = None
         #: Set once the live catalog is read (:class:`rtim.stream.catalog.LiveCatalog`
         #: clears it when it starts); batches wait for it.
         self.catalog_loaded = asyncio.Event()
@@ -235,7 +244,7 @@ class ClickstreamProcessor:
             generation = self.app.consumer_generation_id
             if generation != self._generation or self.app.rebalancing:
                 return
-            run = self.engine.tick(int(time.time() * 1000))
+            run = self.engine.tick(int(time.time() * 1000), self._take_open(generation))
             if run is None:
                 return
             self._idle.clear()
@@ -243,6 +252,68 @@ class ClickstreamProcessor:
                 await self._handle(FetchedBatch(generation, {}), run)
             finally:
                 self._idle.set()
+
+    def request_run(self) -> BatchRun | None:
+        """The batch a decision request answered before it is stored is decided in now
+        (docs/architecture.md, "The decision API"), or None when none may be: the worker
+        is between generations, or the live catalog is not read yet.
+
+        While a batch is being built, its own. Otherwise one begun now, even while the
+        previous batch is being published: it follows that batch (the next clickstream
+        batch, or a batch of its own, takes it) and is dropped if that batch is not
+        stored, since its contexts grew from that batch's.
+        """
+        generation = self.app.consumer_generation_id
+        if (
+            generation is None
+            or generation != self._generation
+            or generation == self._fenced_generation
+            or not self.catalog_loaded.is_set()
+            or self.app.rebalancing
+        ):
+            return None
+        if self._open is None:
+            # Not trimmed: the batch being published has not stored its contexts yet.
+            self._open = self.engine.start_batch(CLICKSTREAM_TOPIC, trim=False)
+            self._open_generation = generation
+            self._flusher = asyncio.ensure_future(self._flush_open(self._open))
+        return self._open
+
+    async def _flush_open(self, run: BatchRun) -> None:
+        """Publish and store a begun batch of decision requests, unless a clickstream batch
+        takes it first: while events flow, the next one comes within a fetch's wait."""
+        await asyncio.sleep(self.settings.fetch_max_wait_ms / 1000)
+        async with self._lock:
+            if self._open is not run or self._open_generation is None:
+                return
+            self._idle.clear()
+            try:
+                await self._handle(FetchedBatch(self._open_generation, {}))
+            except Exception:
+                log.exception("decision requests failed")
+                self.engine.invalidate()
+            finally:
+                self._idle.set()
+
+    def _take_open(self, generation: int) -> BatchRun | None:
+        """The begun batch of decision requests, for a batch of ``generation`` to build on
+        (None if there is none, or it was begun in another generation: then it is lost)."""
+        run, self._open = self._open, None
+        if run is not None and self._open_generation != generation:
+            self._lost(run)
+            return None
+        return run
+
+    def _lost(self, run: BatchRun | None) -> None:
+        """A batch with requests answered before they were stored was not stored."""
+        lost = 0 if run is None else run.answered_early
+        if lost:
+            metrics.API_DECISIONS_LOST.inc(lost)
+            log.warning(
+                "%d answered decision requests not stored (their partitions moved, or the "
+                "batch before them failed): their decisions and contacts are forgotten",
+                lost,
+            )
 
     def _new_generation(self, generation: int) -> None:
         """Partitions may have moved, and recovery may have rewritten the store."""
@@ -288,17 +359,36 @@ class ClickstreamProcessor:
             self._gc_tuned = True
         if batch.generation_id != self._generation:
             self._new_generation(batch.generation_id)
+        if run is None:
+            run = self._take_open(batch.generation_id) or self.engine.start_batch(CLICKSTREAM_TOPIC)
+        stored = False
+        try:
+            stored = await self._build_and_store(batch, run, settle)
+        finally:
+            if not stored:
+                # Nothing of it is stored: neither is what was begun on top of it.
+                self._lost(run)
+                self._lost(self._open)
+                self._open = None
+        return stored
+
+    async def _build_and_store(
+        self, batch: FetchedBatch, run: BatchRun, settle: list[Callable[[bool], None]]
+    ) -> bool:
         started = time.perf_counter()
         records = [r for tp_records in batch.records.values() for r in tp_records]
-        if run is None:
-            run = self.engine.start_batch(CLICKSTREAM_TOPIC)
-        for tp, tp_records in batch.records.items():
-            add = run.add_responses if tp.topic == RESPONSES_TOPIC else run.add
-            for i in range(0, len(tp_records), CORE_CHUNK):
-                add(tp_records[i : i + CORE_CHUNK])
-                # A turn for the rest of the worker (health checks, the consumer
-                # thread's results, heartbeats) while the core works on a big batch.
-                await asyncio.sleep(0)
+        self._open, self._open_generation, self._building = run, batch.generation_id, True
+        try:
+            for tp, tp_records in batch.records.items():
+                add = run.add_responses if tp.topic == RESPONSES_TOPIC else run.add
+                for i in range(0, len(tp_records), CORE_CHUNK):
+                    add(tp_records[i : i + CORE_CHUNK])
+                    # A turn for the rest of the worker (health checks, the consumer
+                    # thread's results, heartbeats, decision requests) while the core
+                    # works on a big batch.
+                    await asyncio.sleep(0)
+        finally:
+            self._open, self._building = None, False
         if self.riders is not None:
             # Decision requests waiting for the lock ride this batch (one publish for all).
             settle.append(self.riders(run))
@@ -638,9 +728,9 @@ def create_app(settings: Settings) -> RtimApp:
         loop=app.loop,
     )
     app.add_dependency(live)
-    decision_api = DecisionApi(app, processor, live)
-    processor.riders = decision_api.ride
-    install_api(app, decision_api)
+    app.rtim_api = DecisionApi(app, processor, live)
+    processor.riders = app.rtim_api.ride
+    install_api(app, app.rtim_api)
 
     # Subscribe the consumer to the clickstream, and hand its records to the
     # processor a fetch at a time instead of one message at a time.

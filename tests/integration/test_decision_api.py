@@ -117,15 +117,25 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     assert status == 200 and stranger["actions"] == [] and stranger["new_customer"]
     assert stranger["reason"] == "no-offer:none-eligible"
 
-    # Recorded like a trigger's decision: on rtim.decisions, open in the context.
-    records = asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
-    mine = [r for r in records if orjson.loads(r.value)["decision_id"] == answer["decision_id"]]
+    # Recorded like a trigger's decision: on rtim.decisions, open in the context (with the
+    # owner's next batch: the answer does not wait for it).
+    def recorded() -> list[Any]:
+        records = asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
+        return [r for r in records if orjson.loads(r.value)["decision_id"] == answer["decision_id"]]
+
+    mine = poll("the decision recorded", recorded, 10, w1, w2)
     assert [
         (body["source"], body["offer_id"], body["customer_id"])
         for body in (orjson.loads(r.value) for r in mine)
     ] == [("api", "free-shipping", "shopper")]
     assert dict(mine[0].headers)["rtim.worker"] == owner.url.encode(), "decided by the owner"
-    status, explained, _ = call(f"{other.url}/v1/customers/shopper")
+    status, explained, _ = poll(
+        "the decision stored",
+        lambda: (r := call(f"{other.url}/v1/customers/shopper"))[1].get("open_decisions") and r,
+        10,
+        w1,
+        w2,
+    )
     assert status == 200 and explained["worker"] == owner.url
     assert [d["decision_id"] for d in explained["open_decisions"]] == [answer["decision_id"]]
     assert explained["decisions"][0]["id"] == answer["decision_id"]

@@ -40,7 +40,9 @@ def api(*, rebalancing: bool, owned: list[int], hosts: dict[str, list[int]]) -> 
         router=FakeRouter({url: {"rtim-customers-changelog": ps} for url, ps in hosts.items()}),
     )
     processor = SimpleNamespace(
-        _partition_of=lambda key: 2, changelog_topic="rtim-customers-changelog"
+        _partition_of=lambda key: 2,
+        changelog_topic="rtim-customers-changelog",
+        settings=SimpleNamespace(api_answer="decided"),
     )
     return DecisionApi(app, processor, live=SimpleNamespace())  # type: ignore[arg-type]
 

@@ -155,6 +155,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
         7200.0, lambda w: w.processor.engine.window_ms, 7_200_000
     ),
     "idle_close_s": lambda tmp: Case(5.0, lambda w: w.processor.engine.idle_ms, 5_000),
+    "api_answer": lambda tmp: Case("stored", lambda w: w.app.rtim_api.answer_early, False),
     "model_snapshot_interval_s": lambda tmp: Case(2.5, lambda w: w.app.rtim_shared.interval, 2.5),
 }
 

@@ -402,9 +402,11 @@ class FakeConsumer:
         return None
 
 
-def eos_processor(tmp_path: Path, broker: TxnBroker) -> tuple[ClickstreamProcessor, FakeConsumer]:
+def eos_processor(
+    tmp_path: Path, broker: TxnBroker, **more: Any
+) -> tuple[ClickstreamProcessor, FakeConsumer]:
     settings = Settings(
-        datadir=tmp_path, store="memory", processing_guarantee="exactly_once", partitions=4
+        datadir=tmp_path, store="memory", processing_guarantee="exactly_once", partitions=4, **more
     )
     app = create_app(settings)
     processor: ClickstreamProcessor = app.consumer._batch_sink.__self__

@@ -1,0 +1,166 @@
+"""When the decision API answers (``RTIM_API_ANSWER``): with ``decided``, at once, on the
+customer's latest context even while the batch that made it is being published, the
+decision then going out and being stored with the next batch (and counted as lost if that
+cannot be); with ``stored``, only once its batch is stored.
+
+On the processor with the stand-in transactional producer of test_transactions.py: the
+tests hold a batch in its publish, which a real broker does only for milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka.errors import KafkaConnectionError
+from faust.types import TP
+
+from rtim import metrics
+from rtim.decide.explain import recent_decisions
+from rtim.decide.request import parse_request
+from rtim.engine import Answer
+from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC
+from rtim.stream.app import ClickstreamProcessor
+from rtim.stream.publish import OutRecord
+
+from .test_engine import T0, page, track
+from .test_transactions import TxnBroker, eos_processor, fetched
+
+
+class HeldPublish:
+    """Holds the processor's next publishes until released."""
+
+    def __init__(self, processor: ClickstreamProcessor) -> None:
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+        real = processor.publisher.publish
+
+        async def held(out: list[OutRecord]) -> Any:
+            self.entered.set()
+            await self.gate.wait()
+            return await real(out)
+
+        processor.publisher.publish = held  # type: ignore[method-assign]
+
+
+def request(customer: str) -> Any:
+    at = dt.datetime.fromtimestamp((T0 + 10) / 1000, dt.UTC).isoformat()
+    body = {"customer_id": customer, "channel": "web", "limit": 5, "timestamp": at}
+    return parse_request(orjson.dumps(body), now_ms=int(time.time() * 1000))
+
+
+async def until(what: str, check: Callable[[], Any], timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (got := check()):
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        await asyncio.sleep(0.01)
+    return got
+
+
+def decision_ids(broker: TxnBroker) -> list[str]:
+    return [orjson.loads(e.value)["decision_id"] for e in broker.committed(DECISIONS_TOPIC)]
+
+
+def stored_recent(processor: ClickstreamProcessor, customer: str) -> list[str]:
+    ctx = processor.engine.stored(0, customer.encode())
+    return [] if ctx is None else [d["id"] for d in recent_decisions(ctx)]
+
+
+def on_a_batch_being_published(
+    tmp_path: Path,
+    answer: str,
+    then: Callable[[ClickstreamProcessor, TxnBroker, HeldPublish, str], Awaitable[Any]],
+) -> tuple[ClickstreamProcessor, TxnBroker, Any]:
+    """A customer's page view is stored; their cart (60, so free shipping is eligible) is
+    being published when ``then`` runs."""
+    broker = TxnBroker()
+    processor, _ = eos_processor(tmp_path, broker, api_answer=answer)
+    # (Which worker owns the customer is the routing's: tests/unit/test_api_routing.py.)
+    processor.app.rtim_api.owns = lambda partition: True  # type: ignore[method-assign]
+    customer = next(
+        f"c-{i}"
+        for i in range(1000)
+        if processor.publisher.partition_for(f"c-{i}".encode(), [0, 1, 2, 3]) == 0
+    )
+    viewed = fetched({0: [page("/kitchen", user=customer, ts=T0)]})
+    cart = [track("Product Added", user=customer, ts=T0 + 1, product_id="k1", price=60)]
+
+    async def run() -> Any:
+        await processor._assigned({TP(CLICKSTREAM_TOPIC, 0)})
+        await processor.handle(viewed)
+        held = HeldPublish(processor)
+        batch = asyncio.create_task(processor.handle(fetched({0: cart}, offset=1)))
+        await held.entered.wait()
+        try:
+            return await then(processor, broker, held, customer)
+        finally:
+            held.gate.set()
+            await batch
+
+    return processor, broker, asyncio.run(run())
+
+
+def test_decided_answers_at_once_from_the_batch_being_published_and_stores_it_next(
+    tmp_path: Path,
+) -> None:
+    async def then(
+        processor: ClickstreamProcessor, broker: TxnBroker, held: HeldPublish, customer: str
+    ) -> Answer:
+        answer = await asyncio.wait_for(processor.app.rtim_api.decide(request(customer)), 1)
+        # The cart not stored yet is what the decision saw.
+        assert [a.offer.id for a in answer.actions][:1] == ["free-shipping"]
+        assert answer.decision_id not in decision_ids(broker)
+        assert answer.decision_id not in stored_recent(processor, customer)
+        held.gate.set()
+        # Out and stored with the next batch: here one of its own, as no event comes.
+        await until("the decision stored", lambda: answer.decision_id in decision_ids(broker))
+        await until(
+            "the context stored",
+            lambda: answer.decision_id in stored_recent(processor, customer),
+        )
+        return answer
+
+    processor, _, answer = on_a_batch_being_published(tmp_path, "decided", then)
+    ctx = processor.engine.stored(0, answer.customer_id.encode())
+    assert ctx is not None and ctx["cart"]["value"] == 60
+    assert [p[0] for p in ctx["pending"]] == [answer.decision_id]
+
+
+def test_stored_answers_only_once_the_decision_is_stored(tmp_path: Path) -> None:
+    async def then(
+        processor: ClickstreamProcessor, broker: TxnBroker, held: HeldPublish, customer: str
+    ) -> Answer:
+        asked = asyncio.ensure_future(processor.app.rtim_api.decide(request(customer)))
+        await asyncio.sleep(0.2)
+        assert not asked.done(), "answered before the batch in progress was stored"
+        held.gate.set()
+        answer = await asyncio.wait_for(asked, 5)
+        assert answer.decision_id in decision_ids(broker)
+        assert answer.decision_id in stored_recent(processor, customer)
+        return answer
+
+    on_a_batch_being_published(tmp_path, "stored", then)
+
+
+def test_an_answer_whose_batch_cannot_be_stored_is_counted_lost(tmp_path: Path) -> None:
+    lost = metrics.API_DECISIONS_LOST._value.get()
+
+    async def then(
+        processor: ClickstreamProcessor, broker: TxnBroker, held: HeldPublish, customer: str
+    ) -> Answer:
+        answer = await asyncio.wait_for(processor.app.rtim_api.decide(request(customer)), 1)
+        # The batch it was decided on fails: the worker is stopping (its partitions go).
+        broker.faults["send"].append(KafkaConnectionError())
+        broker.on_fault = processor.app._stopped.set
+        return answer
+
+    processor, broker, answer = on_a_batch_being_published(tmp_path, "decided", then)
+    assert metrics.API_DECISIONS_LOST._value.get() == lost + 1
+    assert processor._open is None
+    assert answer.decision_id not in decision_ids(broker)
+    assert answer.decision_id not in stored_recent(processor, answer.customer_id)
