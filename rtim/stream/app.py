@@ -52,7 +52,8 @@ from rtim.stream.transactions import Fenced, TransactionalPublisher
 
 log = logging.getLogger("rtim.stream")
 
-#: Records the core handles between two turns of the event loop.
+#: Records the core handles between two turns of the event loop: a few milliseconds of
+#: work at most, which is what a decision request may wait for (a turn costs ~10 us).
 CORE_CHUNK = 64
 
 
