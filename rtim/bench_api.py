@@ -29,6 +29,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from rtim.bench import Latency, _iso_now, _latency
 from rtim.broker import EmbeddedBroker
@@ -37,6 +38,7 @@ from rtim.names import CLICKSTREAM_TOPIC, OFFER_CHANNELS
 from rtim.settings import DEFAULT_CATALOG, KafkaConnection, Settings
 from rtim.simulate import JourneySimulator
 from rtim.stream.process import WorkerProcess
+from rtim.stream.publish import BatchWriter
 from rtim.stream.topics import create_topics, topic_specs
 
 #: The latency objective of the decision API's p99 on loopback (docs/architecture.md).
@@ -83,25 +85,36 @@ class Plan:
     """The whole load, built before it starts so that the senders only send: the events
     (key, body with :data:`_STAMP` for its timestamp) and the request bodies, in order."""
 
-    events: list[tuple[bytes, bytes]]
+    events: list[tuple[int, bytes, bytes]]
     requests: list[bytes]
 
 
-def plan_load(event_rate: float, request_rate: float, seconds: float, customers: int) -> Plan:
-    """Events from the journey simulator; each request asks for a customer whose events
-    went in lately (as of when it is due), on the channel of their latest event."""
+def plan_load(
+    event_rate: float, request_rate: float, seconds: float, customers: int, partitions: int
+) -> Plan:
+    """Events from the journey simulator (partition, key, body); each request asks for a
+    customer whose events went in lately (as of when it is due), on the channel of their
+    latest event."""
     sim = JourneySimulator(customers=customers, seed=11, live=True)
     stream = sim.events()
     recent: dict[str, str] = {}  # customer -> channel of its latest event
     rng = random.Random(5)
-    events: list[tuple[bytes, bytes]] = []
+    events: list[tuple[int, bytes, bytes]] = []
+    every = list(range(partitions))
+    partitioner = DefaultPartitioner()
+
+    def planned(event: dict) -> str:
+        event["timestamp"] = "2000-01-01T00:00:00.000Z"
+        key = customer_key(event)
+        encoded = key.encode()
+        events.append((partitioner(encoded, every, every), encoded, orjson.dumps(event)))
+        return key
+
     requests: list[bytes] = []
     for i in range(int(seconds * request_rate)):
         while len(events) < int(i / request_rate * event_rate) or not events:
             event = next(stream)
-            event["timestamp"] = "2000-01-01T00:00:00.000Z"
-            key = customer_key(event)
-            events.append((key.encode(), orjson.dumps(event)))
+            key = planned(event)
             recent.pop(key, None)
             recent[key] = _channel(event)
             if len(recent) > RECENT_CUSTOMERS:
@@ -110,9 +123,7 @@ def plan_load(event_rate: float, request_rate: float, seconds: float, customers:
         body = {"customer_id": customer, "channel": recent[customer], "limit": 3}
         requests.append(orjson.dumps(body))
     while len(events) < int(seconds * event_rate):
-        event = next(stream)
-        event["timestamp"] = "2000-01-01T00:00:00.000Z"
-        events.append((customer_key(event).encode(), orjson.dumps(event)))
+        planned(next(stream))
     return Plan(events, requests)
 
 
@@ -124,6 +135,7 @@ async def api_load(
     request_rate: float,
     seconds: float,
     customers: int,
+    partitions: int,
 ) -> ApiReport:
     """Send live events and decision requests at their rates; the requests' report.
 
@@ -133,7 +145,9 @@ async def api_load(
     """
     report = ApiReport(event_rate=event_rate, request_rate=request_rate, seconds=seconds)
     length = WARMUP_S + seconds
-    plan = await asyncio.to_thread(plan_load, event_rate, request_rate, length, customers)
+    plan = await asyncio.to_thread(
+        plan_load, event_rate, request_rate, length, customers, partitions
+    )
     producer = AIOKafkaProducer(**KafkaConnection.parse(bootstrap).client_config(), linger_ms=1)
     await producer.start()
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as f:
@@ -156,8 +170,12 @@ async def api_load(
             due = min(len(plan.events), int((now - start) * event_rate))
             if due > sent:
                 stamp = b'"' + _iso_now()[0].encode() + b'"'
-                for key, body in plan.events[sent:due]:
-                    await producer.send(CLICKSTREAM_TOPIC, body.replace(_STAMP, stamp, 1), key=key)
+                # In one produce request per partition, as a collector sends in bulk.
+                writer = BatchWriter(producer)
+                for partition, key, body in plan.events[sent:due]:
+                    value = body.replace(_STAMP, stamp, 1)
+                    await writer.append(CLICKSTREAM_TOPIC, partition, key, value)
+                await writer.flush()
                 sent = due
             await asyncio.sleep(TICK_S)
         report.events_sent = sent
@@ -273,6 +291,7 @@ async def run_api_bench(
             request_rate=request_rate,
             seconds=seconds,
             customers=customers,
+            partitions=partitions,
         )
         try:
             worker_account(report, await asyncio.to_thread(worker.metrics))
