@@ -207,14 +207,21 @@ class ClickstreamProcessor:
         return self.publisher.partition_for(key, self._partitions)
 
     async def wait_idle(self) -> None:
-        """Return once no batch is being processed."""
+        """Return once no batch is being processed, and the decision requests answered
+        before they were stored are stored (Faust waits for this before it commits on a
+        revocation, and at shutdown)."""
         await self._idle.wait()
+        if self._open is not None:
+            await self._flush_open(self._open, linger=False)
 
     def _current(self, batch: FetchedBatch) -> bool:
+        # A stopping worker stores no more fetched records (they come again to the next
+        # owner), but still stores a batch without any: nothing of it would come again
+        # (decision requests already answered, windows an idle tick closed).
         return (
             batch.generation_id == self.app.consumer_generation_id
             and batch.generation_id != self._fenced_generation
-            and not self.app.should_stop
+            and not (self.app.should_stop and batch.records)
         )
 
     async def handle(self, batch: FetchedBatch) -> None:
@@ -280,10 +287,11 @@ class ClickstreamProcessor:
             self._flusher = asyncio.ensure_future(self._flush_open(self._open))
         return self._open
 
-    async def _flush_open(self, run: BatchRun) -> None:
+    async def _flush_open(self, run: BatchRun, *, linger: bool = True) -> None:
         """Publish and store a begun batch of decision requests, unless a clickstream batch
         takes it first: while events flow, the next one comes within a fetch's wait."""
-        await asyncio.sleep(self.settings.fetch_max_wait_ms / 1000)
+        if linger:
+            await asyncio.sleep(self.settings.fetch_max_wait_ms / 1000)
         async with self._lock:
             if self._open is not run or self._open_generation is None:
                 return

@@ -164,3 +164,23 @@ def test_an_answer_whose_batch_cannot_be_stored_is_counted_lost(tmp_path: Path) 
     assert processor._open is None
     assert answer.decision_id not in decision_ids(broker)
     assert answer.decision_id not in stored_recent(processor, answer.customer_id)
+
+
+def test_a_graceful_stop_stores_the_answered_decisions_first(tmp_path: Path) -> None:
+    """The worker stops right after answering (a rolling restart): Faust waits for the
+    processor before its last commit, and the decision is stored then, not forgotten."""
+    broker = TxnBroker()
+    processor, _ = eos_processor(tmp_path, broker)
+    customer = "c-1"
+
+    async def run() -> Answer:
+        await processor._assigned({TP(CLICKSTREAM_TOPIC, p) for p in range(4)})
+        await processor.handle(fetched({}))  # (the generation is known)
+        answer = await processor.app.rtim_api.decide(request(customer))
+        processor.app._stopped.set()  # (should_stop)
+        await processor.wait_idle()
+        return answer
+
+    answer = asyncio.run(run())
+    assert decision_ids(broker) == [answer.decision_id]
+    assert processor._open is None
