@@ -494,16 +494,19 @@ class Engine:
             run._close_due(partition, moved)
         return run
 
-    def _trim_cache(self) -> None:
-        # Contexts of earlier batches are all persisted, so any may go; the
-        # oldest inserted go first.
+    def trim_cache(self, keep: BatchRun | None = None) -> None:
+        """Bring the cache back within ``cache_size``, the oldest inserted first. Contexts
+        of earlier batches are all persisted by now, so any may go; but those ``keep``
+        (a batch begun before this moment) changed are not, and stay."""
         total = sum(len(cache) for cache in self._cache.values())
         excess = total - self.cache_size
         if excess > 0:
             share = (excess + self.cache_size // 10) / total
-            for cache in self._cache.values():
+            for partition, cache in self._cache.items():
+                kept = keep._changed.get(partition, ()) if keep is not None else ()
                 for key in list(cache)[: math.ceil(len(cache) * share)]:
-                    del cache[key]
+                    if key not in kept:
+                        del cache[key]
 
     def process(self, topic: str, records: Iterable[RecordLike]) -> BatchResult:
         """Run one batch of clickstream records through the core."""
@@ -520,10 +523,11 @@ class Engine:
         With ``trim=False`` none leaves, and the batch may begin while the previous
         one is still being persisted (decision requests answered before they are
         stored begin one so); it must then be persisted after that one, and not at
-        all if that one is not.
+        all if that one is not. Whoever goes on with it calls :meth:`trim_cache`
+        with it once the previous one is persisted.
         """
         if trim:
-            self._trim_cache()
+            self.trim_cache()
         return BatchRun(self, topic)
 
     def _decide(

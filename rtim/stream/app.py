@@ -252,7 +252,10 @@ class ClickstreamProcessor:
             generation = self.app.consumer_generation_id
             if generation != self._generation or self.app.rebalancing:
                 return
-            run = self.engine.tick(int(time.time() * 1000), self._take_open(generation))
+            begun = self._take_open(generation)
+            if begun is not None:
+                self.engine.trim_cache(keep=begun)
+            run = self.engine.tick(int(time.time() * 1000), begun)
             if run is None:
                 return
             self._idle.clear()
@@ -369,7 +372,11 @@ class ClickstreamProcessor:
         if batch.generation_id != self._generation:
             self._new_generation(batch.generation_id)
         if run is None:
-            run = self._take_open(batch.generation_id) or self.engine.start_batch(CLICKSTREAM_TOPIC)
+            run = self._take_open(batch.generation_id)
+            if run is None:
+                run = self.engine.start_batch(CLICKSTREAM_TOPIC)
+            else:
+                self.engine.trim_cache(keep=run)  # (the batch it was begun on is stored)
         stored = False
         try:
             stored = await self._build_and_store(batch, run, settle)

@@ -517,6 +517,32 @@ def test_a_small_cache_reloads_evicted_contexts_from_the_store() -> None:
         assert (ctx["n"], ctx["pages"]) == (3, ["/r0", "/r1", "/r2"])
 
 
+def test_batches_begun_before_the_previous_is_persisted_keep_the_cache_bounded() -> None:
+    """Decision requests answered at once begin each batch while the previous one is
+    being persisted (trim=False): trimmed once that one is, the cache stays within its
+    size, and a context the begun batch changed is not reloaded from the older store."""
+    store, log = Store(), Log()
+    eng = engine(store, cache_size=4)
+    begun = eng.start_batch(TOPIC)
+    seen = []
+    for round_ in range(5):
+        users = [page(f"/r{round_}", user=f"u-{round_}-{i}", ts=T0 + round_) for i in range(6)]
+        seen.append(f"/b{round_}")
+        begun.add(log.records(*users, page(seen[-1], user="regular", ts=T0 + round_)))
+        result = begun.finish()
+        # The next batch begins before this one is persisted, and changes the regular customer ...
+        begun = eng.start_batch(TOPIC, trim=False)
+        seen.append(f"/a{round_}")
+        begun.add(log.records(page(seen[-1], user="regular", ts=T0 + round_)))
+        store.persist(result)
+        eng.trim_cache(keep=begun)
+        assert sum(len(c) for c in eng._cache.values()) <= 4 + 1
+        # ... and goes on after the trim (the next fetch takes it over).
+    store.persist(begun.finish())
+    ctx = orjson.loads(store.data[(0, b"regular")])
+    assert ctx["n"] == len(seen)
+
+
 # --------------------------------------------------------------------------
 # Replays within the dedupe window
 # --------------------------------------------------------------------------
