@@ -195,7 +195,7 @@ class ClickstreamProcessor:
         #: persisted; and the generation it belongs to.
         self._open: BatchRun | None = None
         self._open_generation: int | None = None
-        self._building = False
+        #: The task that stores the begun batch if no clickstream batch takes it.
         self._flusher: asyncio.Future[None] | None = None
         #: Set once the live catalog is read (:class:`rtim.stream.catalog.LiveCatalog`
         #: clears it when it starts); batches wait for it.
@@ -393,7 +393,7 @@ class ClickstreamProcessor:
     ) -> bool:
         started = time.perf_counter()
         records = [r for tp_records in batch.records.values() for r in tp_records]
-        self._open, self._open_generation, self._building = run, batch.generation_id, True
+        self._open, self._open_generation = run, batch.generation_id
         try:
             for tp, tp_records in batch.records.items():
                 add = run.add_responses if tp.topic == RESPONSES_TOPIC else run.add
@@ -404,7 +404,7 @@ class ClickstreamProcessor:
                     # works on a big batch.
                     await asyncio.sleep(0)
         finally:
-            self._open, self._building = None, False
+            self._open = None
         if self.riders is not None:
             # Decision requests waiting for the lock ride this batch (one publish for all).
             settle.append(self.riders(run))
