@@ -195,8 +195,8 @@ API_SECONDS = Histogram(
 API_DECISIONS_LOST = Counter(
     "rtim_api_decisions_lost_total",
     "Decision requests answered before they were stored (RTIM_API_ANSWER=decided) whose "
-    "batch was then not stored (the worker lost their partition): not recorded, not counted "
-    "as contacts.",
+    "batch was then not stored (the worker lost their partition): not in their customers' "
+    "contexts, so neither counted as contacts nor learned (their records may be out).",
 )
 
 # A labelled series exists only once its labels are used: a dashboard panel or an alert

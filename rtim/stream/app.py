@@ -323,7 +323,7 @@ class ClickstreamProcessor:
             metrics.API_DECISIONS_LOST.inc(lost)
             log.warning(
                 "%d answered decision requests not stored (their partitions moved, or the "
-                "batch before them failed): their decisions and contacts are forgotten",
+                "batch before them failed): not counted as contacts, not learned",
                 lost,
             )
 
