@@ -276,9 +276,7 @@ def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> 
     out: list[Example] = []
     opened = state["pending"]
     decision_id = pending.decision_id
-    if any(p[_ID] == decision_id for p in opened) or any(
-        c[0] == decision_id for c in state["closed"]
-    ):
+    if decision_id in [p[_ID] for p in opened] or decision_id in [c[0] for c in state["closed"]]:
         return out  # the same decision again (a replayed event): one is enough
     while len(opened) >= max_pending:
         out.append(_close(state, opened[0], False, pending.decided_ms, "evicted"))
