@@ -151,6 +151,10 @@ TOP_FEATURES = 5
 def top_features(models: ModelSet, offer_id: str, features: list[str]) -> dict[str, float]:
     """The features whose weights' means are largest in magnitude, with those means."""
     means = models.get(offer_id).model.means
+    if means.keys().isdisjoint(features):
+        # None learned yet (a new offer): all weigh 0.0, and the sort would keep them
+        # in their order.
+        return dict.fromkeys(features[:TOP_FEATURES], 0.0)
     weighed = [(f, means.get(f, 0.0)) for f in features]
     weighed.sort(key=lambda fm: abs(fm[1]), reverse=True)
     # A feature the model has not seen weighs 0.0, its own rounding (round is slow).

@@ -47,7 +47,8 @@ import datetime as dt
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -177,7 +178,8 @@ class Pending:
     features: Sequence[str]
     decided_ms: int
     window_end_ms: int
-    seen: set[str] = field(default_factory=set)
+    #: Outcomes already seen (none for a decision just made: no set per decision).
+    seen: AbstractSet[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +286,8 @@ def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> 
         [
             decision_id,
             pending.offer_id,
-            list(pending.features),
+            # The engine hands a list of its own (one copy per decision less).
+            features if type(features := pending.features) is list else list(features),
             pending.decided_ms,
             pending.window_end_ms,
             sorted(pending.seen),
