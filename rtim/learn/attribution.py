@@ -290,7 +290,9 @@ def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> 
             features if type(features := pending.features) is list else list(features),
             pending.decided_ms,
             pending.window_end_ms,
-            sorted(pending.seen),
+            # No list until an outcome is seen (the empty tuple is one object for all,
+            # written as the same []): one object fewer kept per open decision.
+            sorted(pending.seen) if pending.seen else (),
         ]
     )
     return out
@@ -308,7 +310,7 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
             seen = p[_SEEN]
             if response.outcome in seen:
                 return "duplicate", None
-            seen.append(response.outcome)
+            p[_SEEN] = [*seen, response.outcome]
             if response.timestamp_ms > p[_END]:
                 return "late", None
             if response.outcome == "conversion":
@@ -320,7 +322,7 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
         if c[0] == decision_id:
             if response.outcome in c[2]:
                 return "duplicate", None
-            c[2].append(response.outcome)
+            c[2] = [*c[2], response.outcome]
             return "late", None
     return "unknown", None
 
