@@ -585,7 +585,7 @@ class Engine:
                     # Structured mode with the content-type header only. The Kafka binding
                     # lets ce_ headers come along, but readers that look for them first
                     # (the official Python SDK) then take the record for binary mode.
-                    headers=[("content-type", CONTENT_TYPE)],
+                    headers=[_CONTENT_TYPE_HEADER],
                     source_ms=getattr(record, "timestamp", None),
                     cause=record,
                 )
@@ -643,6 +643,10 @@ class Engine:
             exc=exc,
             stage=stage,
         )
+
+
+#: A trigger's one header, made once (a tuple: shared by every trigger's list).
+_CONTENT_TYPE_HEADER = ("content-type", CONTENT_TYPE)
 
 
 def _at(partition: int, examples: list[Example]) -> list[Example]:

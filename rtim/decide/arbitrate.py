@@ -36,7 +36,7 @@ from rtim.learn.models import ModelSet
 from rtim.learn.policy import Candidate, rank
 from rtim.offers.catalog import Catalog, Offer
 from rtim.offers.policy import NO_POLICY
-from rtim.triggers.rules import TriggerRule, first_failed
+from rtim.triggers.rules import TriggerRule, event_fields, first_failed
 
 # Decision ids are derived from what caused the decision, so that a replayed
 # event yields the same id and channel systems can drop the repeat.
@@ -151,6 +151,10 @@ TOP_FEATURES = 5
 def top_features(models: ModelSet, offer_id: str, features: list[str]) -> dict[str, float]:
     """The features whose weights' means are largest in magnitude, with those means."""
     means = models.get(offer_id).model.means
+    if means.keys().isdisjoint(features):
+        # None learned yet (a new offer): all weigh 0.0, and the sort would keep them
+        # in their order.
+        return dict.fromkeys(features[:TOP_FEATURES], 0.0)
     weighed = [(f, means.get(f, 0.0)) for f in features]
     weighed.sort(key=lambda fm: abs(fm[1]), reverse=True)
     # A feature the model has not seen weighs 0.0, its own rounding (round is slow).
@@ -179,9 +183,7 @@ def decide(
     at_ms = event.timestamp_ms
     policy = catalog.policy
     if policy is None and not contact.withdrawn(ctx):
-        eligible = [
-            o for o in catalog.offers_for(rule.id) if _admitted(o, event, ctx, at_ms, reasons)
-        ]
+        eligible = _eligible(catalog.offers_for(rule.id), event, ctx, at_ms, reasons)
         channels = None
     else:
         eligible, channels = _within_policy(
@@ -262,6 +264,34 @@ def _admitted(offer: Offer, event: Event, ctx: Context, at_ms: int, reasons: lis
         reasons.append(f"rejected:{offer.id}:{failed.text}")
         return False
     return True
+
+
+def _eligible(
+    offers: tuple[Offer, ...], event: Event, ctx: Context, at_ms: int, reasons: list[str]
+) -> list[Offer]:
+    """:func:`_admitted` of each offer, with each condition text evaluated once: offers
+    of a catalog share their eligibility rules, and the context does not change
+    meanwhile."""
+    held: dict[str, bool] = {}
+    out = []
+
+    def fields() -> dict[str, Any]:
+        return event_fields(event)
+
+    for offer in offers:
+        if not offer.is_valid_at(at_ms):
+            reasons.append(f"rejected:{offer.id}:not-valid-now")
+            continue
+        for cond in offer.eligibility:
+            ok = held.get(cond.text)
+            if ok is None:
+                ok = held[cond.text] = cond.test(ctx, fields)
+            if not ok:
+                reasons.append(f"rejected:{offer.id}:{cond.text}")
+                break
+        else:
+            out.append(offer)
+    return out
 
 
 def _within_policy(

@@ -17,7 +17,6 @@ from rtim.decide.arbitrate import Decision, round6
 from rtim.decide.cloudevent import iso_ms
 
 RECORD_FORMAT = 1
-_NONE: dict[str, object] = {}
 
 
 def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
@@ -25,10 +24,36 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
     ranked = decision.ranked
     event = decision.event
     # Under a contact policy, where each candidate would have gone and what weighed it.
-    policy: dict[str, dict[str, object]] | None = None
+    # The scores were rounded once already, for the decision's candidates.
     if decision.channels:
         levers = decision.levers
         policy = {o: {"channel": ch, "levers": levers[o]} for o, ch in decision.channels.items()}
+        candidates = [
+            {
+                "offer_id": offer_id,
+                "propensity": round6(c.mean),
+                "sampled": round6(c.sampled),
+                "score": score,
+                "model_version": c.version,
+                "features": c.own,  # a tuple: orjson writes it as the same array
+                **policy[offer_id],
+            }
+            for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
+        ]
+    else:
+        # The same without a contact policy and without an empty mapping unpacked into
+        # each (one is written per candidate of every decision).
+        candidates = [
+            {
+                "offer_id": offer_id,
+                "propensity": round6(c.mean),
+                "sampled": round6(c.sampled),
+                "score": score,
+                "model_version": c.version,
+                "features": c.own,
+            }
+            for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
+        ]
     return orjson.dumps(
         {
             "format": RECORD_FORMAT,
@@ -38,19 +63,7 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
             "trigger": decision.trigger.id,
             "channel": decision.channel,
             "offer_id": None if decision.offer is None else decision.offer.id,
-            # The scores were rounded once already, for the decision's candidates.
-            "candidates": [
-                {
-                    "offer_id": offer_id,
-                    "propensity": round6(c.mean),
-                    "sampled": round6(c.sampled),
-                    "score": score,
-                    "model_version": c.version,
-                    "features": c.own,  # a tuple: orjson writes it as the same array
-                    **(policy[offer_id] if policy else _NONE),
-                }
-                for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
-            ],
+            "candidates": candidates,
             "features": ranked[0].shared if ranked else [],
             "decided_ms": event.timestamp_ms,
             "decided_at": iso_ms(event.timestamp_ms),

@@ -47,7 +47,8 @@ import datetime as dt
 import heapq
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -177,7 +178,8 @@ class Pending:
     features: Sequence[str]
     decided_ms: int
     window_end_ms: int
-    seen: set[str] = field(default_factory=set)
+    #: Outcomes already seen (none for a decision just made: no set per decision).
+    seen: AbstractSet[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,9 +278,7 @@ def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> 
     out: list[Example] = []
     opened = state["pending"]
     decision_id = pending.decision_id
-    if any(p[_ID] == decision_id for p in opened) or any(
-        c[0] == decision_id for c in state["closed"]
-    ):
+    if decision_id in [p[_ID] for p in opened] or decision_id in [c[0] for c in state["closed"]]:
         return out  # the same decision again (a replayed event): one is enough
     while len(opened) >= max_pending:
         out.append(_close(state, opened[0], False, pending.decided_ms, "evicted"))
@@ -286,10 +286,13 @@ def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> 
         [
             decision_id,
             pending.offer_id,
-            list(pending.features),
+            # The engine hands a list of its own (one copy per decision less).
+            features if type(features := pending.features) is list else list(features),
             pending.decided_ms,
             pending.window_end_ms,
-            sorted(pending.seen),
+            # No list until an outcome is seen (the empty tuple is one object for all,
+            # written as the same []): one object fewer kept per open decision.
+            sorted(pending.seen) if pending.seen else (),
         ]
     )
     return out
@@ -307,7 +310,7 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
             seen = p[_SEEN]
             if response.outcome in seen:
                 return "duplicate", None
-            seen.append(response.outcome)
+            p[_SEEN] = [*seen, response.outcome]
             if response.timestamp_ms > p[_END]:
                 return "late", None
             if response.outcome == "conversion":
@@ -319,7 +322,7 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
         if c[0] == decision_id:
             if response.outcome in c[2]:
                 return "duplicate", None
-            c[2].append(response.outcome)
+            c[2] = [*c[2], response.outcome]
             return "late", None
     return "unknown", None
 

@@ -182,10 +182,35 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+#: Pages whose keys a builder remembers (per entry; forgotten all at once when full).
+_PAGES_REMEMBERED = 4096
+
+
+def _keys_of(entry: FeatureEntry) -> Any:
+    """The keys an entry's encoding can give, formatted once (see FeatureBuilder.shared)."""
+    path = entry.path
+    if entry.encode == "log2":
+        return tuple(f"{path}~{b}" for b in range(entry.options.get("max", 10) + 1))
+    if entry.encode == "flag":
+        return (f"{path}=no", f"{path}=yes")
+    if entry.encode == "recency":
+        labels = [label for _, label in _RECENCY] + [">=30d"]
+        return {None: f"{path}@never"} | {label: f"{path}@{label}" for label in labels}
+    if entry.encode == "cart":
+        return (
+            f"{path}=empty",
+            tuple(f"{path}.value~{b}" for b in range(15)),
+            tuple(f"{path}.items~{b}" for b in range(6)),
+        )
+    if entry.encode == "recent":
+        return {}  # page -> its key, filled as pages are met
+    return None
+
+
 class FeatureBuilder:
     """Builds a decision's features from a context and the moment, as lists of keys."""
 
-    __slots__ = ("_offer_entries", "_own", "_shared_entries", "_singles", "spec")
+    __slots__ = ("_offer_entries", "_own", "_shared_entries", "_shared_keys", "_singles", "spec")
 
     def __init__(self, spec: FeatureSpec = DEFAULT_SPEC) -> None:
         self.spec = spec
@@ -199,12 +224,16 @@ class FeatureBuilder:
             for top in (e.options.get("max", 4),)
         )
         self._singles = tuple((k,) for k in self._own[0][2]) if len(self._own) == 1 else ()
+        # Per shared entry, its keys formatted once where they are few (buckets, flags,
+        # recency labels, the cart's), or remembered as met (pages): most keys of a
+        # decision are looked up, not formatted.
+        self._shared_keys = tuple((e, _keys_of(e)) for e in self._shared_entries)
 
     def shared(self, ctx: Context, *, channel: str, trigger: str, now_ms: int) -> list[str]:
         """The keys every candidate of this decision shares."""
         out: list[str] = []
         append = out.append
-        for entry in self._shared_entries:
+        for entry, keys in self._shared_keys:
             path = entry.path
             if path == "moment.channel":
                 value: Any = channel
@@ -222,30 +251,32 @@ class FeatureBuilder:
                     append(f"{path}={value}")
             elif encode == "log2":
                 number = value if _is_number(value) else 0
-                append(f"{path}~{log2_bucket(number, entry.options.get('max', 10))}")
+                append(keys[log2_bucket(number, len(keys) - 1)])
             elif encode == "flag":
-                append(f"{path}={'yes' if value else 'no'}")
+                append(keys[1] if value else keys[0])
             elif encode == "recency":
-                if _is_number(value):
-                    append(f"{path}@{recency_label(now_ms - value)}")
-                else:
-                    append(f"{path}@never")
+                append(keys[recency_label(now_ms - value)] if _is_number(value) else keys[None])
             elif encode == "cart":
                 items = value.get("items") if isinstance(value, (dict, Mapping)) else None
                 if not items:
-                    append(f"{path}=empty")
+                    append(keys[0])
                 else:
-                    append(f"{path}.value~{log2_bucket(value.get('value', 0.0), 14)}")
-                    append(f"{path}.items~{log2_bucket(len(items), 5)}")
+                    append(keys[1][log2_bucket(value.get("value", 0.0), 14)])
+                    append(keys[2][log2_bucket(len(items), 5)])
             elif encode == "recent" and isinstance(value, list):
                 seen = set()
                 depth = entry.options.get("depth", 2)
                 for item in value[-entry.options.get("last", 3) :]:
                     if isinstance(item, str):
-                        cut = "/".join(item.strip("/").split("/")[:depth])
-                        if cut not in seen:
-                            seen.add(cut)
-                            append(f"{path}={cut}")
+                        key = keys.get(item)
+                        if key is None:
+                            if len(keys) >= _PAGES_REMEMBERED:
+                                keys.clear()
+                            cut = "/".join(item.strip("/").split("/")[:depth])
+                            key = keys[item] = f"{path}={cut}"
+                        if key not in seen:
+                            seen.add(key)
+                            append(key)
         return out
 
     def own(self, ctx: Context, category: str | None) -> tuple[str, ...]:

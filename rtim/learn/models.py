@@ -306,7 +306,9 @@ class ModelSet:
                 total_mean += get_mean(key, 0.0)
                 total_var += get_var(key, 1.0)
             params = model.params
-            narrow = params.narrowing(model.examples)
+            examples = model.examples
+            # narrowing()'s first case without its call (most offers, most of the time).
+            narrow = 1.0 if examples <= params.narrow_after else params.narrowing(examples)
             if pooled is None:
                 spread = sqrt(total_var) * params.exploration * narrow
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import random
 import re
+import time
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -449,6 +450,18 @@ def test_context_snapshot_is_small() -> None:
 )
 def test_iso_ms(epoch_ms: int, text: str) -> None:
     assert iso_ms(epoch_ms) == text
+
+
+def test_iso_ms_writes_every_time_of_day_as_the_c_library_does() -> None:
+    # Times of day are formatted by arithmetic on the day's seconds: the last second
+    # of a day, midnight, an hour's edges and days before 1970 read as gmtime has them.
+    day = (T0 // 86_400_000) * 86_400_000
+    moments = [day + k * 7_919_123 % 86_400_000 for k in range(500)]
+    moments += [day - 1, day, day + 3_599_999, day + 3_600_000, -1, -86_400_001, 951_782_400_000]
+    for ms in moments:
+        seconds, millis = divmod(ms, 1000)
+        expected = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+        assert iso_ms(ms) == expected
 
 
 def test_content_type_is_structured_cloudevents_json() -> None:

@@ -51,6 +51,21 @@ def test_an_empty_context_still_has_its_moment_and_no_missing_values():
     assert not any(k.startswith("traits.") for k in shared)
 
 
+def test_a_builder_that_met_thousands_of_pages_still_keys_each_by_its_path():
+    # Page keys are remembered per page met: past the builder's memory they are
+    # forgotten and formatted again, never mixed up.
+    builder = FeatureBuilder()
+    ctx = new_context("c3")
+    for i in range(5_000):
+        ctx["pages"] = [f"/p/prd-{i}/detail", f"/c/cat-{i % 7}/", "/"]
+        shared = builder.shared(ctx, channel="web", trigger="t", now_ms=NOW)
+        assert [k for k in shared if k.startswith("pages")] == [
+            f"pages=p/prd-{i}",
+            f"pages=c/cat-{i % 7}",
+            "pages=",
+        ]
+
+
 def test_the_offer_adds_its_category_affinity_and_offers_without_one_add_nothing():
     builder = FeatureBuilder()
     ctx = shopper()
