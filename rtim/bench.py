@@ -65,6 +65,7 @@ from rtim.broker import EmbeddedBroker
 from rtim.decide.cloudevent import iso_ms
 from rtim.engine import DecisionRecord, Engine, Record
 from rtim.events import customer_key
+from rtim.learn.models import POOLED, ModelSet
 from rtim.names import CLICKSTREAM_TOPIC, RESPONSES_TOPIC, TRIGGER_TOPIC_PREFIX
 from rtim.offers.catalog import Catalog, load_catalog, parse_catalog
 from rtim.settings import DEFAULT_CATALOG, DEFAULTS, KafkaConnection
@@ -486,7 +487,11 @@ async def read_back(bootstrap: str, partitions: int) -> list[Record]:
 
 
 def run_core(
-    records: list[Record], catalog: Catalog, *, batch: int = DEFAULTS.max_fetch_records
+    records: list[Record],
+    catalog: Catalog,
+    *,
+    batch: int = DEFAULTS.max_fetch_records,
+    models: ModelSet | None = None,
 ) -> tuple[float, list[DecisionRecord]]:
     """Run the engine over ``records`` in batches like the worker's, with a store in
     memory; the seconds spent in the engine, and the decisions made."""
@@ -496,6 +501,7 @@ def run_core(
         load=lambda partition, key: store.get((partition, key)),
         rng=random.Random(0),
         window_ms=int(DEFAULTS.attribution_window_s * 1000),
+        models=models,
     )
     decisions: list[DecisionRecord] = []
     spent = 0.0
@@ -512,8 +518,27 @@ def run_core(
     return spent, decisions
 
 
+def trained_models(decisions: list[DecisionRecord]) -> ModelSet:
+    """Models that learned from these decisions (one in five converted, at random), each
+    offer's and the pooled one, as a worker's have: their weight tables are full, and
+    scoring goes through the pooled prior."""
+    models = ModelSet()
+    rng = random.Random(7)
+    for made in decisions:
+        body = orjson.loads(made.value)
+        if body["offer_id"] is None:
+            continue
+        own = next(c["features"] for c in body["candidates"] if c["offer_id"] == body["offer_id"])
+        features = [*body["features"], *own]
+        converted = rng.random() < 0.2
+        models.learn(body["offer_id"], features, converted)
+        models.learn(POOLED, features, converted)
+    return models
+
+
 def decision_cost(records: list[Record], catalog: Catalog, *, runs: int = 3) -> DecisionCost:
-    """Per decision: (engine time with the catalog - without its triggers) / decisions.
+    """Per decision: (engine time with the catalog - without its triggers) / decisions,
+    with models trained on the decisions of a first run (:func:`trained_models`).
 
     Without triggers every event makes the same context update and no decision, so
     the difference is what deciding adds: trigger conditions, eligibility, features,
@@ -524,6 +549,7 @@ def decision_cost(records: list[Record], catalog: Catalog, *, runs: int = 3) -> 
     from rtim.stream.app import tune_gc  # the worker's garbage collector settings
 
     none = parse_catalog({}, "no triggers")
+    models = trained_models(run_core(records, catalog)[1])
     with_s: list[float] = []
     without_s: list[float] = []
     decisions: list[DecisionRecord] = []
@@ -531,9 +557,9 @@ def decision_cost(records: list[Record], catalog: Catalog, *, runs: int = 3) -> 
     tune_gc()
     try:
         for _ in range(runs):
-            spent, decisions = run_core(records, catalog)
+            spent, decisions = run_core(records, catalog, models=models)
             with_s.append(spent)
-            without_s.append(run_core(records, none)[0])
+            without_s.append(run_core(records, none, models=models)[0])
     finally:
         gc.unfreeze()
         gc.set_threshold(*threshold)
