@@ -23,37 +23,24 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
     """The value of a decision record."""
     ranked = decision.ranked
     event = decision.event
+    candidates = [
+        {
+            "offer_id": offer_id,
+            "propensity": round6(c.mean),
+            "sampled": round6(c.sampled),
+            "score": score,
+            "model_version": c.version,
+            "features": c.own,  # a tuple: orjson writes it as the same array
+        }
+        for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
+    ]
     # Under a contact policy, where each candidate would have gone and what weighed it.
     # The scores were rounded once already, for the decision's candidates.
     if decision.channels:
-        levers = decision.levers
-        policy = {o: {"channel": ch, "levers": levers[o]} for o, ch in decision.channels.items()}
-        candidates = [
-            {
-                "offer_id": offer_id,
-                "propensity": round6(c.mean),
-                "sampled": round6(c.sampled),
-                "score": score,
-                "model_version": c.version,
-                "features": c.own,  # a tuple: orjson writes it as the same array
-                **policy[offer_id],
-            }
-            for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
-        ]
-    else:
-        # The same without a contact policy and without an empty mapping unpacked into
-        # each (one is written per candidate of every decision).
-        candidates = [
-            {
-                "offer_id": offer_id,
-                "propensity": round6(c.mean),
-                "sampled": round6(c.sampled),
-                "score": score,
-                "model_version": c.version,
-                "features": c.own,
-            }
-            for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
-        ]
+        channels, levers = decision.channels, decision.levers
+        for entry, (offer_id, _) in zip(candidates, decision.candidates, strict=True):
+            entry["channel"] = channels[offer_id]
+            entry["levers"] = levers[offer_id]
     return orjson.dumps(
         {
             "format": RECORD_FORMAT,
