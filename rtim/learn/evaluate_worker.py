@@ -86,6 +86,7 @@ from rtim.learn.evaluate import (
     true_logit,
 )
 from rtim.learn.features import DEFAULT_SPEC_DATA
+from rtim.learn.models import POOLED
 from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC, RESPONSES_TOPIC
 from rtim.offers.catalog import Offer
 from rtim.settings import KafkaConnection, Settings, load_settings
@@ -120,6 +121,7 @@ _DECISIONS_OFFERED = 'rtim_decisions_total{offered="yes"}'
 _EXAMPLES_WRITTEN = "rtim_training_examples_total{"
 #: Examples learned by the model of each offer the worker decides with.
 _MODEL_VERSION = "rtim_model_version{"
+_POOLED_VERSION = f'rtim_model_version{{offer="{POOLED}"}}'
 
 
 class EvaluationError(RuntimeError):
@@ -526,13 +528,19 @@ def _caught_up(responses: int) -> Callable[[dict[str, float]], bool]:
     have learned every example it wrote (both counts come from the same batches)."""
 
     def done(metrics: dict[str, float]) -> bool:
-        written = learned = 0.0
+        written = learned = pooled = 0.0
         for key, value in metrics.items():
             if key.startswith(_EXAMPLES_WRITTEN):
                 written += value
+            elif key == _POOLED_VERSION:
+                pooled = value  # (it learns every example too: counted apart)
             elif key.startswith(_MODEL_VERSION):
                 learned += value
-        return metrics.get(_RESPONSES_CONSUMED, 0.0) >= responses and learned >= written
+        return (
+            metrics.get(_RESPONSES_CONSUMED, 0.0) >= responses
+            and learned >= written
+            and pooled >= written
+        )
 
     return done
 

@@ -6,7 +6,7 @@ import yaml
 
 from rtim.engine import Engine, Record
 from rtim.learn.evaluate import CATEGORIES, NEW_OFFER, Market
-from rtim.learn.evaluate_worker import Feed, Scoreboard, _wave_end, market_catalog
+from rtim.learn.evaluate_worker import Feed, Scoreboard, _caught_up, _wave_end, market_catalog
 from rtim.learn.features import FeatureBuilder
 from rtim.names import CLICKSTREAM_TOPIC
 from rtim.offers.catalog import load_catalog
@@ -75,3 +75,20 @@ def test_a_wave_ends_before_it_would_close_the_window_of_a_response_to_come() ->
     assert _wave_end(times, 0, 8, [response(5000, 3000)]) == 8
     # The shortest wave: one moment.
     assert _wave_end(times, 3, 8, [response(3200, 3900)]) == 4
+
+
+def test_a_wave_waits_until_every_offer_and_the_pooled_model_learned_every_example() -> None:
+    """Each example is learned twice, by its offer's model and by the pooled one: the
+    pooled model's version alone reaching the examples written is not caught up."""
+    written = {'rtim_training_examples_total{label="negative",why="window"}': 10.0}
+    responses = {'rtim_events_consumed_total{topic="rtim.responses"}': 4.0}
+    caught_up = _caught_up(4)
+    pooled_only = {
+        'rtim_model_version{offer="__shared__"}': 10.0,
+        'rtim_model_version{offer="a"}': 3.0,
+        'rtim_model_version{offer="b"}': 2.0,
+    }
+    assert not caught_up({**written, **responses, **pooled_only})
+    offers_too = {**pooled_only, 'rtim_model_version{offer="b"}': 7.0}
+    assert caught_up({**written, **responses, **offers_too})
+    assert not caught_up({**written, **offers_too})  # the responses not taken in yet
