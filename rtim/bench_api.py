@@ -204,8 +204,7 @@ async def ask_all(url: str, bodies: list[bytes], rate: float, start: float) -> d
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as session:
 
-        async def ask(due: float, body: bytes) -> None:
-            measured = due >= start + WARMUP_S
+        async def ask(due: float, body: bytes, measured: bool) -> None:
             try:
                 async with session.post(f"{url}/v1/decide", data=body, timeout=timeout) as resp:
                     answer = await resp.read()
@@ -229,10 +228,11 @@ async def ask_all(url: str, bodies: list[bytes], rate: float, start: float) -> d
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(ask(due, body))
+            measured = due >= start + WARMUP_S
+            task = asyncio.create_task(ask(due, body, measured))
             pending.add(task)
             task.add_done_callback(pending.discard)
-            counts["sent"] += due >= start + WARMUP_S
+            counts["sent"] += measured
         if pending:
             await asyncio.wait(pending, timeout=15)
     return {**counts, "errors": dict(errors), "latencies": latencies}

@@ -252,10 +252,7 @@ class ClickstreamProcessor:
             generation = self.app.consumer_generation_id
             if generation != self._generation or self.app.rebalancing:
                 return
-            begun = self._take_open(generation)
-            if begun is not None:
-                self.engine.trim_cache(keep=begun)
-            run = self.engine.tick(int(time.time() * 1000), begun)
+            run = self.engine.tick(int(time.time() * 1000), self._take_open(generation))
             if run is None:
                 return
             self._idle.clear()
@@ -309,11 +306,18 @@ class ClickstreamProcessor:
 
     def _take_open(self, generation: int) -> BatchRun | None:
         """The begun batch of decision requests, for a batch of ``generation`` to build on
-        (None if there is none, or it was begun in another generation: then it is lost)."""
+        (None if there is none, or it was begun in another generation: then it is lost).
+
+        Called under the processor's lock, so the batch it was begun on is stored by now:
+        the cache is trimmed, keeping what the begun batch changed.
+        """
         run, self._open = self._open, None
-        if run is not None and self._open_generation != generation:
+        if run is None:
+            return None
+        if self._open_generation != generation:
             self._lost(run)
             return None
+        self.engine.trim_cache(keep=run)
         return run
 
     def _lost(self, run: BatchRun | None) -> None:
@@ -372,11 +376,7 @@ class ClickstreamProcessor:
         if batch.generation_id != self._generation:
             self._new_generation(batch.generation_id)
         if run is None:
-            run = self._take_open(batch.generation_id)
-            if run is None:
-                run = self.engine.start_batch(CLICKSTREAM_TOPIC)
-            else:
-                self.engine.trim_cache(keep=run)  # (the batch it was begun on is stored)
+            run = self._take_open(batch.generation_id) or self.engine.start_batch(CLICKSTREAM_TOPIC)
         stored = False
         try:
             stored = await self._build_and_store(batch, run, settle)
