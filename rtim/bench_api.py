@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
@@ -73,6 +73,8 @@ class ApiReport:
 #: What stands for an event's timestamp in its planned body until it is sent (as long
 #: as an ISO 8601 timestamp with milliseconds, so the body's length is its real one).
 _STAMP = b'"2000-01-01T00:00:00.000Z"'
+#: Seconds a request may take before it counts as timed out.
+REQUEST_TIMEOUT_S = 10.0
 #: Seconds the request client is given to start before the load begins.
 CLIENT_START_S = 3.0
 #: Seconds of load before the measured part: the first requests and batches of a worker
@@ -192,6 +194,48 @@ async def api_load(
     return report
 
 
+class Connections:
+    """Kept-alive HTTP/1.1 connections to the worker, one per request in flight.
+
+    The client is a minimal one (a request is bytes built once, an answer is its status
+    line, its Content-Length and its body) so that, on a small machine, the CPU a channel
+    system spends on its own calls (on its own machines) takes as little as possible from
+    the worker and the broker the bench measures.
+    """
+
+    def __init__(self, url: str) -> None:
+        parsed = urlsplit(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        self.head = (
+            f"POST /v1/decide HTTP/1.1\r\nHost: {parsed.netloc}\r\n"
+            "Content-Type: application/json\r\nContent-Length: "
+        ).encode()
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(self.host, self.port)
+
+    async def decide(self, body: bytes) -> tuple[int, bytes]:
+        """POST ``body`` to /v1/decide: the answer's status and body."""
+        conn = self.idle.pop() if self.idle else await self.open()
+        reader, writer = conn
+        try:
+            writer.write(b"%s%d\r\n\r\n%s" % (self.head, len(body), body))
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            lines = head.lower().split(b"\r\n")
+            length = next(int(h[15:]) for h in lines if h.startswith(b"content-length:"))
+            answer = await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        if b"connection: close" in lines:
+            writer.close()
+        else:
+            self.idle.append(conn)
+        return status, answer
+
+
 async def ask_all(url: str, bodies: list[bytes], rate: float, start: float) -> dict:
     """Send each request when it is due (open loop, request *i* at ``start`` + i / rate,
     on the monotonic clock every process shares); its latency runs from when it was due
@@ -201,40 +245,40 @@ async def ask_all(url: str, bodies: list[bytes], rate: float, start: float) -> d
     errors: Counter[str] = Counter()
     counts = {"sent": 0, "ok": 0, "offered": 0}
     pending: set[asyncio.Task[None]] = set()
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=512)) as session:
+    connections = Connections(url)
 
-        async def ask(due: float, body: bytes, measured: bool) -> None:
-            try:
-                async with session.post(f"{url}/v1/decide", data=body, timeout=timeout) as resp:
-                    answer = await resp.read()
-                    if resp.status != 200:
-                        errors[str(resp.status)] += 1
-                    elif measured:
-                        counts["ok"] += 1
-                        if orjson.loads(answer)["actions"]:
-                            counts["offered"] += 1
-            except TimeoutError:
-                errors["timeout"] += 1
-            except aiohttp.ClientError:
-                errors["error"] += 1
-            if measured:
-                latencies.append((time.monotonic() - due) * 1000)
+    async def ask(due: float, body: bytes, measured: bool) -> None:
+        try:
+            status, answer = await asyncio.wait_for(connections.decide(body), REQUEST_TIMEOUT_S)
+            if status != 200:
+                errors[str(status)] += 1
+            elif measured:
+                counts["ok"] += 1
+                if orjson.loads(answer)["actions"]:
+                    counts["offered"] += 1
+        except TimeoutError:
+            errors["timeout"] += 1
+        except (OSError, ValueError, StopIteration, asyncio.IncompleteReadError):
+            errors["error"] += 1
+        if measured:
+            latencies.append((time.monotonic() - due) * 1000)
 
-        # Connections opened before the load, as a channel system's pool keeps them.
-        await asyncio.gather(*(session.get(f"{url}/health/live") for _ in range(8)))
-        for i, body in enumerate(bodies):
-            due = start + i / rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            measured = due >= start + WARMUP_S
-            task = asyncio.create_task(ask(due, body, measured))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            counts["sent"] += measured
-        if pending:
-            await asyncio.wait(pending, timeout=15)
+    # Connections opened before the load, as a channel system's pool keeps them.
+    connections.idle.extend(await asyncio.gather(*(connections.open() for _ in range(8))))
+    for i, body in enumerate(bodies):
+        due = start + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        measured = due >= start + WARMUP_S
+        task = asyncio.create_task(ask(due, body, measured))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        counts["sent"] += measured
+    if pending:
+        await asyncio.wait(pending, timeout=15)
+    for _, writer in connections.idle:
+        writer.close()
     return {**counts, "errors": dict(errors), "latencies": latencies}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,9 +24,9 @@ from faust.types import TP
 from rtim import metrics
 from rtim.decide.explain import recent_decisions
 from rtim.decide.request import parse_request
-from rtim.engine import Answer
+from rtim.engine import Answer, BatchRun
 from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC
-from rtim.stream.app import ClickstreamProcessor
+from rtim.stream.app import PEEK_CHUNK, ClickstreamProcessor
 from rtim.stream.publish import OutRecord
 
 from .test_engine import T0, page, track
@@ -184,3 +185,59 @@ def test_a_graceful_stop_stores_the_answered_decisions_first(tmp_path: Path) -> 
     answer = asyncio.run(run())
     assert decision_ids(broker) == [answer.decision_id]
     assert processor._open is None
+
+
+def test_a_request_waiting_on_the_socket_is_decided_within_a_few_records_of_a_big_batch(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A request that arrives while a batch of 640 events starts is decided after at most
+    PEEK_CHUNK of them (the processor looks for waiting input between parts), not after
+    a whole part of the core or the whole batch."""
+    broker = TxnBroker()
+    processor, _ = eos_processor(tmp_path, broker)
+    processor.app.rtim_api.owns = lambda partition: True  # type: ignore[method-assign]
+    added = [0]
+    real_add = BatchRun.add
+
+    def counting_add(self: BatchRun, records: Any) -> None:
+        added[0] += len(records)
+        real_add(self, records)
+
+    monkeypatch.setattr(BatchRun, "add", counting_add)
+    ours = [
+        f"c-{i}"
+        for i in range(5000)
+        if processor.publisher.partition_for(f"c-{i}".encode(), [0, 1, 2, 3]) == 0
+    ]
+    events = [page("/kitchen", user=ours[i % 100], ts=T0 + i) for i in range(640)]
+    decided_after: list[int] = []
+
+    async def run() -> None:
+        await processor._assigned({TP(CLICKSTREAM_TOPIC, 0)})
+        await processor.handle(fetched({}))  # (the generation is known)
+        loop = asyncio.get_running_loop()
+        client, server = socket.socketpair()
+
+        async def handler() -> None:  # what the HTTP server runs for a request it read
+            await processor.app.rtim_api.decide(request(ours[0]))
+            decided_after.append(added[0])
+
+        tasks: list[asyncio.Task[None]] = []
+
+        def readable() -> None:
+            server.recv(64)
+            tasks.append(loop.create_task(handler()))
+
+        loop.add_reader(server, readable)
+        try:
+            client.send(b"POST /v1/decide")
+            await processor.handle(fetched({0: events}))
+            await asyncio.gather(*tasks)
+        finally:
+            loop.remove_reader(server)
+            client.close()
+            server.close()
+
+    asyncio.run(run())
+    assert added[0] == len(events)
+    assert decided_after and decided_after[0] <= PEEK_CHUNK, decided_after
