@@ -414,6 +414,7 @@ class ClickstreamProcessor:
         started = time.perf_counter()
         records = [r for tp_records in batch.records.values() for r in tp_records]
         loop = asyncio.get_running_loop()
+        await give_way(loop)
         self._open, self._open_generation = run, batch.generation_id
         try:
             for tp, tp_records in batch.records.items():
@@ -497,6 +498,7 @@ class ClickstreamProcessor:
         metrics.BATCH_STAGES["publish"].observe(published - core_done)
         for partition, items in result.updates.items():
             if items:  # (none left if Kafka refused them all)
+                await give_way(loop)
                 self.store.write(partition, items, written[(self.changelog_topic, partition)])
         self.store.added(result.new_customers)
         self.store.healed(heal)
