@@ -11,12 +11,16 @@ read; the worker's own join keeps what it needs in the customer's context.
 
 from __future__ import annotations
 
+from operator import attrgetter
+
 import orjson
 
-from rtim.decide.arbitrate import Decision, round6
+from rtim.decide.arbitrate import Decision, round6_all
 from rtim.decide.cloudevent import iso_ms
 
 RECORD_FORMAT = 1
+_mean = attrgetter("mean")
+_sampled = attrgetter("sampled")
 
 
 def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
@@ -26,13 +30,19 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
     candidates = [
         {
             "offer_id": offer_id,
-            "propensity": round6(c.mean),
-            "sampled": round6(c.sampled),
+            "propensity": propensity,
+            "sampled": sampled,
             "score": score,
             "model_version": c.version,
             "features": c.own,  # a tuple: orjson writes it as the same array
         }
-        for c, (offer_id, score) in zip(ranked, decision.candidates, strict=True)
+        for c, (offer_id, score), propensity, sampled in zip(
+            ranked,
+            decision.candidates,
+            round6_all(map(_mean, ranked)),
+            round6_all(map(_sampled, ranked)),
+            strict=True,
+        )
     ]
     # Under a contact policy, where each candidate would have gone and what weighed it.
     # The scores were rounded once already, for the decision's candidates.

@@ -133,7 +133,16 @@ class ModelParams:
 class OfferModel:
     """One offer's model and its evidence counts."""
 
-    __slots__ = ("examples", "model", "offer_id", "params", "positives", "prior_mean", "version")
+    __slots__ = (
+        "_draw",
+        "examples",
+        "model",
+        "offer_id",
+        "params",
+        "positives",
+        "prior_mean",
+        "version",
+    )
 
     def __init__(self, offer_id: str, params: ModelParams = ModelParams()) -> None:
         self.offer_id = offer_id
@@ -147,6 +156,28 @@ class OfferModel:
         self._ensure_bias(params.prior_active)
         #: The bias's mean before any evidence (the prior of the sum's mean).
         self.prior_mean: float = self.model.means[BIAS]
+        #: What scoring reads of the model besides its weights, with the evidence count
+        #: it was worked out at (see :meth:`draw_terms`).
+        self._draw: tuple[int, float, float, float, float, float] = (-1, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+    def draw_terms(self) -> tuple[int, float, float, float, float, float]:
+        """(examples, narrowing, 1/narrowing**2, exploration, beta, beta**2): the same
+        for every decision until the model learns again, so worked out once per
+        example rather than per candidate."""
+        draw = self._draw
+        if draw[0] != self.examples:
+            params = self.params
+            narrow = params.narrowing(self.examples)
+            beta = self.model.beta
+            draw = self._draw = (
+                self.examples,
+                narrow,
+                1.0 / (narrow * narrow),
+                params.exploration,
+                beta,
+                beta * beta,
+            )
+        return draw
 
     def _ensure_bias(self, n_active: int) -> None:
         if BIAS not in self.model.means:
@@ -294,7 +325,6 @@ class ModelSet:
                 model._ensure_bias(n_shared + len(own))
                 bias = means[BIAS]
             variances = ad.variances
-            beta = ad.beta
             # Sums over the active weights, the bias first (an unseen feature's weight
             # is at its prior, N(0, 1)); map and sum run the loop in C. A candidate
             # has one or two keys of its own: added one by one, in the same order.
@@ -305,12 +335,12 @@ class ModelSet:
             for key in own:
                 total_mean += get_mean(key, 0.0)
                 total_var += get_var(key, 1.0)
-            params = model.params
-            examples = model.examples
-            # narrowing()'s first case without its call (most offers, most of the time).
-            narrow = 1.0 if examples <= params.narrow_after else params.narrowing(examples)
+            draw = model._draw
+            if draw[0] != model.examples:
+                draw = model.draw_terms()
+            _, narrow, weight, exploration, beta, beta2 = draw
             if pooled is None:
-                spread = sqrt(total_var) * params.exploration * narrow
+                spread = sqrt(total_var) * exploration * narrow
             else:
                 # The prior: the pooled belief, widened (once per decision and own keys).
                 base = bases.get(own)
@@ -326,14 +356,13 @@ class ModelSet:
                 # subtract), counted 1/narrow**2 times as its draws are narrowed.
                 evidence = 1.0 / total_var - prior_precision
                 if evidence > 0.0:
-                    weight = 1.0 / (narrow * narrow)
                     base_sum += (
                         total_mean / total_var - model.prior_mean * prior_precision
                     ) * weight
                     precision += evidence * weight
                 total_var = 1.0 / precision
                 total_mean = base_sum * total_var
-                spread = sqrt(total_var) * params.exploration
+                spread = sqrt(total_var) * exploration
             if spare is None:
                 x2pi = uniform() * _TWOPI
                 g2rad = sqrt(-2.0 * log(1.0 - uniform()))
@@ -345,7 +374,7 @@ class ModelSet:
             s = total_mean + z * spread
             # Phi(x) = erfc(-x / sqrt 2) / 2, clipped as AdPredictor clips.
             sampled = 0.5 * erfc(-s / (beta * _SQRT2))
-            mean = 0.5 * erfc(-total_mean / (sqrt(total_var + beta * beta) * _SQRT2))
+            mean = 0.5 * erfc(-total_mean / (sqrt(total_var + beta2) * _SQRT2))
             out.append(
                 _new(
                     Score,
