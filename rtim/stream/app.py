@@ -49,32 +49,13 @@ from rtim.stream.models import SharedModels, install_view
 from rtim.stream.publish import BatchPublisher, OutRecord
 from rtim.stream.store import ContextStore, ContextTable
 from rtim.stream.transactions import Fenced, TransactionalPublisher
+from rtim.stream.turns import PEEK_CHUNK, give_way
 
 log = logging.getLogger("rtim.stream")
 
 #: Records the core handles between two turns of the event loop: a few milliseconds of
 #: work at most (a turn costs ~10 us).
 CORE_CHUNK = 64
-#: Records between two looks at whether input waits (a decision request): ~0.3 ms.
-PEEK_CHUNK = 16
-#: Most turns of the event loop given to waiting input at once.
-MAX_TURNS = 6
-
-
-async def give_way(loop: asyncio.AbstractEventLoop) -> None:
-    """Give the event loop turns if input waits for it (a decision request, an ack), until
-    what that input set going is done: a request then waits for ~0.3 ms of a batch's work,
-    not for a whole part of it. (Peeks at asyncio's selector loop, whose selector is
-    level-triggered: the loop still sees what the peek saw.)"""
-    selector = getattr(loop, "_selector", None)
-    if selector is None or not selector.select(0):
-        return
-    ready = getattr(loop, "_ready", None)
-    # aiohttp needs four: the read, the connection's task, the request's task, its answer.
-    for _ in range(MAX_TURNS):
-        await asyncio.sleep(0)
-        if ready is not None and not ready:
-            return  # nothing else is waiting to run
 
 
 class RtimApp(faust.App):
@@ -414,9 +395,10 @@ class ClickstreamProcessor:
         started = time.perf_counter()
         records = [r for tp_records in batch.records.values() for r in tp_records]
         loop = asyncio.get_running_loop()
-        await give_way(loop)
         self._open, self._open_generation = run, batch.generation_id
         try:
+            # (Once the run is the open one: a request waiting now is decided in it.)
+            await give_way(loop)
             for tp, tp_records in batch.records.items():
                 add = run.add_responses if tp.topic == RESPONSES_TOPIC else run.add
                 for i in range(0, len(tp_records), PEEK_CHUNK):

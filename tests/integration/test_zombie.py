@@ -16,8 +16,9 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -92,6 +93,21 @@ def consumed(worker: WorkerProcess) -> float:
     return worker.metric("rtim_events_consumed_total", topic="rtim.clickstream")
 
 
+def fields_differing(
+    expected: dict[str, dict[str, Any]], got: dict[str, dict[str, Any]], keys: Iterable[str]
+) -> dict[str, dict[str, tuple[Any, Any]]]:
+    """Per customer, the context's fields that differ: (expected, got)."""
+    out = {}
+    for k in keys:
+        want, have = expected.get(k, {}), got.get(k, {})
+        out[k] = {
+            f: (want.get(f), have.get(f))
+            for f in sorted(set(want) | set(have))
+            if want.get(f) != have.get(f)
+        }
+    return out
+
+
 def check_every_context(
     bootstrap: str, survivors: list[tuple[WorkerProcess, bool]], fresh: Callable[[], WorkerProcess]
 ) -> None:
@@ -115,7 +131,8 @@ def check_every_context(
         }
         assert not differ, (
             f"{sum(n - (got or 0) for n, got in differ.values())} events lost in "
-            f"{len(differ)} customers in the changelog (n, got): {differ}"
+            f"{len(differ)} customers in the changelog (n, got): {differ}; "
+            f"{fields_differing(expected, changelog, differ)}"
         )
         stored = read_store(worker.datadir)
         differ = {

@@ -26,8 +26,9 @@ from rtim.decide.explain import recent_decisions
 from rtim.decide.request import parse_request
 from rtim.engine import Answer, BatchRun
 from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC
-from rtim.stream.app import PEEK_CHUNK, ClickstreamProcessor
+from rtim.stream.app import ClickstreamProcessor
 from rtim.stream.publish import OutRecord
+from rtim.stream.turns import PEEK_CHUNK
 
 from .test_engine import T0, page, track
 from .test_transactions import TxnBroker, eos_processor, fetched
@@ -192,7 +193,7 @@ def test_a_request_waiting_on_the_socket_is_decided_within_a_few_records_of_a_bi
 ) -> None:
     """A request that arrives while a batch of 640 events starts is decided after at most
     PEEK_CHUNK of them (the processor looks for waiting input between parts), not after
-    a whole part of the core or the whole batch."""
+    a whole part of the core or the whole batch, and is stored with that batch."""
     broker = TxnBroker()
     processor, _ = eos_processor(tmp_path, broker)
     processor.app.rtim_api.owns = lambda partition: True  # type: ignore[method-assign]
@@ -211,6 +212,7 @@ def test_a_request_waiting_on_the_socket_is_decided_within_a_few_records_of_a_bi
     ]
     events = [page("/kitchen", user=ours[i % 100], ts=T0 + i) for i in range(640)]
     decided_after: list[int] = []
+    answers: list[Answer] = []
 
     async def run() -> None:
         await processor._assigned({TP(CLICKSTREAM_TOPIC, 0)})
@@ -219,7 +221,7 @@ def test_a_request_waiting_on_the_socket_is_decided_within_a_few_records_of_a_bi
         client, server = socket.socketpair()
 
         async def handler() -> None:  # what the HTTP server runs for a request it read
-            await processor.app.rtim_api.decide(request(ours[0]))
+            answers.append(await processor.app.rtim_api.decide(request(ours[0])))
             decided_after.append(added[0])
 
         tasks: list[asyncio.Task[None]] = []
@@ -233,6 +235,7 @@ def test_a_request_waiting_on_the_socket_is_decided_within_a_few_records_of_a_bi
             client.send(b"POST /v1/decide")
             await processor.handle(fetched({0: events}))
             await asyncio.gather(*tasks)
+            await processor.wait_idle()
         finally:
             loop.remove_reader(server)
             client.close()
@@ -241,3 +244,5 @@ def test_a_request_waiting_on_the_socket_is_decided_within_a_few_records_of_a_bi
     asyncio.run(run())
     assert added[0] == len(events)
     assert decided_after and decided_after[0] <= PEEK_CHUNK, decided_after
+    # Decided in that batch, and stored with it.
+    assert [a.decision_id for a in answers] == decision_ids(broker)
