@@ -72,7 +72,8 @@ class ApiReport:
 
 #: What stands for an event's timestamp in its planned body until it is sent (as long
 #: as an ISO 8601 timestamp with milliseconds, so the body's length is its real one).
-_STAMP = b'"2000-01-01T00:00:00.000Z"'
+_STAMP_TEXT = "2000-01-01T00:00:00.000Z"
+_STAMP = orjson.dumps(_STAMP_TEXT)
 #: Seconds a request may take before it counts as timed out.
 REQUEST_TIMEOUT_S = 10.0
 #: Seconds the request client is given to start before the load begins.
@@ -106,7 +107,7 @@ def plan_load(
     partitioner = DefaultPartitioner()
 
     def planned(event: dict) -> str:
-        event["timestamp"] = "2000-01-01T00:00:00.000Z"
+        event["timestamp"] = _STAMP_TEXT
         key = customer_key(event)
         encoded = key.encode()
         events.append((partitioner(encoded, every, every), encoded, orjson.dumps(event)))

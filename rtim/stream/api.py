@@ -46,7 +46,6 @@ from rtim.decide.request import DecideRequest, InvalidRequest, parse_request
 from rtim.engine import Answer
 from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE
 from rtim.stream.catalog import LiveCatalog
-from rtim.stream.consumer import FetchedBatch
 
 log = logging.getLogger("rtim.api")
 
@@ -150,14 +149,7 @@ class DecisionApi:
                 before = list(self._waiting)
                 generation = self.app.consumer_generation_id
                 if before and generation is not None:
-                    processor._idle.clear()
-                    try:
-                        await processor._handle(FetchedBatch(generation, {}))
-                    except Exception:
-                        log.exception("decision requests failed")
-                        processor.engine.invalidate()
-                    finally:
-                        processor._idle.set()
+                    await processor.handle_requests(generation)
                 # Those no batch took (it was not this worker's any more): not decided here.
                 for _, future in before:
                     if not future.done():

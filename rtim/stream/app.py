@@ -230,11 +230,25 @@ class ClickstreamProcessor:
         if not self.catalog_loaded.is_set():
             await self.catalog_loaded.wait()
         async with self._lock:
-            self._idle.clear()
-            try:
-                await self._handle(batch)
-            finally:
-                self._idle.set()
+            await self._busy(batch)
+
+    async def _busy(self, batch: FetchedBatch, run: BatchRun | None = None) -> bool:
+        """:meth:`_handle` with the processor marked busy (``wait_idle`` waits for it);
+        the caller holds the lock."""
+        self._idle.clear()
+        try:
+            return await self._handle(batch, run)
+        finally:
+            self._idle.set()
+
+    async def handle_requests(self, generation: int) -> None:
+        """A batch of decision requests alone (no records); a failure is logged and
+        forgets the cache. The caller holds the lock."""
+        try:
+            await self._busy(FetchedBatch(generation, {}))
+        except Exception:
+            log.exception("decision requests failed")
+            self.engine.invalidate()
 
     async def set_catalog(self, catalog: Catalog) -> None:
         """Decide with ``catalog`` from the next batch on."""
@@ -256,11 +270,7 @@ class ClickstreamProcessor:
             run = self.engine.tick(int(time.time() * 1000), self._take_open(generation))
             if run is None:
                 return
-            self._idle.clear()
-            try:
-                await self._handle(FetchedBatch(generation, {}), run)
-            finally:
-                self._idle.set()
+            await self._busy(FetchedBatch(generation, {}), run)
 
     def request_run(self) -> BatchRun | None:
         """The batch a decision request answered before it is stored is decided in now
@@ -296,14 +306,7 @@ class ClickstreamProcessor:
         async with self._lock:
             if self._open is not run or self._open_generation is None:
                 return
-            self._idle.clear()
-            try:
-                await self._handle(FetchedBatch(self._open_generation, {}))
-            except Exception:
-                log.exception("decision requests failed")
-                self.engine.invalidate()
-            finally:
-                self._idle.set()
+            await self.handle_requests(self._open_generation)
 
     def _take_open(self, generation: int) -> BatchRun | None:
         """The begun batch of decision requests, for a batch of ``generation`` to build on
