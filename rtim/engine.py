@@ -68,7 +68,7 @@ from rtim.context.model import (
     load_context,
     new_context,
 )
-from rtim.decide.arbitrate import Decision, decide, round6
+from rtim.decide.arbitrate import Decision, decide, round6, window_end
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
 from rtim.decide.explain import note_decision, note_record
 from rtim.decide.policy import (
@@ -76,6 +76,7 @@ from rtim.decide.policy import (
     record_contact,
     record_dismissal,
     rejection_kind,
+    shown_together,
 )
 from rtim.decide.record import encode_record
 from rtim.decide.request import DecideRequest
@@ -88,6 +89,7 @@ from rtim.learn.attribution import (
     InvalidResponse,
     Pending,
     StreamClock,
+    action_id,
     close_due,
     next_window_end,
     open_decision,
@@ -96,6 +98,7 @@ from rtim.learn.attribution import (
 )
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelSet
+from rtim.learn.policy import Candidate
 from rtim.names import CLICKSTREAM_TOPIC, RESPONSES_TOPIC, trigger_topic
 from rtim.offers.catalog import Catalog, Offer
 from rtim.settings import DEFAULTS
@@ -593,22 +596,42 @@ class Engine:
         return fired, opened
 
     def _open(
-        self, ctx: Context, key: bytes, partition: int, decision: Decision, result: BatchResult
+        self,
+        ctx: Context,
+        key: bytes,
+        partition: int,
+        decision: Decision,
+        result: BatchResult,
+        action: tuple[Candidate, str, int] | None = None,
     ) -> Pending:
         """Keep a decision open in the customer's context until its window ends, and
-        count it as a contact of the customer (caps)."""
+        count it as a contact of the customer (caps). ``action``: one of a request's
+        actions after its first, with its channel and window end, kept open and counted
+        on its own."""
         assert decision.offer is not None and decision.window_end_ms is not None
-        record_contact(
-            ctx, self.catalog.policy, decision.event.timestamp_ms, decision.channel, decision.offer
-        )
-        pending = Pending(
-            decision.decision_id,
-            decision.customer_id,
-            decision.offer.id,
-            decision.ranked[0].features,
-            decision.event.timestamp_ms,
-            decision.window_end_ms,
-        )
+        at_ms = decision.event.timestamp_ms
+        if action is None:
+            offer, channel = decision.offer, decision.channel
+            pending = Pending(
+                decision.decision_id,
+                decision.customer_id,
+                offer.id,
+                decision.ranked[0].features,
+                at_ms,
+                decision.window_end_ms,
+            )
+        else:
+            candidate, channel, end = action
+            offer = candidate.offer
+            pending = Pending(
+                action_id(decision.decision_id, offer.id),
+                decision.customer_id,
+                offer.id,
+                candidate.features,
+                at_ms,
+                end,
+            )
+        record_contact(ctx, self.catalog.policy, at_ms, channel, offer)
         first = next_window_end(ctx)
         result.examples.extend(
             _at(partition, open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER))
@@ -881,7 +904,7 @@ class BatchRun:
         """Join a response; a dismissal starts its offer's cool-down (event time)."""
         offer_id = None
         if response.outcome == "dismissal":
-            offer_id = dismissed_offer(ctx, response.decision_id)
+            offer_id = dismissed_offer(ctx, response.decision_id, response.offer_id)
         joined, example = respond(ctx, response)
         if offer_id is not None and ctx is not None and joined in ("joined", "late"):
             record_dismissal(ctx, self.engine.catalog.policy, offer_id, response.timestamp_ms)
@@ -894,9 +917,10 @@ class BatchRun:
         the context changed in this batch's updates.
 
         The request must be for a partition this worker owns (the shell routes it).
-        With ``limit`` > 1 the answer ranks several actions; the decision is learned for
-        the first. Raises KeyError for an unknown placement, ValueError for a channel
-        the placement is not on.
+        With ``limit`` > 1 the answer ranks several actions that may be shown together
+        (:func:`~rtim.decide.policy.shown_together`): each counts as a contact and is kept
+        open and learned on its own. Raises KeyError for an unknown placement, ValueError
+        for a channel the placement is not on.
         """
         engine = self.engine
         result = self.result
@@ -936,8 +960,26 @@ class BatchRun:
             rng=engine.rng,
         )
         entry: Any = _Request(partition, -1, key, orjson.dumps(request.context), at_ms)
+        shown, passed = shown_together(
+            catalog.policy,
+            ctx,
+            decision.ranked,
+            decision.channels,
+            request.channel,
+            at_ms,
+            request.limit,
+        )
+        decision.reasons.extend(passed)
+        ends = [window_end(c.offer, at_ms, engine.window_ms) for c, _ in shown]
         made = DecisionRecord(
-            key, encode_record(decision, source="api"), entry, decision.offer is not None
+            key,
+            encode_record(
+                decision,
+                source="api",
+                actions=[(c.offer.id, ch, end) for (c, ch), end in zip(shown, ends, strict=True)],
+            ),
+            entry,
+            decision.offer is not None,
         )
         result.decisions.append(made)
         opened: list[Pending] = []
@@ -948,20 +990,21 @@ class BatchRun:
                 engine.cached(partition)[key] = ctx
                 result.new_customers += 1
                 self._created.add((partition, key))
-            if decision.offer is not None:
-                opened.append(engine._open(ctx, key, partition, decision, result))
+            for i, ((c, channel), end) in enumerate(zip(shown, ends, strict=True)):
+                action = (c, channel, end) if i else None
+                opened.append(engine._open(ctx, key, partition, decision, result, action))
             note_decision(ctx, decision, rule.id)
             self._fired[len(self._keys)] = ([], (made,), opened)
             self._journal(partition, key, ctx, entry, "request")
         actions = [
             Action(
                 offer=c.offer,
-                channel=decision.channels.get(c.offer.id) or c.offer.channel_for(request.channel),
+                channel=channel,
                 score=round6(c.score),
                 propensity=round6(c.mean),
                 reasons=_action_reasons(decision, c.offer),
             )
-            for c in decision.ranked[: request.limit]
+            for c, channel in shown
         ]
         answer = Answer(
             decision_id=decision.decision_id,
@@ -1084,9 +1127,11 @@ class BatchRun:
             note_record(ctx, decided)
             if decided["offer_id"] is not None:
                 by_id = by_id or {o.id: o for o in catalog.offers}
-                offer = by_id.get(decided["offer_id"])
-                if offer is not None:
-                    record_contact(ctx, catalog.policy, at_ms, decided["channel"], offer)
+                shown = decided.get("actions") or [decided]
+                for action in shown:
+                    offer = by_id.get(action["offer_id"])
+                    if offer is not None:
+                        record_contact(ctx, catalog.policy, at_ms, action["channel"], offer)
 
     def _restore(self, key: bytes, partition: int, snapshot: bytes | None) -> None:
         """Put the customer's context back as it was before the failed event."""

@@ -255,7 +255,6 @@ def decide(
     reasons.extend(f"eligible:{c.text}" for c in offer.eligibility)
     if channels is not None:
         reasons.extend(f"lever:{offer.id}:{k}={v:g}" for k, v in levers[offer.id].items())
-    window = offer.attribution_window_ms or window_ms
     candidates = list(zip(map(_offer_id, ranked), round6_all(map(_score, ranked)), strict=True))
     return Decision(
         decision_id=the_id,
@@ -273,10 +272,16 @@ def decide(
         expires_ms=now_ms + ttl_ms,
         snapshot=context_snapshot(ctx),
         ranked=ranked,
-        window_end_ms=at_ms + window,
+        window_end_ms=window_end(offer, at_ms, window_ms),
         channels={} if channels is None else {c.offer.id: channels[c.offer.id] for c in ranked},
         levers=levers,
     )
+
+
+def window_end(offer: Offer, at_ms: int, window_ms: int) -> int:
+    """When the attribution window of ``offer`` made at ``at_ms`` ends (``window_ms``: the
+    default window, for an offer without its own)."""
+    return at_ms + (offer.attribution_window_ms or window_ms)
 
 
 _offer_id = attrgetter("offer.id")

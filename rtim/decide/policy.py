@@ -39,6 +39,7 @@ from typing import Any
 
 from rtim.context.model import Context
 from rtim.events import Event
+from rtim.learn.attribution import entry_ids, names
 from rtim.offers.catalog import Catalog, Offer
 from rtim.offers.policy import (
     MAX_CONTACTS,
@@ -201,6 +202,54 @@ def place(
     return None, passed
 
 
+def shown_together(
+    policy: Policy | None,
+    ctx: Context,
+    ranked: Sequence[Any],
+    channels: dict[str, str],
+    event_channel: str,
+    at_ms: int,
+    limit: int,
+) -> tuple[list[tuple[Any, str]], list[str]]:
+    """The first ``limit`` ranked candidates that may be shown together, each with the
+    channel it goes to, and why others were passed over.
+
+    Every action shown counts as a contact of the customer, so an offer whose cap the
+    actions before it reach is passed over (``rejected:<offer>:capped:<cap>``), or goes to
+    another of its channels, as it would in a decision of its own after them.
+    """
+    first = [
+        (c, channels.get(c.offer.id) or c.offer.channel_for(event_channel)) for c in ranked[:limit]
+    ]
+    if (
+        policy is None
+        or len(first) < 2
+        or not (policy.caps or any(c.offer.caps for c, _ in first[1:]))
+    ):
+        return first, []
+    contacts = list(ctx["contacts"])
+    seen = {**ctx, "contacts": contacts}  # the context as the next action would see it
+    quiet = is_quiet(policy, ctx, at_ms)
+    out: list[tuple[Any, str]] = []
+    reasons: list[str] = []
+    for c in ranked:
+        offer = c.offer
+        channel = first[0][1]
+        if out:
+            placed, passed = place(policy, seen, offer, event_channel, at_ms, quiet)
+            if placed is None:
+                reasons.extend(f"rejected:{offer.id}:{why}" for why in passed)
+                continue
+            if placed != channels.get(offer.id):
+                reasons.extend(f"skipped:{offer.id}:{w}" for w in passed if w.startswith("capped:"))
+            channel = placed
+        out.append((c, channel))
+        if len(out) == limit:
+            break
+        contacts.append([at_ms, channel, offer.id, offer.group])
+    return out, reasons
+
+
 def weights_for(
     policy: Policy, event: Event, ctx: Context, offers: Sequence[Offer]
 ) -> dict[str, list[tuple[str, float]]]:
@@ -282,16 +331,18 @@ def counters(catalog: Catalog, ctx: Context, at_ms: int) -> dict[str, Any]:
     return {"caps": caps, "cooling_until_ms": cooling_until}
 
 
-def dismissed_offer(ctx: Context | None, decision_id: str) -> str | None:
-    """The offer of a decision open or closed lately (the one a dismissal response is
-    about): a customer who says no after the window ended still said no."""
+def dismissed_offer(ctx: Context | None, decision_id: str, offer: str | None) -> str | None:
+    """The offer of a decision's action open or closed lately (the one a dismissal response
+    is about: ``offer``, None for the first): a customer who says no after the window ended
+    still said no."""
     if ctx is None:
         return None
+    ids = entry_ids(decision_id, offer)
     for pending in ctx["pending"]:
-        if pending[0] == decision_id:
+        if pending[0] in ids and names(pending[1], offer):
             return str(pending[1])
     for closed in ctx["closed"]:
-        if closed[0] == decision_id:
+        if closed[0] in ids and names(closed[3], offer):
             offer_id: str | None = closed[3]  # None: closed before offers were kept
             return offer_id
     return None

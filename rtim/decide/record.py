@@ -11,6 +11,7 @@ read; the worker's own join keeps what it needs in the customer's context.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from operator import attrgetter
 
 import orjson
@@ -23,8 +24,11 @@ _mean = attrgetter("mean")
 _sampled = attrgetter("sampled")
 
 
-def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
-    """The value of a decision record."""
+def encode_record(
+    decision: Decision, *, source: str = "trigger", actions: Sequence[tuple[str, str, int]] = ()
+) -> bytes:
+    """The value of a decision record; ``actions``: a request's answer, as (offer id,
+    channel, window end) best first (recorded when there are several)."""
     ranked = decision.ranked
     event = decision.event
     candidates = [
@@ -51,21 +55,25 @@ def encode_record(decision: Decision, *, source: str = "trigger") -> bytes:
         for entry, (offer_id, _) in zip(candidates, decision.candidates, strict=True):
             entry["channel"] = channels[offer_id]
             entry["levers"] = levers[offer_id]
-    return orjson.dumps(
-        {
-            "format": RECORD_FORMAT,
-            "decision_id": decision.decision_id,
-            "customer_id": decision.customer_id,
-            "source": source,
-            "trigger": decision.trigger.id,
-            "channel": decision.channel,
-            "offer_id": None if decision.offer is None else decision.offer.id,
-            "candidates": candidates,
-            "features": ranked[0].shared if ranked else [],
-            "decided_ms": event.timestamp_ms,
-            "decided_at": iso_ms(event.timestamp_ms),
-            "window_end_ms": decision.window_end_ms,
-            "reasons": decision.reasons,
-            "message_id": event.message_id,
-        }
-    )
+    record = {
+        "format": RECORD_FORMAT,
+        "decision_id": decision.decision_id,
+        "customer_id": decision.customer_id,
+        "source": source,
+        "trigger": decision.trigger.id,
+        "channel": decision.channel,
+        "offer_id": None if decision.offer is None else decision.offer.id,
+        "candidates": candidates,
+        "features": ranked[0].shared if ranked else [],
+        "decided_ms": event.timestamp_ms,
+        "decided_at": iso_ms(event.timestamp_ms),
+        "window_end_ms": decision.window_end_ms,
+        "reasons": decision.reasons,
+        "message_id": event.message_id,
+    }
+    if len(actions) > 1:
+        record["actions"] = [
+            {"offer_id": offer_id, "channel": channel, "window_end_ms": end}
+            for offer_id, channel, end in actions
+        ]
+    return orjson.dumps(record)

@@ -101,6 +101,9 @@ class Response:
     outcome: str
     timestamp_ms: int
     value: float | None = None
+    #: Which action of a decision it is about (a decision request answered with several
+    #: actions); None: the decision's first, the one a trigger's decision has.
+    offer_id: str | None = None
 
 
 def _timestamp_ms(raw: Any) -> int:
@@ -141,8 +144,10 @@ def parse_response(raw: bytes | str | dict[str, Any]) -> Response:
     for name in ("decision_id", "customer_id", "outcome", "timestamp"):
         if name not in data or data[name] is None:
             raise InvalidResponse("missing_field", f"'{name}' is missing", field=name)
-    for name in ("decision_id", "customer_id"):
-        value = data[name]
+    for name in ("decision_id", "customer_id", "offer_id"):
+        value = data.get(name)
+        if name == "offer_id" and value is None:
+            continue
         if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
             raise InvalidResponse(
                 "wrong_type",
@@ -164,7 +169,12 @@ def parse_response(raw: bytes | str | dict[str, Any]) -> Response:
             raise InvalidResponse("out_of_range", "'value' is out of range", field="value")
         value = float(value)
     return Response(
-        data["decision_id"], data["customer_id"], outcome, _timestamp_ms(data["timestamp"]), value
+        data["decision_id"],
+        data["customer_id"],
+        outcome,
+        _timestamp_ms(data["timestamp"]),
+        value,
+        data.get("offer_id"),
     )
 
 
@@ -265,11 +275,35 @@ def decode_example(raw: bytes) -> Example:
 #   pending: [[decision id, offer id, features, decided ms, window end ms, outcomes seen], ...]
 #   closed:  [[decision id, window end ms, outcomes seen, offer id], ...]
 #
-# both oldest first. The functions below are the one implementation of the
-# join; :class:`Attributor` runs them over customers held in memory (the
-# offline evaluation), the engine over customer contexts.
+# both oldest first. A decision request answered with several actions opens one entry
+# per action, each learned on its own: the first under the decision's id, the others
+# under :func:`action_id`; a response names its action by offer id (none: the first).
+# The functions below are the one implementation of the join; :class:`Attributor` runs
+# them over customers held in memory (the offline evaluation), the engine over customer
+# contexts.
 
 _ID, _OFFER, _FEATURES, _DECIDED, _END, _SEEN = range(6)
+
+
+def action_id(decision_id: str, offer_id: str) -> str:
+    """The id under which a decision's action after its first is kept open and learned
+    (the first is kept under the decision's own id).
+
+    >>> action_id("d-1", "welcome")
+    'd-1#welcome'
+    """
+    return f"{decision_id}#{offer_id}"
+
+
+def entry_ids(decision_id: str, offer_id: str | None) -> tuple[str, ...]:
+    """The ids a response's entry may be kept under (with its offer id checked too)."""
+    return (decision_id,) if offer_id is None else (decision_id, action_id(decision_id, offer_id))
+
+
+def names(entry_offer: str | None, offer_id: str | None) -> bool:
+    """Whether a response about ``offer_id`` (None: the first action) is about an entry of
+    ``entry_offer`` (None: a closed entry from before offers were kept)."""
+    return offer_id is None or entry_offer is None or entry_offer == offer_id
 
 
 def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> list[Example]:
@@ -305,8 +339,10 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
     if state is None:
         return "unknown", None
     decision_id = response.decision_id
+    offer_id = response.offer_id
+    ids = entry_ids(decision_id, offer_id)
     for p in state["pending"]:
-        if p[_ID] == decision_id:
+        if p[_ID] in ids and names(p[_OFFER], offer_id):
             seen = p[_SEEN]
             if response.outcome in seen:
                 return "duplicate", None
@@ -319,7 +355,7 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
                 return "joined", _close(state, p, False, response.timestamp_ms, "dismissal")
             return "joined", None
     for c in state["closed"]:
-        if c[0] == decision_id:
+        if c[0] in ids and names(c[3], offer_id):
             if response.outcome in c[2]:
                 return "duplicate", None
             c[2] = [*c[2], response.outcome]

@@ -172,6 +172,8 @@ _DROP = object()
         (_raw(timestamp="yesterday"), "bad_timestamp", "timestamp"),
         (_raw(timestamp=17), "bad_timestamp", "timestamp"),
         (_raw(value="10"), "wrong_type", "value"),
+        (_raw(offer_id=["a"]), "wrong_type", "offer_id"),
+        (_raw(offer_id=""), "wrong_type", "offer_id"),
         (_raw(value=1e300), "out_of_range", "value"),
         (_raw(pad="x" * 5000), "oversize", None),
     ],

@@ -517,7 +517,7 @@ def test_a_context_of_the_previous_version_loads_with_empty_policy_state() -> No
     assert loaded["cart"] == ctx["cart"] and loaded["ids"] == ctx["ids"]
     assert [loaded[k] for k in new_fields] == [None, {}, {}, [], {}]
     assert loaded["closed"] == [["d-1", T0, ["impression"], None]]
-    assert dismissed_offer(loaded, "d-1") is None
+    assert dismissed_offer(loaded, "d-1", None) is None
     damaged = dict(ctx, v=2, tz="Nowhere/Land", dismissed={"a": 7, "b": "y"})
     damaged["consent"] = {"email": [1, "x"], "sms": [False, 5]}
     damaged["contacts"] = [[1, "web", "a", None], ["x"], [2, ["web"], "a", None]]
