@@ -33,6 +33,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -126,17 +127,26 @@ class DecisionApi:
     async def decide(self, request: DecideRequest) -> Answer:
         """Decide on this worker (which must own the customer); raises NotOwner, or
         InvalidRequest for a placement or channel the catalog does not have."""
-        if self.answer_early:
-            run = self.processor.request_run()
-            if run is not None:
-                answer = self._decide_in(run, request)
-                run.answered_early += 1
-                return answer
+        answer = self.decide_now(request)
+        if answer is not None:
+            return answer
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush())
         return await future
+
+    def decide_now(self, request: DecideRequest) -> Answer | None:
+        """With ``decided``, the request decided at once in the batch that may take it
+        (None: none may now, or answers wait for storage)."""
+        if not self.answer_early:
+            return None
+        run = self.processor.request_run()
+        if run is None:
+            return None
+        answer = self._decide_in(run, request)
+        run.answered_early += 1
+        return answer
 
     async def _flush(self) -> None:
         """Decide the waiting requests in a batch of their own when no clickstream batch
@@ -201,15 +211,64 @@ class DecisionApi:
 
     # -- routing -----------------------------------------------------------------
 
+    async def serve_decide(self, body: bytes, forwarded_by: str | None) -> Reply:
+        """``POST /v1/decide``: checked, then decided here or forwarded to the owner."""
+        try:
+            parsed = self.parse(body)
+        except InvalidRequest as exc:
+            metrics.API_REQUESTS.labels("decide", "invalid").inc()
+            return json(exc.as_json(), 400)
+
+        async def here() -> Reply:
+            return self.answer(await self.decide(parsed))
+
+        return await self.route(
+            "decide", parsed.customer_id, forwarded_by, "POST", "/v1/decide", body, here
+        )
+
+    def parse(self, body: bytes) -> DecideRequest:
+        return parse_request(
+            body,
+            now_ms=int(time.time() * 1000),
+            max_future_skew_ms=int(self.processor.settings.max_future_skew_s * 1000),
+        )
+
+    def decide_at_once(self, body: bytes) -> Reply | None:
+        """``POST /v1/decide`` answered without waiting, when it can be: a valid request
+        for a customer this worker owns, decided now (``decided``). None: it needs
+        :meth:`serve_decide` (an invalid request, one to forward, one that waits for a
+        batch)."""
+        if not self.answer_early:
+            return None
+        started = time.perf_counter()
+        try:
+            request = self.parse(body)
+            if not self.owns(self.partition(request.customer_id)):
+                return None
+            answer = self.decide_now(request)
+        except InvalidRequest:
+            return None  # said by serve_decide (nothing was decided)
+        except Exception:
+            log.exception("decide request failed")
+            metrics.API_REQUESTS.labels("decide", "error").inc()
+            return json({"error": "internal_error"}, 500)
+        finally:
+            metrics.API_SECONDS.labels("decide").observe(time.perf_counter() - started)
+        if answer is None:
+            return None
+        metrics.API_REQUESTS.labels("decide", "decided").inc()
+        return self.answer(answer)
+
     async def route(
         self,
-        web: Web,
-        request: Request,
         endpoint: str,
         customer_id: str,
+        forwarded_by: str | None,
+        method: str,
+        path_qs: str,
         body: bytes | None,
-        here: Callable[[], Awaitable[Response]],
-    ) -> Response:
+        here: Callable[[], Awaitable[Reply]],
+    ) -> Reply:
         """Answer here if this worker owns the customer, else forward to the owner."""
         started = time.perf_counter()
         partition = self.partition(customer_id)
@@ -220,55 +279,46 @@ class DecisionApi:
                     return await here()
                 except NotOwner:
                     pass  # lost it meanwhile: forward, or 503 below
-            forwarded_by = request.headers.get(FORWARDED)
             owner = self.owner_url(partition)
             if forwarded_by is not None or owner is None or owner == self.url:
                 result = "unavailable"
-                return self.unavailable(web, partition)
+                return self.unavailable(partition)
             result = "forwarded"
-            return await self._forward(web, request, owner, body, partition)
+            return await self._forward(method, owner + path_qs, body, partition)
         except InvalidRequest as exc:
             result = "invalid"
-            return json(web, exc.as_json(), 400)
+            return json(exc.as_json(), 400)
         except Exception:
             result = "error"
             log.exception("%s request for %r failed", endpoint, customer_id)
-            return json(web, {"error": "internal_error"}, 500)
+            return json({"error": "internal_error"}, 500)
         finally:
             metrics.API_REQUESTS.labels(endpoint, result).inc()
             metrics.API_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _forward(
-        self, web: Web, request: Request, owner: str, body: bytes | None, partition: int
-    ) -> Response:
+    async def _forward(self, method: str, url: str, body: bytes | None, partition: int) -> Reply:
         headers = {FORWARDED: self.url}
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
             async with self.app.http_client.request(
-                request.method,
-                owner + request.url.path_qs,
+                method,
+                url,
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S),
-            ) as response:
-                content = await response.read()
-                out = {ANSWERED_BY: response.headers.get(ANSWERED_BY, owner)}
-                if "Retry-After" in response.headers:
-                    out["Retry-After"] = response.headers["Retry-After"]
-                return web.bytes(
-                    content,
-                    content_type=response.content_type,
-                    status=response.status,
-                    headers=out,
-                )
+            ) as answer:
+                content = await answer.read()
+                out = {ANSWERED_BY: answer.headers.get(ANSWERED_BY, url)}
+                if "Retry-After" in answer.headers:
+                    out["Retry-After"] = answer.headers["Retry-After"]
+                return Reply(answer.status, content, out, answer.content_type)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("forwarding to %s failed (%r)", owner, exc)
-            return self.unavailable(web, partition)
+            log.warning("forwarding to %s failed (%r)", url, exc)
+            return self.unavailable(partition)
 
-    def unavailable(self, web: Web, partition: int) -> Response:
+    def unavailable(self, partition: int) -> Reply:
         return json(
-            web,
             {
                 "error": "unavailable",
                 "message": f"partition {partition}'s owner is not known now (a rebalance?): "
@@ -280,12 +330,12 @@ class DecisionApi:
 
     # -- the views -----------------------------------------------------------------
 
-    def answer(self, web: Web, answer: Answer) -> Response:
+    def answer(self, answer: Answer) -> Reply:
         body = answer.as_json()
         body["worker"] = self.url
-        return json(web, body, 200, {ANSWERED_BY: self.url})
+        return json(body, 200, {ANSWERED_BY: self.url})
 
-    def customer(self, web: Web, customer_id: str) -> Response:
+    def customer(self, customer_id: str) -> Reply:
         """The customer's stored context, its policy state and its last decisions."""
         partition = self.partition(customer_id)
         if not self.owns(partition):
@@ -308,9 +358,9 @@ class DecisionApi:
                 for p in ctx.get("pending", ())
             ]
             body["context"] = {k: v for k, v in ctx.items() if k != "recent"}
-        return json(web, body, 200, {ANSWERED_BY: self.url})
+        return json(body, 200, {ANSWERED_BY: self.url})
 
-    def catalog(self, web: Web) -> Response:
+    def catalog(self) -> Reply:
         catalog = self.processor.engine.catalog
         body = self.live.current.as_json()
         body["loaded"] = self.live.loaded.is_set()
@@ -325,12 +375,28 @@ class DecisionApi:
                 for p in catalog.placements
             ],
         }
-        return json(web, body, 200)
+        return json(body, 200)
 
 
-def json(web: Web, body: Any, status: int, headers: dict[str, str] | None = None) -> Response:
+@dataclass(slots=True)
+class Reply:
+    """An answer of the API, whichever server writes it (aiohttp's views, or the decision
+    API's fast path in :mod:`rtim.stream.fastpath`)."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+
+def json(body: Any, status: int, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, orjson.dumps(body), headers or {})
+
+
+def response(web: Web, reply: Reply) -> Response:
+    """A reply as aiohttp's views give it."""
     return web.bytes(
-        orjson.dumps(body), content_type="application/json", status=status, headers=headers
+        reply.body, content_type=reply.content_type, status=reply.status, headers=reply.headers
     )
 
 
@@ -341,30 +407,27 @@ def install_api(app: Any, api: DecisionApi) -> None:
     class Decide(View):
         async def post(self, request: Request) -> Response:
             body = await request.read()
-            try:
-                parsed = parse_request(
-                    body,
-                    now_ms=int(time.time() * 1000),
-                    max_future_skew_ms=int(api.processor.settings.max_future_skew_s * 1000),
-                )
-            except InvalidRequest as exc:
-                metrics.API_REQUESTS.labels("decide", "invalid").inc()
-                return json(self.web, exc.as_json(), 400)
-
-            async def here() -> Response:
-                return api.answer(self.web, await api.decide(parsed))
-
-            return await api.route(self.web, request, "decide", parsed.customer_id, body, here)
+            forwarded_by = request.headers.get(FORWARDED)
+            return response(self.web, await api.serve_decide(body, forwarded_by))
 
     @app.page("/v1/customers/{customer_id}")
     class Customer(View):
         async def get(self, request: Request, customer_id: str) -> Response:
-            async def here() -> Response:
-                return api.customer(self.web, customer_id)
+            async def here() -> Reply:
+                return api.customer(customer_id)
 
-            return await api.route(self.web, request, "customer", customer_id, None, here)
+            reply = await api.route(
+                "customer",
+                customer_id,
+                request.headers.get(FORWARDED),
+                request.method,
+                request.url.path_qs,
+                None,
+                here,
+            )
+            return response(self.web, reply)
 
     @app.page("/v1/catalog")
     class CatalogView(View):
         async def get(self, request: Request) -> Response:
-            return api.catalog(self.web)
+            return response(self.web, api.catalog())

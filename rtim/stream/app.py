@@ -44,6 +44,7 @@ from rtim.settings import Settings
 from rtim.stream.api import DecisionApi, install_api
 from rtim.stream.catalog import LiveCatalog
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
+from rtim.stream.fastpath import RtimWeb
 from rtim.stream.health import BrokerHealth
 from rtim.stream.models import SharedModels, install_view
 from rtim.stream.publish import BatchPublisher, OutRecord
@@ -78,6 +79,9 @@ class RtimApp(faust.App):
 
     def _new_transport(self) -> Transport:
         return Transport(self.conf.broker_consumer, self)
+
+    def _new_web(self) -> RtimWeb:
+        return RtimWeb(self)
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:

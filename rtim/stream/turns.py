@@ -26,7 +26,8 @@ async def give_way(loop: asyncio.AbstractEventLoop) -> None:
     if selector is None or not selector.select(0):
         return
     ready = getattr(loop, "_ready", None)
-    # aiohttp needs four: the read, the connection's task, the request's task, its answer.
+    # A request through aiohttp needs four: the read, the connection's task, the request's
+    # task, its answer (through rtim/stream/fastpath.py, one).
     for _ in range(MAX_TURNS):
         await asyncio.sleep(0)
         if ready is not None and not ready:

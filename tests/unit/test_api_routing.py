@@ -10,12 +10,7 @@ from typing import Any
 
 import orjson
 
-from rtim.stream.api import FORWARDED, DecisionApi
-
-
-class FakeWeb:
-    def bytes(self, body: bytes, *, content_type: str, status: int, headers: Any = None) -> Any:
-        return SimpleNamespace(status=status, body=orjson.loads(body), headers=headers or {})
+from rtim.stream.api import FORWARDED, DecisionApi, Reply
 
 
 class FakeRouter:
@@ -50,13 +45,17 @@ def api(*, rebalancing: bool, owned: list[int], hosts: dict[str, list[int]]) -> 
 def route(the_api: DecisionApi, headers: dict[str, str] | None = None) -> Any:
     answered: list[str] = []
 
-    async def here() -> Any:
+    async def here() -> Reply:
         answered.append("here")
-        return SimpleNamespace(status=200, body={}, headers={})
+        return Reply(200, b"{}")
 
-    request = SimpleNamespace(headers=headers or {}, method="POST")
-    response = asyncio.run(the_api.route(FakeWeb(), request, "decide", "c", b"{}", here))
-    return response, answered
+    forwarded_by = (headers or {}).get(FORWARDED)
+    reply = asyncio.run(
+        the_api.route("decide", "c", forwarded_by, "POST", "/v1/decide", b"{}", here)
+    )
+    return SimpleNamespace(
+        status=reply.status, body=orjson.loads(reply.body), headers=reply.headers
+    ), answered
 
 
 def test_the_owner_answers_itself() -> None:

@@ -1,7 +1,7 @@
 """The Faust and aiokafka code that RTIM's shell replaces, copies or reaches into is the
 code it was written against.
 
-rtim/stream/consumer.py, app.py, worker.py and store.py override Faust methods, copy
+rtim/stream/consumer.py, app.py, worker.py, store.py and fastpath.py override Faust methods, copy
 two of them with changes, and read or write private attributes of Faust and aiokafka
 objects (their module docstrings list them). A new release can change any of that
 without an error: the overrides would then silently do something else. Each entry below
@@ -98,6 +98,17 @@ GUARDED: dict[str, tuple[str, str]] = {
     "aiokafka.consumer.subscription_state:TopicPartitionState.__init__": (
         "f0b391da1b87af04",
         "BatchConsumer.partition_report reads _position, highwater and paused",
+    ),
+    # The decision API's fast path (rtim/stream/fastpath.py: RtimWeb, FastSite)
+    "faust.web.drivers.aiohttp:Web._new_transport_tcp": (
+        "3f9463d869f309ec",
+        "RtimWeb._new_transport_tcp replaces it with FastSite: the same host, port and TLS "
+        "settings read from the app's conf",
+    ),
+    "faust.web.drivers.aiohttp:Web.start_server": (
+        "b0c4f10491828520",
+        "the site it starts is the one _new_transport_tcp makes (FastSite), after "
+        "runner.setup(), which FastSite.start needs",
     ),
     # Stopping within a bound (ConsumerThread.on_thread_stop, stop_consumer, publisher stop)
     "faust.transport.drivers.aiokafka:AIOKafkaConsumerThread.on_thread_stop": (

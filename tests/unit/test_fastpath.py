@@ -1,0 +1,177 @@
+"""The web port's fast path for ``POST /v1/decide`` (rtim/stream/fastpath.py), on a real
+socket: answers in order, whole requests only, and everything else served by aiohttp."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from rtim.stream import fastpath
+from rtim.stream.api import FORWARDED, Reply
+from rtim.stream.fastpath import DecideServer, FastSite
+
+
+class Api:
+    """Decides ``{"n": ...}`` at once, or (``"wait": s``) after ``s`` seconds in a task."""
+
+    def __init__(self) -> None:
+        self.at_once: list[int] = []
+
+    def decide_at_once(self, body: bytes) -> Reply | None:
+        data = orjson.loads(body)
+        if "wait" in data:
+            return None
+        self.at_once.append(data["n"])
+        return Reply(200, orjson.dumps({"n": data["n"], "by": "fast"}), {"X-RTIM-Worker": "w"})
+
+    async def serve_decide(self, body: bytes, forwarded_by: str | None) -> Reply:
+        data = orjson.loads(body)
+        await asyncio.sleep(data["wait"])
+        answer = {"n": data["n"], "by": "served", "forwarded_by": forwarded_by}
+        return Reply(503 if forwarded_by else 200, orjson.dumps(answer))
+
+
+@asynccontextmanager
+async def server(api: Api) -> AsyncIterator[int]:
+    app = web.Application()
+
+    async def other(request: web.Request) -> web.Response:
+        return web.json_response({"by": "aiohttp", "path": request.path})
+
+    async def decide(request: web.Request) -> web.Response:
+        return web.json_response({"by": "aiohttp", "body": (await request.read()).decode()})
+
+    app.router.add_get("/other", other)
+    app.router.add_post("/v1/decide", decide)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = FastSite(runner, "127.0.0.1", 0, fast=lambda: DecideServer(api))  # type: ignore[arg-type]
+    await site.start()
+    assert site._server is not None
+    try:
+        yield site._server.sockets[0].getsockname()[1]
+    finally:
+        await runner.cleanup()
+
+
+def post(body: dict[str, Any], *headers: str) -> bytes:
+    raw = orjson.dumps(body)
+    head = "".join(f"{h}\r\n" for h in headers)
+    return (
+        f"POST /v1/decide HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], Any]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lines = head.decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:] if line)
+    body = await reader.readexactly(int(headers["Content-Length"]))
+    return int(lines[0].split()[1]), headers, orjson.loads(body)
+
+
+def run(test: Any) -> None:
+    asyncio.run(test())
+
+
+def test_pipelined_requests_are_answered_in_order_whether_at_once_or_not() -> None:
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # One at once, one that waits in a task, one at once again: all sent together.
+            writer.write(post({"n": 1}) + post({"n": 2, "wait": 0.2}) + post({"n": 3}))
+            answers = [await read_answer(reader) for _ in range(3)]
+            assert [(s, b["n"], b["by"]) for s, _, b in answers] == [
+                (200, 1, "fast"),
+                (200, 2, "served"),
+                (200, 3, "fast"),
+            ]
+            # The third was decided only after the second's answer: nothing out of order.
+            assert api.at_once == [1, 3]
+            _, headers, _ = answers[0]
+            assert headers["Content-Type"] == "application/json; charset=utf-8"
+            assert headers["X-RTIM-Worker"] == "w" and "Date" in headers
+            writer.close()
+
+    run(test)
+
+
+def test_a_request_arriving_in_pieces_is_answered_once_whole() -> None:
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            raw = post({"n": 7})
+            for piece in (raw[:10], raw[10:-5], raw[-5:]):
+                assert api.at_once == []
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+            status, _, body = await read_answer(reader)
+            assert (status, body["n"], api.at_once) == (200, 7, [7])
+            writer.close()
+
+    run(test)
+
+
+def test_a_forwarded_request_carries_who_forwarded_it() -> None:
+    async def test() -> None:
+        async with server(Api()) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post({"n": 1, "wait": 0}, f"{FORWARDED}: http://other:6066"))
+            status, _, body = await read_answer(reader)
+            assert (status, body["forwarded_by"]) == (503, "http://other:6066")
+            writer.close()
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /v1/decide HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'8\r\n{"n": 5}\r\n0\r\n\r\n',
+        b'POST /v1/decide HTTP/1.0\r\nHost: x\r\nContent-Length: 8\r\n\r\n{"n": 5}',
+    ],
+)
+def test_anything_else_is_served_by_aiohttp_from_then_on(request_: bytes) -> None:
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post({"n": 1}))
+            assert (await read_answer(reader))[2]["by"] == "fast"
+            writer.write(request_)
+            status, _, body = await read_answer(reader)
+            assert (status, body["by"]) == (200, "aiohttp")
+            if b"HTTP/1.1" in request_:
+                # The connection stays aiohttp's.
+                writer.write(post({"n": 2}))
+                assert (await read_answer(reader))[2]["by"] == "aiohttp"
+            assert api.at_once == [1]
+            writer.close()
+
+    run(test)
+
+
+def test_idle_connections_are_closed_after_the_keepalive(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fastpath, "KEEPALIVE_S", 0.3)
+
+    async def test() -> None:
+        async with server(Api()) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post({"n": 1}))
+            await read_answer(reader)
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the server
+            writer.close()
+
+    run(test)
