@@ -34,6 +34,10 @@ TEST_ENV = {
     "RTIM_SESSION_TIMEOUT_S": "6",
     "RTIM_LOG_LEVEL": "info",
     "RTIM_COMMIT_INTERVAL_S": "0.5",
+    # The clean run tests compare contexts with (expected_contexts) has no wall clock: no
+    # attribution window may close because a partition sat idle (after 60 s by default,
+    # which a long test can reach, moving one customer's decision from pending to closed).
+    "RTIM_IDLE_CLOSE_S": "86400",
 }
 
 
