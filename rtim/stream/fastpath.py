@@ -96,6 +96,9 @@ class DecideConnection(asyncio.Protocol):
         self._buffer += data
         if not self._busy:
             self._serve()
+        elif len(self._buffer) > MAX_HEAD_BYTES + MAX_BODY_BYTES and self.transport is not None:
+            # A client that sends on while its request waits: read no more until answered.
+            self.transport.pause_reading()
 
     def _serve(self) -> None:
         """Answer the whole requests in the buffer, in order."""
@@ -134,6 +137,8 @@ class DecideConnection(asyncio.Protocol):
             self.transport.close()
             return
         self.transport.write(task.result())
+        if not self.transport.is_reading():
+            self.transport.resume_reading()
         self._serve()
 
     def _hand_over(self) -> None:

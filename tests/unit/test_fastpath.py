@@ -104,6 +104,23 @@ def test_pipelined_requests_are_answered_in_order_whether_at_once_or_not() -> No
     run(test)
 
 
+def test_a_client_sending_on_while_its_request_waits_is_answered_in_full_in_order() -> None:
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            # A waiting request, then far more than the server reads ahead meanwhile.
+            many = b"".join(post({"n": i}) for i in range(1, 3001))
+            assert len(many) > 2 * (fastpath.MAX_HEAD_BYTES + fastpath.MAX_BODY_BYTES)
+            writer.write(post({"n": 0, "wait": 0.2}) + many)
+            answers = [(await read_answer(reader))[2]["n"] for _ in range(3001)]
+            assert answers == list(range(3001))
+            assert api.at_once == list(range(1, 3001))
+            writer.close()
+
+    run(test)
+
+
 def test_a_request_arriving_in_pieces_is_answered_once_whole() -> None:
     async def test() -> None:
         api = Api()
