@@ -50,7 +50,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -130,6 +130,23 @@ class ModelParams:
         return max(self.narrow_floor, math.sqrt(self.narrow_after / examples))
 
 
+#: (version, its weights' means.get and variances.get, the bias's mean and variance,
+#: narrowing, 1/narrowing**2, exploration, beta, beta**2, the prior of the sum's mean).
+DrawTerms = tuple[
+    int,
+    Callable[[str, float], float],
+    Callable[[str, float], float],
+    float,
+    float,
+    float,
+    float,
+    float,
+    float,
+    float,
+    float,
+]
+
+
 class OfferModel:
     """One offer's model and its evidence counts."""
 
@@ -156,26 +173,33 @@ class OfferModel:
         self._ensure_bias(params.prior_active)
         #: The bias's mean before any evidence (the prior of the sum's mean).
         self.prior_mean: float = self.model.means[BIAS]
-        #: What scoring reads of the model besides its weights, with the evidence count
-        #: it was worked out at (see :meth:`draw_terms`).
-        self._draw: tuple[int, float, float, float, float, float] = (-1, 1.0, 1.0, 1.0, 1.0, 1.0)
+        #: What scoring reads of the model, with the version it was read at (see
+        #: :meth:`draw_terms`).
+        self._draw: DrawTerms | None = None
 
-    def draw_terms(self) -> tuple[int, float, float, float, float, float]:
-        """(examples, narrowing, 1/narrowing**2, exploration, beta, beta**2): the same
-        for every decision until the model learns again, so worked out once per
-        example rather than per candidate."""
+    def draw_terms(self) -> DrawTerms:
+        """What scoring reads of the model for every candidate: the same for every
+        decision until the model learns again (its version moves), so read once per
+        version rather than per candidate."""
         draw = self._draw
-        if draw[0] != self.examples:
+        if draw is None or draw[0] != self.version:
             params = self.params
             narrow = params.narrowing(self.examples)
             beta = self.model.beta
+            means = self.model.means
+            variances = self.model.variances
             draw = self._draw = (
-                self.examples,
+                self.version,
+                means.get,
+                variances.get,
+                means[BIAS],
+                variances[BIAS],
                 narrow,
                 1.0 / (narrow * narrow),
                 params.exploration,
                 beta,
                 beta * beta,
+                self.prior_mean,
             )
         return draw
 
@@ -318,27 +342,30 @@ class ModelSet:
             model = models.get(offer_id)
             if model is None:
                 model = self.get(offer_id)
-            ad = model.model
-            means = ad.means
-            bias = means.get(BIAS)
-            if bias is None:
-                model._ensure_bias(n_shared + len(own))
-                bias = means[BIAS]
-            variances = ad.variances
+            draw = model._draw
+            if draw is None or draw[0] != model.version:
+                draw = model.draw_terms()
+            (
+                version,
+                get_mean,
+                get_var,
+                bias,
+                bias_var,
+                narrow,
+                weight,
+                exploration,
+                beta,
+                beta2,
+                prior_mean,
+            ) = draw
             # Sums over the active weights, the bias first (an unseen feature's weight
             # is at its prior, N(0, 1)); map and sum run the loop in C. A candidate
             # has one or two keys of its own: added one by one, in the same order.
-            get_mean = means.get
-            get_var = variances.get
             total_mean = sum(map(get_mean, shared, _ZEROS), bias)
-            total_var = sum(map(get_var, shared, _ONES), variances[BIAS])
+            total_var = sum(map(get_var, shared, _ONES), bias_var)
             for key in own:
                 total_mean += get_mean(key, 0.0)
                 total_var += get_var(key, 1.0)
-            draw = model._draw
-            if draw[0] != model.examples:
-                draw = model.draw_terms()
-            _, narrow, weight, exploration, beta, beta2 = draw
             if pooled is None:
                 spread = sqrt(total_var) * exploration * narrow
             else:
@@ -356,9 +383,7 @@ class ModelSet:
                 # subtract), counted 1/narrow**2 times as its draws are narrowed.
                 evidence = 1.0 / total_var - prior_precision
                 if evidence > 0.0:
-                    base_sum += (
-                        total_mean / total_var - model.prior_mean * prior_precision
-                    ) * weight
+                    base_sum += (total_mean / total_var - prior_mean * prior_precision) * weight
                     precision += evidence * weight
                 total_var = 1.0 / precision
                 total_mean = base_sum * total_var
@@ -382,7 +407,7 @@ class ModelSet:
                         offer_id,
                         _LOW if sampled < _LOW else _HIGH if sampled > _HIGH else sampled,
                         _LOW if mean < _LOW else _HIGH if mean > _HIGH else mean,
-                        model.version,
+                        version,
                     ),
                 )
             )
