@@ -350,11 +350,11 @@ def close_due(
 
 def next_window_end(state: dict[str, Any]) -> int | None:
     """When the customer's first open window ends (None: nothing open)."""
-    return min(map(_window_end, state["pending"]), default=None)
+    ends = [p[_END] for p in state["pending"]]
+    return min(ends) if ends else None
 
 
 _first = itemgetter(0)  # a pending or closed decision's id
-_window_end = itemgetter(_END)
 
 
 def _close(
