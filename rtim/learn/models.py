@@ -52,9 +52,13 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from river.linear_model import AdPredictor
+
+if TYPE_CHECKING:
+    from rtim.offers.catalog import Offer
 
 #: Snapshot format version (not the model's version, which counts its updates).
 SNAPSHOT_FORMAT = 1
@@ -275,6 +279,26 @@ class Score(NamedTuple):
     version: int
 
 
+class Candidate(NamedTuple):
+    """One scored candidate of a decision; ``features`` are the keys it was scored on."""
+
+    offer: Offer
+    shared: list[str]
+    own: tuple[str, ...]
+    sampled: float
+    mean: float
+    score: float
+    version: int
+
+    @property
+    def features(self) -> list[str]:
+        return [*self.shared, *self.own]
+
+
+#: The ranking's sort key (C-level: no Python call per candidate).
+_by_score = attrgetter("score")
+
+
 class ModelSet:
     """The models of every offer, created on first use."""
 
@@ -314,7 +338,33 @@ class ModelSet:
         ``shared`` keys and its own. Draws one normal per candidate, in candidate
         order, from ``rng``: the same seed and candidates give the same draws.
         """
-        out = []
+        return self._sample(shared, candidates, rng, None)  # type: ignore[return-value]
+
+    def rank(
+        self,
+        shared: list[str],
+        offers: Sequence[Offer],
+        owns: Sequence[tuple[str, ...]],
+        rng: random.Random,
+    ) -> list[Candidate]:
+        """The offers of one decision, sampled as :meth:`score` samples them (the same
+        draws), scored ``sampled propensity x value x business priority``; best first
+        (a tie keeps the offers' order)."""
+        out = self._sample(shared, zip([o.id for o in offers], owns, strict=True), rng, offers)
+        out.sort(key=_by_score, reverse=True)
+        return out  # type: ignore[return-value]
+
+    def _sample(
+        self,
+        shared: Sequence[str],
+        candidates: Iterable[tuple[str, Sequence[str]]],
+        rng: random.Random,
+        offers: Sequence[Offer] | None,
+    ) -> list[Score] | list[Candidate]:
+        """:meth:`score`'s draws, as a :class:`Score` per candidate or, given the
+        offers, as a :class:`Candidate` per offer (scored; no Score in between)."""
+        out: list[Any] = []
+        i = -1
         # Random.gauss written out (the same arithmetic on the same uniforms, in the
         # same order, with its spare normal kept and handed back): a Python call per
         # candidate was a tenth of the scoring.
@@ -339,6 +389,7 @@ class ModelSet:
             spread2 = self.params.pooled_spread**2
             bases: dict[Any, tuple[float, float, float]] = {}  # by own keys (a tuple)
         for offer_id, own in candidates:
+            i += 1
             model = models.get(offer_id)
             if model is None:
                 model = self.get(offer_id)
@@ -400,17 +451,18 @@ class ModelSet:
             # Phi(x) = erfc(-x / sqrt 2) / 2, clipped as AdPredictor clips.
             sampled = 0.5 * erfc(-s / (beta * _SQRT2))
             mean = 0.5 * erfc(-total_mean / (sqrt(total_var + beta2) * _SQRT2))
-            out.append(
-                _new(
-                    Score,
-                    (
-                        offer_id,
-                        _LOW if sampled < _LOW else _HIGH if sampled > _HIGH else sampled,
-                        _LOW if mean < _LOW else _HIGH if mean > _HIGH else mean,
-                        version,
-                    ),
+            sampled = _LOW if sampled < _LOW else _HIGH if sampled > _HIGH else sampled
+            mean = _LOW if mean < _LOW else _HIGH if mean > _HIGH else mean
+            if offers is None:
+                out.append(_new(Score, (offer_id, sampled, mean, version)))
+            else:
+                o = offers[i]
+                out.append(
+                    _new(
+                        Candidate,
+                        (o, shared, own, sampled, mean, sampled * o.value * o.priority, version),
+                    )
                 )
-            )
         rng.gauss_next = spare  # type: ignore[attr-defined]
         return out
 
