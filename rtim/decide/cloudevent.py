@@ -19,6 +19,13 @@ def iso_ms(epoch_ms: int) -> str:
     >>> iso_ms(1_764_064_800_123)
     '2025-11-25T10:00:00.123Z'
     """
+    done = _ms_text.get(epoch_ms)
+    if done is not None:
+        # A trigger's time and expiry are the batch's (the same for all its triggers),
+        # and a decision's record and trigger both give its event's time.
+        return done
+    if len(_ms_text) >= _SECONDS_CACHED:
+        _ms_text.clear()
     seconds, millis = divmod(int(epoch_ms), 1000)
     text = _seconds_text.get(seconds)
     if text is None:
@@ -36,10 +43,12 @@ def iso_ms(epoch_ms: int) -> str:
             date = _day_text[day] = time.strftime("%Y-%m-%dT", time.gmtime(day * 86_400))
         hours, of_hour = divmod(of_day, 3600)
         text = _seconds_text[seconds] = f"{date}{hours:02d}:{of_hour // 60:02d}:{of_hour % 60:02d}"
-    return f"{text}.{millis:03d}Z"
+    done = _ms_text[epoch_ms] = f"{text}.{millis:03d}Z"
+    return done
 
 
 _SECONDS_CACHED = 4096
+_ms_text: dict[int, str] = {}
 _seconds_text: dict[int, str] = {}
 _day_text: dict[int, str] = {}
 

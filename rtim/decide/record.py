@@ -12,6 +12,7 @@ read; the worker's own join keeps what it needs in the customer's context.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from operator import attrgetter
 
 import orjson
@@ -31,6 +32,9 @@ def encode_record(
     channel, window end) best first (recorded when there are several)."""
     ranked = decision.ranked
     event = decision.event
+    # The means and the draws rounded in one pass: the means first, then the draws.
+    n = len(ranked)
+    rounded = round6_all(chain(map(_mean, ranked), map(_sampled, ranked)))
     candidates = [
         {
             "offer_id": offer_id,
@@ -41,11 +45,7 @@ def encode_record(
             "features": c.own,  # a tuple: orjson writes it as the same array
         }
         for c, (offer_id, score), propensity, sampled in zip(
-            ranked,
-            decision.candidates,
-            round6_all(map(_mean, ranked)),
-            round6_all(map(_sampled, ranked)),
-            strict=True,
+            ranked, decision.candidates, rounded[:n], rounded[n:], strict=True
         )
     ]
     # Under a contact policy, where each candidate would have gone and what weighed it.

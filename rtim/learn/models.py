@@ -50,11 +50,15 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from river.linear_model import AdPredictor
+
+if TYPE_CHECKING:
+    from rtim.offers.catalog import Offer
 
 #: Snapshot format version (not the model's version, which counts its updates).
 SNAPSHOT_FORMAT = 1
@@ -130,6 +134,23 @@ class ModelParams:
         return max(self.narrow_floor, math.sqrt(self.narrow_after / examples))
 
 
+#: (version, its weights' means.get and variances.get, the bias's mean and variance,
+#: narrowing, 1/narrowing**2, exploration, beta, beta**2, the prior of the sum's mean).
+DrawTerms = tuple[
+    int,
+    Callable[[str, float], float],
+    Callable[[str, float], float],
+    float,
+    float,
+    float,
+    float,
+    float,
+    float,
+    float,
+    float,
+]
+
+
 class OfferModel:
     """One offer's model and its evidence counts."""
 
@@ -156,26 +177,33 @@ class OfferModel:
         self._ensure_bias(params.prior_active)
         #: The bias's mean before any evidence (the prior of the sum's mean).
         self.prior_mean: float = self.model.means[BIAS]
-        #: What scoring reads of the model besides its weights, with the evidence count
-        #: it was worked out at (see :meth:`draw_terms`).
-        self._draw: tuple[int, float, float, float, float, float] = (-1, 1.0, 1.0, 1.0, 1.0, 1.0)
+        #: What scoring reads of the model, with the version it was read at (see
+        #: :meth:`draw_terms`).
+        self._draw: DrawTerms | None = None
 
-    def draw_terms(self) -> tuple[int, float, float, float, float, float]:
-        """(examples, narrowing, 1/narrowing**2, exploration, beta, beta**2): the same
-        for every decision until the model learns again, so worked out once per
-        example rather than per candidate."""
+    def draw_terms(self) -> DrawTerms:
+        """What scoring reads of the model for every candidate: the same for every
+        decision until the model learns again (its version moves), so read once per
+        version rather than per candidate."""
         draw = self._draw
-        if draw[0] != self.examples:
+        if draw is None or draw[0] != self.version:
             params = self.params
             narrow = params.narrowing(self.examples)
             beta = self.model.beta
+            means = self.model.means
+            variances = self.model.variances
             draw = self._draw = (
-                self.examples,
+                self.version,
+                means.get,
+                variances.get,
+                means[BIAS],
+                variances[BIAS],
                 narrow,
                 1.0 / (narrow * narrow),
                 params.exploration,
                 beta,
                 beta * beta,
+                self.prior_mean,
             )
         return draw
 
@@ -251,6 +279,26 @@ class Score(NamedTuple):
     version: int
 
 
+class Candidate(NamedTuple):
+    """One scored candidate of a decision; ``features`` are the keys it was scored on."""
+
+    offer: Offer
+    shared: list[str]
+    own: tuple[str, ...]
+    sampled: float
+    mean: float
+    score: float
+    version: int
+
+    @property
+    def features(self) -> list[str]:
+        return [*self.shared, *self.own]
+
+
+#: The ranking's sort key (C-level: no Python call per candidate).
+_by_score = attrgetter("score")
+
+
 class ModelSet:
     """The models of every offer, created on first use."""
 
@@ -290,7 +338,33 @@ class ModelSet:
         ``shared`` keys and its own. Draws one normal per candidate, in candidate
         order, from ``rng``: the same seed and candidates give the same draws.
         """
-        out = []
+        return self._sample(shared, candidates, rng, None)  # type: ignore[return-value]
+
+    def rank(
+        self,
+        shared: list[str],
+        offers: Sequence[Offer],
+        owns: Sequence[tuple[str, ...]],
+        rng: random.Random,
+    ) -> list[Candidate]:
+        """The offers of one decision, sampled as :meth:`score` samples them (the same
+        draws), scored ``sampled propensity x value x business priority``; best first
+        (a tie keeps the offers' order)."""
+        out = self._sample(shared, zip([o.id for o in offers], owns, strict=True), rng, offers)
+        out.sort(key=_by_score, reverse=True)
+        return out  # type: ignore[return-value]
+
+    def _sample(
+        self,
+        shared: Sequence[str],
+        candidates: Iterable[tuple[str, Sequence[str]]],
+        rng: random.Random,
+        offers: Sequence[Offer] | None,
+    ) -> list[Score] | list[Candidate]:
+        """:meth:`score`'s draws, as a :class:`Score` per candidate or, given the
+        offers, as a :class:`Candidate` per offer (scored; no Score in between)."""
+        out: list[Any] = []
+        i = -1
         # Random.gauss written out (the same arithmetic on the same uniforms, in the
         # same order, with its spare normal kept and handed back): a Python call per
         # candidate was a tenth of the scoring.
@@ -315,30 +389,34 @@ class ModelSet:
             spread2 = self.params.pooled_spread**2
             bases: dict[Any, tuple[float, float, float]] = {}  # by own keys (a tuple)
         for offer_id, own in candidates:
+            i += 1
             model = models.get(offer_id)
             if model is None:
                 model = self.get(offer_id)
-            ad = model.model
-            means = ad.means
-            bias = means.get(BIAS)
-            if bias is None:
-                model._ensure_bias(n_shared + len(own))
-                bias = means[BIAS]
-            variances = ad.variances
+            draw = model._draw
+            if draw is None or draw[0] != model.version:
+                draw = model.draw_terms()
+            (
+                version,
+                get_mean,
+                get_var,
+                bias,
+                bias_var,
+                narrow,
+                weight,
+                exploration,
+                beta,
+                beta2,
+                prior_mean,
+            ) = draw
             # Sums over the active weights, the bias first (an unseen feature's weight
             # is at its prior, N(0, 1)); map and sum run the loop in C. A candidate
             # has one or two keys of its own: added one by one, in the same order.
-            get_mean = means.get
-            get_var = variances.get
             total_mean = sum(map(get_mean, shared, _ZEROS), bias)
-            total_var = sum(map(get_var, shared, _ONES), variances[BIAS])
+            total_var = sum(map(get_var, shared, _ONES), bias_var)
             for key in own:
                 total_mean += get_mean(key, 0.0)
                 total_var += get_var(key, 1.0)
-            draw = model._draw
-            if draw[0] != model.examples:
-                draw = model.draw_terms()
-            _, narrow, weight, exploration, beta, beta2 = draw
             if pooled is None:
                 spread = sqrt(total_var) * exploration * narrow
             else:
@@ -356,9 +434,7 @@ class ModelSet:
                 # subtract), counted 1/narrow**2 times as its draws are narrowed.
                 evidence = 1.0 / total_var - prior_precision
                 if evidence > 0.0:
-                    base_sum += (
-                        total_mean / total_var - model.prior_mean * prior_precision
-                    ) * weight
+                    base_sum += (total_mean / total_var - prior_mean * prior_precision) * weight
                     precision += evidence * weight
                 total_var = 1.0 / precision
                 total_mean = base_sum * total_var
@@ -375,17 +451,18 @@ class ModelSet:
             # Phi(x) = erfc(-x / sqrt 2) / 2, clipped as AdPredictor clips.
             sampled = 0.5 * erfc(-s / (beta * _SQRT2))
             mean = 0.5 * erfc(-total_mean / (sqrt(total_var + beta2) * _SQRT2))
-            out.append(
-                _new(
-                    Score,
-                    (
-                        offer_id,
-                        _LOW if sampled < _LOW else _HIGH if sampled > _HIGH else sampled,
-                        _LOW if mean < _LOW else _HIGH if mean > _HIGH else mean,
-                        model.version,
-                    ),
+            sampled = _LOW if sampled < _LOW else _HIGH if sampled > _HIGH else sampled
+            mean = _LOW if mean < _LOW else _HIGH if mean > _HIGH else mean
+            if offers is None:
+                out.append(_new(Score, (offer_id, sampled, mean, version)))
+            else:
+                o = offers[i]
+                out.append(
+                    _new(
+                        Candidate,
+                        (o, shared, own, sampled, mean, sampled * o.value * o.priority, version),
+                    )
                 )
-            )
         rng.gauss_next = spare  # type: ignore[attr-defined]
         return out
 

@@ -19,7 +19,7 @@ from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE, encode_trigger, i
 from rtim.decide.record import encode_record
 from rtim.events import Event
 from rtim.learn.features import FeatureBuilder
-from rtim.learn.models import ModelSet, Score
+from rtim.learn.models import Candidate, ModelSet, Score
 from rtim.offers.catalog import Catalog, parse_catalog
 
 from .segment_calls import parsed, segment_call
@@ -111,6 +111,17 @@ class FixedModel(ModelSet):
 
     def score(self, shared: Any, candidates: Any, rng: random.Random) -> list[Score]:
         return [Score(o, self.propensities[o], self.propensities[o], 7) for o, _ in candidates]
+
+    def _sample(self, shared: Any, candidates: Any, rng: random.Random, offers: Any) -> Any:
+        # ModelSet.rank's draws: the propensities, scored as its loop scores them
+        # (test_learn_policy checks that arithmetic on real models).
+        if offers is None:
+            return self.score(shared, candidates, rng)
+        return [
+            Candidate(o, shared, own, p, p, p * o.value * o.priority, 7)
+            for o, (_, own) in zip(offers, candidates, strict=True)
+            for p in (self.propensities[o.id],)
+        ]
 
 
 ADD = event("Product Added", product_id="p1", price=120, category="Shoes")
