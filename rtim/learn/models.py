@@ -38,6 +38,15 @@ the same narrowing as its draws (the diagonal belief overstates the sum's
 variance, so it understates the evidence). The mean reported is then the
 combined belief's.
 
+With ``ModelParams.pooled_weight_floor`` (the default) the same is done weight
+by weight rather than on the sum: each of the offer's weights is drawn around
+the pooled belief of the same weight, widened by that key's spread (estimated
+from how the offers disagree with the pool, :meth:`ModelSet.spreads`), with the
+offer's own evidence on the weight on top, and the sum of those is drawn. A key
+the offer has never seen is then what the pool believes of it, not a zero that
+the offer's evidence on its other keys outweighs. An offer first met once the
+pool had evidence (:attr:`OfferModel.late`) keeps the prior on the sum.
+
 Snapshots
 ---------
 :meth:`OfferModel.snapshot` is a JSON-able dict (weights as means and
@@ -163,11 +172,12 @@ class OfferModel:
     ) -> None:
         self.offer_id = offer_id
         self.params = params
-        #: First met once the pooled model had evidence (kept in snapshots). Its weights
-        #: start at 0 and its bias at the prior while the pool's have long split the
-        #: level between the bias and the keys active in every moment (channel,
-        #: trigger, issues...) in their own way: weight by weight, the two would count
-        #: the level twice, so such an offer takes the pooled prior on the sum.
+        #: First met once the pooled model had evidence (kept in snapshots). Its
+        #: evidence is on its bias first (active in every example), from the prior,
+        #: while the pool has long moved its level between its bias and the keys of
+        #: every moment (channel, trigger, issues...): weight by weight its own bias
+        #: and the pool's keys would count the level twice, so such an offer takes
+        #: the pooled prior on the sum. Offers that start with the pool grow with it.
         self.late = late
         self.model = AdPredictor(
             beta=params.beta, prior_probability=params.prior_probability, epsilon=params.epsilon
