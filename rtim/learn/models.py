@@ -355,6 +355,8 @@ class ModelSet:
             return False
         model = OfferModel.from_snapshot(snapshot)
         self.models[model.offer_id] = model
+        # The spreads follow the models a set holds, not the order they came in.
+        self._spreads = (-1, {})
         return True
 
     def learn(self, offer_id: str, features: Sequence[str], converted: bool) -> None:
@@ -436,7 +438,7 @@ class ModelSet:
                 # The prior weight by weight: each of the offer's weights at the pooled
                 # belief of the same weight, widened by the key's spread, and the
                 # offer's own evidence on it on top (its belief over its own prior,
-                # N(0, 1) but for the bias; counted as the sum's, below).
+                # N(0, 1) but for the bias), counted 1/narrow**2 times as on the sum.
                 priors = weight_priors.get(own)
                 if priors is None:
                     priors = weight_priors[own] = [
