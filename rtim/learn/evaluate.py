@@ -301,11 +301,12 @@ either way. On seeds 11-15, which chose nothing: 85.6% (sd 0.5), 84.8% (sd 2.9) 
 the sum, 88.1% (sd 1.0), 87.4% (sd 3.3) weight by weight.
 
 With it, and not kept (seeds 1-5): ``narrow_after`` 200, 87.5%, 85.7%;
-exploration 0.8 and 0.9, 86.4%, 89.5% and 86.4%, 89.8%; prior probability 0.15,
-87.3%, 86.1%; floor 0.25, 87.3%, 88.7%; an offer's own evidence on each weight
-not counted by the narrowing (the ``1/narrow**2`` of the sum), 85.1%, 79.9%, or
-by its square root, 87.3%, 85.1%. None moves the first 5,000 decisions off
-0.69-0.71 of the oracle: what the start loses is not how the pool is shared.
+exploration 0.8 and 0.9, 86.4%, 89.5% and 86.4%, 89.8%; prior probability 0.15
+and 0.25, 87.3%, 86.1% and 85.7%, 89.0%; beta 6, 85.2%, 86.7%; floor 0.25,
+87.3%, 88.7%; an offer's own evidence on each weight not counted by the
+narrowing (the ``1/narrow**2`` of the sum), 85.1%, 79.9%, or by its square root,
+87.3%, 85.1%. None moves the first 5,000 decisions off 0.68-0.71 of the oracle:
+what the start loses is not how the pool is shared.
 """
 
 from __future__ import annotations
