@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from rtim.learn.attribution import decode_example
-from rtim.learn.models import ModelParams, OfferModel
+from rtim.learn.models import POOLED, ModelParams, OfferModel
 
 #: Key prefix of the cursor records on the models topic.
 CURSOR_PREFIX = "__cursor__."
@@ -293,9 +293,20 @@ class Learner:
             if snapshot is not None:
                 state = OfferState.from_snapshot(snapshot)
             else:
-                state = OfferState(OfferModel(offer_id, self.params))
+                state = OfferState(
+                    OfferModel(offer_id, self.params, late=self._pooled_has_evidence())
+                )
             self.offers[offer_id] = state
         return state
+
+    def _pooled_has_evidence(self) -> bool:
+        """Whether the pooled model had learned anything when an offer's model is made
+        (its own here, or its newest snapshot): see :attr:`OfferModel.late`."""
+        state = self.offers.get(POOLED)
+        if state is not None:
+            return state.model.examples > 0
+        snapshot = self._board.snapshots.get(POOLED) if self._board is not None else None
+        return snapshot is not None and int(snapshot.get("examples", 0)) > 0
 
     def learn(self, partition: int, offset: int, value: bytes | None) -> Outcome:
         """Take one training record at ``offset`` of ``partition``."""

@@ -401,3 +401,22 @@ def test_the_pooled_model_learns_every_offers_examples_and_reaches_the_deciders(
     assert new.mean < 0.12
     (alone,) = ModelSet(learner.params).score(FEATURES[:3], [("new", ())], random.Random(1))
     assert alone.mean == pytest.approx(0.2, abs=0.01)
+
+
+def test_an_offer_first_learned_once_the_pool_has_evidence_is_marked_late() -> None:
+    # A worker scores such an offer on the pooled prior over the sum (see OfferModel.late):
+    # the mark must come with the offer's snapshots, whichever learner made its model.
+    rng = random.Random(1)
+    pooled = OfferModel(POOLED)
+    pooled.learn(FEATURES[:3], True)
+    board = ModelBoard()
+    board.add(POOLED.encode(), orjson.dumps(OfferState(pooled).snapshot(1)))
+    learner = Learner()
+    learner.assign(1, board)
+    learner.learn(1, 0, example("shoes-10", "d1", rng))
+    (snapshot,) = learner.flush().snapshots
+    assert snapshot["late"] is True
+    fresh = Learner()
+    fresh.assign(1, ModelBoard())
+    fresh.learn(1, 0, example("shoes-10", "d1", rng))
+    assert fresh.flush().snapshots[0]["late"] is False

@@ -219,3 +219,68 @@ def test_the_draws_are_random_gauss_draws_and_the_spare_normal_is_handed_back():
     rng = random.Random(5)
     models.score(FEATURES, offers, rng)
     assert rng.gauss(0.0, 1.0) == reference.gauss(0.0, 1.0)
+
+
+def learned(model: OfferModel, features: list[str], positives: int, n: int) -> OfferModel:
+    for i in range(n):
+        model.learn(features, (i * positives) // n != ((i + 1) * positives) // n)
+    return model
+
+
+def test_an_offer_leans_on_the_pool_for_a_key_it_has_never_seen():
+    # Everyone converts half the time on "a", hardly ever once "y" is there too; the
+    # offer has only ever been shown without "y". Scored on the pool's belief of the
+    # sum, its own evidence on the other keys outweighed what the pool knows of "y".
+    params = ModelParams(beta=1.0, prior_probability=0.5, epsilon=0.0)
+    models = ModelSet(params)
+    models.models["o"] = OfferModel("o", params)
+    for _ in range(20):
+        learned(models.get(POOLED), ["a", "y"], 1, 50)
+        learned(models.get(POOLED), ["a"], 10, 20)
+    learned(models.models["o"], ["a"], 100, 200)
+    assert not models.models["o"].late
+    (with_y,) = models.score(["a", "y"], [("o", ())], random.Random(1))
+    (without,) = models.score(["a"], [("o", ())], random.Random(1))
+    assert without.mean == pytest.approx(0.5, abs=0.1)
+    assert with_y.mean < 0.15
+
+
+def test_an_offer_met_after_the_pool_learned_is_believed_at_its_own_rate():
+    # The pool has long moved the level from its bias into the keys of every moment; an
+    # offer launched now starts with its bias at the prior. Weight by weight the two
+    # would count the level twice and believe the new offer far below its own rate.
+    r = random.Random(5)
+
+    def moment() -> list[str]:
+        return [f"g{g}={r.randrange(3)}" for g in range(12)]
+
+    models = ModelSet()
+    for _ in range(5000):
+        models.learn(POOLED, moment(), r.random() < 0.25)
+    launched = models.get("new")
+    assert launched.late
+    for _ in range(300):
+        launched.learn(moment(), r.random() < 0.15)
+    moments = [moment() for _ in range(200)]
+    believed = statistics.fmean(
+        models.score(m, [("new", ())], random.Random(1))[0].mean for m in moments
+    )
+    assert believed == pytest.approx(0.15, abs=0.03)
+    # and it stays late through its snapshots
+    rebuilt = OfferModel.from_snapshot(json.loads(json.dumps(launched.snapshot())))
+    assert rebuilt.late
+
+
+def test_a_key_the_offers_disagree_on_may_differ_more_from_the_pool():
+    params = ModelParams(beta=1.0, prior_probability=0.5, epsilon=0.0, pooled_weight_floor=0.3)
+    models = ModelSet(params)
+    models.models["o"] = OfferModel("o", params)
+    models.models["p"] = OfferModel("p", params)
+    for offer, rate in (("o", 18), ("p", 2)):  # "x": 90% on one offer, 10% on the other
+        learned(models.models[offer], ["x", "b"], rate, 20)
+        learned(models.models[offer], ["b"], 10, 20)
+        learned(models.get(POOLED), ["x", "b"], rate, 20)
+        learned(models.get(POOLED), ["b"], 10, 20)
+    spreads = models.spreads(models.models[POOLED])
+    assert spreads["x"] > 4 * 0.3**2
+    assert spreads.get("z", 0.3**2) == pytest.approx(0.3**2)
