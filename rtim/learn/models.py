@@ -45,7 +45,9 @@ from how the offers disagree with the pool, :meth:`ModelSet.spreads`), with the
 offer's own evidence on the weight on top, and the sum of those is drawn. A key
 the offer has never seen is then what the pool believes of it, not a zero that
 the offer's evidence on its other keys outweighs. An offer first met once the
-pool had evidence (:attr:`OfferModel.late`) keeps the prior on the sum.
+pool had learned :data:`LATE_AFTER` examples (:attr:`OfferModel.late`) keeps the
+prior on the sum. Each weight's combined belief is worked out when first needed and
+kept until the offer, the pool or the spreads change.
 
 Snapshots
 ---------
@@ -87,6 +89,12 @@ _HIGH = 1.0 - 1e-12
 #: examples (see :meth:`ModelSet.spreads`); each 50, seeds 1-5 of ``rtim evaluate`` gave
 #: 87.7% of the oracle and 87.2% for the new offer against 86.9% and 90.5%.
 SPREAD_EVERY = 200
+#: An offer whose model is first made once the pooled model has learned this many
+#: examples is a late one (:attr:`OfferModel.late`: an offer brought in after the others
+#: have been learning, such as ``rtim evaluate``'s new offer, met after 10,000). Not on
+#: the first example: on a worker, an offer's model is made when its first example
+#: reaches the learner, by which time the pool, which learns every offer's, has some.
+LATE_AFTER = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +201,8 @@ class OfferModel:
     ) -> None:
         self.offer_id = offer_id
         self.params = params
-        #: First met once the pooled model had evidence (kept in snapshots). Its
+        #: First met once the pooled model had learned :data:`LATE_AFTER` examples
+        #: (kept in snapshots). Its
         #: evidence is on its bias first (active in every example), from the prior,
         #: while the pool has long moved its level between its bias and the keys of
         #: every moment (channel, trigger, issues...): weight by weight its own bias
@@ -340,19 +349,26 @@ _by_score = attrgetter("score")
 class ModelSet:
     """The models of every offer, created on first use."""
 
-    __slots__ = ("_spreads", "models", "params")
+    __slots__ = ("_combined", "_spreads", "_spreads_made", "models", "params")
 
     def __init__(self, params: ModelParams = ModelParams()) -> None:
         self.params = params
         self.models: dict[str, OfferModel] = {}
         self._spreads: tuple[int, dict[str, float]] = (-1, {})
+        #: How many times the spreads were worked out (the weights' combined beliefs
+        #: kept by scoring are for one of them).
+        self._spreads_made = 0
+        #: Per offer, its weights' combined beliefs with the pooled prior, as scoring
+        #: works them out: (offer version, pooled version, spreads made), the beliefs per
+        #: key (mean, variance), and the bias's mean and variance.
+        self._combined: dict[str, tuple[tuple[int, int, int], dict[str, Any], float, float]] = {}
 
     def get(self, offer_id: str) -> OfferModel:
         model = self.models.get(offer_id)
         if model is None:
             pooled = self.models.get(POOLED)
             model = self.models[offer_id] = OfferModel(
-                offer_id, self.params, late=pooled is not None and pooled.examples > 0
+                offer_id, self.params, late=pooled is not None and pooled.examples >= LATE_AFTER
             )
         return model
 
@@ -394,6 +410,7 @@ class ModelSet:
                 acc[2] += evidence
         out = {key: max(floor2, (q - n) / e) for key, (q, n, e) in sums.items()}
         self._spreads = (bucket, out)
+        self._spreads_made += 1
         return out
 
     def swap(self, snapshot: dict[str, Any]) -> bool:
@@ -475,11 +492,24 @@ class ModelSet:
             per_weight = floor2 > 0.0
             if per_weight:
                 get_spread = self.spreads(pooled).get
+                spreads_made = self._spreads_made
+                combined = self._combined
                 bias_prior = 1.0 / (pooled_vars[BIAS] + get_spread(BIAS, floor2))
                 bias_base = pooled_means[BIAS] * bias_prior
-                # Per own keys (a tuple): (key, prior precision, prior mean times it)
-                # for the shared keys and those.
-                weight_priors: dict[Any, list[Any]] = {}
+
+                def weight_term(
+                    key: str, get_mean: Any, get_var: Any, weight: float
+                ) -> tuple[float, float]:
+                    """One weight's combined belief: the pool's, widened by the key's
+                    spread, with the offer's own evidence on top (mean, variance)."""
+                    precision = 1.0 / (pooled_var(key, 1.0) + get_spread(key, floor2))
+                    base_sum = pooled_mean(key, 0.0) * precision
+                    variance = get_var(key, 1.0)
+                    if variance < 1.0:
+                        precision += (1.0 / variance - 1.0) * weight
+                        base_sum += get_mean(key, 0.0) / variance * weight
+                    return base_sum / precision, 1.0 / precision
+
             bases: dict[Any, tuple[float, float, float]] = {}  # by own keys (a tuple)
         for offer_id, own in candidates:
             i += 1
@@ -502,47 +532,49 @@ class ModelSet:
                 beta2,
                 prior_mean,
             ) = draw
-            # Sums over the active weights, the bias first (an unseen feature's weight
-            # is at its prior, N(0, 1)); map and sum run the loop in C. A candidate
-            # has one or two keys of its own: added one by one, in the same order.
-            total_mean = sum(map(get_mean, shared, _ZEROS), bias)
-            total_var = sum(map(get_var, shared, _ONES), bias_var)
-            for key in own:
-                total_mean += get_mean(key, 0.0)
-                total_var += get_var(key, 1.0)
-            if pooled is None:
-                spread = sqrt(total_var) * exploration * narrow
-            elif per_weight and not model.late:
+            if pooled is not None and per_weight and not model.late:
                 # The prior weight by weight: each of the offer's weights at the pooled
                 # belief of the same weight, widened by the key's spread, and the
                 # offer's own evidence on it on top (its belief over its own prior,
                 # N(0, 1) but for the bias), counted 1/narrow**2 times as on the sum.
-                priors = weight_priors.get(own)
-                if priors is None:
-                    priors = weight_priors[own] = [
-                        (key, precision, pooled_mean(key, 0.0) * precision)
-                        for key, precision in zip(
-                            (*shared, *own),
-                            [
-                                1.0 / (pooled_var(key, 1.0) + get_spread(key, floor2))
-                                for key in (*shared, *own)
-                            ],
-                            strict=True,
-                        )
-                    ]
-                variance = variances[BIAS]
-                precision = bias_prior + (1.0 / variance - 1.0) * weight
-                total_var = 1.0 / precision
-                total_mean = (bias_base + (bias / variance - model.prior_mean) * weight) * total_var
-                for key, precision, base_sum in priors:
-                    variance = get_var(key, 1.0)
-                    if variance < 1.0:
-                        precision += (1.0 / variance - 1.0) * weight
-                        base_sum += get_mean(key, 0.0) / variance * weight
-                    total_mean += base_sum / precision
-                    total_var += 1.0 / precision
+                # Each weight's combined belief is the same until the offer, the pool or
+                # the spreads change: worked out once, when first needed, and kept.
+                stamp = (version, pooled.version, spreads_made)
+                memo = combined.get(offer_id)
+                if memo is None or memo[0] != stamp:
+                    bias_total_var = 1.0 / (bias_prior + (1.0 / bias_var - 1.0) * weight)
+                    memo = combined[offer_id] = (
+                        stamp,
+                        {},
+                        (bias_base + (bias / bias_var - prior_mean) * weight) * bias_total_var,
+                        bias_total_var,
+                    )
+                _, terms, total_mean, total_var = memo
+                for key in shared:
+                    term = terms.get(key)
+                    if term is None:
+                        term = terms[key] = weight_term(key, get_mean, get_var, weight)
+                    total_mean += term[0]
+                    total_var += term[1]
+                for key in own:
+                    term = terms.get(key)
+                    if term is None:
+                        term = terms[key] = weight_term(key, get_mean, get_var, weight)
+                    total_mean += term[0]
+                    total_var += term[1]
                 spread = sqrt(total_var) * exploration
             else:
+                # Sums over the active weights, the bias first (an unseen feature's
+                # weight is at its prior, N(0, 1)); map and sum run the loop in C. A
+                # candidate has one or two keys of its own: added one by one, in order.
+                total_mean = sum(map(get_mean, shared, _ZEROS), bias)
+                total_var = sum(map(get_var, shared, _ONES), bias_var)
+                for key in own:
+                    total_mean += get_mean(key, 0.0)
+                    total_var += get_var(key, 1.0)
+            if pooled is None:
+                spread = sqrt(total_var) * exploration * narrow
+            elif not per_weight or model.late:
                 # The prior: the pooled belief, widened (once per decision and own keys).
                 base = bases.get(own)
                 if base is None:

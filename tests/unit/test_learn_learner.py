@@ -21,7 +21,7 @@ from rtim.learn.learner import (
     cursor_record,
     summary,
 )
-from rtim.learn.models import POOLED, ModelParams, ModelSet, OfferModel
+from rtim.learn.models import LATE_AFTER, POOLED, ModelParams, ModelSet, OfferModel
 
 FEATURES = ["moment.channel=web", "cart.value~7", "traits.plan=gold", "page=/shoes", "hour~3"]
 #: Training partitions and the offers keyed to them.
@@ -406,17 +406,22 @@ def test_the_pooled_model_learns_every_offers_examples_and_reaches_the_deciders(
 def test_an_offer_first_learned_once_the_pool_has_evidence_is_marked_late() -> None:
     # A worker scores such an offer on the pooled prior over the sum (see OfferModel.late):
     # the mark must come with the offer's snapshots, whichever learner made its model.
+    # An offer first learned when the pool has a few examples is not late: on a worker
+    # every offer's first example reaches its learner after the pool has learned some.
     rng = random.Random(1)
-    pooled = OfferModel(POOLED)
-    pooled.learn(FEATURES[:3], True)
-    board = ModelBoard()
-    board.add(POOLED.encode(), orjson.dumps(OfferState(pooled).snapshot(1)))
-    learner = Learner()
-    learner.assign(1, board)
-    learner.learn(1, 0, example("shoes-10", "d1", rng))
-    (snapshot,) = learner.flush().snapshots
-    assert snapshot["late"] is True
-    fresh = Learner()
-    fresh.assign(1, ModelBoard())
-    fresh.learn(1, 0, example("shoes-10", "d1", rng))
-    assert fresh.flush().snapshots[0]["late"] is False
+
+    def first_learned_after(pool_examples: int) -> bool:
+        pooled = OfferModel(POOLED)
+        for i in range(pool_examples):
+            pooled.learn(FEATURES[:3], i % 5 == 0)
+        board = ModelBoard()
+        board.add(POOLED.encode(), orjson.dumps(OfferState(pooled).snapshot(1)))
+        learner = Learner()
+        learner.assign(1, board)
+        learner.learn(1, 0, example("shoes-10", "d1", rng))
+        (snapshot,) = learner.flush().snapshots
+        return bool(snapshot["late"])
+
+    assert first_learned_after(LATE_AFTER) is True
+    assert first_learned_after(LATE_AFTER - 1) is False
+    assert first_learned_after(0) is False

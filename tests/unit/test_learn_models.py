@@ -284,3 +284,31 @@ def test_a_key_the_offers_disagree_on_may_differ_more_from_the_pool():
     spreads = models.spreads(models.models[POOLED])
     assert spreads["x"] > 4 * 0.3**2
     assert spreads.get("z", 0.3**2) == pytest.approx(0.3**2)
+
+
+def test_the_weights_combined_with_the_pool_follow_the_models_as_they_learn():
+    # Scoring keeps each weight's belief combined with the pool's until the offer, the
+    # pool or the spreads change: a set that has scored all along scores as one rebuilt
+    # from the same models' snapshots, whatever was learned in between.
+    r = random.Random(7)
+
+    def moment() -> list[str]:
+        return [f"g{g}={r.randrange(3)}" for g in range(6)]
+
+    models = ModelSet()
+    moments = [moment() for _ in range(20)]
+    for step in range(6):
+        for _ in range(150):
+            m = moment()
+            converted = r.random() < 0.2
+            models.learn(POOLED, m, converted)
+            models.learn("o", m, converted)
+        if step == 3:
+            models.learn("o", moments[0], True)  # the offer alone moves
+        scored = [models.score(m, [("o", ())], random.Random(1))[0] for m in moments]
+        rebuilt = ModelSet()
+        for model in models.models.values():
+            assert rebuilt.swap(json.loads(json.dumps(model.snapshot())))
+        again = [rebuilt.score(m, [("o", ())], random.Random(1))[0] for m in moments]
+        assert [(s.mean, s.sampled) for s in scored] == [(s.mean, s.sampled) for s in again]
+    assert not models.models["o"].late
