@@ -128,20 +128,13 @@ def round6(x: float) -> float:
     Away from a tie, the nearest multiple of 1e-6 is ``n / 1e6`` for the integer
     ``n`` nearest to ``x * 1e6`` (that product is off by far less than the margin
     kept around ties, and the division rounds as ``round``'s conversion back does);
-    ties, zero and negative values (``-0.0``) and large or non-finite values take
-    ``round``.
+    ties, zero (``-0.0`` too) and large or non-finite values take ``round``; a negative
+    value is rounded as its magnitude, then negated (``round`` is symmetric).
 
     >>> all(round6(x) == round(x, 6) for x in (0.1234565, 1 / 128, 0.5, 2.5e-7, 1e-12))
     True
     """
-    t = x * 1e6
-    if not 0.0 < t < 1e9:
-        return round(x, 6)
-    n = _floor(t)
-    f = t - n
-    if 0.4999 < f < 0.5001:
-        return round(x, 6)
-    return (n + 1 if f > 0.5 else n) / 1e6
+    return _round_by(x, 1e6, 6)
 
 
 def round6_all(values: Iterable[float]) -> list[float]:
@@ -194,15 +187,20 @@ def round4(x: float) -> float:
     >>> all(repr(round4(x)) == repr(round(x, 4)) for x in xs)
     True
     """
+    return _round_by(x, 1e4, 4)
+
+
+def _round_by(x: float, scale: float, digits: int) -> float:
+    """``round(x, digits)`` for ``scale`` = 10 ** digits, by arithmetic away from ties."""
     a = -x if x < 0.0 else x
-    t = a * 1e4
+    t = a * scale
     if not 0.0 < t < 1e9:
-        return round(x, 4)
+        return round(x, digits)
     n = _floor(t)
     f = t - n
     if 0.4999 < f < 0.5001:
-        return round(x, 4)
-    r = (n + 1 if f > 0.5 else n) / 1e4
+        return round(x, digits)
+    r = (n + 1 if f > 0.5 else n) / scale
     return -r if x < 0.0 else r
 
 

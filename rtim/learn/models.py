@@ -550,18 +550,13 @@ class ModelSet:
                         bias_total_var,
                     )
                 _, terms, total_mean, total_var = memo
-                for key in shared:
-                    term = terms.get(key)
-                    if term is None:
-                        term = terms[key] = weight_term(key, get_mean, get_var, weight)
-                    total_mean += term[0]
-                    total_var += term[1]
-                for key in own:
-                    term = terms.get(key)
-                    if term is None:
-                        term = terms[key] = weight_term(key, get_mean, get_var, weight)
-                    total_mean += term[0]
-                    total_var += term[1]
+                for keys in (shared, own):
+                    for key in keys:
+                        term = terms.get(key)
+                        if term is None:
+                            term = terms[key] = weight_term(key, get_mean, get_var, weight)
+                        total_mean += term[0]
+                        total_var += term[1]
                 spread = sqrt(total_var) * exploration
             else:
                 # Sums over the active weights, the bias first (an unseen feature's
