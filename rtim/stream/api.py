@@ -246,18 +246,18 @@ class DecisionApi:
             if not self.owns(self.partition(request.customer_id)):
                 return None
             answer = self.decide_now(request)
+            if answer is None:
+                return None
+            reply, result = self.answer(answer), "decided"
         except InvalidRequest:
             return None  # said by serve_decide (nothing was decided)
         except Exception:
             log.exception("decide request failed")
-            metrics.API_REQUESTS.labels("decide", "error").inc()
-            return json({"error": "internal_error"}, 500)
-        finally:
-            metrics.API_SECONDS.labels("decide").observe(time.perf_counter() - started)
-        if answer is None:
-            return None
-        metrics.API_REQUESTS.labels("decide", "decided").inc()
-        return self.answer(answer)
+            reply, result = json({"error": "internal_error"}, 500), "error"
+        # Counted only when answered here (serve_decide counts the others).
+        metrics.API_REQUESTS.labels("decide", result).inc()
+        metrics.API_SECONDS.labels("decide").observe(time.perf_counter() - started)
+        return reply
 
     async def route(
         self,
@@ -284,7 +284,7 @@ class DecisionApi:
                 result = "unavailable"
                 return self.unavailable(partition)
             result = "forwarded"
-            return await self._forward(method, owner + path_qs, body, partition)
+            return await self._forward(method, owner, path_qs, body, partition)
         except InvalidRequest as exc:
             result = "invalid"
             return json(exc.as_json(), 400)
@@ -296,25 +296,27 @@ class DecisionApi:
             metrics.API_REQUESTS.labels(endpoint, result).inc()
             metrics.API_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
 
-    async def _forward(self, method: str, url: str, body: bytes | None, partition: int) -> Reply:
+    async def _forward(
+        self, method: str, owner: str, path_qs: str, body: bytes | None, partition: int
+    ) -> Reply:
         headers = {FORWARDED: self.url}
         if body is not None:
             headers["Content-Type"] = "application/json"
         try:
             async with self.app.http_client.request(
                 method,
-                url,
+                owner + path_qs,
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S),
             ) as answer:
                 content = await answer.read()
-                out = {ANSWERED_BY: answer.headers.get(ANSWERED_BY, url)}
+                out = {ANSWERED_BY: answer.headers.get(ANSWERED_BY, owner)}
                 if "Retry-After" in answer.headers:
                     out["Retry-After"] = answer.headers["Retry-After"]
                 return Reply(answer.status, content, out, answer.content_type)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("forwarding to %s failed (%r)", url, exc)
+            log.warning("forwarding to %s failed (%r)", owner, exc)
             return self.unavailable(partition)
 
     def unavailable(self, partition: int) -> Reply:
