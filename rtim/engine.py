@@ -611,26 +611,15 @@ class Engine:
         assert decision.offer is not None and decision.window_end_ms is not None
         at_ms = decision.event.timestamp_ms
         if action is None:
-            offer, channel = decision.offer, decision.channel
-            pending = Pending(
-                decision.decision_id,
-                decision.customer_id,
-                offer.id,
-                decision.ranked[0].features,
-                at_ms,
-                decision.window_end_ms,
-            )
+            candidate, channel, end = decision.ranked[0], decision.channel, decision.window_end_ms
+            pending_id = decision.decision_id
         else:
             candidate, channel, end = action
-            offer = candidate.offer
-            pending = Pending(
-                action_id(decision.decision_id, offer.id),
-                decision.customer_id,
-                offer.id,
-                candidate.features,
-                at_ms,
-                end,
-            )
+            pending_id = action_id(decision.decision_id, candidate.offer.id)
+        offer = candidate.offer
+        pending = Pending(
+            pending_id, decision.customer_id, offer.id, candidate.features, at_ms, end
+        )
         record_contact(ctx, self.catalog.policy, at_ms, channel, offer)
         first = next_window_end(ctx)
         result.examples.extend(

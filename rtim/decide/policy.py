@@ -39,7 +39,7 @@ from typing import Any
 
 from rtim.context.model import Context
 from rtim.events import Event
-from rtim.learn.attribution import entry_ids, names
+from rtim.learn.attribution import entry_offer
 from rtim.offers.catalog import Catalog, Offer
 from rtim.offers.policy import (
     MAX_CONTACTS,
@@ -335,17 +335,7 @@ def dismissed_offer(ctx: Context | None, decision_id: str, offer: str | None) ->
     """The offer of a decision's action open or closed lately (the one a dismissal response
     is about: ``offer``, None for the first): a customer who says no after the window ended
     still said no."""
-    if ctx is None:
-        return None
-    ids = entry_ids(decision_id, offer)
-    for pending in ctx["pending"]:
-        if pending[0] in ids and names(pending[1], offer):
-            return str(pending[1])
-    for closed in ctx["closed"]:
-        if closed[0] in ids and names(closed[3], offer):
-            offer_id: str | None = closed[3]  # None: closed before offers were kept
-            return offer_id
-    return None
+    return None if ctx is None else entry_offer(ctx, decision_id, offer)
 
 
 def rejection_kind(reason: str) -> str | None:

@@ -296,15 +296,31 @@ def action_id(decision_id: str, offer_id: str) -> str:
     return f"{decision_id}#{offer_id}"
 
 
-def entry_ids(decision_id: str, offer_id: str | None) -> tuple[str, ...]:
-    """The ids a response's entry may be kept under (with its offer id checked too)."""
-    return (decision_id,) if offer_id is None else (decision_id, action_id(decision_id, offer_id))
+def find_entry(
+    state: dict[str, Any], decision_id: str, offer_id: str | None
+) -> tuple[list[Any], bool] | None:
+    """The open or closed entry a response about ``decision_id`` (and its action
+    ``offer_id``, None for the first) is about, and whether it is open; None if none is.
+    A closed entry from before offers were kept (offer None) answers to any action."""
+    ids = (decision_id,) if offer_id is None else (decision_id, action_id(decision_id, offer_id))
+    for p in state["pending"]:
+        if p[_ID] in ids and (offer_id is None or p[_OFFER] == offer_id):
+            return p, True
+    for c in state["closed"]:
+        if c[0] in ids and (offer_id is None or c[3] is None or c[3] == offer_id):
+            return c, False
+    return None
 
 
-def names(entry_offer: str | None, offer_id: str | None) -> bool:
-    """Whether a response about ``offer_id`` (None: the first action) is about an entry of
-    ``entry_offer`` (None: a closed entry from before offers were kept)."""
-    return offer_id is None or entry_offer is None or entry_offer == offer_id
+def entry_offer(state: dict[str, Any], decision_id: str, offer_id: str | None) -> str | None:
+    """The offer of the entry :func:`find_entry` finds (None: no entry, or a closed one
+    from before offers were kept)."""
+    found = find_entry(state, decision_id, offer_id)
+    if found is None:
+        return None
+    entry, is_open = found
+    offer: str | None = entry[_OFFER] if is_open else entry[3]
+    return offer
 
 
 def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> list[Example]:
@@ -340,29 +356,26 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
     (positive or negative) that closes the decision."""
     if state is None:
         return "unknown", None
-    decision_id = response.decision_id
-    offer_id = response.offer_id
-    ids = entry_ids(decision_id, offer_id)
-    for p in state["pending"]:
-        if p[_ID] in ids and names(p[_OFFER], offer_id):
-            seen = p[_SEEN]
-            if response.outcome in seen:
-                return "duplicate", None
-            p[_SEEN] = [*seen, response.outcome]
-            if response.timestamp_ms > p[_END]:
-                return "late", None
-            if response.outcome == "conversion":
-                return "joined", _close(state, p, True, response.timestamp_ms, "conversion")
-            if response.outcome == "dismissal":
-                return "joined", _close(state, p, False, response.timestamp_ms, "dismissal")
-            return "joined", None
-    for c in state["closed"]:
-        if c[0] in ids and names(c[3], offer_id):
-            if response.outcome in c[2]:
-                return "duplicate", None
-            c[2] = [*c[2], response.outcome]
-            return "late", None
-    return "unknown", None
+    found = find_entry(state, response.decision_id, response.offer_id)
+    if found is None:
+        return "unknown", None
+    entry, is_open = found
+    if not is_open:
+        if response.outcome in entry[2]:
+            return "duplicate", None
+        entry[2] = [*entry[2], response.outcome]
+        return "late", None
+    seen = entry[_SEEN]
+    if response.outcome in seen:
+        return "duplicate", None
+    entry[_SEEN] = [*seen, response.outcome]
+    if response.timestamp_ms > entry[_END]:
+        return "late", None
+    if response.outcome == "conversion":
+        return "joined", _close(state, entry, True, response.timestamp_ms, "conversion")
+    if response.outcome == "dismissal":
+        return "joined", _close(state, entry, False, response.timestamp_ms, "dismissal")
+    return "joined", None
 
 
 def close_due(
