@@ -546,7 +546,7 @@ def decision_cost(records: list[Record], catalog: Catalog, *, runs: int = 3) -> 
     contexts (open decisions) written. Runs alternate, so that a slower spell of a
     shared machine falls on both.
     """
-    from rtim.stream.app import tune_gc  # the worker's garbage collector settings
+    from rtim.stream.heap import tune_gc, untune_gc  # the worker's garbage collector policy
 
     none = parse_catalog({}, "no triggers")
     models = trained_models(run_core(records, catalog)[1])
@@ -561,8 +561,7 @@ def decision_cost(records: list[Record], catalog: Catalog, *, runs: int = 3) -> 
             with_s.append(spent)
             without_s.append(run_core(records, none, models=models)[0])
     finally:
-        gc.unfreeze()
-        gc.set_threshold(*threshold)
+        untune_gc(threshold)
     n = len(decisions)
     per = sorted((w - wo) / max(n, 1) * 1e6 for w, wo in zip(with_s, without_s, strict=True))
     candidates = sum(len(orjson.loads(d.value)["candidates"]) for d in decisions)

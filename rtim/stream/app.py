@@ -16,7 +16,6 @@ the store is written; nothing is acknowledged to Faust.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from rtim.stream.catalog import LiveCatalog
 from rtim.stream.consumer import BatchConsumer, FetchedBatch, Transport
 from rtim.stream.fastpath import RtimWeb
 from rtim.stream.health import BrokerHealth
+from rtim.stream.heap import tune_gc
 from rtim.stream.models import SharedModels, install_view
 from rtim.stream.publish import BatchPublisher, OutRecord
 from rtim.stream.store import ContextStore, ContextTable
@@ -112,29 +112,6 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "autodiscover": False,
         "logging_config": None,
     }
-
-
-#: Allocations between young-generation collections (CPython's default is 700).
-GC_YOUNG_THRESHOLD = 50_000
-
-
-def tune_gc() -> None:
-    """Keep the cyclic garbage collector off the per-event path.
-
-    A batch allocates tens of thousands of dicts (parsed events, contexts), so
-    with CPython's defaults the collector runs every few hundred of them and
-    its full collections walk every object the worker holds, Faust's and
-    river's included: 3 to 5 us per event in ``rtim bench``. Objects alive
-    once the worker is up are frozen (never walked again; what is garbage
-    among them is still freed by reference counting), and young collections
-    run every ``GC_YOUNG_THRESHOLD`` allocations: 0.3 to 0.5 us per event
-    (``rtim_gc_pause_seconds`` shows it live). The contexts themselves hold
-    no reference cycles.
-    """
-    gc.collect()
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def cause_partition(cause: Any) -> int | None:
@@ -206,7 +183,6 @@ class ClickstreamProcessor:
         #: clears it when it starts); batches wait for it.
         self.catalog_loaded = asyncio.Event()
         self.catalog_loaded.set()
-        self._gc_tuned = False
 
     def _partition_of(self, key: bytes) -> int:
         return self.publisher.partition_for(key, self._partitions)
@@ -343,6 +319,9 @@ class ClickstreamProcessor:
         """Partitions may have moved, and recovery may have rewritten the store."""
         engine = self.engine
         engine.invalidate()  # cached contexts are stale
+        # With the cache emptied, a full collection is short; while processing waits for
+        # the rebalance, it costs no request its latency.
+        tune_gc()
         self.store.recount()
         metrics.CONSUMER_LAG.clear()  # partitions may have moved to other workers
         engine.forget_windows()
@@ -378,9 +357,6 @@ class ClickstreamProcessor:
     ) -> bool:
         if not self._current(batch):
             return False  # revoked meanwhile: the records come again from the committed offset
-        if not self._gc_tuned:
-            tune_gc()
-            self._gc_tuned = True
         if batch.generation_id != self._generation:
             self._new_generation(batch.generation_id)
         if run is None:
