@@ -121,6 +121,13 @@ class Worker(faust.Worker):
         super().__init__(*args, **kwargs)
         self.shutdown_timeout = shutdown_timeout
 
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        # No terminal spinner (a worker is a service). Faust keeps one at levels from
+        # WARN up and sets the root logger to DEBUG so that it spins on every record:
+        # each debug call of aiokafka, Faust and mode then built a record (a few per
+        # request to the broker, in both the worker's threads), for nothing.
+        self.spinner = None
+
     def _schedule_shutdown(self, signal: signal.Signals) -> None:
         if not self._signal_stop_time:
             timer = threading.Timer(self.shutdown_timeout, self._give_up)

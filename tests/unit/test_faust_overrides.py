@@ -161,6 +161,11 @@ GUARDED: dict[str, tuple[str, str]] = {
         "BatchConsumer._drain_messages reads _stopped (its own and the fetcher's); the "
         "/health/live view in rtim/stream/app.py reads the app's _crashed",
     ),
+    "faust.worker:Worker.on_setup_root_logger": (
+        "0d468284fb5c8880",
+        "rtim.stream.worker.Worker.on_setup_root_logger replaces it to leave the terminal "
+        "spinner out (and the root logger at the worker's level): check what it sets up",
+    ),
     "mode.worker:Worker._on_sigusr1": (
         "46183ffb2553ce8e",
         "rtim.stream.worker.Worker._on_sigusr1 logs the partitions, then calls it",
