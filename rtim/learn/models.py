@@ -66,6 +66,8 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import numpy as np
+import numpy.typing as npt
 from river.linear_model import AdPredictor
 
 if TYPE_CHECKING:
@@ -344,6 +346,65 @@ class Candidate(NamedTuple):
 
 #: The ranking's sort key (C-level: no Python call per candidate).
 _by_score = attrgetter("score")
+#: The row of :class:`_Combined`'s table that is no feature's: the bias.
+_BIAS_ROW = 0
+
+
+class _Combined:
+    """Per key and offer, the weight's combined belief with the pooled prior (mean and
+    variance), as scoring works them out: one dense table, a row per key and two columns
+    per offer (the mean, then the variance), so that a decision's sums over its shared
+    keys are one gather and one sum for all its candidates rather than a dict look-up
+    per key and candidate, and come back as one list of floats.
+
+    An entry not yet worked out is NaN (its sum is then NaN, which scoring looks for);
+    a column is kept for one (offer version, pooled version, spreads made) and reset when
+    they change (only the entries worked out since, listed in ``filled``).
+    """
+
+    __slots__ = ("cols", "filled", "rows", "stamps", "table")
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.cols: dict[str, int] = {}
+        self.stamps: list[tuple[int, int, int] | None] = []
+        self.filled: list[list[int]] = []
+        self.table: npt.NDArray[np.float64] = np.full((64, 32), np.nan)
+
+    def row(self, key: str) -> int:
+        """The row of a key, added when first met."""
+        row = self.rows.get(key)
+        if row is None:
+            row = self.rows[key] = len(self.rows) + 1
+            if row >= self.table.shape[0]:
+                self._grow(2 * row, self.table.shape[1])
+        return row
+
+    def col(self, offer_id: str) -> int:
+        """The column of an offer, added when first met."""
+        col = self.cols.get(offer_id)
+        if col is None:
+            col = self.cols[offer_id] = len(self.cols)
+            self.stamps.append(None)
+            self.filled.append([])
+            if 2 * col >= self.table.shape[1]:
+                self._grow(self.table.shape[0], 4 * col)
+        return col
+
+    def _grow(self, rows: int, cols: int) -> None:
+        table = np.full((rows, cols), np.nan)
+        old = self.table
+        table[: old.shape[0], : old.shape[1]] = old
+        self.table = table
+
+    def reset(self, col: int, stamp: tuple[int, int, int], bias: tuple[float, float]) -> None:
+        """Start a column again for this stamp, with the bias's combined belief."""
+        filled = self.filled[col]
+        if filled:
+            self.table[filled, 2 * col : 2 * col + 2] = np.nan
+            filled.clear()
+        self.table[_BIAS_ROW, 2 * col : 2 * col + 2] = bias
+        self.stamps[col] = stamp
 
 
 class ModelSet:
@@ -358,10 +419,9 @@ class ModelSet:
         #: How many times the spreads were worked out (the weights' combined beliefs
         #: kept by scoring are for one of them).
         self._spreads_made = 0
-        #: Per offer, its weights' combined beliefs with the pooled prior, as scoring
-        #: works them out: (offer version, pooled version, spreads made), the beliefs per
-        #: key (mean, variance), and the bias's mean and variance.
-        self._combined: dict[str, tuple[tuple[int, int, int], dict[str, Any], float, float]] = {}
+        #: Per offer and key, the weight's combined belief with the pooled prior, as
+        #: scoring works them out.
+        self._combined = _Combined()
 
     def get(self, offer_id: str) -> OfferModel:
         model = self.models.get(offer_id)
@@ -455,6 +515,81 @@ class ModelSet:
         out.sort(key=_by_score, reverse=True)
         return out  # type: ignore[return-value]
 
+    def _gathered(
+        self, pooled: OfferModel, shared: Sequence[str], candidates: list[tuple[str, Sequence[str]]]
+    ) -> tuple[list[Any], list[Any], dict[str, int], list[int], tuple[int, int]]:
+        """What scoring reads of :class:`_Combined`'s table for one decision: the sums of
+        the bias's and the shared keys' combined beliefs, two per offer (mean, variance;
+        added row by row in that order, as a loop adds them, so the same to the last bit),
+        the rows of the candidates' own keys (their index in ``own_at``), the table's rows
+        read (the bias, the shared keys, then the own), and the pooled version and
+        spreads made of the stamp they are good for."""
+        self.spreads(pooled)  # before _spreads_made: may work them out again
+        combined = self._combined
+        known = combined.rows.get
+        rows = [_BIAS_ROW, *[known(key) or combined.row(key) for key in shared]]
+        n_rows = len(rows)
+        own_at: dict[str, int] = {}
+        for _, own in candidates:
+            for key in own:
+                if key not in own_at:
+                    own_at[key] = len(rows) - n_rows
+                    rows.append(known(key) or combined.row(key))
+        taken = combined.table.take(rows, axis=0)
+        sums = np.add.reduce(taken[:n_rows], 0).tolist()
+        owns = taken[n_rows:].tolist()
+        return sums, owns, own_at, rows, (pooled.version, self._spreads_made)
+
+    def _fill(
+        self, pooled: OfferModel, model: OfferModel, keys: list[str], rows: list[int]
+    ) -> tuple[float, float]:
+        """One offer's sum of its weights' combined beliefs (mean, variance), working out
+        those not yet in its column (and starting the column again if its stamp moved);
+        summed as :meth:`_gathered` sums, the bias first (``rows[0]``) and in order.
+
+        Each weight at the pooled belief of the same weight, widened by the key's spread,
+        and the offer's own evidence on it on top (its belief over its own prior, N(0, 1)
+        but for the bias), counted 1/narrow**2 times as on the sum.
+        """
+        floor2 = self.params.pooled_weight_floor**2
+        get_spread = self.spreads(pooled).get
+        pooled_means = pooled.model.means
+        pooled_vars = pooled.model.variances
+        pooled_mean = pooled_means.get
+        pooled_var = pooled_vars.get
+        _, get_mean, get_var, bias, bias_var, _, weight, *_ = model.draw_terms()
+        combined = self._combined
+        col = combined.col(model.offer_id)
+        stamp = (model.version, pooled.version, self._spreads_made)
+        if combined.stamps[col] != stamp:
+            bias_prior = 1.0 / (pooled_vars[BIAS] + get_spread(BIAS, floor2))
+            total_var = 1.0 / (bias_prior + (1.0 / bias_var - 1.0) * weight)
+            mean = pooled_means[BIAS] * bias_prior + (bias / bias_var - model.prior_mean) * weight
+            combined.reset(col, stamp, (mean * total_var, total_var))
+        table = combined.table
+        entries = table[rows, 2 * col : 2 * col + 2].tolist()
+        missing = []
+        for n in range(1, len(rows)):
+            if entries[n][0] != entries[n][0]:  # NaN: not worked out yet
+                key = keys[n - 1]
+                precision = 1.0 / (pooled_var(key, 1.0) + get_spread(key, floor2))
+                base_sum = pooled_mean(key, 0.0) * precision
+                variance = get_var(key, 1.0)
+                if variance < 1.0:
+                    precision += (1.0 / variance - 1.0) * weight
+                    base_sum += get_mean(key, 0.0) / variance * weight
+                entries[n] = [base_sum / precision, 1.0 / precision]
+                missing.append(n)
+        if missing:
+            picked = [rows[n] for n in missing]
+            table[picked, 2 * col : 2 * col + 2] = [entries[n] for n in missing]
+            combined.filled[col].extend(picked)
+        total_mean, total_var = entries[0]
+        for mean, variance in entries[1:]:
+            total_mean += mean
+            total_var += variance
+        return total_mean, total_var
+
     def _sample(
         self,
         shared: Sequence[str],
@@ -479,37 +614,26 @@ class ModelSet:
         models = self.models
         n_shared = len(shared)
         pooled = models.get(POOLED) if self.params.pooled_spread > 0 else None
+        per_weight = False
         if pooled is not None:
             pooled_means = pooled.model.means
             pooled_vars = pooled.model.variances
             pooled_mean = pooled_means.get
             pooled_var = pooled_vars.get
-            # The pooled sums over the shared keys, once per decision.
-            shared_mean = sum(map(pooled_mean, shared, _ZEROS), pooled_means[BIAS])
-            shared_var = sum(map(pooled_var, shared, _ONES), pooled_vars[BIAS])
+            # The pooled sums over the shared keys, once per decision (when an offer
+            # takes the prior on the sum).
+            shared_sums: tuple[float, float] | None = None
             spread2 = self.params.pooled_spread**2
-            floor2 = self.params.pooled_weight_floor**2
-            per_weight = floor2 > 0.0
+            per_weight = self.params.pooled_weight_floor > 0.0
             if per_weight:
-                get_spread = self.spreads(pooled).get
-                spreads_made = self._spreads_made
-                combined = self._combined
-                bias_prior = 1.0 / (pooled_vars[BIAS] + get_spread(BIAS, floor2))
-                bias_base = pooled_means[BIAS] * bias_prior
-
-                def weight_term(
-                    key: str, get_mean: Any, get_var: Any, weight: float
-                ) -> tuple[float, float]:
-                    """One weight's combined belief: the pool's, widened by the key's
-                    spread, with the offer's own evidence on top (mean, variance)."""
-                    precision = 1.0 / (pooled_var(key, 1.0) + get_spread(key, floor2))
-                    base_sum = pooled_mean(key, 0.0) * precision
-                    variance = get_var(key, 1.0)
-                    if variance < 1.0:
-                        precision += (1.0 / variance - 1.0) * weight
-                        base_sum += get_mean(key, 0.0) / variance * weight
-                    return base_sum / precision, 1.0 / precision
-
+                candidates = list(candidates)
+                sums, own_sums, own_at, rows, (pooled_version, spreads_made) = self._gathered(
+                    pooled, shared, candidates
+                )
+                cols = self._combined.cols
+                stamps = self._combined.stamps
+                n_rows = n_shared + 1
+                pool = pooled
             bases: dict[Any, tuple[float, float, float]] = {}  # by own keys (a tuple)
         for offer_id, own in candidates:
             i += 1
@@ -532,31 +656,27 @@ class ModelSet:
                 beta2,
                 prior_mean,
             ) = draw
-            if pooled is not None and per_weight and not model.late:
-                # The prior weight by weight: each of the offer's weights at the pooled
-                # belief of the same weight, widened by the key's spread, and the
-                # offer's own evidence on it on top (its belief over its own prior,
-                # N(0, 1) but for the bias), counted 1/narrow**2 times as on the sum.
-                # Each weight's combined belief is the same until the offer, the pool or
-                # the spreads change: worked out once, when first needed, and kept.
-                stamp = (version, pooled.version, spreads_made)
-                memo = combined.get(offer_id)
-                if memo is None or memo[0] != stamp:
-                    bias_total_var = 1.0 / (bias_prior + (1.0 / bias_var - 1.0) * weight)
-                    memo = combined[offer_id] = (
-                        stamp,
-                        {},
-                        (bias_base + (bias / bias_var - prior_mean) * weight) * bias_total_var,
-                        bias_total_var,
+            if per_weight and not model.late:
+                # The prior weight by weight (see _fill), from the table's sums where the
+                # offer's column is good for the models as they are and has every weight.
+                col = cols.get(offer_id)
+                if col is not None and stamps[col] == (version, pooled_version, spreads_made):
+                    col *= 2
+                    total_mean = sums[col]
+                    total_var = sums[col + 1]
+                    for key in own:
+                        row = own_sums[own_at[key]]
+                        total_mean += row[col]
+                        total_var += row[col + 1]
+                else:
+                    total_mean = math.nan
+                if total_mean != total_mean:
+                    total_mean, total_var = self._fill(
+                        pool,
+                        model,
+                        [*shared, *own],
+                        [*rows[:n_rows], *[rows[n_rows + own_at[key]] for key in own]],
                     )
-                _, terms, total_mean, total_var = memo
-                for keys in (shared, own):
-                    for key in keys:
-                        term = terms.get(key)
-                        if term is None:
-                            term = terms[key] = weight_term(key, get_mean, get_var, weight)
-                        total_mean += term[0]
-                        total_var += term[1]
                 spread = sqrt(total_var) * exploration
             else:
                 # Sums over the active weights, the bias first (an unseen feature's
@@ -573,6 +693,12 @@ class ModelSet:
                 # The prior: the pooled belief, widened (once per decision and own keys).
                 base = bases.get(own)
                 if base is None:
+                    if shared_sums is None:
+                        shared_sums = (
+                            sum(map(pooled_mean, shared, _ZEROS), pooled_means[BIAS]),
+                            sum(map(pooled_var, shared, _ONES), pooled_vars[BIAS]),
+                        )
+                    shared_mean, shared_var = shared_sums
                     base_var = sum(map(pooled_var, own, _ONES), shared_var) + spread2
                     base = bases[own] = (
                         sum(map(pooled_mean, own, _ZEROS), shared_mean) / base_var,
