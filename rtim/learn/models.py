@@ -348,27 +348,38 @@ class Candidate(NamedTuple):
 _by_score = attrgetter("score")
 #: The row of :class:`_Combined`'s table that is no feature's: the bias.
 _BIAS_ROW = 0
+#: An offer's combined beliefs go into the table once they have served this many
+#: decisions with the models unchanged (writing its column costs about as much as
+#: scoring it from the memo a few times; in ``rtim evaluate`` the models learn between
+#: most decisions).
+_TABLE_AFTER = 4
 
 
 class _Combined:
-    """Per key and offer, the weight's combined belief with the pooled prior (mean and
-    variance), as scoring works them out: one dense table, a row per key and two columns
-    per offer (the mean, then the variance), so that a decision's sums over its shared
-    keys are one gather and one sum for all its candidates rather than a dict look-up
-    per key and candidate, and come back as one list of floats.
+    """Per offer, its weights' combined beliefs with the pooled prior (mean and variance),
+    as scoring works them out, kept until the offer, the pool or the spreads change.
 
-    An entry not yet worked out is NaN (its sum is then NaN, which scoring looks for);
-    a column is kept for one (offer version, pooled version, spreads made) and reset when
-    they change (only the entries worked out since, listed in ``filled``).
+    Each offer's are kept in a dict by key (``memos``: the stamp, the dict, the bias's
+    belief) and, once the same stamp has served :data:`_TABLE_AFTER` decisions, also in one
+    dense table
+    (a row per key, two columns per offer, the mean then the variance), so that a
+    decision's sums over its shared keys are one gather and one row-by-row sum for all
+    its candidates rather than a dict look-up per key and candidate. Where the models
+    learn between every two decisions (``rtim evaluate``), the table is never written.
+    An entry of the table not worked out is NaN (its sum is then NaN).
     """
 
-    __slots__ = ("cols", "filled", "rows", "stamps", "table")
+    __slots__ = ("cols", "memos", "rows", "stamps", "table", "uses")
 
     def __init__(self) -> None:
         self.rows: dict[str, int] = {}
         self.cols: dict[str, int] = {}
+        #: Per column, the stamp (offer version, pooled version, spreads made) of the
+        #: table's entries, None until written.
         self.stamps: list[tuple[int, int, int] | None] = []
-        self.filled: list[list[int]] = []
+        self.memos: list[tuple[tuple[int, int, int], dict[str, Any], float, float] | None] = []
+        #: Per column, how many decisions its memo has served.
+        self.uses: list[int] = []
         self.table: npt.NDArray[np.float64] = np.full((64, 32), np.nan)
 
     def row(self, key: str) -> int:
@@ -386,7 +397,8 @@ class _Combined:
         if col is None:
             col = self.cols[offer_id] = len(self.cols)
             self.stamps.append(None)
-            self.filled.append([])
+            self.memos.append(None)
+            self.uses.append(0)
             if 2 * col >= self.table.shape[1]:
                 self._grow(self.table.shape[0], 4 * col)
         return col
@@ -397,14 +409,22 @@ class _Combined:
         table[: old.shape[0], : old.shape[1]] = old
         self.table = table
 
-    def reset(self, col: int, stamp: tuple[int, int, int], bias: tuple[float, float]) -> None:
-        """Start a column again for this stamp, with the bias's combined belief."""
-        filled = self.filled[col]
-        if filled:
-            self.table[filled, 2 * col : 2 * col + 2] = np.nan
-            filled.clear()
-        self.table[_BIAS_ROW, 2 * col : 2 * col + 2] = bias
-        self.stamps[col] = stamp
+    def write(self, col: int, keys: Iterable[str]) -> None:
+        """Put these keys' beliefs of the column's memo into the table; all of them, the
+        bias's too, when the table's column is for another stamp."""
+        memo = self.memos[col]
+        assert memo is not None
+        stamp, terms, bias_mean, bias_var = memo
+        at = slice(2 * col, 2 * col + 2)
+        if self.stamps[col] != stamp:
+            self.table[:, at] = np.nan
+            self.table[_BIAS_ROW, at] = (bias_mean, bias_var)
+            self.stamps[col] = stamp
+            keys = terms
+        rows = self.rows
+        picked = [rows[key] for key in keys]
+        if picked:
+            self.table[picked, at] = [terms[key] for key in keys]
 
 
 class ModelSet:
@@ -517,13 +537,12 @@ class ModelSet:
 
     def _gathered(
         self, pooled: OfferModel, shared: Sequence[str], candidates: list[tuple[str, Sequence[str]]]
-    ) -> tuple[list[Any], list[Any], dict[str, int], list[int], tuple[int, int]]:
+    ) -> tuple[list[Any], list[Any], dict[str, int], tuple[int, int]]:
         """What scoring reads of :class:`_Combined`'s table for one decision: the sums of
         the bias's and the shared keys' combined beliefs, two per offer (mean, variance;
         added row by row in that order, as a loop adds them, so the same to the last bit),
-        the rows of the candidates' own keys (their index in ``own_at``), the table's rows
-        read (the bias, the shared keys, then the own), and the pooled version and
-        spreads made of the stamp they are good for."""
+        the rows of the candidates' own keys (their index in ``own_at``), and the pooled
+        version and spreads made of the stamp they are good for."""
         self.spreads(pooled)  # before _spreads_made: may work them out again
         combined = self._combined
         known = combined.rows.get
@@ -538,14 +557,21 @@ class ModelSet:
         taken = combined.table.take(rows, axis=0)
         sums = np.add.reduce(taken[:n_rows], 0).tolist()
         owns = taken[n_rows:].tolist()
-        return sums, owns, own_at, rows, (pooled.version, self._spreads_made)
+        return sums, owns, own_at, (pooled.version, self._spreads_made)
 
-    def _fill(
-        self, pooled: OfferModel, model: OfferModel, keys: list[str], rows: list[int]
+    def _weights(
+        self,
+        pooled: OfferModel,
+        model: OfferModel,
+        stamp: tuple[int, int, int],
+        shared: Sequence[str],
+        own: Sequence[str],
     ) -> tuple[float, float]:
-        """One offer's sum of its weights' combined beliefs (mean, variance), working out
-        those not yet in its column (and starting the column again if its stamp moved);
-        summed as :meth:`_gathered` sums, the bias first (``rows[0]``) and in order.
+        """One offer's sum of its weights' combined beliefs (mean, variance) from its memo,
+        working out those not there yet; summed in the table's order (the bias, the
+        shared keys, the own). What it works out goes to the table if the table holds the
+        column for this stamp, and the whole memo once it has served :data:`_TABLE_AFTER`
+        decisions.
 
         Each weight at the pooled belief of the same weight, widened by the key's spread,
         and the offer's own evidence on it on top (its belief over its own prior, N(0, 1)
@@ -560,34 +586,36 @@ class ModelSet:
         _, get_mean, get_var, bias, bias_var, _, weight, *_ = model.draw_terms()
         combined = self._combined
         col = combined.col(model.offer_id)
-        stamp = (model.version, pooled.version, self._spreads_made)
-        if combined.stamps[col] != stamp:
+        memo = combined.memos[col]
+        if memo is not None and memo[0] == stamp:
+            combined.uses[col] += 1
+        else:
+            combined.uses[col] = 1
             bias_prior = 1.0 / (pooled_vars[BIAS] + get_spread(BIAS, floor2))
             total_var = 1.0 / (bias_prior + (1.0 / bias_var - 1.0) * weight)
             mean = pooled_means[BIAS] * bias_prior + (bias / bias_var - model.prior_mean) * weight
-            combined.reset(col, stamp, (mean * total_var, total_var))
-        table = combined.table
-        entries = table[rows, 2 * col : 2 * col + 2].tolist()
-        missing = []
-        for n in range(1, len(rows)):
-            if entries[n][0] != entries[n][0]:  # NaN: not worked out yet
-                key = keys[n - 1]
-                precision = 1.0 / (pooled_var(key, 1.0) + get_spread(key, floor2))
-                base_sum = pooled_mean(key, 0.0) * precision
-                variance = get_var(key, 1.0)
-                if variance < 1.0:
-                    precision += (1.0 / variance - 1.0) * weight
-                    base_sum += get_mean(key, 0.0) / variance * weight
-                entries[n] = [base_sum / precision, 1.0 / precision]
-                missing.append(n)
-        if missing:
-            picked = [rows[n] for n in missing]
-            table[picked, 2 * col : 2 * col + 2] = [entries[n] for n in missing]
-            combined.filled[col].extend(picked)
-        total_mean, total_var = entries[0]
-        for mean, variance in entries[1:]:
-            total_mean += mean
-            total_var += variance
+            memo = combined.memos[col] = (stamp, {}, mean * total_var, total_var)
+        _, terms, total_mean, total_var = memo
+        new = []
+        for keys in (shared, own):
+            for key in keys:
+                term = terms.get(key)
+                if term is None:
+                    precision = 1.0 / (pooled_var(key, 1.0) + get_spread(key, floor2))
+                    base_sum = pooled_mean(key, 0.0) * precision
+                    variance = get_var(key, 1.0)
+                    if variance < 1.0:
+                        precision += (1.0 / variance - 1.0) * weight
+                        base_sum += get_mean(key, 0.0) / variance * weight
+                    term = terms[key] = (base_sum / precision, 1.0 / precision)
+                    new.append(key)
+                total_mean += term[0]
+                total_var += term[1]
+        if combined.stamps[col] == stamp:
+            if new:
+                combined.write(col, new)
+        elif combined.uses[col] >= _TABLE_AFTER:
+            combined.write(col, terms)
         return total_mean, total_var
 
     def _sample(
@@ -627,12 +655,11 @@ class ModelSet:
             per_weight = self.params.pooled_weight_floor > 0.0
             if per_weight:
                 candidates = list(candidates)
-                sums, own_sums, own_at, rows, (pooled_version, spreads_made) = self._gathered(
+                sums, own_sums, own_at, (pooled_version, spreads_made) = self._gathered(
                     pooled, shared, candidates
                 )
                 cols = self._combined.cols
                 stamps = self._combined.stamps
-                n_rows = n_shared + 1
                 pool = pooled
             bases: dict[Any, tuple[float, float, float]] = {}  # by own keys (a tuple)
         for offer_id, own in candidates:
@@ -657,10 +684,11 @@ class ModelSet:
                 prior_mean,
             ) = draw
             if per_weight and not model.late:
-                # The prior weight by weight (see _fill), from the table's sums where the
-                # offer's column is good for the models as they are and has every weight.
+                # The prior weight by weight (see _weights), from the table's sums where
+                # its column is for the models as they are and has every weight.
                 col = cols.get(offer_id)
-                if col is not None and stamps[col] == (version, pooled_version, spreads_made):
+                stamp = (version, pooled_version, spreads_made)
+                if col is not None and stamps[col] == stamp:
                     col *= 2
                     total_mean = sums[col]
                     total_var = sums[col + 1]
@@ -671,12 +699,7 @@ class ModelSet:
                 else:
                     total_mean = math.nan
                 if total_mean != total_mean:
-                    total_mean, total_var = self._fill(
-                        pool,
-                        model,
-                        [*shared, *own],
-                        [*rows[:n_rows], *[rows[n_rows + own_at[key]] for key in own]],
-                    )
+                    total_mean, total_var = self._weights(pool, model, stamp, shared, own)
                 spread = sqrt(total_var) * exploration
             else:
                 # Sums over the active weights, the bias first (an unseen feature's
