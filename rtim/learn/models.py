@@ -63,11 +63,10 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-import numpy.typing as npt
 from river.linear_model import AdPredictor
 
 if TYPE_CHECKING:
@@ -346,85 +345,25 @@ class Candidate(NamedTuple):
 
 #: The ranking's sort key (C-level: no Python call per candidate).
 _by_score = attrgetter("score")
-#: The row of :class:`_Combined`'s table that is no feature's: the bias.
-_BIAS_ROW = 0
-#: An offer's combined beliefs go into the table once they have served this many
-#: decisions with the models unchanged (writing its column costs about as much as
-#: scoring it from the memo a few times; in ``rtim evaluate`` the models learn between
-#: most decisions).
-_TABLE_AFTER = 4
 
 
-class _Combined:
-    """Per offer, its weights' combined beliefs with the pooled prior (mean and variance),
-    as scoring works them out, kept until the offer, the pool or the spreads change.
+class _Means(dict[str, float]):
+    """One offer's weights' combined means by key, each worked out when first looked up
+    (by ``work``: mean and variance), its variance kept in ``variances`` at the same time:
+    scoring sums a candidate's weights with ``map`` and ``sum`` (the loop in C), looking
+    up the means first."""
 
-    Each offer's are kept in a dict by key (``memos``: the stamp, the dict, the bias's
-    belief) and, once the same stamp has served :data:`_TABLE_AFTER` decisions, also in one
-    dense table
-    (a row per key, two columns per offer, the mean then the variance), so that a
-    decision's sums over its shared keys are one gather and one row-by-row sum for all
-    its candidates rather than a dict look-up per key and candidate. Where the models
-    learn between every two decisions (``rtim evaluate``), the table is never written.
-    An entry of the table not worked out is NaN (its sum is then NaN).
-    """
+    __slots__ = ("variances", "work")
 
-    __slots__ = ("cols", "memos", "rows", "stamps", "table", "uses")
+    def __init__(self, work: Callable[[str], tuple[float, float]]) -> None:
+        super().__init__()
+        self.work = work
+        self.variances: dict[str, float] = {}
 
-    def __init__(self) -> None:
-        self.rows: dict[str, int] = {}
-        self.cols: dict[str, int] = {}
-        #: Per column, the stamp (offer version, pooled version, spreads made) of the
-        #: table's entries, None until written.
-        self.stamps: list[tuple[int, int, int] | None] = []
-        self.memos: list[tuple[tuple[int, int, int], dict[str, Any], float, float] | None] = []
-        #: Per column, how many decisions its memo has served.
-        self.uses: list[int] = []
-        self.table: npt.NDArray[np.float64] = np.full((64, 32), np.nan)
-
-    def row(self, key: str) -> int:
-        """The row of a key, added when first met."""
-        row = self.rows.get(key)
-        if row is None:
-            row = self.rows[key] = len(self.rows) + 1
-            if row >= self.table.shape[0]:
-                self._grow(2 * row, self.table.shape[1])
-        return row
-
-    def col(self, offer_id: str) -> int:
-        """The column of an offer, added when first met."""
-        col = self.cols.get(offer_id)
-        if col is None:
-            col = self.cols[offer_id] = len(self.cols)
-            self.stamps.append(None)
-            self.memos.append(None)
-            self.uses.append(0)
-            if 2 * col >= self.table.shape[1]:
-                self._grow(self.table.shape[0], 4 * col)
-        return col
-
-    def _grow(self, rows: int, cols: int) -> None:
-        table = np.full((rows, cols), np.nan)
-        old = self.table
-        table[: old.shape[0], : old.shape[1]] = old
-        self.table = table
-
-    def write(self, col: int, keys: Iterable[str]) -> None:
-        """Put these keys' beliefs of the column's memo into the table; all of them, the
-        bias's too, when the table's column is for another stamp."""
-        memo = self.memos[col]
-        assert memo is not None
-        stamp, terms, bias_mean, bias_var = memo
-        at = slice(2 * col, 2 * col + 2)
-        if self.stamps[col] != stamp:
-            self.table[:, at] = np.nan
-            self.table[_BIAS_ROW, at] = (bias_mean, bias_var)
-            self.stamps[col] = stamp
-            keys = terms
-        rows = self.rows
-        picked = [rows[key] for key in keys]
-        if picked:
-            self.table[picked, at] = [terms[key] for key in keys]
+    def __missing__(self, key: str) -> float:
+        mean, self.variances[key] = self.work(key)
+        self[key] = mean
+        return mean
 
 
 class ModelSet:
@@ -439,9 +378,11 @@ class ModelSet:
         #: How many times the spreads were worked out (the weights' combined beliefs
         #: kept by scoring are for one of them).
         self._spreads_made = 0
-        #: Per offer and key, the weight's combined belief with the pooled prior, as
-        #: scoring works them out.
-        self._combined = _Combined()
+        #: Per offer, its weights' combined beliefs with the pooled prior, as scoring
+        #: works them out: (offer version, pooled version, spreads made), the look-ups of
+        #: the means and the variances by key (:class:`_Means`), and the bias's mean and
+        #: variance.
+        self._combined: dict[str, tuple[tuple[int, int, int], Any, Any, float, float]] = {}
 
     def get(self, offer_id: str) -> OfferModel:
         model = self.models.get(offer_id)
@@ -535,89 +476,6 @@ class ModelSet:
         out.sort(key=_by_score, reverse=True)
         return out  # type: ignore[return-value]
 
-    def _gathered(
-        self, pooled: OfferModel, shared: Sequence[str], candidates: list[tuple[str, Sequence[str]]]
-    ) -> tuple[list[Any], list[Any], dict[str, int], tuple[int, int]]:
-        """What scoring reads of :class:`_Combined`'s table for one decision: the sums of
-        the bias's and the shared keys' combined beliefs, two per offer (mean, variance;
-        added row by row in that order, as a loop adds them, so the same to the last bit),
-        the rows of the candidates' own keys (their index in ``own_at``), and the pooled
-        version and spreads made of the stamp they are good for."""
-        self.spreads(pooled)  # before _spreads_made: may work them out again
-        combined = self._combined
-        known = combined.rows.get
-        rows = [_BIAS_ROW, *[known(key) or combined.row(key) for key in shared]]
-        n_rows = len(rows)
-        own_at: dict[str, int] = {}
-        for _, own in candidates:
-            for key in own:
-                if key not in own_at:
-                    own_at[key] = len(rows) - n_rows
-                    rows.append(known(key) or combined.row(key))
-        taken = combined.table.take(rows, axis=0)
-        sums = np.add.reduce(taken[:n_rows], 0).tolist()
-        owns = taken[n_rows:].tolist()
-        return sums, owns, own_at, (pooled.version, self._spreads_made)
-
-    def _weights(
-        self,
-        pooled: OfferModel,
-        model: OfferModel,
-        stamp: tuple[int, int, int],
-        shared: Sequence[str],
-        own: Sequence[str],
-    ) -> tuple[float, float]:
-        """One offer's sum of its weights' combined beliefs (mean, variance) from its memo,
-        working out those not there yet; summed in the table's order (the bias, the
-        shared keys, the own). What it works out goes to the table if the table holds the
-        column for this stamp, and the whole memo once it has served :data:`_TABLE_AFTER`
-        decisions.
-
-        Each weight at the pooled belief of the same weight, widened by the key's spread,
-        and the offer's own evidence on it on top (its belief over its own prior, N(0, 1)
-        but for the bias), counted 1/narrow**2 times as on the sum.
-        """
-        floor2 = self.params.pooled_weight_floor**2
-        get_spread = self.spreads(pooled).get
-        pooled_means = pooled.model.means
-        pooled_vars = pooled.model.variances
-        pooled_mean = pooled_means.get
-        pooled_var = pooled_vars.get
-        _, get_mean, get_var, bias, bias_var, _, weight, *_ = model.draw_terms()
-        combined = self._combined
-        col = combined.col(model.offer_id)
-        memo = combined.memos[col]
-        if memo is not None and memo[0] == stamp:
-            combined.uses[col] += 1
-        else:
-            combined.uses[col] = 1
-            bias_prior = 1.0 / (pooled_vars[BIAS] + get_spread(BIAS, floor2))
-            total_var = 1.0 / (bias_prior + (1.0 / bias_var - 1.0) * weight)
-            mean = pooled_means[BIAS] * bias_prior + (bias / bias_var - model.prior_mean) * weight
-            memo = combined.memos[col] = (stamp, {}, mean * total_var, total_var)
-        _, terms, total_mean, total_var = memo
-        new = []
-        for keys in (shared, own):
-            for key in keys:
-                term = terms.get(key)
-                if term is None:
-                    precision = 1.0 / (pooled_var(key, 1.0) + get_spread(key, floor2))
-                    base_sum = pooled_mean(key, 0.0) * precision
-                    variance = get_var(key, 1.0)
-                    if variance < 1.0:
-                        precision += (1.0 / variance - 1.0) * weight
-                        base_sum += get_mean(key, 0.0) / variance * weight
-                    term = terms[key] = (base_sum / precision, 1.0 / precision)
-                    new.append(key)
-                total_mean += term[0]
-                total_var += term[1]
-        if combined.stamps[col] == stamp:
-            if new:
-                combined.write(col, new)
-        elif combined.uses[col] >= _TABLE_AFTER:
-            combined.write(col, terms)
-        return total_mean, total_var
-
     def _sample(
         self,
         shared: Sequence[str],
@@ -642,7 +500,6 @@ class ModelSet:
         models = self.models
         n_shared = len(shared)
         pooled = models.get(POOLED) if self.params.pooled_spread > 0 else None
-        per_weight = False
         if pooled is not None:
             pooled_means = pooled.model.means
             pooled_vars = pooled.model.variances
@@ -652,15 +509,28 @@ class ModelSet:
             # takes the prior on the sum).
             shared_sums: tuple[float, float] | None = None
             spread2 = self.params.pooled_spread**2
-            per_weight = self.params.pooled_weight_floor > 0.0
+            floor2 = self.params.pooled_weight_floor**2
+            per_weight = floor2 > 0.0
             if per_weight:
-                candidates = list(candidates)
-                sums, own_sums, own_at, (pooled_version, spreads_made) = self._gathered(
-                    pooled, shared, candidates
-                )
-                cols = self._combined.cols
-                stamps = self._combined.stamps
-                pool = pooled
+                get_spread = self.spreads(pooled).get
+                spreads_made = self._spreads_made
+                combined = self._combined
+                bias_prior = 1.0 / (pooled_vars[BIAS] + get_spread(BIAS, floor2))
+                bias_base = pooled_means[BIAS] * bias_prior
+
+                def weight_term(
+                    get_mean: Any, get_var: Any, weight: float, key: str
+                ) -> tuple[float, float]:
+                    """One weight's combined belief: the pool's, widened by the key's
+                    spread, with the offer's own evidence on top (mean, variance)."""
+                    precision = 1.0 / (pooled_var(key, 1.0) + get_spread(key, floor2))
+                    base_sum = pooled_mean(key, 0.0) * precision
+                    variance = get_var(key, 1.0)
+                    if variance < 1.0:
+                        precision += (1.0 / variance - 1.0) * weight
+                        base_sum += get_mean(key, 0.0) / variance * weight
+                    return base_sum / precision, 1.0 / precision
+
             bases: dict[Any, tuple[float, float, float]] = {}  # by own keys (a tuple)
         for offer_id, own in candidates:
             i += 1
@@ -683,23 +553,34 @@ class ModelSet:
                 beta2,
                 prior_mean,
             ) = draw
-            if per_weight and not model.late:
-                # The prior weight by weight (see _weights), from the table's sums where
-                # its column is for the models as they are and has every weight.
-                col = cols.get(offer_id)
-                stamp = (version, pooled_version, spreads_made)
-                if col is not None and stamps[col] == stamp:
-                    col *= 2
-                    total_mean = sums[col]
-                    total_var = sums[col + 1]
-                    for key in own:
-                        row = own_sums[own_at[key]]
-                        total_mean += row[col]
-                        total_var += row[col + 1]
-                else:
-                    total_mean = math.nan
-                if total_mean != total_mean:
-                    total_mean, total_var = self._weights(pool, model, stamp, shared, own)
+            if pooled is not None and per_weight and not model.late:
+                # The prior weight by weight: each of the offer's weights at the pooled
+                # belief of the same weight, widened by the key's spread, and the
+                # offer's own evidence on it on top (its belief over its own prior,
+                # N(0, 1) but for the bias), counted 1/narrow**2 times as on the sum.
+                # Each weight's combined belief is the same until the offer, the pool or
+                # the spreads change: worked out once, when first needed, and kept.
+                stamp = (version, pooled.version, spreads_made)
+                memo = combined.get(offer_id)
+                if memo is None or memo[0] != stamp:
+                    bias_total_var = 1.0 / (bias_prior + (1.0 / bias_var - 1.0) * weight)
+                    # The closure is this decision's, but the stamp pins what it reads.
+                    means = _Means(partial(weight_term, get_mean, get_var, weight))
+                    memo = combined[offer_id] = (
+                        stamp,
+                        means.__getitem__,
+                        means.variances.__getitem__,
+                        (bias_base + (bias / bias_var - prior_mean) * weight) * bias_total_var,
+                        bias_total_var,
+                    )
+                # The bias, the shared keys, then the offer's own, added in order (on
+                # Python 3.11 sum adds floats one by one as a loop does).
+                _, mean_of, var_of, total_mean, total_var = memo
+                total_mean = sum(map(mean_of, shared), total_mean)
+                total_var = sum(map(var_of, shared), total_var)
+                for key in own:
+                    total_mean += mean_of(key)
+                    total_var += var_of(key)
                 spread = sqrt(total_var) * exploration
             else:
                 # Sums over the active weights, the bias first (an unseen feature's
