@@ -63,6 +63,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -346,6 +347,25 @@ class Candidate(NamedTuple):
 _by_score = attrgetter("score")
 
 
+class _Means(dict[str, float]):
+    """One offer's weights' combined means by key, each worked out when first looked up
+    (by ``work``: mean and variance), its variance kept in ``variances`` at the same time:
+    scoring sums a candidate's weights with ``map`` and ``sum`` (the loop in C), looking
+    up the means first."""
+
+    __slots__ = ("variances", "work")
+
+    def __init__(self, work: Callable[[str], tuple[float, float]]) -> None:
+        super().__init__()
+        self.work = work
+        self.variances: dict[str, float] = {}
+
+    def __missing__(self, key: str) -> float:
+        mean, self.variances[key] = self.work(key)
+        self[key] = mean
+        return mean
+
+
 class ModelSet:
     """The models of every offer, created on first use."""
 
@@ -359,9 +379,10 @@ class ModelSet:
         #: kept by scoring are for one of them).
         self._spreads_made = 0
         #: Per offer, its weights' combined beliefs with the pooled prior, as scoring
-        #: works them out: (offer version, pooled version, spreads made), the beliefs per
-        #: key (mean, variance), and the bias's mean and variance.
-        self._combined: dict[str, tuple[tuple[int, int, int], dict[str, Any], float, float]] = {}
+        #: works them out: (offer version, pooled version, spreads made), the look-ups of
+        #: the means and the variances by key (:class:`_Means`), and the bias's mean and
+        #: variance.
+        self._combined: dict[str, tuple[tuple[int, int, int], Any, Any, float, float]] = {}
 
     def get(self, offer_id: str) -> OfferModel:
         model = self.models.get(offer_id)
@@ -484,9 +505,9 @@ class ModelSet:
             pooled_vars = pooled.model.variances
             pooled_mean = pooled_means.get
             pooled_var = pooled_vars.get
-            # The pooled sums over the shared keys, once per decision.
-            shared_mean = sum(map(pooled_mean, shared, _ZEROS), pooled_means[BIAS])
-            shared_var = sum(map(pooled_var, shared, _ONES), pooled_vars[BIAS])
+            # The pooled sums over the shared keys, once per decision (when an offer
+            # takes the prior on the sum).
+            shared_sums: tuple[float, float] | None = None
             spread2 = self.params.pooled_spread**2
             floor2 = self.params.pooled_weight_floor**2
             per_weight = floor2 > 0.0
@@ -498,7 +519,7 @@ class ModelSet:
                 bias_base = pooled_means[BIAS] * bias_prior
 
                 def weight_term(
-                    key: str, get_mean: Any, get_var: Any, weight: float
+                    get_mean: Any, get_var: Any, weight: float, key: str
                 ) -> tuple[float, float]:
                     """One weight's combined belief: the pool's, widened by the key's
                     spread, with the offer's own evidence on top (mean, variance)."""
@@ -543,20 +564,23 @@ class ModelSet:
                 memo = combined.get(offer_id)
                 if memo is None or memo[0] != stamp:
                     bias_total_var = 1.0 / (bias_prior + (1.0 / bias_var - 1.0) * weight)
+                    # The closure is this decision's, but the stamp pins what it reads.
+                    means = _Means(partial(weight_term, get_mean, get_var, weight))
                     memo = combined[offer_id] = (
                         stamp,
-                        {},
+                        means.__getitem__,
+                        means.variances.__getitem__,
                         (bias_base + (bias / bias_var - prior_mean) * weight) * bias_total_var,
                         bias_total_var,
                     )
-                _, terms, total_mean, total_var = memo
-                for keys in (shared, own):
-                    for key in keys:
-                        term = terms.get(key)
-                        if term is None:
-                            term = terms[key] = weight_term(key, get_mean, get_var, weight)
-                        total_mean += term[0]
-                        total_var += term[1]
+                # The bias, the shared keys, then the offer's own, added in order (on
+                # Python 3.11 sum adds floats one by one as a loop does).
+                _, mean_of, var_of, total_mean, total_var = memo
+                total_mean = sum(map(mean_of, shared), total_mean)
+                total_var = sum(map(var_of, shared), total_var)
+                for key in own:
+                    total_mean += mean_of(key)
+                    total_var += var_of(key)
                 spread = sqrt(total_var) * exploration
             else:
                 # Sums over the active weights, the bias first (an unseen feature's
@@ -573,6 +597,12 @@ class ModelSet:
                 # The prior: the pooled belief, widened (once per decision and own keys).
                 base = bases.get(own)
                 if base is None:
+                    if shared_sums is None:
+                        shared_sums = (
+                            sum(map(pooled_mean, shared, _ZEROS), pooled_means[BIAS]),
+                            sum(map(pooled_var, shared, _ONES), pooled_vars[BIAS]),
+                        )
+                    shared_mean, shared_var = shared_sums
                     base_var = sum(map(pooled_var, own, _ONES), shared_var) + spread2
                     base = bases[own] = (
                         sum(map(pooled_mean, own, _ZEROS), shared_mean) / base_var,

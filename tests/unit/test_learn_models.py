@@ -312,3 +312,33 @@ def test_the_weights_combined_with_the_pool_follow_the_models_as_they_learn():
         again = [rebuilt.score(m, [("o", ())], random.Random(1))[0] for m in moments]
         assert [(s.mean, s.sampled) for s in scored] == [(s.mean, s.sampled) for s in again]
     assert not models.models["o"].late
+
+
+def test_a_set_that_has_scored_many_keys_and_offers_scores_as_a_fresh_one():
+    # Scoring keeps each offer's weights' combined beliefs, worked out as keys are met: a
+    # moment scored after hundreds of others, over hundreds of keys and 40 offers, gets
+    # the draws and means a set scoring it first gives.
+    r = random.Random(3)
+    offers = [f"o{n}" for n in range(40)]
+
+    def moment() -> list[str]:
+        return [f"g{g}={r.randrange(60)}" for g in range(8)]
+
+    models = ModelSet()
+    for _ in range(3000):
+        m = moment()
+        offer = r.choice(offers)
+        converted = r.random() < 0.2
+        models.learn(POOLED, m, converted)
+        models.learn(offer, m, converted)
+    snapshots = [json.loads(json.dumps(model.snapshot())) for model in models.models.values()]
+    moments = [(moment(), (f"a~{r.randrange(4)}",)) for _ in range(300)]
+    for m, own in moments:
+        models.score(m, [(o, own) for o in offers], random.Random(1))
+    for m, own in moments[-20:]:
+        fresh = ModelSet()
+        for snapshot in snapshots:
+            fresh.swap(snapshot)
+        candidates = [(o, own) for o in reversed(offers)]
+        again = fresh.score(m, candidates, random.Random(1))
+        assert again == models.score(m, candidates, random.Random(1))
