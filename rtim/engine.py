@@ -622,9 +622,9 @@ class Engine:
         )
         record_contact(ctx, self.catalog.policy, at_ms, channel, offer)
         first = next_window_end(ctx)
-        result.examples.extend(
-            _at(partition, open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER))
-        )
+        evicted = open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
+        if evicted:  # seldom: no list per decision for the examples it made
+            result.examples.extend(_at(partition, evicted))
         if first is None or pending.window_end_ms < first:
             # One entry per customer, at its first window end: when it comes due, the
             # customer's next end is scheduled (so the heap grows with customers, not
