@@ -336,10 +336,7 @@ def _eligible(
         return event_fields(event)
 
     for offer in offers:
-        # Most offers have no validity window: no call to find that they are valid.
-        if (
-            offer.valid_from_ms is not None or offer.valid_to_ms is not None
-        ) and not offer.is_valid_at(at_ms):
+        if not offer.is_valid_at(at_ms):
             reasons.append(f"rejected:{offer.id}:not-valid-now")
             continue
         for cond in offer.eligibility:
