@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from rtim.learn.attribution import decode_example
-from rtim.learn.models import LATE_AFTER, POOLED, ModelParams, OfferModel
+from rtim.learn.models import POOLED, ModelParams, OfferModel, is_late
 
 #: Key prefix of the cursor records on the models topic.
 CURSOR_PREFIX = "__cursor__."
@@ -300,14 +300,14 @@ class Learner:
         return state
 
     def _pooled_has_evidence(self) -> bool:
-        """Whether the pooled model had learned :data:`LATE_AFTER` examples when an
+        """Whether the pooled model had learned enough examples (:func:`is_late`) when an
         offer's model is made (its own here, or its newest snapshot): see
         :attr:`OfferModel.late`."""
         state = self.offers.get(POOLED)
         if state is not None:
-            return state.model.examples >= LATE_AFTER
+            return is_late(state.model.examples)
         snapshot = self._board.snapshots.get(POOLED) if self._board is not None else None
-        return snapshot is not None and int(snapshot.get("examples", 0)) >= LATE_AFTER
+        return snapshot is not None and is_late(int(snapshot.get("examples", 0)))
 
     def learn(self, partition: int, offset: int, value: bytes | None) -> Outcome:
         """Take one training record at ``offset`` of ``partition``."""

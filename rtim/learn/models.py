@@ -98,6 +98,12 @@ SPREAD_EVERY = 200
 LATE_AFTER = 1000
 
 
+def is_late(pooled_examples: int) -> bool:
+    """Whether an offer whose model is made when the pooled model has learned
+    ``pooled_examples`` is a late one (:attr:`OfferModel.late`)."""
+    return pooled_examples >= LATE_AFTER
+
+
 @dataclass(frozen=True, slots=True)
 class ModelParams:
     """AdPredictor's parameters, the same for every offer.
@@ -389,7 +395,7 @@ class ModelSet:
         if model is None:
             pooled = self.models.get(POOLED)
             model = self.models[offer_id] = OfferModel(
-                offer_id, self.params, late=pooled is not None and pooled.examples >= LATE_AFTER
+                offer_id, self.params, late=pooled is not None and is_late(pooled.examples)
             )
         return model
 
