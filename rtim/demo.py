@@ -1,5 +1,11 @@
 """``rtim demo``: embedded broker + worker + simulator, triggers printed as they arrive.
 
+The demo also plays the channel systems (:class:`ChannelSystems`): each trigger's offer is
+shown, and answered on ``rtim.responses`` as a channel system would answer it, seconds
+later: an impression, a click and a conversion for some, a dismissal for others. The
+worker joins them to its decisions and its models learn from them, which the metrics line
+shows (responses, examples learned) and the models' table at the end (``GET /v1/models``).
+
 The demo leaves nothing behind, however it ends: after ``--duration``; on Ctrl-C,
 SIGTERM or SIGHUP (the terminal closing), which stop the worker, then the broker, in
 order; when whatever reads its output goes away (``rtim demo | head``), which is a
@@ -12,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import os
+import random
 import shutil
 import signal
 import socket
@@ -20,15 +28,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from rtim.broker import EmbeddedBroker
+from rtim.decide.cloudevent import iso_ms
 from rtim.errors import ConfigError
-from rtim.names import CLICKSTREAM_TOPIC, DLQ_TOPIC, TRIGGER_TOPIC_PREFIX
+from rtim.learn.models import POOLED
+from rtim.names import CLICKSTREAM_TOPIC, DLQ_TOPIC, RESPONSES_TOPIC, TRIGGER_TOPIC_PREFIX
 from rtim.settings import KafkaConnection, Settings, load_settings
 from rtim.simulate import JourneySimulator
 from rtim.simulate_kafka import produce_events
@@ -180,6 +192,95 @@ def _worker_died(worker: WorkerProcess, when: str) -> str:
     return f"the worker exited {when} (status {code}); {log}"
 
 
+#: How often a trigger's offer converts, by the moment that fired it (the sample
+#: catalog's triggers; others convert at :data:`DEFAULT_CONVERSION`): offers made at
+#: checkout or to a customer waiting on a service issue convert more than those made
+#: while browsing, which is what the models come to learn.
+CONVERSION_BY_MOMENT = {
+    "checkout-started": 0.35,
+    "service-issue": 0.30,
+    "cart-builder": 0.15,
+    "app-regular": 0.10,
+    "browse-intent": 0.08,
+    "post-purchase": 0.05,
+}
+DEFAULT_CONVERSION = 0.10
+#: Share of the triggers shown (an impression), and of those not converting dismissed.
+IMPRESSION_RATE = 0.7
+DISMISSAL_RATE = 0.15
+
+
+class ChannelSystems:
+    """The demo's channel systems: they answer each trigger on ``rtim.responses`` as
+    real ones would, seconds later (in wall-clock time, which is the demo's event time).
+
+    A trigger is shown (an impression, most of them, within a second or two); it
+    converts with the chance its moment has (:data:`CONVERSION_BY_MOMENT`), a click
+    first, the conversion 2-12 s after the trigger; one that does not convert is
+    dismissed now and then, 1-6 s after. A demo of a few minutes closes no attribution
+    window (an hour to a day of event time, as the catalog and the settings say), so
+    its models learn the conversions and dismissals; decisions left without either
+    become negative examples when their windows end.
+    """
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random(7)
+        #: (when, seq, key, body): a heap of the responses planned.
+        self._due: list[tuple[float, int, bytes, dict[str, str]]] = []
+        self._seq = 0
+
+    def answer(self, trigger: bytes, now: float) -> None:
+        """Plan the responses to one trigger (a CloudEvent), from ``now`` (monotonic)."""
+        try:
+            data = orjson.loads(trigger)["data"]
+            decision_id, customer_id = data["decision_id"], data["customer_id"]
+            moment = data["trigger"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        r = self.rng
+
+        def respond(outcome: str, after: float) -> None:
+            body = {"decision_id": decision_id, "customer_id": customer_id, "outcome": outcome}
+            self._seq += 1
+            heapq.heappush(self._due, (now + after, self._seq, customer_id.encode(), body))
+
+        if r.random() < IMPRESSION_RATE:
+            respond("impression", r.uniform(0.2, 2.0))
+        if r.random() < CONVERSION_BY_MOMENT.get(moment, DEFAULT_CONVERSION):
+            converted = r.uniform(2.0, 12.0)
+            respond("click", r.uniform(1.0, converted))
+            respond("conversion", converted)
+        elif r.random() < DISMISSAL_RATE:
+            respond("dismissal", r.uniform(1.0, 6.0))
+
+    def due(self, now: float) -> list[tuple[bytes, bytes]]:
+        """The responses due by ``now`` (key, value), each stamped with the wall clock."""
+        out = []
+        stamp = iso_ms(int(time.time() * 1000))
+        while self._due and self._due[0][0] <= now:
+            _, _, key, body = heapq.heappop(self._due)
+            out.append((key, orjson.dumps({**body, "timestamp": stamp})))
+        return out
+
+
+async def _send_responses(
+    bootstrap: str, systems: ChannelSystems, counts: dict[str, int], every: float = 0.2
+) -> None:
+    producer = AIOKafkaProducer(**KafkaConnection.parse(bootstrap).client_config())
+    await producer.start()
+    try:
+        while True:
+            await asyncio.sleep(every)
+            due = systems.due(time.monotonic())
+            for key, value in due:
+                await producer.send(RESPONSES_TOPIC, value, key=key)
+            if due:
+                await producer.flush()
+                counts["responses"] += len(due)
+    finally:
+        await producer.stop()
+
+
 def format_trigger(topic: str, value: bytes) -> str:
     """One line per trigger, for people watching the demo."""
     try:
@@ -195,7 +296,11 @@ def format_trigger(topic: str, value: bytes) -> str:
 
 
 async def _print_triggers(
-    bootstrap: str, topics: list[str], echo: Echo, counts: dict[str, int]
+    bootstrap: str,
+    topics: list[str],
+    echo: Echo,
+    counts: dict[str, int],
+    systems: ChannelSystems,
 ) -> None:
     consumer = AIOKafkaConsumer(
         *topics,
@@ -217,6 +322,7 @@ async def _print_triggers(
                     else:
                         counts["triggers"] += 1
                         echo(format_trigger(tp.topic, rec.value))
+                        systems.answer(rec.value, time.monotonic())
     finally:
         await consumer.stop()
 
@@ -231,13 +337,46 @@ async def _status(worker: WorkerProcess, echo: Echo, counts: dict[str, int], eve
         lat_n = m.get("rtim_decision_latency_seconds_count", 0.0)
         lat_avg = m.get("rtim_decision_latency_seconds_sum", 0.0) / lat_n * 1000 if lat_n else 0.0
         consumed = m.get('rtim_events_consumed_total{topic="rtim.clickstream"}', 0.0)
+        responses = sum(v for k, v in m.items() if k.startswith("rtim_responses_total{"))
+        examples = sum(v for k, v in m.items() if k.startswith("rtim_training_examples_total{"))
+        positives = sum(
+            v
+            for k, v in m.items()
+            if k.startswith("rtim_training_examples_total{") and 'label="positive"' in k
+        )
         echo(
             f"-- events consumed {consumed:,.0f}"
             f" | customers {m.get('rtim_context_customers', 0):,.0f}"
             f" | triggers {counts['triggers']:,}"
             f" | no-offer moments {m.get('rtim_decisions_no_offer_total', 0):,.0f}"
-            f" | mean decision latency {lat_avg:.1f} ms --"
+            f" | mean decision latency {lat_avg:.1f} ms"
+            f" | responses {responses:,.0f}"
+            f" | examples {examples:,.0f} ({positives:,.0f} positive) --"
         )
+
+
+def format_models(rows: list[dict[str, Any]]) -> list[str]:
+    """The models' table the demo ends with (``GET /v1/models``)."""
+    if not rows:
+        return ["no model has learned an example yet"]
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    width = max(len("offer"), *(len(r["offer"]) for r in rows))
+    lines = [f"{'offer':<{width}}  {'examples':>8}  {'positives':>9}  {'predicted':>9}  observed"]
+    lines.extend(
+        f"{r['offer']:<{width}}  {r['examples']:>8,}  {r['positives']:>9,}  "
+        f"{rate(r['predicted']):>9}  {rate(r['observed'])}"
+        for r in rows
+    )
+    return lines
+
+
+def _models(worker: WorkerProcess) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(worker.url + "/v1/models", timeout=5) as resp:
+        rows: list[dict[str, Any]] = orjson.loads(resp.read())["models"]
+    return rows
 
 
 async def run_demo(
@@ -264,7 +403,7 @@ async def run_demo(
     """
     port = web_port if web_port is not None else load_settings().web_port
     check_port_free(port)
-    counts = {"triggers": 0, "dead letters": 0, "events": 0}
+    counts = {"triggers": 0, "dead letters": 0, "events": 0, "responses": 0}
     stop = asyncio.Event()
     out = _Output(echo, on_closed=stop.set)
     # A signal during the clean-up below only sets `stop` again.
@@ -295,7 +434,7 @@ async def run_demo(
             janitor.close()
     out(
         f"sent {counts['events']:,} events, received {counts['triggers']:,} triggers, "
-        f"{counts['dead letters']:,} dead letters"
+        f"{counts['dead letters']:,} dead letters; sent back {counts['responses']:,} responses"
     )
     if keep_logs is not None:
         out(f"logs kept in {keep_logs}")
@@ -344,16 +483,21 @@ async def _run(
             out(f"worker log: {worker.log_path}")
             out(
                 f"simulating {customers} customers at {rate:g} events/s on web, app, email, "
-                "call centre and store; triggers below (Ctrl-C stops)\n"
+                "call centre and store, and the channel systems answering the triggers on "
+                f"{RESPONSES_TOPIC}; triggers below (Ctrl-C stops)\n"
             )
             trigger_topics = [t for t in specs if t.startswith(TRIGGER_TOPIC_PREFIX)]
             sim = JourneySimulator(customers=customers, live=True)
+            systems = ChannelSystems()
 
             def sent(n: int) -> None:
                 counts["events"] += n
 
             tasks = [
-                asyncio.create_task(_print_triggers(broker.bootstrap, trigger_topics, out, counts)),
+                asyncio.create_task(
+                    _print_triggers(broker.bootstrap, trigger_topics, out, counts, systems)
+                ),
+                asyncio.create_task(_send_responses(broker.bootstrap, systems, counts)),
                 asyncio.create_task(_status(worker, out, counts, every=5.0)),
                 asyncio.create_task(
                     produce_events(
@@ -376,5 +520,16 @@ async def _run(
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if tasks and worker.alive:
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    rows = await asyncio.to_thread(_models, worker)
+                    out("\nthe offers' models, as the worker decides with them (GET /v1/models):")
+                    for line in format_models(rows):
+                        out("  " + line)
+                    out(
+                        f"  ({POOLED} is the pooled model every offer's prior comes from; "
+                        "decisions without a conversion become negative examples when their "
+                        "attribution windows end, an hour to a day of event time)"
+                    )
             out("\nstopping worker and broker ...")
             worker.stop(timeout=WORKER_STOP_TIMEOUT_S)
