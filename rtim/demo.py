@@ -4,7 +4,7 @@ The demo also plays the channel systems (:class:`ChannelSystems`): each trigger'
 shown, and answered on ``rtim.responses`` as a channel system would answer it, seconds
 later: an impression, a click and a conversion for some, a dismissal for others. The
 worker joins them to its decisions and its models learn from them, which the metrics line
-shows (responses, examples learned) and the models' table at the end (``GET /v1/models``).
+shows (responses, examples) and the models' table at the end (``GET /v1/models``).
 
 The demo leaves nothing behind, however it ends: after ``--duration``; on Ctrl-C,
 SIGTERM or SIGHUP (the terminal closing), which stop the worker, then the broker, in
@@ -218,7 +218,7 @@ class ChannelSystems:
     converts with the chance its moment has (:data:`CONVERSION_BY_MOMENT`), a click
     first, the conversion 2-12 s after the trigger; one that does not convert is
     dismissed now and then, 1-6 s after. A demo of a few minutes closes no attribution
-    window (an hour to a day of event time, as the catalog and the settings say), so
+    window (an hour to a week of event time in the sample catalog), so
     its models learn the conversions and dismissals; decisions left without either
     become negative examples when their windows end.
     """
@@ -529,7 +529,7 @@ async def _run(
                     out(
                         f"  ({POOLED} is the pooled model every offer's prior comes from; "
                         "decisions without a conversion become negative examples when their "
-                        "attribution windows end, an hour to a day of event time)"
+                        "attribution windows end, an hour to a week of event time)"
                     )
             out("\nstopping worker and broker ...")
             worker.stop(timeout=WORKER_STOP_TIMEOUT_S)
