@@ -446,6 +446,7 @@ def models(broker: str | None, as_json: bool, timeout: float) -> None:
 
     from aiokafka.errors import KafkaError
 
+    from rtim.learn.learner import models_table
     from rtim.settings import KafkaConnection
     from rtim.stream.models import read_models
 
@@ -462,20 +463,8 @@ def models(broker: str | None, as_json: bool, timeout: float) -> None:
         click.echo("no model snapshots on rtim.models yet")
         return
 
-    def rate(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2%}"
-
-    width = max(len("offer"), *(len(r["offer"]) for r in rows))
-    click.echo(
-        f"{'offer':<{width}}  {'examples':>9}  {'positives':>9}  {'predicted':>9}  "
-        f"{'observed':>9}  {'over':>5}  {'version':>9}  {'age':>8}"
-    )
-    for r in rows:
-        click.echo(
-            f"{r['offer']:<{width}}  {r['examples']:>9,}  {r['positives']:>9,}  "
-            f"{rate(r['predicted']):>9}  {rate(r['observed']):>9}  {r['recent']:>5}  "
-            f"{r['version']:>9,}  {r['age_s']:>7.1f}s"
-        )
+    for line in models_table(rows):
+        click.echo(line)
 
 
 @main.group()

@@ -39,6 +39,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from rtim.broker import EmbeddedBroker
 from rtim.decide.cloudevent import iso_ms
 from rtim.errors import ConfigError
+from rtim.learn.learner import models_table
 from rtim.learn.models import POOLED
 from rtim.names import CLICKSTREAM_TOPIC, DLQ_TOPIC, RESPONSES_TOPIC, TRIGGER_TOPIC_PREFIX
 from rtim.settings import KafkaConnection, Settings, load_settings
@@ -355,24 +356,6 @@ async def _status(worker: WorkerProcess, echo: Echo, counts: dict[str, int], eve
         )
 
 
-def format_models(rows: list[dict[str, Any]]) -> list[str]:
-    """The models' table the demo ends with (``GET /v1/models``)."""
-    if not rows:
-        return ["no model has learned an example yet"]
-
-    def rate(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1%}"
-
-    width = max(len("offer"), *(len(r["offer"]) for r in rows))
-    lines = [f"{'offer':<{width}}  {'examples':>8}  {'positives':>9}  {'predicted':>9}  observed"]
-    lines.extend(
-        f"{r['offer']:<{width}}  {r['examples']:>8,}  {r['positives']:>9,}  "
-        f"{rate(r['predicted']):>9}  {rate(r['observed'])}"
-        for r in rows
-    )
-    return lines
-
-
 def _models(worker: WorkerProcess) -> list[dict[str, Any]]:
     with urllib.request.urlopen(worker.url + "/v1/models", timeout=5) as resp:
         rows: list[dict[str, Any]] = orjson.loads(resp.read())["models"]
@@ -524,7 +507,9 @@ async def _run(
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     rows = await asyncio.to_thread(_models, worker)
                     out("\nthe offers' models, as the worker decides with them (GET /v1/models):")
-                    for line in format_models(rows):
+                    for line in (
+                        models_table(rows) if rows else ["no model has learned an example yet"]
+                    ):
                         out("  " + line)
                     out(
                         f"  ({POOLED} is the pooled model every offer's prior comes from; "

@@ -147,6 +147,32 @@ def summary(snapshot: dict[str, Any], now_ms: int) -> dict[str, Any]:
     }
 
 
+def models_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The lines of the models' table that ``rtim models`` and ``rtim demo`` print, from
+    :func:`summary` rows (a header first).
+
+    >>> print("\\n".join(models_table([summary({"offer": "o", "examples": 3, "positives": 1,
+    ...     "version": 3, "made_ms": 1000, "recent": [[0.2, 1], [0.1, 0]]}, 3500)])))
+    offer   examples  positives  predicted   observed   over    version       age
+    o              3          1     15.00%     50.00%      2          3      2.5s
+    """
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2%}"
+
+    width = max(len("offer"), *(len(r["offer"]) for r in rows))
+    return [
+        f"{'offer':<{width}}  {'examples':>9}  {'positives':>9}  {'predicted':>9}  "
+        f"{'observed':>9}  {'over':>5}  {'version':>9}  {'age':>8}",
+        *(
+            f"{r['offer']:<{width}}  {r['examples']:>9,}  {r['positives']:>9,}  "
+            f"{rate(r['predicted']):>9}  {rate(r['observed']):>9}  {r['recent']:>5}  "
+            f"{r['version']:>9,}  {r['age_s']:>7.1f}s"
+            for r in rows
+        ),
+    ]
+
+
 class ModelBoard:
     """The newest snapshot of every offer and the last cursor of every training
     partition, from the records of the models topic in any order per partition.
