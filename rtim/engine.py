@@ -70,7 +70,7 @@ from rtim.context.model import (
 )
 from rtim.decide.arbitrate import Decision, decide, round6, window_end
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
-from rtim.decide.explain import note_decision, note_record
+from rtim.decide.explain import note_decision, note_record, remembers
 from rtim.decide.policy import (
     dismissed_offer,
     record_contact,
@@ -78,7 +78,7 @@ from rtim.decide.policy import (
     rejection_kind,
     shown_together,
 )
-from rtim.decide.record import encode_record
+from rtim.decide.record import encode_record, read_handover
 from rtim.decide.request import DecideRequest
 from rtim.events import DeadLetter, InvalidEvent, dead_letter, error_reason, parse_event
 from rtim.events.segment import Event
@@ -91,6 +91,7 @@ from rtim.learn.attribution import (
     StreamClock,
     action_id,
     close_due,
+    has_decision,
     next_window_end,
     open_decision,
     parse_response,
@@ -99,7 +100,7 @@ from rtim.learn.attribution import (
 from rtim.learn.features import FeatureBuilder
 from rtim.learn.models import ModelSet
 from rtim.learn.policy import Candidate
-from rtim.names import CLICKSTREAM_TOPIC, RESPONSES_TOPIC, trigger_topic
+from rtim.names import CLICKSTREAM_TOPIC, HANDOVER_HEADER, RESPONSES_TOPIC, trigger_topic
 from rtim.offers.catalog import Catalog, Offer
 from rtim.settings import DEFAULTS
 from rtim.triggers.rules import RuleIndex, TriggerRule, fired_rules
@@ -210,6 +211,9 @@ class BatchResult:
     rejected: Counter[str] = field(default_factory=Counter)
     #: Decision requests answered (:meth:`BatchRun.decide`), in order.
     answers: list[Answer] = field(default_factory=list)
+    #: Decisions handed over by another worker (:meth:`BatchRun.add_responses`), by
+    #: result: ``adopted``, or ``duplicate`` (the context already has it).
+    adopted: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -621,6 +625,13 @@ class Engine:
             pending_id, decision.customer_id, offer.id, candidate.features, at_ms, end
         )
         record_contact(ctx, self.catalog.policy, at_ms, channel, offer)
+        self._hold(ctx, key, partition, pending, result)
+        return pending
+
+    def _hold(
+        self, ctx: Context, key: bytes, partition: int, pending: Pending, result: BatchResult
+    ) -> None:
+        """Keep ``pending`` open in the customer's context until its window ends."""
         first = next_window_end(ctx)
         evicted = open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
         if evicted:  # seldom: no list per decision for the examples it made
@@ -630,7 +641,6 @@ class Engine:
             # customer's next end is scheduled (so the heap grows with customers, not
             # with decisions).
             self._schedule(partition, key, pending.window_end_ms)
-        return pending
 
     def _rekeyed(
         self, record: RecordLike, key: bytes, owner: int | None, topic: str = CLICKSTREAM_TOPIC
@@ -721,8 +731,9 @@ class BatchRun:
         self._created: set[tuple[int, bytes]] = set()
         # Records dead-lettered after they were applied (the ceiling), by id().
         self._withdrawn: set[int] = set()
-        #: Decision requests of the batch answered before it is stored (lost if it is not).
-        self.answered_early = 0
+        #: The decision records of the batch's requests answered before it is stored: if
+        #: it is not, the worker hands them over (:func:`~rtim.decide.record.read_handover`).
+        self.answered_early: list[DecisionRecord] = []
 
     def _parse(self, record: RecordLike) -> Any:
         engine = self.engine
@@ -863,6 +874,10 @@ class BatchRun:
         for record in records:
             result.consumed += 1
             partition = record.partition
+            headers = getattr(record, "headers", None)
+            if headers and any(name == HANDOVER_HEADER for name, _ in headers):
+                self._adopt(record, headers)
+                continue
             try:
                 response = parse_response(record.value or b"")
                 if response.timestamp_ms > latest_ms:
@@ -888,6 +903,57 @@ class BatchRun:
                 self._journal(partition, key, ctx, record, "response")
             if example is not None:
                 result.examples.append(replace(example, partition=partition))
+
+    def _adopt(self, record: RecordLike, headers: Sequence[tuple[str, bytes]]) -> None:
+        """Take over a decision another worker answered but could not store (its batch
+        was dropped: the partition moved, or the worker was fenced): open what it opened,
+        count its contacts, remember it and record it, as if it were decided here; unless
+        the customer's context has it already (its batch reached the changelog after all,
+        or it was handed over before)."""
+        engine = self.engine
+        result = self.result
+        partition = record.partition
+        try:
+            decided, opened = read_handover(record.value)
+        except InvalidResponse as exc:
+            result.invalid[exc.reason] += 1
+            result.dead_letters.append(engine._dead_letter(RESPONSES_TOPIC, record, exc))
+            return
+        key = decided["customer_id"].encode()
+        if engine.partition_of is not None and engine.partition_of(key) != partition:
+            wrong = InvalidResponse("wrong_type", "handed over to another customer's partition")
+            result.invalid[wrong.reason] += 1
+            result.dead_letters.append(engine._dead_letter(RESPONSES_TOPIC, record, wrong))
+            return
+        at_ms = decided["decided_ms"]
+        self._advance(partition, at_ms)
+        ctx = engine.context(partition, key)
+        decision_id = decided["decision_id"]
+        if ctx is not None and (has_decision(ctx, decision_id) or remembers(ctx, decision_id)):
+            result.adopted["duplicate"] += 1
+            return
+        result.adopted["adopted"] += 1
+        entry: Any = _Request(partition, record.offset, key, record.value or b"", at_ms)
+        made = DecisionRecord(
+            key,
+            record.value or b"",
+            entry,
+            bool(opened),
+            [(name, value) for name, value in headers if name != HANDOVER_HEADER],
+        )
+        result.decisions.append(made)
+        if ctx is None:
+            if not opened:
+                return  # a new visitor offered nothing has no context
+            ctx = new_context(decided["customer_id"])
+            engine.cached(partition)[key] = ctx
+            result.new_customers += 1
+            self._created.add((partition, key))
+        for pending in opened:
+            engine._hold(ctx, key, partition, pending, result)
+        self._decided_again(ctx, (made,), at_ms)
+        self._fired[len(self._keys)] = ([], (made,), opened)
+        self._journal(partition, key, ctx, entry, "request")
 
     def _respond(self, ctx: Context | None, response: Any) -> tuple[str, Any]:
         """Join a response; a dismissal starts its offer's cool-down (event time)."""

@@ -192,11 +192,23 @@ API_SECONDS = Histogram(
     ["endpoint"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+API_DECISIONS_HANDED_OVER = Counter(
+    "rtim_api_decisions_handed_over_total",
+    "Decision requests answered before they were stored (RTIM_API_ANSWER=decided) whose "
+    "batch was then not stored (the worker lost their partition): handed over on "
+    "rtim.responses to their customers' owner.",
+)
+API_DECISIONS_ADOPTED = Counter(
+    "rtim_api_decisions_adopted_total",
+    "Decisions handed over by another worker, by result: adopted (opened, counted as "
+    "contacts and recorded here) or duplicate (the context had them already).",
+    ["result"],
+)
 API_DECISIONS_LOST = Counter(
     "rtim_api_decisions_lost_total",
-    "Decision requests answered before they were stored (RTIM_API_ANSWER=decided) whose "
-    "batch was then not stored (the worker lost their partition): not in their customers' "
-    "contexts, so neither counted as contacts nor learned (their records may be out).",
+    "Decision requests answered before they were stored whose batch was then not stored, "
+    "and that could not be handed over either: not in their customers' contexts, so "
+    "neither counted as contacts nor learned (their records may be out).",
 )
 
 # A labelled series exists only once its labels are used: a dashboard panel or an alert
@@ -212,6 +224,8 @@ for _outcome in OUTCOMES:
         RESPONSES.labels(_outcome, _result)
 for _result in LEARN_RESULTS:
     EXAMPLES_LEARNED.labels(_result)
+for _result in ("adopted", "duplicate"):
+    API_DECISIONS_ADOPTED.labels(_result)
 for _endpoint in ("decide", "customer"):
     for _result in API_RESULTS:
         API_REQUESTS.labels(_endpoint, _result)

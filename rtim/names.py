@@ -17,6 +17,9 @@ TRIGGER_TOPIC_PREFIX = "rtim.triggers."
 DECISIONS_TOPIC = "rtim.decisions"
 #: Channel systems' responses to decisions (by customer; co-partitioned with the clickstream).
 RESPONSES_TOPIC = "rtim.responses"
+#: The header of a decision record handed over on ``rtim.responses`` by a worker that
+#: answered a decision request but could not store it, for the customer's owner to adopt.
+HANDOVER_HEADER = "rtim.handover"
 #: Closed decisions to learn from, keyed by offer id (:mod:`rtim.learn.attribution`).
 TRAINING_TOPIC = "rtim.training"
 #: Model snapshots, keyed by offer id (compacted where the broker compacts).

@@ -76,6 +76,11 @@ def _remember(
         del recent[: len(recent) - MAX_RECENT]
 
 
+def remembers(ctx: Context, decision_id: str) -> bool:
+    """Whether the decision is among the context's last ones."""
+    return any(entry["id"] == decision_id for entry in ctx.get("recent") or ())
+
+
 def recent_decisions(ctx: Context) -> list[dict[str, Any]]:
     """The summaries of the context's last decisions, newest first."""
     return list(reversed(ctx.get("recent") or []))

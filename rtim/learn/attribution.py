@@ -323,14 +323,21 @@ def entry_offer(state: dict[str, Any], decision_id: str, offer_id: str | None) -
     return offer
 
 
+def has_decision(state: dict[str, Any], decision_id: str) -> bool:
+    """Whether the customer's state holds the decision, open or closed lately."""
+    # (``in`` on a map: the ids compared in C, no list built.)
+    return decision_id in map(_first, state["pending"]) or decision_id in map(
+        _first, state["closed"]
+    )
+
+
 def open_decision(state: dict[str, Any], pending: Pending, max_pending: int) -> list[Example]:
     """Open a decision in a customer's state; returns the examples of the
     decisions its budget evicts (closed at once as negatives, ``evicted``)."""
     out: list[Example] = []
     opened = state["pending"]
     decision_id = pending.decision_id
-    # (``in`` on a map: the ids compared in C, no list built.)
-    if decision_id in map(_first, opened) or decision_id in map(_first, state["closed"]):
+    if has_decision(state, decision_id):
         return out  # the same decision again (a replayed event): one is enough
     while len(opened) >= max_pending:
         out.append(_close(state, opened[0], False, pending.decided_ms, "evicted"))

@@ -145,7 +145,7 @@ class DecisionApi:
         if run is None:
             return None
         answer = self._decide_in(run, request)
-        run.answered_early += 1
+        run.answered_early.append(run.result.decisions[-1])
         return answer
 
     async def _flush(self) -> None:

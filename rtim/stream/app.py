@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from rtim import metrics
@@ -34,6 +35,7 @@ from rtim.names import (
     CONTEXT_TABLE,
     DECISIONS_TOPIC,
     DLQ_TOPIC,
+    HANDOVER_HEADER,
     RESPONSES_TOPIC,
     TRAINING_TOPIC,
 )
@@ -179,6 +181,13 @@ class ClickstreamProcessor:
         self._open_generation: int | None = None
         #: The task that stores the begun batch if no clickstream batch takes it.
         self._flusher: asyncio.Future[None] | None = None
+        #: Decisions answered but not stored, being handed over (:meth:`_lost`), and the
+        #: producer that does it (made when first needed).
+        self._handing_over: set[asyncio.Future[None]] = set()
+        self._handover: BatchPublisher | None = None
+        #: The handover's producer class (tests stand one in).
+        self.handover_producer: Callable[..., Any] = AIOKafkaProducer
+        self._handover_lock = asyncio.Lock()
         #: Set once the live catalog is read (:class:`rtim.stream.catalog.LiveCatalog`
         #: clears it when it starts); batches wait for it.
         self.catalog_loaded = asyncio.Event()
@@ -305,15 +314,76 @@ class ClickstreamProcessor:
         return run
 
     def _lost(self, run: BatchRun | None) -> None:
-        """A batch with requests answered before they were stored was not stored."""
-        lost = 0 if run is None else run.answered_early
-        if lost:
-            metrics.API_DECISIONS_LOST.inc(lost)
-            log.warning(
-                "%d answered decision requests not stored (their partitions moved, or the "
-                "batch before them failed): not counted as contacts, not learned",
-                lost,
+        """A batch with requests answered before they were stored was not stored: their
+        decision records are handed over on rtim.responses, to whichever worker owns
+        their customers now (this one, if it keeps them), which adopts them
+        (:meth:`BatchRun.add_responses`)."""
+        if run is None or not run.answered_early:
+            return
+        decisions, run.answered_early = run.answered_early, []
+        records = [
+            OutRecord(
+                RESPONSES_TOPIC,
+                d.key,
+                d.value,
+                [*d.headers, (HANDOVER_HEADER, b"1")],
+                self._partition_of(d.key),
             )
+            for d in decisions
+        ]
+        task = asyncio.ensure_future(self._hand_over(records))
+        self._handing_over.add(task)
+        task.add_done_callback(self._handing_over.discard)
+
+    async def _hand_over(self, records: list[OutRecord]) -> None:
+        """Publish handed-over decisions, with a producer of their own (this worker's
+        batches may not be its to publish any more: fenced, or a transaction's producer
+        taken over); retried for ``HANDOVER_TIMEOUT_S``, then counted lost."""
+        refused = len(records)
+        delay = 0.2
+        deadline = time.monotonic() + HANDOVER_TIMEOUT_S
+        async with self._handover_lock:
+            while True:
+                try:
+                    if self._handover is None:
+                        self._handover = BatchPublisher(
+                            self.settings.kafka,
+                            client_id=f"{self.settings.app_id}-handover",
+                            max_record_bytes=self.settings.max_record_bytes,
+                            producer_class=self.handover_producer,
+                        )
+                    await self._handover.start()
+                    await self._handover.publish(records)
+                    refused = len(self._handover.refused)
+                    break
+                except (TimeoutError, KafkaError, OSError) as exc:
+                    if self.app.should_stop or time.monotonic() + delay > deadline:
+                        log.error("could not hand decisions over (%r)", exc)
+                        break
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        handed = len(records) - refused
+        if handed:
+            metrics.API_DECISIONS_HANDED_OVER.inc(handed)
+            log.warning(
+                "%d answered decision requests not stored here (their partitions moved, or "
+                "the batch before them failed): handed over to their customers' owner",
+                handed,
+            )
+        if refused:
+            metrics.API_DECISIONS_LOST.inc(refused)
+            log.warning(
+                "%d answered decision requests neither stored nor handed over: not counted "
+                "as contacts, not learned",
+                refused,
+            )
+
+    async def stop_handing_over(self, timeout: float) -> None:
+        """At shutdown: let the decisions being handed over go out, within ``timeout``."""
+        if self._handing_over:
+            await asyncio.wait(set(self._handing_over), timeout=timeout)
+        if self._handover is not None:
+            await self._handover.stop(timeout=timeout)
 
     def _new_generation(self, generation: int) -> None:
         """Partitions may have moved, and recovery may have rewritten the store."""
@@ -660,12 +730,14 @@ class ClickstreamProcessor:
 
     @staticmethod
     def _observe(result: Any, n: int, started: float) -> None:
-        responses = sum(result.responses.values())
+        responses = sum(result.responses.values()) + sum(result.adopted.values())
         metrics.EVENTS_CONSUMED.labels(CLICKSTREAM_TOPIC).inc(n - responses)
         if responses:
             metrics.EVENTS_CONSUMED.labels(RESPONSES_TOPIC).inc(responses)
         for (outcome, joined), count in result.responses.items():
             metrics.RESPONSES.labels(outcome, joined).inc(count)
+        for adopted, count in result.adopted.items():
+            metrics.API_DECISIONS_ADOPTED.labels(adopted).inc(count)
         offered = sum(1 for d in result.decisions if d.offered)
         metrics.DECISIONS.labels("yes").inc(offered)
         metrics.DECISIONS.labels("no").inc(len(result.decisions) - offered)
@@ -761,6 +833,7 @@ def create_app(settings: Settings) -> RtimApp:
     async def stop_publisher(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         # Sent after the consumer stopped and the last batch finished.
         await processor.publisher.stop(timeout=PUBLISHER_STOP_TIMEOUT)
+        await processor.stop_handing_over(timeout=PUBLISHER_STOP_TIMEOUT)
 
     install_views(app, processor, broker)
     return app
@@ -768,6 +841,8 @@ def create_app(settings: Settings) -> RtimApp:
 
 #: How often partitions that receive nothing are checked for windows to close.
 IDLE_TICK_S = 1.0
+#: Seconds a worker keeps trying to hand over decisions it answered but could not store.
+HANDOVER_TIMEOUT_S = 30.0
 
 #: Seconds the publisher gets at shutdown to deliver what it holds (nothing, after a
 #: batch finished; records of a batch cut short are given up: their input comes again).

@@ -24,9 +24,17 @@ from faust.types import TP
 from rtim import metrics
 from rtim.decide.explain import recent_decisions
 from rtim.decide.request import parse_request
-from rtim.engine import Answer, BatchRun
-from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC
+from rtim.engine import Answer, BatchRun, Record
+from rtim.names import (
+    CLICKSTREAM_TOPIC,
+    DECISIONS_TOPIC,
+    HANDOVER_HEADER,
+    RESPONSES_TOPIC,
+    TRAINING_TOPIC,
+)
+from rtim.stream.api import DECIDED_BY
 from rtim.stream.app import ClickstreamProcessor
+from rtim.stream.consumer import FetchedBatch
 from rtim.stream.publish import OutRecord
 from rtim.stream.turns import PEEK_CHUNK
 
@@ -103,6 +111,7 @@ def on_a_batch_being_published(
         finally:
             held.gate.set()
             await batch
+            await processor.stop_handing_over(timeout=5)
 
     return processor, broker, asyncio.run(run())
 
@@ -149,8 +158,17 @@ def test_stored_answers_only_once_the_decision_is_stored(tmp_path: Path) -> None
     on_a_batch_being_published(tmp_path, "stored", then)
 
 
-def test_an_answer_whose_batch_cannot_be_stored_is_counted_lost(tmp_path: Path) -> None:
+def test_an_answer_whose_batch_cannot_be_stored_is_handed_over_and_adopted(
+    tmp_path: Path,
+) -> None:
+    """The batch a decision was answered in fails as the worker stops: the decision is
+    handed over on rtim.responses, and the customer's next owner adopts it once: its
+    actions open (a conversion to it is learned), counted as contacts, remembered and
+    recorded on rtim.decisions."""
+    handed = metrics.API_DECISIONS_HANDED_OVER._value.get()
     lost = metrics.API_DECISIONS_LOST._value.get()
+    adopted = metrics.API_DECISIONS_ADOPTED.labels("adopted")._value.get()
+    duplicate = metrics.API_DECISIONS_ADOPTED.labels("duplicate")._value.get()
 
     async def then(
         processor: ClickstreamProcessor, broker: TxnBroker, held: HeldPublish, customer: str
@@ -162,10 +180,61 @@ def test_an_answer_whose_batch_cannot_be_stored_is_counted_lost(tmp_path: Path) 
         return answer
 
     processor, broker, answer = on_a_batch_being_published(tmp_path, "decided", then)
-    assert metrics.API_DECISIONS_LOST._value.get() == lost + 1
     assert processor._open is None
     assert answer.decision_id not in decision_ids(broker)
     assert answer.decision_id not in stored_recent(processor, answer.customer_id)
+    assert metrics.API_DECISIONS_HANDED_OVER._value.get() == handed + 1
+    assert metrics.API_DECISIONS_LOST._value.get() == lost
+    [handover] = broker.committed(RESPONSES_TOPIC)
+    assert dict(handover.headers)[HANDOVER_HEADER] == b"1"
+    assert dict(handover.headers)[DECIDED_BY] == processor.app.rtim_api.url.encode()
+    assert (handover.key, handover.partition) == (answer.customer_id.encode(), 0)
+    assert orjson.loads(handover.value or b"")["decision_id"] == answer.decision_id
+
+    successor, _ = eos_processor(tmp_path / "next", broker)
+    key = answer.customer_id.encode()
+    record = Record(0, handover.offset, handover.key, handover.value, handover.headers, T0)
+    converted = {
+        "decision_id": answer.decision_id,
+        "customer_id": answer.customer_id,
+        "outcome": "conversion",
+        "timestamp": dt.datetime.fromtimestamp((T0 + 60_000) / 1000, dt.UTC).isoformat(),
+    }
+
+    async def take_over() -> None:
+        await successor._assigned({TP(CLICKSTREAM_TOPIC, 0)})
+        await successor.handle(fetched({0: [page("/kitchen", user=answer.customer_id, ts=T0)]}))
+        await successor.handle(FetchedBatch(0, {TP(RESPONSES_TOPIC, 0): [record]}))
+        # Handed over again (or its batch reached the changelog after all): once is enough.
+        await successor.handle(FetchedBatch(0, {TP(RESPONSES_TOPIC, 0): [record]}))
+
+    asyncio.run(take_over())
+    ctx = successor.engine.stored(0, key)
+    assert ctx is not None
+    opened = [p[0] for p in ctx["pending"]]
+    assert opened == [
+        answer.decision_id,
+        *(f"{answer.decision_id}#{a.offer.id}" for a in answer.actions[1:]),
+    ]
+    assert [(c[1], c[2]) for c in ctx["contacts"]] == [
+        (a.channel, a.offer.id) for a in answer.actions
+    ]
+    assert answer.decision_id in stored_recent(successor, answer.customer_id)
+    assert decision_ids(broker).count(answer.decision_id) == 1
+    assert metrics.API_DECISIONS_ADOPTED.labels("adopted")._value.get() == adopted + 1
+    assert metrics.API_DECISIONS_ADOPTED.labels("duplicate")._value.get() == duplicate + 1
+
+    # A conversion to it is learned: a positive example of its first action's offer.
+    answered = Record(0, handover.offset + 2, key, orjson.dumps(converted), (), T0)
+
+    async def respond() -> None:
+        await successor.handle(FetchedBatch(0, {TP(RESPONSES_TOPIC, 0): [answered]}))
+
+    asyncio.run(respond())
+    examples = [orjson.loads(e.value or b"") for e in broker.committed(TRAINING_TOPIC)]
+    assert [
+        (e["decision_id"], e["converted"]) for e in examples if e["offer_id"] != "__shared__"
+    ] == [(answer.decision_id, True)]
 
 
 def test_a_graceful_stop_stores_the_answered_decisions_first(tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ class Entry:
     value: bytes | None
     txn: str
     state: str = "open"  # committed, aborted
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass
@@ -100,11 +101,12 @@ class TxnBroker:
 
 
 class StandInProducer:
-    """aiokafka's transactional producer as RTIM uses it, on a :class:`TxnBroker`."""
+    """aiokafka's transactional producer as RTIM uses it, on a :class:`TxnBroker`; without
+    a transactional id, a plain producer (its records visible at once)."""
 
     def __init__(self, broker: TxnBroker, **config: Any) -> None:
         self.broker = broker
-        self.txn: str = config["transactional_id"]
+        self.txn: str = config.get("transactional_id") or ""
         self.epoch = -1
         self.in_txn = False
         self.offsets: dict[TopicPartition, int] = {}
@@ -116,7 +118,8 @@ class StandInProducer:
             raise ProducerFenced()
 
     async def start(self) -> None:
-        self.epoch = self.broker.init(self.txn)
+        if self.txn:
+            self.epoch = self.broker.init(self.txn)
 
     async def stop(self) -> None:
         self._closed = True
@@ -125,7 +128,7 @@ class StandInProducer:
         return set(range(self.broker.partitions))
 
     def create_batch(self) -> BatchBuilder:
-        return BatchBuilder(self.broker.batch_bytes, 0, is_transactional=True)
+        return BatchBuilder(self.broker.batch_bytes, 0, is_transactional=bool(self.txn))
 
     async def begin_transaction(self) -> None:
         assert not self.in_txn, "begin_transaction inside a transaction"
@@ -133,12 +136,13 @@ class StandInProducer:
         self.in_txn = True
 
     async def send_batch(self, builder: BatchBuilder, topic: str, *, partition: int) -> Any:
-        if not self.in_txn:
+        if self.txn and not self.in_txn:
             raise IllegalOperation("Can't send messages while not in transaction")
         fut = asyncio.get_running_loop().create_future()
         try:
             self.broker.fault("send")
-            self._check_epoch()
+            if self.txn:
+                self._check_epoch()
             if (topic, partition) in self.out_of_sequence:
                 raise OutOfOrderSequenceNumber()
             if self.broker.limit is not None and builder.size() > self.broker.limit:
@@ -150,8 +154,11 @@ class StandInProducer:
         records = list(DefaultRecordBatch(bytes(builder._build())))
         log = [e for e in self.broker.entries if (e.topic, e.partition) == (topic, partition)]
         base = len(log)
+        state = "open" if self.txn else "committed"
         for i, r in enumerate(records):
-            self.broker.entries.append(Entry(topic, partition, base + i, r.key, r.value, self.txn))
+            headers = tuple(r.headers)
+            entry = Entry(topic, partition, base + i, r.key, r.value, self.txn, state, headers)
+            self.broker.entries.append(entry)
         fut.set_result(SimpleNamespace(offset=base))
         return fut
 
@@ -412,6 +419,7 @@ def eos_processor(
     processor: ClickstreamProcessor = app.consumer._batch_sink.__self__
     assert isinstance(processor.publisher, TransactionalPublisher)
     processor.publisher._producer_class = partial(StandInProducer, broker)
+    processor.handover_producer = partial(StandInProducer, broker)
     processor.publisher.retry_delay = 0.01
     consumer = FakeConsumer()
     processor._consumer = lambda: consumer  # type: ignore[method-assign]
