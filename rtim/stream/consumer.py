@@ -32,8 +32,11 @@ was checked against (faust-streaming 0.15.3, aiokafka 0.14.0, mode-streaming 0.7
 
 Methods replaced: ``Consumer._drain_messages`` and ``Consumer._new_offset``
 (copied with changes), ``Consumer.perform_seek`` and ``wait_empty`` (wrapped; the
-commits at stop bounded), ``ThreadDelegateConsumer.highwaters`` (with retries, so
-that table recovery waits for a broker that went away), the aiokafka driver's
+commits at stop bounded), ``ThreadDelegateConsumer.seek_to_committed`` (wrapped: the
+partitions aiokafka's ``AIOKafkaConsumer.seek_to_committed`` leaves where they are, with
+no committed offset or 0, sought to their beginning),
+``ThreadDelegateConsumer.highwaters`` (with retries, so that table recovery waits for a
+broker that went away), the aiokafka driver's
 ``Consumer._new_consumer_thread``, ``AIOKafkaConsumerThread._create_worker_consumer``
 (wrapped) and ``AIOKafkaConsumerThread.on_thread_stop`` (mode's
 ``QueueServiceThread.on_thread_stop``, then aiokafka's ``consumer.stop()`` bounded by
@@ -413,6 +416,25 @@ class BatchConsumer(faust_aiokafka.Consumer):
             self.log.warning("%s: reading again from %d failed: %r", tp, offset, exc)
             return
         self._read_offset[tp] = offset if offset else None  # what the drain loop reads from
+
+    async def seek_to_committed(self) -> Mapping[TP, int]:
+        """Seek every assigned partition to its committed offset; a partition of the batch
+        topics with none (or 0) to its beginning.
+
+        aiokafka seeks only to a committed offset above 0: a partition never committed
+        kept the position its last fetch left it at, so the records of a batch dropped
+        since (its generation ended before it was stored) never came again (seen with
+        the first records of ``rtim.responses``, handed-over decisions, in a rebalance).
+        From the beginning is what the offset reset policy (earliest) says.
+        """
+        committed = await super().seek_to_committed()
+        never = [
+            tp for tp, offset in committed.items() if tp.topic in self.batch_topics and not offset
+        ]
+        if never:
+            earliest = await self.earliest_offsets(*never)
+            await self.seek_wait({tp: earliest[tp] for tp in never if tp in earliest})
+        return committed
 
     async def perform_seek(self) -> None:
         """Seek to the committed offsets, never moving a tracked commit backwards.

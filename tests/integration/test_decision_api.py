@@ -250,19 +250,28 @@ def test_an_applied_catalog_is_in_force_on_every_worker_and_a_bad_one_never_publ
         assert call(f"{worker.url}/v1/catalog")[1]["version"] == 1
 
 
-def test_through_a_rebalance_every_answer_is_recorded_or_counted_lost(kafka, workers) -> None:
+def test_through_a_rebalance_every_answer_is_recorded_and_kept_in_its_customers_context(
+    kafka, workers
+) -> None:
     """Requests keep coming to the first worker while a second one joins and takes half
     of its partitions: each is answered 200 (decided by the partition's owner of the
-    moment, directly or forwarded) or 503 with Retry-After, and every decision answered
-    is on rtim.decisions or counted in rtim_api_decisions_lost_total: none is forgotten
-    silently."""
+    moment, directly or forwarded) or 503 with Retry-After; every decision answered is on
+    rtim.decisions, and every one that offered something is in its customer's context
+    afterwards (open or closed), where caps count it and responses join it. Those whose
+    batch the first worker could not store (its membership ended with the rebalance) are
+    handed over to the customer's owner, which adopts them: none is lost."""
     w1 = workers("w1").wait_ready()
     serving(w1)
-    customers = [f"r{i}" for i in range(40)]
-    seen = [event(c, "page", "Home", NOW_MS - 60_000) for c in customers]
+    customers = [f"r{i}" for i in range(400)]
+    # A cart worth 80: free shipping is offered on the web (no cap in the catalog).
+    seen = [
+        event(c, "track", "Product Added", NOW_MS - 60_000, product_id="p1", price=80)
+        for c in customers
+    ]
     asyncio.run(produce(kafka.bootstrap, [segment(e) for e in seen]))
 
     answered: list[str] = []
+    offered: dict[str, set[str]] = {c: set() for c in customers}
     statuses: Counter[int] = Counter()
     retry_after: set[str | None] = set()
     stop = threading.Event()
@@ -270,11 +279,15 @@ def test_through_a_rebalance_every_answer_is_recorded_or_counted_lost(kafka, wor
     def ask() -> None:
         i = 0
         while not stop.is_set():
-            body = {"customer_id": customers[i % len(customers)], "channel": "web"}
-            status, answer, headers = call(f"{w1.url}/v1/decide", body)
+            customer = customers[i % len(customers)]
+            status, answer, headers = call(
+                f"{w1.url}/v1/decide", {"customer_id": customer, "channel": "web"}
+            )
             statuses[status] += 1
             if status == 200:
                 answered.append(answer["decision_id"])
+                if answer["actions"]:
+                    offered[customer].add(answer["decision_id"])
             elif status == 503:
                 retry_after.add(headers.get("Retry-After"))
             i += 1
@@ -292,21 +305,36 @@ def test_through_a_rebalance_every_answer_is_recorded_or_counted_lost(kafka, wor
         asker.join(30)
     assert set(statuses) <= {200, 503}, statuses
     assert retry_after <= {"1"}, retry_after
-    lost = sum(w.metric("rtim_api_decisions_lost_total") for w in (w1, w2))
+    assert sum(len(ids) for ids in offered.values()) > len(answered) / 2
 
     def recorded() -> set[str]:
         records = asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
         return {orjson.loads(r.value)["decision_id"] for r in records}
 
-    # Those counted lost are the ones whose batch was not stored (its membership ended
-    # with the rebalance); their records may have gone out before that was known.
+    def taken() -> float:
+        return sum(
+            w.metric("rtim_api_decisions_adopted_total", result=r)
+            for w in (w1, w2)
+            for r in ("adopted", "duplicate")
+        )
+
+    handed = sum(w.metric("rtim_api_decisions_handed_over_total") for w in (w1, w2))
     poll(
-        "every answered decision recorded or counted lost",
-        lambda: len(set(answered) - recorded()) <= lost,
+        f"every one of the {handed:.0f} handed-over decisions taken by its owner",
+        lambda: taken() == handed,
         20,
         w1,
         w2,
     )
+    assert sum(w.metric("rtim_api_decisions_lost_total") for w in (w1, w2)) == 0
+    poll("every answered decision recorded", lambda: set(answered) <= recorded(), 20, w1, w2)
+    # Every decision that offered something is in its customer's context.
+    for customer, ids in offered.items():
+        status, body, _ = call(f"{w1.url}/v1/customers/{customer}")
+        assert status == 200, body
+        held = {d["decision_id"] for d in body["open_decisions"]}
+        held |= {c[0] for c in body["context"]["closed"]}
+        assert ids <= held, f"{customer}: {sorted(ids - held)} answered but not in the context"
     # Both workers decided some: the second took partitions over.
     deciders = {
         dict(r.headers)["rtim.worker"]

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import pytest
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
-from rtim.names import CLICKSTREAM_TOPIC
+from rtim.names import CLICKSTREAM_TOPIC, RESPONSES_TOPIC
 from rtim.settings import Settings
 from rtim.stream.app import create_app
 from rtim.stream.consumer import BatchConsumer
@@ -162,3 +165,38 @@ def test_a_transactions_commit_is_kept_as_faust_keeps_its_own(tmp_path: Path) ->
     asyncio.run(consumer.perform_seek())  # the broker's answer read before the commit
     assert consumer._committed_offset[TP1] == 200
     assert commit(consumer, TP1) is None  # nothing for Faust to commit
+
+
+def test_a_partition_never_committed_is_read_again_from_its_beginning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch of a partition no commit ever reached is dropped (its generation ended):
+    the seek after the rebalance takes that partition back to its beginning, for the
+    records to come again, where aiokafka's seek leaves it where the fetch left it."""
+    consumer = consumer_for(tmp_path, {})
+    del consumer.seek_to_committed  # (the stand-in: this test is of the method itself)
+    fresh, committed_zero = TP(RESPONSES_TOPIC, 1), TP(RESPONSES_TOPIC, 2)
+    answer = {TP1: 1613, fresh: None, committed_zero: 0, TP("other", 0): None}
+
+    async def aiokafka_seek(self: Any) -> dict[TP, int | None]:
+        return answer  # aiokafka sought TP1 to 1613, and nothing else
+
+    sought: dict[TP, int] = {}
+    asked: list[tuple[TP, ...]] = []
+
+    async def earliest(*partitions: TP) -> dict[TP, int]:
+        asked.append(partitions)
+        return {tp: 40 for tp in partitions}  # (the log's start, after retention)
+
+    async def seek_wait(partitions: dict[TP, int]) -> None:
+        sought.update(partitions)
+
+    monkeypatch.setattr(faust_aiokafka.Consumer, "seek_to_committed", aiokafka_seek)
+    consumer.earliest_offsets = earliest  # type: ignore[method-assign]
+    consumer.seek_wait = seek_wait  # type: ignore[method-assign]
+    consumer._read_offset[fresh] = 7  # the dropped batch's last record
+    asyncio.run(consumer.perform_seek())
+    assert asked == [(fresh, committed_zero)]  # only the batch topics' partitions
+    assert sought == {fresh: 40, committed_zero: 40}
+    assert consumer._read_offset[fresh] is None  # the drain loop takes every record again
+    assert consumer._committed_offset[TP1] == 1613

@@ -42,6 +42,11 @@ GUARDED: dict[str, tuple[str, str]] = {
         "BatchConsumer.perform_seek wraps it and undoes a stale committed offset: check "
         "that it still sets _committed_offset from the broker's answer",
     ),
+    "aiokafka.consumer.consumer:AIOKafkaConsumer.seek_to_committed": (
+        "f6cd85c8b70a4ccf",
+        "BatchConsumer.seek_to_committed seeks the partitions it leaves alone (no committed "
+        "offset, or 0) to their beginning: check whether it still leaves them",
+    ),
     "faust.transport.consumer:Consumer.ack": (
         "5fcf41cf45153475",
         "BatchConsumer.ack_batch keeps the same books as ack (_acked, _acked_index) for a "
