@@ -19,8 +19,9 @@ changelog and the store with that batch, and its decision record to
   (between two parts of its core), or in one begun for it while the previous
   batch is being published (:meth:`ClickstreamProcessor.request_run`), which the
   next clickstream batch, or a batch of its own, then publishes and stores. A
-  worker that dies or loses the partition in those milliseconds forgets the
-  decision (``rtim_api_decisions_lost_total``).
+  worker that loses the partition in those milliseconds hands the decision over
+  to the customer's owner (:meth:`ClickstreamProcessor._lost`); one that dies
+  then forgets it.
 - ``stored``: once its batch is stored. Requests waiting when a batch (of the
   clickstream, or an idle tick) has applied its records ride it
   (:meth:`DecisionApi.ride`), otherwise they get a batch of their own; so a
