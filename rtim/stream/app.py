@@ -362,6 +362,9 @@ class ClickstreamProcessor:
                         break
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
+                except Exception:
+                    log.exception("could not hand decisions over")
+                    break
         handed = len(records) - refused
         if handed:
             metrics.API_DECISIONS_HANDED_OVER.inc(handed)
@@ -548,7 +551,8 @@ class ClickstreamProcessor:
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(
                 max(0, (consumer.highwater(tp) or 0) - tp_records[-1].offset - 1)
             )
-        self._observe(result, len(records), started)
+        responses = sum(len(r) for tp, r in batch.records.items() if tp.topic == RESPONSES_TOPIC)
+        self._observe(result, len(records), responses, started)
         return True
 
     async def _publish(self, out: list[OutRecord], batch: FetchedBatch) -> dict | None:
@@ -729,8 +733,9 @@ class ClickstreamProcessor:
         return bool(member)
 
     @staticmethod
-    def _observe(result: Any, n: int, started: float) -> None:
-        responses = sum(result.responses.values()) + sum(result.adopted.values())
+    def _observe(result: Any, n: int, responses: int, started: float) -> None:
+        """Count what a stored batch of ``n`` records (``responses`` of them from
+        rtim.responses) consumed, changed and produced."""
         metrics.EVENTS_CONSUMED.labels(CLICKSTREAM_TOPIC).inc(n - responses)
         if responses:
             metrics.EVENTS_CONSUMED.labels(RESPONSES_TOPIC).inc(responses)
