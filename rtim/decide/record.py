@@ -20,7 +20,7 @@ import orjson
 
 from rtim.decide.arbitrate import Decision, round6_all
 from rtim.decide.cloudevent import iso_ms
-from rtim.learn.attribution import MAX_ID_CHARS, InvalidResponse, Pending, action_id
+from rtim.learn.attribution import MAX_ID_CHARS, InvalidResponse, Pending, action_id, load_object
 
 RECORD_FORMAT = 1
 _mean = attrgetter("mean")
@@ -104,14 +104,7 @@ def read_handover(value: bytes | None) -> tuple[dict[str, Any], list[Pending]]:
     >>> [(p.decision_id, p.offer_id, list(p.features), p.window_end_ms) for p in opened]
     [('d-1', 'a', ['s', 'a:x'], 9), ('d-1#b', 'b', ['s'], 7)]
     """
-    if value is None or len(value) > MAX_HANDOVER_BYTES:
-        raise InvalidResponse("oversize", f"a handed-over decision is 1-{MAX_HANDOVER_BYTES} bytes")
-    try:
-        record = orjson.loads(value)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidResponse("malformed_json", f"not JSON: {exc}") from None
-    if not isinstance(record, dict):
-        raise InvalidResponse("not_an_object", "a decision record is a JSON object")
+    record = load_object(value or b"", MAX_HANDOVER_BYTES, "a handed-over decision record")
     _field(record, "decision_id", str)
     _field(record, "customer_id", str)
     _field(record, "channel", str)

@@ -124,6 +124,20 @@ def _timestamp_ms(raw: Any) -> int:
     return int(moment.timestamp() * 1000)
 
 
+def load_object(raw: bytes | str, max_bytes: int, what: str) -> dict[str, Any]:
+    """A JSON object of at most ``max_bytes`` read from ``rtim.responses`` (``what`` it
+    should be); raises :class:`InvalidResponse` otherwise."""
+    if len(raw) > max_bytes:
+        raise InvalidResponse("oversize", f"{what} is over {max_bytes} bytes")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidResponse("malformed_json", f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidResponse("not_an_object", f"{what} must be a JSON object")
+    return data
+
+
 def parse_response(raw: bytes | str | dict[str, Any]) -> Response:
     """Validate one response record; raises :class:`InvalidResponse` with its reason.
 
@@ -131,15 +145,9 @@ def parse_response(raw: bytes | str | dict[str, Any]) -> Response:
     ...                b' "timestamp": "2026-01-01T00:00:00Z"}').timestamp_ms
     1767225600000
     """
-    if isinstance(raw, (bytes, str)):
-        if len(raw) > MAX_RESPONSE_BYTES:
-            raise InvalidResponse("oversize", f"response is over {MAX_RESPONSE_BYTES} bytes")
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidResponse("malformed_json", f"not JSON: {exc}") from None
-    else:
-        data = raw
+    data = (
+        load_object(raw, MAX_RESPONSE_BYTES, "a response") if isinstance(raw, (bytes, str)) else raw
+    )
     if not isinstance(data, dict):
         raise InvalidResponse("not_an_object", "a response must be a JSON object")
     for name in ("decision_id", "customer_id", "outcome", "timestamp"):
