@@ -44,9 +44,10 @@ class Settings(BaseSettings):
         "decided",
         description="When the decision API answers: 'decided' (at once; the decision record "
         "and the customer's changed context go out with the worker's next batch, "
-        "milliseconds later: a worker that dies or loses the customer's partition in "
-        "between forgets that decision and its contact) or 'stored' (once they are in "
-        "Kafka and the store: a whole batch later, tens of milliseconds under load).",
+        "milliseconds later: a worker that loses the customer's partition in between hands "
+        "the decision over to the new owner, one that dies forgets it) or 'stored' (once "
+        "they are in Kafka and the store: a whole batch later, tens of milliseconds under "
+        "load).",
     )
     datadir: Path = Field(
         Path("rtim-data"), description="Directory of the worker's table stores (RocksDB)."
