@@ -67,6 +67,7 @@ from rtim.context.model import (
     is_duplicate,
     load_context,
     new_context,
+    note_change,
 )
 from rtim.decide.arbitrate import Decision, decide, round6, window_end
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
@@ -1079,6 +1080,7 @@ class BatchRun:
         self, partition: int, key: bytes, ctx: Context, entry: Any, kind: str | None
     ) -> None:
         """Note a change of a customer's context that is not a clickstream event."""
+        note_change(ctx)
         contexts = self._changed.get(partition)
         if contexts is None:
             contexts = self._changed[partition] = {}
@@ -1140,6 +1142,7 @@ class BatchRun:
             ctx = new_context(record.key.decode())  # a new visitor's first request
         if kind is not None:
             assert ctx is not None  # a response or a window closed changes an existing context
+            note_change(ctx)
             if kind == "close":
                 close_due(ctx, record.at_ms)
             elif kind == "request":

@@ -639,30 +639,54 @@ def load_context(raw: bytes, customer_id: str) -> tuple[Context, bool]:
 
 
 #: A serialised context's last field (``src`` is written last): read without decoding.
-_SRC_TAIL = re.compile(rb'"src":(?:null|\[(\d+),(\d+)\])\}$')
+_SRC_TAIL = re.compile(rb'"src":(?:null|\[(\d+),(\d+)(?:,(\d+))?\])\}$')
 
 
-def context_version(raw: bytes) -> tuple[int, int] | None:
-    """The ``src`` of a stored context, ``(partition, offset)``: how far it was built.
+def context_version(raw: bytes) -> tuple[int, int, int] | None:
+    """The ``src`` of a stored context, ``(partition, offset, changes)``: how far it was
+    built.
 
     Two contexts of one customer built from the same partition are ordered by it:
-    the one with the higher offset has every event the other has (table recovery
-    keeps it, whatever order the changelog has them in). None when no record was
-    applied yet or ``raw`` is not a context.
+    the one with the higher offset has every event the other has, and of two with the
+    same offset, the one with more changes that are not events (windows closed,
+    responses joined, decisions requested or handed over: :func:`note_change`) has
+    every change the other has (table recovery keeps it, whatever order the changelog
+    has them in). None when no record was applied yet or ``raw`` is not a context.
 
-    >>> context_version(b'{"n":2,"src":[3,41]}'), context_version(b'{"src":null}')
-    ((3, 41), None)
+    >>> context_version(b'{"n":2,"src":[3,41]}'), context_version(b'{"src":[3,41,2]}')
+    ((3, 41, 0), (3, 41, 2))
+    >>> context_version(b'{"src":null}') is None
+    True
     """
-    match = _SRC_TAIL.search(raw, max(0, len(raw) - 48))
+    match = _SRC_TAIL.search(raw, max(0, len(raw) - 64))
     if match is not None:
-        return (int(match[1]), int(match[2])) if match[1] is not None else None
+        if match[1] is None:
+            return None
+        return int(match[1]), int(match[2]), int(match[3] or 0)
     try:  # written with another field order, or damaged
         src = orjson.loads(raw).get("src")
     except (orjson.JSONDecodeError, AttributeError):
         return None
-    if type(src) is list and len(src) == 2 and all(_is_int(x) and x >= 0 for x in src):
-        return src[0], src[1]
+    if _is_src(src):
+        return src[0], src[1], src[2] if len(src) == 3 else 0
     return None
+
+
+def _is_src(src: Any) -> TypeGuard[list[int]]:
+    return type(src) is list and len(src) in (2, 3) and all(_is_int(x) and x >= 0 for x in src)
+
+
+def note_change(ctx: Context) -> None:
+    """Count a change of the context that is not an event (a window closed, a response
+    joined, a decision requested or handed over) in its ``src``, so that a version of
+    the context without it is older (:func:`context_version`)."""
+    src = ctx["src"]
+    if src is None:
+        return  # no event yet: nothing to order it by
+    if len(src) == 2:
+        src.append(1)
+    else:
+        src[2] += 1
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -806,7 +830,7 @@ def repair(stored: Any, customer_id: str) -> Context:
     dismissed = [(k, v) for k, v in mapping("dismissed").items() if _is_int(v)]
     ctx["dismissed"] = dict(dismissed[-MAX_DISMISSALS:])
     src = get("src")
-    if type(src) is list and len(src) == 2 and all(_is_int(x) and x >= 0 for x in src):
+    if _is_src(src):
         ctx["src"] = list(src)
     return ctx
 

@@ -43,8 +43,9 @@ class ContextTable(faust.Table):
     winning. A worker that lost its partitions without knowing it yet (paused or
     cut off past its session timeout) can write records after the new owner's,
     built from fewer events; the ordinary order would then bring back an old
-    context. Each context carries how far it was built (``src``,
-    :func:`~rtim.context.model.context_version`), so a record older than what is
+    context, or one built from the same events without what the new owner changed
+    since (a window closed, a response joined). Each context carries how far it was
+    built (``src``, :func:`~rtim.context.model.context_version`), so a record older than what is
     already stored for its key is skipped (``rtim_changelog_stale_records_total``).
     Compaction on Kafka would keep such a record as the latest of its key: the keys
     whose latest record was skipped are kept in :attr:`stale` until the processor
@@ -69,7 +70,7 @@ class ContextTable(faust.Table):
 
     def apply_changelog_batch(self, batch: Iterable[Any]) -> None:
         data = self.data
-        newest: dict[bytes, tuple[int, int] | None] = {}
+        newest: dict[bytes, tuple[int, int, int] | None] = {}
         fresh = []
         skipped = 0
         for event in batch:
@@ -85,7 +86,7 @@ class ContextTable(faust.Table):
                 version is not None
                 and current is not None
                 and version[0] == current[0]
-                and version[1] < current[1]
+                and version[1:] < current[1:]
             ):
                 skipped += 1
                 self.stale.setdefault(partition, set()).add(key)

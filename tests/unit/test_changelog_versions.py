@@ -74,9 +74,30 @@ def test_contexts_of_another_partition_or_without_version_are_applied(table) -> 
     assert store.get(1, b"c1") == b'{"n":0,"src":null}'
 
 
+def changed(n: int, changes: int) -> bytes:
+    """A context built from ``n`` events with ``changes`` that are not events since."""
+    return orjson.dumps({"n": n, "closed": changes, "src": [1, 100 + n, changes]})
+
+
+def test_of_two_contexts_from_the_same_events_the_one_changed_since_is_kept(table) -> None:
+    """The new owner closed a window (or joined a response) on a customer whose last
+    event a paused worker had also applied: the paused worker's late record, built from
+    the same events without that change, does not bring the closed window back."""
+    store = ContextStore(table)
+    table.apply_changelog_batch([event(b"c1", ctx(5), 0), event(b"c1", changed(5, 1), 1)])
+    table.apply_changelog_batch([event(b"c1", ctx(5), 2)])  # the zombie's, late
+    assert store.get(1, b"c1") == changed(5, 1)
+    assert store.to_heal([1]) == {1: {b"c1": changed(5, 1)}}
+    # A newer event still wins over any number of changes before it.
+    table.apply_changelog_batch([event(b"c1", ctx(6), 3), event(b"c1", changed(5, 9), 4)])
+    assert store.get(1, b"c1") == ctx(6)
+
+
 def test_context_version_reads_src_of_any_stored_context() -> None:
-    assert context_version(ctx(7)) == (1, 107)
-    assert context_version(b'{"src":[2,9],"n":1}') == (2, 9)  # another field order
+    assert context_version(ctx(7)) == (1, 107, 0)
+    assert context_version(changed(7, 3)) == (1, 107, 3)
+    assert context_version(b'{"src":[2,9],"n":1}') == (2, 9, 0)  # another field order
+    assert context_version(b'{"src":[2,9,4],"n":1}') == (2, 9, 4)
     assert context_version(b'{"traits":{"src":[1,9]},"src":null}') is None
     assert context_version(b"not json") is None
 

@@ -21,6 +21,7 @@ from rtim.context.model import (
     MAX_PAGE_CHARS,
     MAX_PAGES,
     MAX_PRODUCT_ID_CHARS,
+    context_version,
 )
 from rtim.decide.arbitrate import decision_id
 from rtim.decide.cloudevent import CONTENT_TYPE, TRIGGER_TYPE
@@ -1173,3 +1174,24 @@ def test_records_that_are_not_applied_leave_the_stream_time_alone() -> None:
     assert eng.clock(0).stream_ms is None  # nothing seen: no stream time, and no idle clock
     run(eng, log.records(page("/", ts=T0)), store)
     assert eng.clock(0).stream_ms == T0
+
+
+def test_every_change_that_is_not_an_event_makes_a_newer_version_of_the_context() -> None:
+    """A response joined or a window closed changes a context without an event: its
+    version (``src``) still moves on, so that table recovery prefers it to a late copy
+    built from the same events without that change (a paused worker's)."""
+    eng, store, log, ids = decided()
+
+    def version(customer: str) -> Any:
+        return context_version(store.data[(0, customer.encode())])
+
+    (partition, offset, changes) = version("u-1")
+    respond(eng, responses(("u-1", ids["u-1"], "click", T0 + MINUTE)), store)
+    assert version("u-1") == (partition, offset, changes + 1)
+    run(eng, log.records(page("/", user="u-9", ts=T0 + HOUR)), store)  # closes the window
+    assert version("u-1") == (partition, offset, changes + 2)
+    assert version("u-2")[1:] == (version("u-2")[1], 1)  # closed too, no response
+    # The customer's next event: a higher offset, the changes still counted.
+    run(eng, log.records(page("/x", user="u-1", ts=T0 + HOUR + 1)), store)
+    later = version("u-1")
+    assert later[1] > offset and later[2] == changes + 2 and later > (partition, offset, 99)
