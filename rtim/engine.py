@@ -687,6 +687,11 @@ class _Close(NamedTuple):
     at_ms: int
 
 
+def _changes(joined: str) -> int:
+    """What a response with this join result changed in its customer's context."""
+    return 0 if joined == "duplicate" else 1  # joined, or late (its outcome remembered)
+
+
 def _action_reasons(decision: Decision, offer: Offer) -> list[str]:
     """Why an action of a request's answer is there and what weighed it: the eligibility
     rules it passed, the context weights and the levers of its score."""
@@ -901,7 +906,7 @@ class BatchRun:
             joined, example = self._respond(ctx, response)
             result.responses[(response.outcome, joined)] += 1
             if ctx is not None and joined != "unknown":
-                self._journal(partition, key, ctx, record, "response")
+                self._journal(partition, key, ctx, record, "response", _changes(joined))
             if example is not None:
                 result.examples.append(replace(example, partition=partition))
 
@@ -1077,10 +1082,17 @@ class BatchRun:
         return answer
 
     def _journal(
-        self, partition: int, key: bytes, ctx: Context, entry: Any, kind: str | None
+        self,
+        partition: int,
+        key: bytes,
+        ctx: Context,
+        entry: Any,
+        kind: str | None,
+        changes: int = 1,
     ) -> None:
-        """Note a change of a customer's context that is not a clickstream event."""
-        note_change(ctx)
+        """Note a change of a customer's context that is not a clickstream event (``changes``
+        of them in its version: :func:`~rtim.context.model.note_change`)."""
+        note_change(ctx, changes)
         contexts = self._changed.get(partition)
         if contexts is None:
             contexts = self._changed[partition] = {}
@@ -1113,7 +1125,7 @@ class BatchRun:
             if closed:
                 self.result.examples.extend(_at(partition, closed))
                 entry = _Close(partition, -1, key, None, now_ms)
-                self._journal(partition, key, ctx, entry, "close")
+                self._journal(partition, key, ctx, entry, "close", len(closed))
             end = next_window_end(ctx)
             if end is not None:
                 heapq.heappush(heap, (end, key))
@@ -1142,15 +1154,16 @@ class BatchRun:
             ctx = new_context(record.key.decode())  # a new visitor's first request
         if kind is not None:
             assert ctx is not None  # a response or a window closed changes an existing context
-            note_change(ctx)
             if kind == "close":
-                close_due(ctx, record.at_ms)
+                note_change(ctx, len(close_due(ctx, record.at_ms)))
             elif kind == "request":
                 for pending in opened:
                     open_decision(ctx, pending, MAX_PENDING_PER_CUSTOMER)
                 self._decided_again(ctx, made, record.at_ms)
+                note_change(ctx)
             else:
-                self._respond(ctx, parse_response(record.value))
+                joined, _ = self._respond(ctx, parse_response(record.value))
+                note_change(ctx, _changes(joined))
             return ctx
         event = self._parse(record)
         if ctx is None:

@@ -676,17 +676,19 @@ def _is_src(src: Any) -> TypeGuard[list[int]]:
     return type(src) is list and len(src) in (2, 3) and all(_is_int(x) and x >= 0 for x in src)
 
 
-def note_change(ctx: Context) -> None:
-    """Count a change of the context that is not an event (a window closed, a response
-    joined, a decision requested or handed over) in its ``src``, so that a version of
-    the context without it is older (:func:`context_version`)."""
+def note_change(ctx: Context, changes: int = 1) -> None:
+    """Count changes of the context that are not events (decisions whose windows closed,
+    a response joined, a decision requested or handed over) in its ``src``, so that a
+    version of the context without them is older (:func:`context_version`). Counted
+    per decision and per response, the count does not depend on how records were
+    batched."""
     src = ctx["src"]
-    if src is None:
+    if src is None or not changes:
         return  # no event yet: nothing to order it by
     if len(src) == 2:
-        src.append(1)
+        src.append(changes)
     else:
-        src[2] += 1
+        src[2] += changes
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

@@ -1188,6 +1188,10 @@ def test_every_change_that_is_not_an_event_makes_a_newer_version_of_the_context(
     (partition, offset, changes) = version("u-1")
     respond(eng, responses(("u-1", ids["u-1"], "click", T0 + MINUTE)), store)
     assert version("u-1") == (partition, offset, changes + 1)
+    # The same response again (redelivered) changes nothing: the version stays.
+    again = respond(eng, responses(("u-1", ids["u-1"], "click", T0 + MINUTE)), store)
+    assert again.responses == {("click", "duplicate"): 1}
+    assert version("u-1") == (partition, offset, changes + 1)
     run(eng, log.records(page("/", user="u-9", ts=T0 + HOUR)), store)  # closes the window
     assert version("u-1") == (partition, offset, changes + 2)
     assert version("u-2")[1:] == (version("u-2")[1], 1)  # closed too, no response
