@@ -893,8 +893,7 @@ class BatchRun:
                         field="timestamp",
                     )
             except InvalidResponse as exc:
-                result.invalid[exc.reason] += 1
-                result.dead_letters.append(engine._dead_letter(RESPONSES_TOPIC, record, exc))
+                self._refuse_response(record, exc)
                 continue
             key = response.customer_id.encode()
             owner = None if partition_of is None else partition_of(key)
@@ -921,15 +920,11 @@ class BatchRun:
         partition = record.partition
         try:
             decided, opened = read_handover(record.value)
+            key = decided["customer_id"].encode()
+            if engine.partition_of is not None and engine.partition_of(key) != partition:
+                raise InvalidResponse("wrong_type", "handed over to another customer's partition")
         except InvalidResponse as exc:
-            result.invalid[exc.reason] += 1
-            result.dead_letters.append(engine._dead_letter(RESPONSES_TOPIC, record, exc))
-            return
-        key = decided["customer_id"].encode()
-        if engine.partition_of is not None and engine.partition_of(key) != partition:
-            wrong = InvalidResponse("wrong_type", "handed over to another customer's partition")
-            result.invalid[wrong.reason] += 1
-            result.dead_letters.append(engine._dead_letter(RESPONSES_TOPIC, record, wrong))
+            self._refuse_response(record, exc)
             return
         at_ms = decided["decided_ms"]
         self._advance(partition, at_ms)
@@ -952,14 +947,24 @@ class BatchRun:
             if not opened:
                 return  # a new visitor offered nothing has no context
             ctx = new_context(decided["customer_id"])
-            engine.cached(partition)[key] = ctx
-            result.new_customers += 1
-            self._created.add((partition, key))
+            self._keep_new(partition, key, ctx)
         for pending in opened:
             engine._hold(ctx, key, partition, pending, result)
         self._decided_again(ctx, (made,), at_ms)
         self._fired[len(self._keys)] = ([], (made,), opened)
         self._journal(partition, key, ctx, entry, "request")
+
+    def _refuse_response(self, record: RecordLike, exc: InvalidResponse) -> None:
+        """Dead-letter a record of ``rtim.responses`` that cannot be used, with its reason."""
+        self.result.invalid[exc.reason] += 1
+        self.result.dead_letters.append(self.engine._dead_letter(RESPONSES_TOPIC, record, exc))
+
+    def _keep_new(self, partition: int, key: bytes, ctx: Context) -> None:
+        """Keep a new customer's context, made outside the clickstream (a request's, or a
+        handed-over decision's): cached, counted, and forgotten if the batch undoes it."""
+        self.engine.cached(partition)[key] = ctx
+        self.result.new_customers += 1
+        self._created.add((partition, key))
 
     def _respond(self, ctx: Context | None, response: Any) -> tuple[str, Any]:
         """Join a response; a dismissal starts its offer's cool-down (event time)."""
@@ -1048,9 +1053,7 @@ class BatchRun:
             result.no_offer += 1
         if decision.offer is not None or not new:
             if new:
-                engine.cached(partition)[key] = ctx
-                result.new_customers += 1
-                self._created.add((partition, key))
+                self._keep_new(partition, key, ctx)
             for i, ((c, channel), end) in enumerate(zip(shown, ends, strict=True)):
                 action = (c, channel, end) if i else None
                 opened.append(engine._open(ctx, key, partition, decision, result, action))
