@@ -311,21 +311,22 @@ def test_through_a_rebalance_every_answer_is_recorded_and_kept_in_its_customers_
         records = asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
         return {orjson.loads(r.value)["decision_id"] for r in records}
 
-    def taken() -> float:
-        return sum(
-            w.metric("rtim_api_decisions_adopted_total", result=r)
-            for w in (w1, w2)
-            for r in ("adopted", "duplicate")
-        )
+    def taken(result: str) -> float:
+        return sum(w.metric("rtim_api_decisions_adopted_total", result=result) for w in (w1, w2))
 
+    # A handed-over record is read at least once: again by the next owner of its
+    # partition if its reader's commit did not come before a rebalance (a duplicate then,
+    # as its adoption is in the changelog the next owner recovered), so there may be more
+    # takings than handovers, but never more adoptions.
     handed = sum(w.metric("rtim_api_decisions_handed_over_total") for w in (w1, w2))
     poll(
         f"every one of the {handed:.0f} handed-over decisions taken by its owner",
-        lambda: taken() == handed,
+        lambda: taken("adopted") + taken("duplicate") >= handed,
         20,
         w1,
         w2,
     )
+    assert taken("adopted") <= handed
     assert sum(w.metric("rtim_api_decisions_lost_total") for w in (w1, w2)) == 0
     poll("every answered decision recorded", lambda: set(answered) <= recorded(), 20, w1, w2)
     # Every decision that offered something is in its customer's context.
