@@ -75,7 +75,12 @@ def test_simulate_stops_cleanly_on_ctrl_c_while_waiting() -> None:
     try:
         waited = wait_for_output(proc, b"retrying in")
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=20)
+        try:
+            stdout, stderr = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(
+                f"still running 20 s after Ctrl-C:\n{(waited + (exc.stderr or b'')).decode()}"
+            ) from None
     finally:
         if proc.poll() is None:
             proc.kill()
