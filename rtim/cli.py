@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,7 @@ def simulate(
     from rtim.settings import KafkaConnection
     from rtim.simulate import JourneySimulator, past_start_ms
     from rtim.simulate_kafka import produce_events
+    from rtim.stopping import on_signals
 
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # aiokafka reports each failed connection attempt as an error of its own;
@@ -191,12 +193,24 @@ def simulate(
     start_ms = None if live else past_start_ms()
     sim = JourneySimulator(customers=customers, seed=seed, live=live, start_ms=start_ms)
     progress: Any = click.progressbar(length=events, label=f"sending to {topic}", show_pos=True)
+
+    async def send(update: Callable[[int], None]) -> int | None:
+        """The events sent, or None if a signal stopped the sending."""
+        task = asyncio.ensure_future(
+            produce_events(kafka, topic, sim.events(events), rate=rate, progress=update)
+        )
+        with on_signals(task.cancel):
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    return None
+                raise
+
     with progress as bar:
         try:
-            sent = asyncio.run(
-                produce_events(kafka, topic, sim.events(events), rate=rate, progress=bar.update)
-            )
-        except KeyboardInterrupt:
+            sent = asyncio.run(send(bar.update))
+        except KeyboardInterrupt:  # before the signals are handled
             sent = None
     click.echo(f"sent {sent:,} events" if sent is not None else "stopped.")
 

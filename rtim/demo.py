@@ -22,14 +22,13 @@ import heapq
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +44,12 @@ from rtim.names import CLICKSTREAM_TOPIC, DLQ_TOPIC, RESPONSES_TOPIC, TRIGGER_TO
 from rtim.settings import KafkaConnection, Settings, load_settings
 from rtim.simulate import JourneySimulator
 from rtim.simulate_kafka import produce_events
+from rtim.stopping import on_signals
 from rtim.stream.process import WorkerProcess
 from rtim.stream.topics import create_topics, topic_specs
 
 Echo = Callable[[str], None]
 
-#: Signals that end the demo in order (SIGINT: Ctrl-C; SIGHUP: the terminal closed).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: Grace period of the worker's own shutdown before it is killed.
 WORKER_STOP_TIMEOUT_S = 10.0
 
@@ -154,18 +152,6 @@ def check_port_free(port: int) -> None:
                 f"web port {port} is taken ({exc.strerror}): choose another with "
                 "RTIM_WEB_PORT or --web-port"
             ) from exc
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
-    loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        yield
-    finally:
-        for sig in STOP_SIGNALS:
-            loop.remove_signal_handler(sig)
 
 
 async def _until_ready(worker: WorkerProcess, stop: asyncio.Event, timeout: float) -> bool:
@@ -390,7 +376,7 @@ async def run_demo(
     stop = asyncio.Event()
     out = _Output(echo, on_closed=stop.set)
     # A signal during the clean-up below only sets `stop` again.
-    with _stop_on_signals(stop):
+    with on_signals(stop.set):
         workdir = Path(tempfile.mkdtemp(prefix="rtim-demo-"))
         janitor = _Janitor(workdir)
         try:

@@ -78,11 +78,6 @@ async def _start(config: dict[str, Any], topic: str) -> tuple[AIOKafkaProducer, 
             await producer.stop()
             raise
         await producer.stop()
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # A cancellation (Ctrl-C) that arrived in the producer's start or stop and was
-            # swallowed there, not given back: it still ends the wait.
-            raise asyncio.CancelledError
         log.warning(
             "%s at %s; retrying in %.1f s", problem, ",".join(config["bootstrap_servers"]), delay
         )

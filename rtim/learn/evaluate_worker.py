@@ -58,7 +58,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +90,7 @@ from rtim.learn.models import POOLED
 from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC, RESPONSES_TOPIC
 from rtim.offers.catalog import Offer
 from rtim.settings import KafkaConnection, Settings, load_settings
+from rtim.stopping import on_signals
 from rtim.stream.process import WorkerError, WorkerProcess
 from rtim.stream.topics import create_topics, topic_specs
 
@@ -352,13 +353,13 @@ def run_seed(
     echo: Callable[[str], None] = lambda line: None,
 ) -> WorkerRun:
     """One seed's market through a fresh broker and worker, stopped at the end (also on
-    Ctrl-C or SIGTERM, which end it with KeyboardInterrupt)."""
+    Ctrl-C, SIGTERM or SIGHUP, which end it with KeyboardInterrupt)."""
     with contextlib.ExitStack() as stack:
         if workdir is None:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rtim-eval-")))
         try:
             return asyncio.run(_run_seed(seed, decisions, wave, workdir, echo))
-        except asyncio.CancelledError:  # by SIGTERM (_stopped_by_sigterm)
+        except asyncio.CancelledError:  # by a signal (on_signals, in _run_seed)
             raise KeyboardInterrupt from None
 
 
@@ -369,7 +370,9 @@ async def _run_seed(
     load_settings()  # RTIM_* of the environment reach the worker too: check them first
     # The broker first, while this process has no other thread: only then does the
     # kernel end it with this process (rtim.broker).
-    with EmbeddedBroker(log_path=workdir / "broker.log") as broker, _stopped_by_sigterm():
+    task = asyncio.current_task()
+    assert task is not None
+    with EmbeddedBroker(log_path=workdir / "broker.log") as broker, on_signals(task.cancel):
         market = Market(seed)
         moments = [market.moment() for _ in range(decisions)]
         catalog = workdir / "market-catalog.yaml"
@@ -398,22 +401,6 @@ async def _run_seed(
         finally:
             worker.stop(timeout=10)
     return WorkerRun(result, time.monotonic() - started, market_s)
-
-
-@contextlib.contextmanager
-def _stopped_by_sigterm() -> Iterator[None]:
-    """SIGTERM cancels the run as Ctrl-C does, so that the worker and the broker are
-    stopped in order and the working directory removed."""
-    import signal
-
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)
 
 
 async def _ready(worker: WorkerProcess) -> None:
