@@ -11,24 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 #: Signals that end a command in order (SIGINT: Ctrl-C; SIGHUP: the terminal closed).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
-def on_signals(
-    callback: Callable[[], object], signals: Iterable[int] = STOP_SIGNALS
-) -> Iterator[None]:
-    """Call ``callback`` on each of ``signals`` while in the block (in the running event
-    loop); their default handling is back after it."""
+def on_signals(callback: Callable[[], object]) -> Iterator[None]:
+    """Call ``callback`` on each of :data:`STOP_SIGNALS` while in the block (in the running
+    event loop); their default handling is back after it."""
     loop = asyncio.get_running_loop()
-    signals = tuple(signals)
-    for sig in signals:
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, callback)
     try:
         yield
     finally:
-        for sig in signals:
+        for sig in STOP_SIGNALS:
             loop.remove_signal_handler(sig)
