@@ -603,5 +603,8 @@ def explain(customer: str, url: str | None, as_json: bool) -> None:
             f"  {when(d['at'])}  {d['by']}  -> {d['offer'] or 'no offer'} on {d['channel']}"
             f"  ({d['id']})"
         )
+        if len(d.get("actions") or ()) > 1:  # a request answered with several actions
+            also = ", ".join(f"{offer} on {channel}" for offer, channel, *_ in d["actions"][1:])
+            click.echo(f"      also: {also}")
         for reason in d["reasons"]:
             click.echo(f"      {reason}")

@@ -69,9 +69,9 @@ from rtim.context.model import (
     new_context,
     note_change,
 )
-from rtim.decide.arbitrate import Decision, decide, round6, window_end
+from rtim.decide.arbitrate import Decision, decide, decision_id, round6, window_end
 from rtim.decide.cloudevent import CONTENT_TYPE, encode_trigger
-from rtim.decide.explain import note_decision, note_record, remembers
+from rtim.decide.explain import note_decision, note_record, remembered, remembers
 from rtim.decide.policy import (
     dismissed_offer,
     record_contact,
@@ -254,6 +254,8 @@ class Answer:
     #: The customer had no context (decided as a new visitor).
     new_customer: bool
     decided_ms: int
+    #: Asked before with the same ``request_id``: the answer it got then, not recorded again.
+    repeated: bool = False
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -266,6 +268,8 @@ class Answer:
             "new_customer": self.new_customer,
             "partition": self.partition,
         }
+        if self.repeated:
+            out["repeated"] = True
         if not self.actions:
             out["reason"] = next(
                 (r for r in reversed(self.reasons) if r.startswith("no-offer:")), "no-offer"
@@ -692,12 +696,55 @@ def _changes(joined: str) -> int:
     return 0 if joined == "duplicate" else 1  # joined, or late (its outcome remembered)
 
 
+def _answer_again(
+    request: DecideRequest, asked: dict[str, Any], partition: int, catalog: Catalog
+) -> Answer:
+    """The answer to a request asked again (its ``request_id`` was decided for this
+    customer already, among the decisions its context remembers: a client's retry), from
+    the context's summary of it: the same decision id, actions (scores and propensities as
+    they were) and reasons, plus ``repeated:<request_id>``; an action's reasons are its
+    eligibility rules and the context weights the summary kept (not its levers). Nothing is
+    decided, counted or recorded again. An action whose offer is no longer in the catalog
+    is left out."""
+    offers = {o.id: o for o in catalog.offers}
+    actions = [
+        Action(
+            offer=offers[offer_id],
+            channel=channel,
+            score=score,
+            propensity=mean,
+            reasons=_offer_reasons(offers[offer_id], asked["reasons"]),
+        )
+        for offer_id, channel, score, mean in asked.get("actions") or ()
+        if offer_id in offers
+    ]
+    return Answer(
+        decision_id=asked["id"],
+        customer_id=request.customer_id,
+        channel=request.channel,
+        placement=request.placement,
+        partition=partition,
+        actions=actions,
+        reasons=[*asked["reasons"], f"repeated:{request.request_id}"],
+        new_customer=False,
+        decided_ms=asked["at"],
+        repeated=True,
+    )
+
+
+def _offer_reasons(offer: Offer, reasons: list[str]) -> list[str]:
+    """An action's eligibility rules, and the context weights of a decision's ``reasons``
+    that weighed its score."""
+    weighed = f":{offer.id}="
+    return [f"eligible:{cond.text}" for cond in offer.eligibility] + [
+        r for r in reasons if r.startswith("weight:") and weighed in r
+    ]
+
+
 def _action_reasons(decision: Decision, offer: Offer) -> list[str]:
     """Why an action of a request's answer is there and what weighed it: the eligibility
     rules it passed, the context weights and the levers of its score."""
-    reasons = [f"eligible:{cond.text}" for cond in offer.eligibility]
-    weighed = f":{offer.id}="
-    reasons.extend(r for r in decision.reasons if r.startswith("weight:") and weighed in r)
+    reasons = _offer_reasons(offer, decision.reasons)
     levers = decision.levers.get(offer.id, {})
     reasons.extend(f"lever:{offer.id}:{k}={v:g}" for k, v in levers.items())
     return reasons
@@ -929,8 +976,8 @@ class BatchRun:
         at_ms = decided["decided_ms"]
         self._advance(partition, at_ms)
         ctx = engine.context(partition, key)
-        decision_id = decided["decision_id"]
-        if ctx is not None and (has_decision(ctx, decision_id) or remembers(ctx, decision_id)):
+        the_id = decided["decision_id"]
+        if ctx is not None and (has_decision(ctx, the_id) or remembers(ctx, the_id)):
             result.adopted["duplicate"] += 1
             return
         result.adopted["adopted"] += 1
@@ -999,6 +1046,10 @@ class BatchRun:
         new = ctx is None
         if ctx is None:
             ctx = new_context(request.customer_id)
+        else:
+            asked = remembered(ctx, decision_id(ctx["id"], request.request_id, rule.id))
+            if asked is not None:
+                return _answer_again(request, asked, partition, catalog)
         event = Event(
             "request",
             request.request_id,
@@ -1051,15 +1102,6 @@ class BatchRun:
         opened: list[Pending] = []
         if decision.offer is None:
             result.no_offer += 1
-        if decision.offer is not None or not new:
-            if new:
-                self._keep_new(partition, key, ctx)
-            for i, ((c, channel), end) in enumerate(zip(shown, ends, strict=True)):
-                action = (c, channel, end) if i else None
-                opened.append(engine._open(ctx, key, partition, decision, result, action))
-            note_decision(ctx, decision, rule.id)
-            self._fired[len(self._keys)] = ([], (made,), opened)
-            self._journal(partition, key, ctx, entry, "request")
         actions = [
             Action(
                 offer=c.offer,
@@ -1070,6 +1112,16 @@ class BatchRun:
             )
             for c, channel in shown
         ]
+        if decision.offer is not None or not new:
+            if new:
+                self._keep_new(partition, key, ctx)
+            for i, ((c, channel), end) in enumerate(zip(shown, ends, strict=True)):
+                action = (c, channel, end) if i else None
+                opened.append(engine._open(ctx, key, partition, decision, result, action))
+            answered = [[a.offer.id, a.channel, a.score, a.propensity] for a in actions]
+            note_decision(ctx, decision, rule.id, answered)
+            self._fired[len(self._keys)] = ([], (made,), opened)
+            self._journal(partition, key, ctx, entry, "request")
         answer = Answer(
             decision_id=decision.decision_id,
             customer_id=request.customer_id,

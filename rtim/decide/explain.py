@@ -24,18 +24,42 @@ MAX_REASONS = 6
 _DERIVED = ("trigger:", "eligible:")
 
 
-def note_decision(ctx: Context, decision: Decision, by: str) -> None:
-    """Remember a decision's summary in the context (the oldest goes first)."""
+def note_decision(
+    ctx: Context, decision: Decision, by: str, actions: list[list[Any]] | None = None
+) -> None:
+    """Remember a decision's summary in the context (the oldest goes first); ``actions``:
+    a request's answer, as ``[offer id, channel, score, propensity]`` each, so that the
+    request asked again is answered the same (:func:`remembered`)."""
     offer = None if decision.offer is None else decision.offer.id
     reasons = decision.reasons
     _remember(
-        ctx, decision.decision_id, decision.event.timestamp_ms, by, offer, decision.channel, reasons
+        ctx,
+        decision.decision_id,
+        decision.event.timestamp_ms,
+        by,
+        offer,
+        decision.channel,
+        reasons,
+        actions,
     )
 
 
 def note_record(ctx: Context, record: dict[str, Any]) -> None:
     """Remember a decision from its record (:mod:`rtim.decide.record`), as
     :func:`note_decision` did when it was made."""
+    actions = None
+    if record.get("source") == "api":  # (a record read back is checked by read_handover)
+        scored = {c.get("offer_id"): c for c in record.get("candidates") or ()}
+        first = {"offer_id": record["offer_id"], "channel": record["channel"]}
+        actions = [
+            [
+                action["offer_id"],
+                str(action.get("channel") or record["channel"]),
+                _number(scored.get(action["offer_id"], {}).get("score")),
+                _number(scored.get(action["offer_id"], {}).get("propensity")),
+            ]
+            for action in record.get("actions") or ([first] if first["offer_id"] else [])
+        ]
     _remember(
         ctx,
         record["decision_id"],
@@ -44,7 +68,12 @@ def note_record(ctx: Context, record: dict[str, Any]) -> None:
         record["offer_id"],
         record["channel"],
         record["reasons"],
+        actions,
     )
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
 
 def _remember(
@@ -55,6 +84,7 @@ def _remember(
     offer: str | None,
     channel: str,
     reasons: list[str],
+    actions: list[list[Any]] | None,
 ) -> None:
     entry = {
         "id": decision_id,
@@ -64,6 +94,8 @@ def _remember(
         "channel": channel,
         "reasons": [r for r in reasons if not r.startswith(_DERIVED)][:MAX_REASONS],
     }
+    if actions is not None:
+        entry["actions"] = actions
     recent = ctx.get("recent")
     if recent is None:
         # ``src`` stays the last field (read without decoding the context).
@@ -78,7 +110,12 @@ def _remember(
 
 def remembers(ctx: Context, decision_id: str) -> bool:
     """Whether the decision is among the context's last ones."""
-    return any(entry["id"] == decision_id for entry in ctx.get("recent") or ())
+    return remembered(ctx, decision_id) is not None
+
+
+def remembered(ctx: Context, decision_id: str) -> dict[str, Any] | None:
+    """The summary of the decision if it is among the context's last ones."""
+    return next((entry for entry in ctx.get("recent") or () if entry["id"] == decision_id), None)
 
 
 def recent_decisions(ctx: Context) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Decision requests: what ``POST /v1/decide`` asks, checked, and what it answers.
+"""Decision requests: what ``POST /v1/decide`` (or ``GET``) asks, checked, and what it answers.
 
 A request asks for the next best actions for one customer on one channel, at
 an optional placement (the catalog's ``placements``). It is decided like a
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,8 @@ MAX_CONTEXT_ATTRIBUTES = 32
 #: Request ids for requests without one: unique, not secret (os.urandom, which uuid4 reads,
 #: is a system call per id, a noticeable part of a request on some virtual machines).
 _IDS = random.Random()
+#: A query parameter naming a request attribute (``context.page=/checkout``).
+_CONTEXT_PREFIX = "context."
 _FIELDS = {"customer_id", "channel", "placement", "timestamp", "limit", "context", "request_id"}
 
 
@@ -84,6 +87,57 @@ def parse_request(
         raise InvalidRequest("body", f"not JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidRequest("body", "must be a JSON object")
+    return check_request(raw, now_ms=now_ms, max_future_skew_ms=max_future_skew_ms)
+
+
+def parse_query(
+    query: Iterable[tuple[str, str]], *, now_ms: int, max_future_skew_ms: int = 3_600_000
+) -> DecideRequest:
+    """Check a request given as query parameters (``GET /v1/decide?customer_id=...``):
+    the same fields as a body's, ``limit`` a number, and each request attribute of
+    ``context`` as ``context.NAME=VALUE`` (a string).
+
+    >>> req = parse_query(
+    ...     [("customer_id", "u1"), ("channel", "web"), ("limit", "2"), ("context.page", "/")],
+    ...     now_ms=1000,
+    ... )
+    >>> req.limit, req.context
+    (2, {'page': '/'})
+    >>> parse_query([("customer_id", "u1"), ("channel", "web"), ("limit", "two")], now_ms=0)
+    Traceback (most recent call last):
+    ...
+    rtim.decide.request.InvalidRequest: limit: must be an integer from 1 to 10
+    """
+    raw: dict[str, Any] = {}
+    context: dict[str, str] = {}
+    for name, value in query:
+        if name.startswith(_CONTEXT_PREFIX):
+            attribute = name[len(_CONTEXT_PREFIX) :]
+            if not attribute:
+                raise InvalidRequest(name, "a request attribute needs a name: context.NAME=VALUE")
+            into, field_name = context, attribute
+        elif name == "context":
+            raise InvalidRequest(name, "give each request attribute as context.NAME=VALUE")
+        else:
+            into, field_name = raw, name
+        if field_name in into:
+            raise InvalidRequest(name, "given more than once")
+        into[field_name] = value
+    limit = raw.get("limit")
+    if limit is not None:
+        if not (limit.isascii() and limit.isdigit()):
+            raise InvalidRequest("limit", f"must be an integer from 1 to {MAX_LIMIT}")
+        raw["limit"] = int(limit)
+    if context:
+        raw["context"] = context
+    return check_request(raw, now_ms=now_ms, max_future_skew_ms=max_future_skew_ms)
+
+
+def check_request(
+    raw: dict[str, Any], *, now_ms: int, max_future_skew_ms: int = 3_600_000
+) -> DecideRequest:
+    """Check a request's fields, however they came; raises :class:`InvalidRequest`
+    naming the first bad field."""
     unknown = sorted(set(raw) - _FIELDS)
     if unknown:
         raise InvalidRequest(unknown[0], f"unknown field; known: {sorted(_FIELDS)}")

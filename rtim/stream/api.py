@@ -1,5 +1,6 @@
-"""The decision API on every worker: ``POST /v1/decide``, ``GET /v1/customers/{id}``,
-``GET /v1/catalog`` (docs/architecture.md, "The decision API").
+"""The decision API on every worker: ``POST /v1/decide`` (or ``GET`` with the request as
+query parameters), ``GET /v1/customers/{id}``, ``GET /v1/catalog`` (docs/architecture.md,
+"The decision API").
 
 A customer's context lives on the worker that owns its clickstream partition
 (``partition_of``, Kafka's murmur2; the context table is co-partitioned). That
@@ -33,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from faust.web import Request, Response, View, Web
 from rtim import metrics
 from rtim.decide.explain import recent_decisions
 from rtim.decide.policy import counters
-from rtim.decide.request import DecideRequest, InvalidRequest, parse_request
+from rtim.decide.request import DecideRequest, InvalidRequest, parse_query, parse_request
 from rtim.engine import Answer
 from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE
 from rtim.stream.catalog import LiveCatalog
@@ -145,8 +146,9 @@ class DecisionApi:
         run = self.processor.request_run()
         if run is None:
             return None
-        answer = self._decide_in(run, request)
-        run.answered_early.append(run.result.decisions[-1])
+        answer, made = self._decide_in(run, request)
+        if made is not None:
+            run.answered_early.append(made)
         return answer
 
     async def _flush(self) -> None:
@@ -179,7 +181,7 @@ class DecisionApi:
                 future.set_exception(NotOwner())
                 continue
             try:
-                decided.append((self._decide_in(run, request), future))
+                decided.append((self._decide_in(run, request)[0], future))
             except InvalidRequest as exc:
                 future.set_exception(exc)
             except Exception as exc:  # one bad request must not stop the batch
@@ -197,8 +199,10 @@ class DecisionApi:
 
         return settle
 
-    def _decide_in(self, run: Any, request: DecideRequest) -> Answer:
-        """Decide a request in a batch being built, its record naming this worker."""
+    def _decide_in(self, run: Any, request: DecideRequest) -> tuple[Answer, Any]:
+        """Decide a request in a batch being built, its record naming this worker; the
+        record is None for a request asked again (answered as before, nothing recorded)."""
+        recorded = len(run.result.decisions)
         try:
             answer: Answer = run.decide(request)
         except KeyError:
@@ -207,15 +211,39 @@ class DecisionApi:
             ) from None
         except ValueError as exc:
             raise InvalidRequest("channel", str(exc)) from None
-        run.result.decisions[-1].headers.append((DECIDED_BY, self.url.encode()))
-        return answer
+        if len(run.result.decisions) == recorded:
+            return answer, None
+        made = run.result.decisions[-1]
+        made.headers.append((DECIDED_BY, self.url.encode()))
+        return answer, made
 
     # -- routing -----------------------------------------------------------------
 
     async def serve_decide(self, body: bytes, forwarded_by: str | None) -> Reply:
         """``POST /v1/decide``: checked, then decided here or forwarded to the owner."""
+        return await self._serve_decide(
+            lambda: self.parse(body), forwarded_by, "POST", "/v1/decide", body
+        )
+
+    async def serve_decide_query(
+        self, query: Iterable[tuple[str, str]], path_qs: str, forwarded_by: str | None
+    ) -> Reply:
+        """``GET /v1/decide?customer_id=...``: the same request as query parameters
+        (:func:`~rtim.decide.request.parse_query`), decided and recorded the same way."""
+        return await self._serve_decide(
+            lambda: parse_query(query, **self._clock()), forwarded_by, "GET", path_qs, None
+        )
+
+    async def _serve_decide(
+        self,
+        parse: Callable[[], DecideRequest],
+        forwarded_by: str | None,
+        method: str,
+        path_qs: str,
+        body: bytes | None,
+    ) -> Reply:
         try:
-            parsed = self.parse(body)
+            parsed = parse()
         except InvalidRequest as exc:
             metrics.API_REQUESTS.labels("decide", "invalid").inc()
             return json(exc.as_json(), 400)
@@ -224,15 +252,18 @@ class DecisionApi:
             return self.answer(await self.decide(parsed))
 
         return await self.route(
-            "decide", parsed.customer_id, forwarded_by, "POST", "/v1/decide", body, here
+            "decide", parsed.customer_id, forwarded_by, method, path_qs, body, here
         )
 
     def parse(self, body: bytes) -> DecideRequest:
-        return parse_request(
-            body,
-            now_ms=int(time.time() * 1000),
-            max_future_skew_ms=int(self.processor.settings.max_future_skew_s * 1000),
-        )
+        return parse_request(body, **self._clock())
+
+    def _clock(self) -> dict[str, int]:
+        """What a request's time is checked against: now, and how far ahead it may be."""
+        return {
+            "now_ms": int(time.time() * 1000),
+            "max_future_skew_ms": int(self.processor.settings.max_future_skew_s * 1000),
+        }
 
     def decide_at_once(self, body: bytes) -> Reply | None:
         """``POST /v1/decide`` answered without waiting, when it can be: a valid request
@@ -412,6 +443,14 @@ def install_api(app: Any, api: DecisionApi) -> None:
             body = await request.read()
             forwarded_by = request.headers.get(FORWARDED)
             return response(self.web, await api.serve_decide(body, forwarded_by))
+
+        async def get(self, request: Request) -> Response:
+            reply = await api.serve_decide_query(
+                request.query.items(), request.url.path_qs, request.headers.get(FORWARDED)
+            )
+            # Each GET decides anew (and may count a contact): never from a cache.
+            reply.headers["Cache-Control"] = "no-store"
+            return response(self.web, reply)
 
     @app.page("/v1/customers/{customer_id}")
     class Customer(View):

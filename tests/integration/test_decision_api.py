@@ -154,6 +154,34 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     status, error, _ = call(f"{other.url}/v1/decide", body)
     assert (status, error["field"]) == (400, "placement") and "nowhere" in error["message"]
 
+    # The same request as a GET with query parameters (a link, a page rendered on a
+    # server): forwarded, decided by the owner and recorded the same way, never cached.
+    query = "customer_id=shopper&channel=web&limit=3&context.page=%2Fcart&request_id=get-1"
+    decided = owner.metric("rtim_api_requests_total", endpoint="decide", result="decided")
+    status, got, headers = call(f"{other.url}/v1/decide?{query}")
+    assert status == 200, got
+    assert [a["offer_id"] for a in got["actions"]] == ["free-shipping"]
+    assert got["worker"] == owner.url and got["decision_id"] != answer["decision_id"]
+    assert headers["Cache-Control"] == "no-store"
+    assert (
+        owner.metric("rtim_api_requests_total", endpoint="decide", result="decided") == decided + 1
+    )
+
+    # The client retries (same request_id): the answer it got, recorded once.
+    status, retried, _ = call(f"{owner.url}/v1/decide?{query}")
+    assert status == 200 and retried["repeated"] is True
+    assert (retried["decision_id"], retried["actions"]) == (got["decision_id"], got["actions"])
+
+    def records_of_get() -> list[Any]:
+        records = asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
+        return [r for r in records if orjson.loads(r.value)["decision_id"] == got["decision_id"]]
+
+    poll("the GET's decision recorded", records_of_get, 10, w1, w2)
+    time.sleep(1.0)  # the retry's batch (had it recorded anything) is out by now
+    assert len(records_of_get()) == 1
+    status, error, _ = call(f"{other.url}/v1/decide?customer_id=shopper&channel=web&limit=x")
+    assert (status, error["field"]) == (400, "limit")
+
 
 NEW_OFFER = """
   - id: sale-banner

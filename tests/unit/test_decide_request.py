@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import orjson
 import pytest
+from click.testing import CliRunner
 
+from rtim.cli import main
 from rtim.decide.explain import MAX_RECENT, recent_decisions
-from rtim.decide.request import MAX_LIMIT, InvalidRequest, parse_request
+from rtim.decide.request import MAX_LIMIT, InvalidRequest, parse_query, parse_request
 from rtim.engine import Engine
 from rtim.offers.catalog import CatalogError, catalog_from_text, parse_catalog
 from rtim.offers.live import decode_catalog, encode_catalog
@@ -109,6 +113,50 @@ def test_a_request_without_timestamp_is_decided_now_and_numbers_are_ids() -> Non
     assert MAX_LIMIT >= 3
 
 
+def test_a_query_asks_what_a_body_asks() -> None:
+    body = {
+        "customer_id": "u-1",
+        "channel": "web",
+        "placement": "home-hero",
+        "timestamp": "2026-11-25T11:30:00Z",
+        "limit": 2,
+        "context": {"page": "/checkout", "ref": "mail"},
+        "request_id": "r-1",
+    }
+    query = [(k, str(v)) for k, v in body.items() if k != "context"]
+    query += [("context.page", "/checkout"), ("context.ref", "mail")]
+    assert parse_query(query, now_ms=NOW) == parse_request(orjson.dumps(body), now_ms=NOW)
+
+
+@pytest.mark.parametrize(
+    ("query", "field", "words"),
+    [
+        ([("channel", "web")], "customer_id", "required"),
+        ([("customer_id", "u"), ("channel", "fax")], "channel", "not one of"),
+        ([("customer_id", "u"), ("channel", "web"), ("limit", "two")], "limit", "integer"),
+        ([("customer_id", "u"), ("channel", "web"), ("limit", "-1")], "limit", "integer"),
+        ([("customer_id", "u"), ("channel", "web"), ("limit", "0")], "limit", "from 1 to"),
+        ([("customer_id", "u"), ("channel", "web"), ("limit", "\u0662")], "limit", "integer"),
+        ([("customer_id", "u"), ("channel", "web"), ("channel", "app")], "channel", "more than"),
+        ([("customer_id", "u"), ("channel", "web"), ("context", "{}")], "context", "context.NAME"),
+        ([("customer_id", "u"), ("channel", "web"), ("context.", "x")], "context.", "a name"),
+        (
+            [("customer_id", "u"), ("channel", "web"), ("context.a", "1"), ("context.a", "2")],
+            "context.a",
+            "more than once",
+        ),
+        ([("customer_id", "u"), ("channel", "web"), ("colour", "red")], "colour", "unknown field"),
+        ([("customer_id", "u"), ("channel", "web"), ("timestamp", "soon")], "timestamp", "ISO"),
+    ],
+)
+def test_a_malformed_query_names_its_field(
+    query: list[tuple[str, str]], field: str, words: str
+) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        parse_query(query, now_ms=NOW)
+    assert (caught.value.field, words in caught.value.message) == (field, True), caught.value
+
+
 # -- deciding ----------------------------------------------------------------
 
 
@@ -197,6 +245,80 @@ def test_the_context_remembers_only_the_last_few_decisions() -> None:
     ids = [ask(eng, store, placement="home-hero")[0].decision_id for _ in range(MAX_RECENT + 2)]
     ctx = orjson.loads(store.data[(0, b"u-1")])
     assert [r["id"] for r in recent_decisions(ctx)] == ids[::-1][:MAX_RECENT]
+
+
+def test_a_request_asked_again_gets_its_answer_again_and_counts_once() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    run(eng, log.records(track("Product Added", product_id="p1", price=80, quantity=1)), store)
+    first, made = ask(eng, store, limit=3, request_id="retry-me", context={"page": "/checkout"})
+    assert len(first.actions) == 3 and len(made.decisions) == 1
+    stored = store.data[(0, b"u-1")]
+    # A client's retry, answered by a worker that reloaded the context from the store.
+    again_eng = engine(store)
+    again, result = ask(again_eng, store, limit=3, request_id="retry-me")
+    assert again.decision_id == first.decision_id and again.decided_ms == first.decided_ms
+    assert [(a.offer.id, a.channel, a.score, a.propensity) for a in again.actions] == [
+        (a.offer.id, a.channel, a.score, a.propensity) for a in first.actions
+    ]
+    assert (
+        again.repeated
+        and again.as_json()["repeated"] is True
+        and "repeated" not in (first.as_json())
+    )
+    assert again.reasons[-1] == "repeated:retry-me"
+    # (This catalog has no levers: each action's reasons are its rules, as they were.)
+    assert [a.reasons for a in again.actions] == [a.reasons for a in first.actions]
+    assert again.actions[0].reasons == ['eligible:event.properties.page == "/checkout"']
+    # Nothing decided, opened, counted or recorded again.
+    assert result.decisions == [] and result.updates == {}
+    assert store.data[(0, b"u-1")] == stored
+    ctx = orjson.loads(stored)
+    assert len(ctx["pending"]) == 3
+    # Another request id is a new decision.
+    other, result = ask(again_eng, store, limit=3, request_id="another")
+    assert other.decision_id != first.decision_id and not other.repeated
+    assert len(result.decisions) == 1
+
+
+def test_rtim_explain_shows_every_action_a_request_was_answered_with() -> None:
+    store, log = Store(), Log()
+    eng = engine(store)
+    run(eng, log.records(track("Product Added", product_id="p1", price=80, quantity=1)), store)
+    answer, _ = ask(eng, store, limit=3, context={"page": "/checkout"})
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    body = {
+        "customer_id": "u-1",
+        "known": True,
+        "partition": 0,
+        "worker": "http://w1",
+        "context": ctx,
+        "policy": {},
+        "open_decisions": [],
+        "decisions": recent_decisions(ctx),
+    }
+
+    class Worker(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(orjson.dumps(body))
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Worker)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        shown = CliRunner().invoke(main, ["explain", "u-1", "--url", url])
+    finally:
+        server.shutdown()
+    assert shown.exit_code == 0, shown.output
+    first, *others = answer.actions
+    assert f"-> {first.offer.id} on web  ({answer.decision_id})" in shown.output
+    also = ", ".join(f"{a.offer.id} on {a.channel}" for a in others)
+    assert len(others) == 2 and f"also: {also}" in shown.output
 
 
 def test_a_trigger_decision_is_remembered_too() -> None:

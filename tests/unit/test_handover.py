@@ -38,7 +38,7 @@ def handed_over(result: BatchResult, offset: int = 500, **changes: Any) -> Recor
 def answered_elsewhere(limit: int = 3) -> tuple[Any, BatchResult]:
     """A request for u-1 answered (and not stored) by another worker."""
     elsewhere = Store()
-    return ask(engine(elsewhere, catalog(caps=CAPS)), elsewhere, limit=limit)
+    return ask(engine(elsewhere, catalog(caps=CAPS)), elsewhere, limit=limit, request_id="r-1")
 
 
 def owner_with_history() -> tuple[Engine, Store]:
@@ -77,6 +77,14 @@ def test_the_owner_adopts_every_action_once_and_the_caps_count_them() -> None:
     again = respond(eng, [handed_over(result, offset=501)], store)
     assert again.adopted == {"duplicate": 1}
     assert again.decisions == [] and stored(store) == ctx
+
+    # The client, which had no answer, asks again: the owner answers what was decided.
+    retried, retry = ask(eng, store, limit=3, request_id="r-1")
+    assert retried.repeated and retried.decision_id == did
+    assert [(a.offer.id, a.channel, a.score, a.propensity) for a in retried.actions] == [
+        (a.offer.id, a.channel, a.score, a.propensity) for a in answer.actions
+    ]
+    assert retry.decisions == [] and stored(store) == ctx
 
     # And a response to an adopted action is joined and learned.
     joined = respond(eng, [response(did, "conversion", T0 + 60_000, offer="tips")], store)

@@ -48,9 +48,11 @@ def engine(store: Store, cat: Catalog) -> Engine:
     )
 
 
-def ask(eng: Engine, store: Store, limit: int, at: int = T0) -> Any:
+def ask(eng: Engine, store: Store, limit: int, at: int = T0, request_id: str | None = None) -> Any:
     stamp = dt.datetime.fromtimestamp(at / 1000, dt.UTC).isoformat().replace("+00:00", "Z")
     body = {"customer_id": "u-1", "channel": "web", "limit": limit, "timestamp": stamp}
+    if request_id is not None:
+        body["request_id"] = request_id
     answer, result = eng.decide_request(parse_request(orjson.dumps(body), now_ms=NOW))
     store.persist(result)
     return answer, result
