@@ -178,9 +178,10 @@ CATALOG_REJECTED = Counter(
     "rtim_catalog_rejected_total",
     "Records of rtim.offers this worker could not load (the catalog in force stays).",
 )
-#: Results of the decision API: decided here, forwarded to the owner, a bad request,
-#: not the owner now (503), or failed.
-API_RESULTS = ("decided", "forwarded", "invalid", "unavailable", "error")
+#: Results of the decision API: decided here, answered as before (a request asked again
+#: with its request_id), forwarded to the owner, a bad request, not the owner now (503),
+#: or failed.
+API_RESULTS = ("decided", "repeated", "forwarded", "invalid", "unavailable", "error")
 API_REQUESTS = Counter(
     "rtim_api_requests_total",
     "Requests to the decision API (POST /v1/decide, GET /v1/customers/{id}), by result.",

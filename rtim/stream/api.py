@@ -280,7 +280,8 @@ class DecisionApi:
             answer = self.decide_now(request)
             if answer is None:
                 return None
-            reply, result = self.answer(answer), "decided"
+            reply = self.answer(answer)
+            result = reply.counted_as
         except InvalidRequest:
             return None  # said by serve_decide (nothing was decided)
         except Exception:
@@ -308,7 +309,9 @@ class DecisionApi:
         try:
             if self.owns(partition):
                 try:
-                    return await here()
+                    reply = await here()
+                    result = reply.counted_as
+                    return reply
                 except NotOwner:
                     pass  # lost it meanwhile: forward, or 503 below
             owner = self.owner_url(partition)
@@ -367,7 +370,10 @@ class DecisionApi:
     def answer(self, answer: Answer) -> Reply:
         body = answer.as_json()
         body["worker"] = self.url
-        return json(body, 200, {ANSWERED_BY: self.url})
+        reply = json(body, 200, {ANSWERED_BY: self.url})
+        if answer.repeated:
+            reply.counted_as = "repeated"
+        return reply
 
     def customer(self, customer_id: str) -> Reply:
         """The customer's stored context, its policy state and its last decisions."""
@@ -421,6 +427,9 @@ class Reply:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     content_type: str = "application/json"
+    #: Its result in ``rtim_api_requests_total`` when answered here: ``repeated`` for a
+    #: request asked again (:attr:`~rtim.engine.Answer.repeated`).
+    counted_as: str = "decided"
 
 
 def json(body: Any, status: int, headers: dict[str, str] | None = None) -> Reply:

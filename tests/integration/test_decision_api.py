@@ -171,6 +171,7 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     status, retried, _ = call(f"{owner.url}/v1/decide?{query}")
     assert status == 200 and retried["repeated"] is True
     assert (retried["decision_id"], retried["actions"]) == (got["decision_id"], got["actions"])
+    assert owner.metric("rtim_api_requests_total", endpoint="decide", result="repeated") == 1
 
     def records_of_get() -> list[Any]:
         records = asyncio.run(read_topic(kafka.bootstrap, DECISIONS_TOPIC))
