@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from rtim.errors import ConfigError
-from rtim.names import CLICKSTREAM_TOPIC, MODELS_TOPIC
+from rtim.names import CLICKSTREAM_TOPIC, MODELS_TOPIC, OFFER_CHANNELS
 from rtim.settings import DEFAULTS, describe, load_settings
 
 #: Exit code for a configuration the user must fix (as for a usage error).
@@ -536,34 +536,108 @@ def offers_apply(file: Path, broker: str | None, by: str | None, timeout: float)
     )
 
 
-@main.command()
-@click.argument("customer")
-@click.option(
+_WORKER_URL = click.option(
     "--url",
     default=None,
     help="A worker's web address (default: http://127.0.0.1:RTIM_WEB_PORT); any worker "
     "answers for every customer.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the worker's JSON answer.")
-def explain(customer: str, url: str | None, as_json: bool) -> None:
-    """Show a customer's context, policy state and last decisions with their reasons."""
-    import datetime as dt
+_AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print the worker's JSON answer.")
+
+
+def _ask_worker(url: str | None, path: str, body: dict[str, Any] | None = None) -> Any:
+    """A worker's JSON answer to ``GET path`` (or ``POST`` of ``body``); a failure is
+    said and exits 1."""
     import json
     import urllib.error
-    import urllib.parse
     import urllib.request
 
     base = (url or f"http://127.0.0.1:{load_settings().web_port}").rstrip("/")
-    address = f"{base}/v1/customers/{urllib.parse.quote(customer, safe='')}"
+    address = f"{base}{path}"
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(address, data=data)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     try:
-        with urllib.request.urlopen(address, timeout=10) as response:
-            body = json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         click.echo(f"rtim: {address} answered {exc.code}: {exc.read().decode(errors='replace')}")
         raise SystemExit(1) from None
     except (urllib.error.URLError, OSError) as exc:
         click.echo(f"rtim: cannot reach {address} ({exc})", err=True)
         raise SystemExit(1) from None
+
+
+@main.command()
+@click.argument("customer")
+@click.option("--channel", required=True, type=click.Choice(sorted(OFFER_CHANNELS)))
+@click.option("--placement", default=None, help="A placement of the catalog.")
+@click.option("--limit", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--context",
+    "attributes",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A request attribute conditions may read (event.properties.NAME); repeatable.",
+)
+@click.option("--request-id", default=None, help="Asked again with it: answered as before.")
+@_WORKER_URL
+@_AS_JSON
+def decide(
+    customer: str,
+    channel: str,
+    placement: str | None,
+    limit: int,
+    attributes: tuple[str, ...],
+    request_id: str | None,
+    url: str | None,
+    as_json: bool,
+) -> None:
+    """Ask the decision API for a customer's next best actions (POST /v1/decide): this
+    is a decision like any other, recorded and counted against the contact policy."""
+    import json
+
+    context = {}
+    for attribute in attributes:
+        name, equals, value = attribute.partition("=")
+        if not equals or not name:
+            raise click.BadParameter(f"{attribute!r} is not NAME=VALUE", param_hint="--context")
+        context[name] = value
+    body: dict[str, Any] = {"customer_id": customer, "channel": channel, "limit": limit}
+    optional = {"placement": placement, "context": context, "request_id": request_id}
+    body.update((k, v) for k, v in optional.items() if v)
+    answer = _ask_worker(url, "/v1/decide", body)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    repeated = "  (asked before: the same answer)" if answer.get("repeated") else ""
+    click.echo(f"decision {answer['decision_id']}  by {answer['worker']}{repeated}")
+    if not answer["actions"]:
+        click.echo(f"  nothing to offer: {answer['reason']}")
+    for rank, action in enumerate(answer["actions"], 1):
+        click.echo(
+            f"  {rank}. {action['offer_id']} on {action['channel']}  score {action['score']:g}"
+            f"  propensity {action['propensity']:g}"
+        )
+        for reason in action["reasons"]:
+            click.echo(f"      {reason}")
+    click.echo("reasons:")
+    for reason in answer["reasons"]:
+        click.echo(f"  {reason}")
+
+
+@main.command()
+@click.argument("customer")
+@_WORKER_URL
+@_AS_JSON
+def explain(customer: str, url: str | None, as_json: bool) -> None:
+    """Show a customer's context, policy state and last decisions with their reasons."""
+    import datetime as dt
+    import json
+    import urllib.parse
+
+    body = _ask_worker(url, f"/v1/customers/{urllib.parse.quote(customer, safe='')}")
     if as_json:
         click.echo(json.dumps(body, indent=2))
         return

@@ -183,6 +183,25 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     status, error, _ = call(f"{other.url}/v1/decide?customer_id=shopper&channel=web&limit=x")
     assert (status, error["field"]) == (400, "limit")
 
+    # `rtim decide` asks the same of any worker, and says what it got.
+    ask = ["decide", "shopper", "--channel", "web", "--url", other.url, "--request-id", "cli-1"]
+    shown = CliRunner().invoke(main, [*ask, "--context", "page=/cart"])
+    assert shown.exit_code == 0, shown.output
+    assert f"by {owner.url}\n" in shown.output
+    assert "1. free-shipping on web  score " in shown.output
+    assert "      eligible:cart.value >= 50" in shown.output
+    again = CliRunner().invoke(main, ask)
+    assert again.exit_code == 0 and "(asked before: the same answer)" in again.output
+
+    def actions(output: str) -> list[str]:
+        lines = output.splitlines()
+        return lines[1 : lines.index("reasons:")]
+
+    assert actions(again.output) == actions(shown.output)
+    assert again.output.splitlines()[-1] == "  repeated:cli-1"
+    refused = CliRunner().invoke(main, [*ask[:-2], "--placement", "nowhere"])
+    assert refused.exit_code == 1 and "answered 400" in refused.output
+
 
 NEW_OFFER = """
   - id: sale-banner
