@@ -4,7 +4,7 @@ Every decision (a trigger's or a request's) is recorded in full on
 ``rtim.decisions``; the context keeps only a short summary of the last
 :data:`MAX_RECENT` (its id, when, what asked, the offer and channel, and the
 first :data:`MAX_REASONS` of its reasons that the catalog does not already say: which
-offers were rejected and why, and the outcome), because every byte of a context is read and
+offers were rejected and why, and always the outcome), because every byte of a context is read and
 written with each of the customer's events.
 """
 
@@ -22,6 +22,8 @@ MAX_REASONS = 6
 #: Reasons not remembered: the trigger is ``by``, and the winner's eligibility
 #: conditions are in the catalog (and in the decision record).
 _DERIVED = ("trigger:", "eligible:")
+#: The reasons that say a decision's outcome: kept whatever comes before them.
+_OUTCOME = ("offer:", "no-offer:")
 
 
 def note_decision(
@@ -72,6 +74,22 @@ def note_record(ctx: Context, record: dict[str, Any]) -> None:
     )
 
 
+def _kept(reasons: list[str]) -> list[str]:
+    """At most :data:`MAX_REASONS` of a decision's reasons, its outcome among them.
+
+    >>> _kept([f"rejected:o{i}:x" for i in range(9)] + ["no-offer:none-eligible"])[-2:]
+    ['rejected:o4:x', 'no-offer:none-eligible']
+    """
+    kept = [r for r in reasons if not r.startswith(_DERIVED)]
+    if len(kept) <= MAX_REASONS:
+        return kept
+    head = kept[: MAX_REASONS - 1]
+    outcome = next((r for r in reversed(kept) if r.startswith(_OUTCOME)), None)
+    if outcome is None or outcome in head:
+        return kept[:MAX_REASONS]
+    return [*head, outcome]
+
+
 def _number(value: Any) -> float:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
 
@@ -92,7 +110,7 @@ def _remember(
         "by": by,
         "offer": offer,
         "channel": channel,
-        "reasons": [r for r in reasons if not r.startswith(_DERIVED)][:MAX_REASONS],
+        "reasons": _kept(reasons),
     }
     if actions is not None:
         entry["actions"] = actions

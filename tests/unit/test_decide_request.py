@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from rtim.cli import main
-from rtim.decide.explain import MAX_RECENT, recent_decisions
+from rtim.decide.explain import MAX_REASONS, MAX_RECENT, recent_decisions
 from rtim.decide.request import MAX_LIMIT, InvalidRequest, parse_query, parse_request
 from rtim.engine import Engine
 from rtim.offers.catalog import CatalogError, catalog_from_text, parse_catalog
@@ -279,6 +279,29 @@ def test_a_request_asked_again_gets_its_answer_again_and_counts_once() -> None:
     other, result = ask(again_eng, store, limit=3, request_id="another")
     assert other.decision_id != first.decision_id and not other.repeated
     assert len(result.decisions) == 1
+
+
+def test_a_decision_with_many_rejections_is_remembered_with_its_outcome() -> None:
+    offers = [
+        {"id": f"big-{i}", "channels": ["web"], "eligibility": ["cart.value >= 1000"]}
+        for i in range(MAX_REASONS + 2)
+    ]
+    store, log = Store(), Log()
+    eng = Engine(
+        catalog=parse_catalog({"offers": offers}),
+        load=store.load,
+        clock=lambda: NOW / 1000,
+        partition_of=lambda key: 0,
+    )
+    run(eng, log.records(track("Product Added", product_id="p1", price=80, quantity=1)), store)
+    first, _ = ask(eng, store, request_id="r-9")
+    assert first.as_json()["reason"] == "no-offer:none-eligible"
+    (remembered,) = recent_decisions(orjson.loads(store.data[(0, b"u-1")]))
+    assert len(remembered["reasons"]) == MAX_REASONS
+    assert remembered["reasons"][-1] == "no-offer:none-eligible"
+    # So a retry is told why too.
+    again, _ = ask(eng, store, request_id="r-9")
+    assert again.repeated and again.as_json()["reason"] == "no-offer:none-eligible"
 
 
 def test_rtim_explain_shows_every_action_a_request_was_answered_with() -> None:
