@@ -461,6 +461,15 @@ def install_api(app: Any, api: DecisionApi) -> None:
             reply.headers["Cache-Control"] = "no-store"
             return response(self.web, reply)
 
+        async def head(self, request: Request) -> Response:
+            # Faust answers HEAD with GET: a link checker's HEAD would then decide.
+            reply = json(
+                {"error": "method_not_allowed", "message": "GET or POST decides; HEAD does not"},
+                405,
+                {"Allow": "GET, POST"},
+            )
+            return response(self.web, reply)
+
     @app.page("/v1/customers/{customer_id}")
     class Customer(View):
         async def get(self, request: Request, customer_id: str) -> Response:

@@ -182,6 +182,15 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     assert len(records_of_get()) == 1
     status, error, _ = call(f"{other.url}/v1/decide?customer_id=shopper&channel=web&limit=x")
     assert (status, error["field"]) == (400, "limit")
+    # A HEAD (a link checker, a prefetch) decides nothing.
+    decided = owner.metric("rtim_api_requests_total", endpoint="decide", result="decided")
+    head = urllib.request.Request(f"{owner.url}/v1/decide?{query}", method="HEAD")
+    try:
+        urllib.request.urlopen(head, timeout=10)
+        raise AssertionError("HEAD /v1/decide answered 2xx")
+    except urllib.error.HTTPError as exc:
+        assert (exc.code, exc.headers["Allow"]) == (405, "GET, POST")
+    assert owner.metric("rtim_api_requests_total", endpoint="decide", result="decided") == decided
 
     # `rtim decide` asks the same of any worker, and says what it got.
     ask = ["decide", "shopper", "--channel", "web", "--url", other.url, "--request-id", "cli-1"]
