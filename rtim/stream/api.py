@@ -202,7 +202,6 @@ class DecisionApi:
     def _decide_in(self, run: Any, request: DecideRequest) -> tuple[Answer, Any]:
         """Decide a request in a batch being built, its record naming this worker; the
         record is None for a request asked again (answered as before, nothing recorded)."""
-        recorded = len(run.result.decisions)
         try:
             answer: Answer = run.decide(request)
         except KeyError:
@@ -211,7 +210,7 @@ class DecisionApi:
             ) from None
         except ValueError as exc:
             raise InvalidRequest("channel", str(exc)) from None
-        if len(run.result.decisions) == recorded:
+        if answer.repeated:
             return answer, None
         made = run.result.decisions[-1]
         made.headers.append((DECIDED_BY, self.url.encode()))
