@@ -61,15 +61,16 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from river.linear_model import AdPredictor
-
 if TYPE_CHECKING:
+    from river.linear_model import AdPredictor
+
     from rtim.offers.catalog import Offer
 
 #: Snapshot format version (not the model's version, which counts its updates).
@@ -102,6 +103,25 @@ def is_late(pooled_examples: int) -> bool:
     """Whether an offer whose model is made when the pooled model has learned
     ``pooled_examples`` is a late one (:attr:`OfferModel.late`)."""
     return pooled_examples >= LATE_AFTER
+
+
+def ad_predictor() -> type[AdPredictor]:
+    """river's AdPredictor, imported when the first model is made rather than with this
+    module: ``river.linear_model`` imports scipy.stats, about a second of CPU that a
+    process which never scores (the CLI, a worker that fails its checks) is spared and
+    that a worker spends while it joins its group (:func:`import_in_background`)."""
+    from river.linear_model import AdPredictor
+
+    return AdPredictor
+
+
+def import_in_background() -> threading.Thread:
+    """Import river's models in a thread of their own, while the caller waits on the
+    network (a worker joining its group takes seconds): the first model made then finds
+    them imported. A model made before the thread is done waits for its import."""
+    thread = threading.Thread(target=ad_predictor, name="rtim-import-models", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +236,7 @@ class OfferModel:
         #: and the pool's keys would count the level twice, so such an offer takes
         #: the pooled prior on the sum. Offers that start with the pool grow with it.
         self.late = late
-        self.model = AdPredictor(
+        self.model = ad_predictor()(
             beta=params.beta, prior_probability=params.prior_probability, epsilon=params.epsilon
         )
         self.examples = 0

@@ -15,6 +15,7 @@ import faust
 from aiokafka import AIOKafkaProducer
 
 from rtim.errors import ConfigError
+from rtim.learn.models import import_in_background
 from rtim.names import CLICKSTREAM_TOPIC
 from rtim.settings import Settings
 from rtim.stream.app import create_app
@@ -205,6 +206,8 @@ def run_worker(settings: Settings) -> None:
     if settings.processing_guarantee == "exactly_once":
         loop.run_until_complete(check_transactions(settings.kafka, settings.app_id))
     app = create_app(settings)
+    # river's models import in about a second: meanwhile the worker joins its group.
+    import_in_background()
     worker = Worker(
         app,
         loglevel=settings.log_level,

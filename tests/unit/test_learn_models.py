@@ -2,6 +2,8 @@ import json
 import math
 import random
 import statistics
+import subprocess
+import sys
 
 import pytest
 
@@ -342,3 +344,24 @@ def test_a_set_that_has_scored_many_keys_and_offers_scores_as_a_fresh_one():
         candidates = [(o, own) for o in reversed(offers)]
         again = fresh.score(m, candidates, random.Random(1))
         assert again == models.score(m, candidates, random.Random(1))
+
+
+def test_a_worker_does_not_wait_for_rivers_import_to_start():
+    """river.linear_model imports scipy.stats, about a second: the worker's modules and
+    the CLI leave it out, a worker imports it in a thread while it joins its group, and
+    the first model made gets it either way."""
+    code = "\n".join(
+        (
+            "import sys, rtim.cli, rtim.stream.worker",
+            "assert not {'river', 'scipy'} & set(sys.modules), 'river imported with the worker'",
+            "from rtim.learn.models import OfferModel, import_in_background",
+            "import_in_background().join(120)",
+            "assert 'scipy.stats' in sys.modules, 'river not imported by the thread'",
+            "print(OfferModel('o').mean(['moment.channel=web']))",
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert 0.0 < float(done.stdout) < 1.0
