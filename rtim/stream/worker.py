@@ -118,9 +118,17 @@ class Worker(faust.Worker):
     runs in a thread of its own: it must fire even if the event loop is blocked.
     """
 
+    #: Seconds the event loop still runs once every task is done, before it closes, so
+    #: that closed connections finish closing (a few turns of the loop). mode waits a
+    #: whole second here, at every stop: a rolling restart waited that long per worker.
+    close_grace_s: float = 0.1
+
     def __init__(self, *args: Any, shutdown_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.shutdown_timeout = shutdown_timeout
+
+    async def _sentinel_task(self) -> None:
+        await asyncio.sleep(self.close_grace_s)
 
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         # No terminal spinner (a worker is a service). Faust keeps one at levels from

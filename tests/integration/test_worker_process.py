@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import socket
@@ -77,3 +78,19 @@ def test_worker_dies_within_seconds_when_its_parent_is_killed(
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def _logged_at(log: str, what: str) -> dt.datetime:
+    """When the worker's log first says ``what`` (its lines start ``[date time,ms]``)."""
+    line = next(line for line in log.splitlines() if what in line)
+    return dt.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_a_stopped_worker_closes_its_event_loop_soon_after_its_last_task(workers) -> None:
+    """SIGTERM: the worker exits 0, and its event loop closes a tenth of a second after its
+    last task ended, not the whole second mode waits at every stop."""
+    worker = workers("w1").wait_ready()
+    assert worker.stop() == 0
+    log = worker.log_path.read_text()
+    gap = _logged_at(log, "Closing event loop") - _logged_at(log, "Gathering all futures")
+    assert gap.total_seconds() < 0.5, f"the loop closed {gap} after the last task"
