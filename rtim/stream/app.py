@@ -61,6 +61,19 @@ log = logging.getLogger("rtim.stream")
 CORE_CHUNK = 64
 
 
+class TableManager(faust.tables.TableManager):
+    """Faust's table manager, less the second its start sleeps before it registers the
+    tables' changelogs: a wait for tables that agents define once they run. RTIM's one
+    table exists when the app is made, and the consumer subscribes (and the worker joins
+    its group) only once the tables are registered, so every start and restart waited
+    that second."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
+
+
 class RtimApp(faust.App):
     """A Faust app whose consumer has RTIM's batch path (:mod:`rtim.stream.consumer`).
 
@@ -113,6 +126,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "table_standby_replicas": 0,
         "autodiscover": False,
         "logging_config": None,
+        "TableManager": TableManager,
     }
 
 

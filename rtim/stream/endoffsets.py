@@ -14,6 +14,11 @@ non-empty partition from *reported end - 1* and returns
 reported value is already right and the fetch only confirms it (or returns a larger
 value if records arrived meanwhile), so the same code holds on both.
 
+:func:`stop_consumer`, which every consumer of the worker stops through, also makes a
+consumer leave its group in the embedded broker's generation 0, which aiokafka skips
+(it wraps the coordinator's ``_maybe_leave_group``; tests/unit/test_faust_overrides.py
+guards the code it relies on).
+
 Examples
 --------
 100 records produced in one batch to the embedded broker, which reports an end offset
@@ -45,6 +50,9 @@ from types import TracebackType
 from typing import Any, Self
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.consumer.group_coordinator import GroupCoordinator
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
 
 from rtim.settings import KafkaConnection
 
@@ -65,6 +73,7 @@ async def stop_consumer(consumer: AIOKafkaConsumer, timeout: float) -> None:
     connections, and leaving the group waits for a broker that may not answer.
     Either way the connections are dropped and the caller goes on stopping.
     """
+    _leave_generation_zero(consumer)
     try:
         async with asyncio.timeout(timeout):
             await consumer.stop()
@@ -76,6 +85,37 @@ async def stop_consumer(consumer: AIOKafkaConsumer, timeout: float) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await consumer._client.close()
+
+
+def _leave_generation_zero(consumer: AIOKafkaConsumer) -> None:
+    """Have the consumer leave its group as it closes in generation 0 too.
+
+    aiokafka's close sends LeaveGroup only in a generation above 0, and the embedded
+    broker numbers a group's first generation 0 (Kafka starts at 1): the first worker of
+    a group stopped without leaving it, and the worker started next waited for its
+    session timeout and one more rebalance (8 s in the tests) before it had partitions.
+    The coordinator's own leave step is wrapped, so that the request goes at the same
+    point of the close, once the coordinator's tasks are done.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if not isinstance(coordinator, GroupCoordinator):  # not started, or in no group
+        return
+    aiokafka_leave = coordinator._maybe_leave_group
+
+    async def leave() -> None:
+        member = coordinator.member_id
+        if coordinator.generation == 0 and member and coordinator._group_instance_id is None:
+            try:
+                await coordinator._send_req(LeaveGroupRequest(coordinator.group_id, member))
+            except KafkaError as exc:
+                log.warning("LeaveGroup request failed: %r", exc)
+            else:
+                log.info("LeaveGroup request succeeded (generation 0)")
+            coordinator.reset_generation()
+        else:
+            await aiokafka_leave()
+
+    coordinator._maybe_leave_group = leave
 
 
 class EndOffsetProbe:

@@ -1,9 +1,9 @@
 """The Faust and aiokafka code that RTIM's shell replaces, copies or reaches into is the
 code it was written against.
 
-rtim/stream/consumer.py, app.py, worker.py, store.py and fastpath.py override Faust methods, copy
-two of them with changes, and read or write private attributes of Faust and aiokafka
-objects (their module docstrings list them). A new release can change any of that
+rtim/stream/consumer.py, app.py, worker.py, store.py, fastpath.py and endoffsets.py override
+Faust methods, copy some of them with changes, and read or write private attributes of
+Faust and aiokafka objects (their docstrings say so). A new release can change any of that
 without an error: the overrides would then silently do something else. Each entry below
 is the hash of the source of one method RTIM depends on that way, for the versions
 pinned in pyproject.toml; when one changes, the test names it and says what to re-check.
@@ -174,6 +174,28 @@ GUARDED: dict[str, tuple[str, str]] = {
     "mode.worker:Worker._on_sigusr1": (
         "46183ffb2553ce8e",
         "rtim.stream.worker.Worker._on_sigusr1 logs the partitions, then calls it",
+    ),
+    "mode.worker:Worker._sentinel_task": (
+        "6e66058cf3e1b616",
+        "rtim.stream.worker.Worker._sentinel_task replaces it (a tenth of a second instead "
+        "of a second): check it is still the loop's last wait before it closes",
+    ),
+    # TableManager (rtim/stream/app.py)
+    "faust.tables.manager:TableManager.on_start": (
+        "365dd25fbc0e0684",
+        "rtim.stream.app.TableManager.on_start is a copy of it less its one-second sleep: "
+        "port the change into the copy",
+    ),
+    # Leaving the group in generation 0 (rtim/stream/endoffsets.py, stop_consumer)
+    "aiokafka.consumer.group_coordinator:GroupCoordinator._maybe_leave_group": (
+        "016cd88a16e6c4b5",
+        "_leave_generation_zero wraps it and sends LeaveGroup itself in generation 0: check "
+        "whether it still skips generation 0 and what else it does (reset_generation)",
+    ),
+    "aiokafka.consumer.group_coordinator:GroupCoordinator.close": (
+        "f30d831089456312",
+        "_leave_generation_zero relies on close looking up self._maybe_leave_group once "
+        "the coordinator's tasks are done",
     ),
     # The membership fence (ConsumerThread.confirm_membership)
     "aiokafka.consumer.group_coordinator:GroupCoordinator._do_heartbeat": (
