@@ -91,7 +91,7 @@ def test_a_worker_stopped_alone_leaves_its_groups_and_closes_soon_after(workers)
     (the clickstream's and the learners'; in generation 0 on the embedded broker, where
     aiokafka alone would not leave), and its event loop closes a tenth of a second after
     its last task ended, not the whole second mode waits at every stop. The next worker
-    then takes every partition."""
+    is then ready (its partitions no longer held by the one that stopped)."""
     first = workers("w1").wait_ready()
     assert first.stop() == 0
     log = first.log_path.read_text()
