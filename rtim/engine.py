@@ -706,7 +706,7 @@ def _answer_again(
     eligibility rules and the context weights the summary kept (not its levers). Nothing is
     decided, counted or recorded again. An action whose offer is no longer in the catalog
     is left out."""
-    offers = {o.id: o for o in catalog.offers}
+    offers = catalog.offers_by_id
     actions = [
         Action(
             offer=offers[offer_id],
@@ -1245,14 +1245,13 @@ class BatchRun:
         opening them: remembered for explain, and what they offered counted as contacts
         (caps); read from their decision records."""
         catalog = self.engine.catalog
-        by_id: dict[str, Offer] | None = None
+        by_id = catalog.offers_by_id
         for out in made:
             if not isinstance(out, DecisionRecord):
                 continue
             decided = orjson.loads(out.value)
             note_record(ctx, decided)
             if decided["offer_id"] is not None:
-                by_id = by_id or {o.id: o for o in catalog.offers}
                 shown = decided.get("actions") or [decided]
                 for action in shown:
                     offer = by_id.get(action["offer_id"])

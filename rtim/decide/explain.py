@@ -53,15 +53,17 @@ def note_record(ctx: Context, record: dict[str, Any]) -> None:
     if record.get("source") == "api":  # (a record read back is checked by read_handover)
         scored = {c.get("offer_id"): c for c in record.get("candidates") or ()}
         first = {"offer_id": record["offer_id"], "channel": record["channel"]}
-        actions = [
-            [
-                action["offer_id"],
-                str(action.get("channel") or record["channel"]),
-                _number(scored.get(action["offer_id"], {}).get("score")),
-                _number(scored.get(action["offer_id"], {}).get("propensity")),
-            ]
-            for action in record.get("actions") or ([first] if first["offer_id"] else [])
-        ]
+        actions = []
+        for action in record.get("actions") or ([first] if first["offer_id"] else []):
+            candidate = scored.get(action["offer_id"], {})
+            actions.append(
+                [
+                    action["offer_id"],
+                    str(action.get("channel") or record["channel"]),
+                    _number(candidate.get("score")),
+                    _number(candidate.get("propensity")),
+                ]
+            )
     _remember(
         ctx,
         record["decision_id"],

@@ -173,7 +173,7 @@ def raised(catalog: Catalog, rules: list[Suppression], seen: set[str]) -> list[t
     """The offers the active rules raise that the trigger did not already consider."""
     if not any(rule.raise_ for rule in rules):
         return []
-    by_id = {o.id: o for o in catalog.offers}
+    by_id = catalog.offers_by_id
     out = []
     for rule in rules:
         for offer_id in rule.raise_:

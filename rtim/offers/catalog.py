@@ -253,6 +253,15 @@ class Catalog:
     _by_trigger: dict[str, tuple[Offer, ...]] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
+    _by_id: dict[str, Offer] = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_id.update((o.id, o) for o in self.offers)
+
+    @property
+    def offers_by_id(self) -> Mapping[str, Offer]:
+        """The offers by id."""
+        return self._by_id
 
     def offers_for(self, trigger_id: str) -> tuple[Offer, ...]:
         """The offers a decision moment may lead to, in catalog order."""
