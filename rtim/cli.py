@@ -192,7 +192,12 @@ def simulate(
         events = 10_000
     start_ms = None if live else past_start_ms()
     sim = JourneySimulator(customers=customers, seed=seed, live=live, start_ms=start_ms)
-    progress: Any = click.progressbar(length=events, label=f"sending to {topic}", show_pos=True)
+    # An endless stream (--rate without -n) has no length for a bar: a count instead.
+    progress: Any = (
+        click.progressbar(length=events, label=f"sending to {topic}", show_pos=True)
+        if events is not None
+        else _RunningCount(f"sending to {topic}")
+    )
 
     async def send(update: Callable[[int], None]) -> int | None:
         """The events sent, or None if a signal stopped the sending."""
@@ -212,7 +217,41 @@ def simulate(
             sent = asyncio.run(send(bar.update))
         except KeyboardInterrupt:  # before the signals are handled
             sent = None
-    click.echo(f"sent {sent:,} events" if sent is not None else "stopped.")
+    if sent is not None:
+        click.echo(f"sent {sent:,} events")
+    elif isinstance(progress, _RunningCount):
+        click.echo(f"stopped after {progress.sent:,} events.")
+    else:
+        click.echo("stopped.")
+
+
+class _RunningCount:
+    """``rtim simulate``'s progress when it sends without end: the events the broker
+    has acknowledged, one line on stderr every ``every_s`` seconds (a line, not a
+    redrawn bar, so that a log file reads as well as a terminal)."""
+
+    def __init__(self, label: str, every_s: float = 5.0) -> None:
+        import time
+
+        self.label = label
+        self.every_s = every_s
+        self.sent = 0
+        self._clock = time.monotonic
+        self._started = self._shown_at = self._clock()
+
+    def __enter__(self) -> _RunningCount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, delta: int) -> None:
+        self.sent += delta
+        now = self._clock()
+        if now - self._shown_at >= self.every_s:
+            self._shown_at = now
+            rate = self.sent / max(now - self._started, 1e-9)
+            click.echo(f"{self.label}: {self.sent:,} events ({rate:,.0f}/s)", err=True)
 
 
 @main.command()

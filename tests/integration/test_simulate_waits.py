@@ -24,10 +24,12 @@ pytestmark = pytest.mark.integration
 EVENTS = 300
 
 
-def simulate(bootstrap: str, *, ignoring: str = "") -> subprocess.Popen[bytes]:
+def simulate(
+    bootstrap: str, *, ignoring: str = "", args: tuple[str, ...] = ("-n", str(EVENTS))
+) -> subprocess.Popen[bytes]:
     """``rtim simulate`` started with the signals ``ignoring`` names ignored (``"INT"``: as
     a script's background job is, which is also how a CI runner may start the tests)."""
-    command = [sys.executable, "-m", "rtim", "simulate", "--broker", bootstrap, "-n", str(EVENTS)]
+    command = [sys.executable, "-m", "rtim", "simulate", "--broker", bootstrap, *args]
     proc = subprocess.Popen(
         ["sh", "-c", f"trap '' {ignoring}; exec \"$@\"", "sh", *command] if ignoring else command,
         env={k: v for k, v in os.environ.items() if not k.startswith("RTIM_")},
@@ -96,3 +98,28 @@ def test_simulate_stops_cleanly_on_a_signal_while_waiting(sig: int, ignoring: st
             proc.wait()
     assert "Traceback" not in (waited + stderr).decode()
     assert "stopped." in stdout.decode() and proc.returncode == 0
+
+
+def test_simulate_with_a_rate_sends_until_stopped_and_says_how_many(tmp_path: Path) -> None:
+    """``rtim simulate --rate R`` without ``-n`` (as the README runs it against a cluster)
+    sends without end, shows a running count, and on Ctrl-C says how many the broker took."""
+    with EmbeddedBroker(log_path=tmp_path / "broker.log") as broker:
+        asyncio.run(create_topics(broker.bootstrap, {CLICKSTREAM_TOPIC: 2}))
+        proc = simulate(broker.bootstrap, args=("--rate", "400"))
+        try:
+            counted = wait_for_output(proc, b"events (", timeout=30)
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        said = (counted + stderr).decode()
+        assert proc.returncode == 0 and "Traceback" not in said, said
+        assert f"sending to {CLICKSTREAM_TOPIC}: " in said, said
+        last = stdout.decode().strip().splitlines()[-1]
+        assert last.startswith("stopped after ") and last.endswith(" events."), last
+        sent = int(last.removeprefix("stopped after ").removesuffix(" events.").replace(",", ""))
+        # More than one count line's worth (5 s at 400/s), and every one of them is there.
+        assert sent >= 1000, last
+        assert len(asyncio.run(read_topic(broker.bootstrap, CLICKSTREAM_TOPIC))) >= sent
