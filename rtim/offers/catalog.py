@@ -432,6 +432,27 @@ def _duplicates(ids: list[str]) -> list[str]:
     return sorted({i for i in ids if ids.count(i) > 1})
 
 
+def _ids_of(raw_items: list[Any]) -> frozenset[str]:
+    """The ids a section's items give themselves, whether or not they are valid."""
+    return frozenset(
+        raw["id"] for raw in raw_items if isinstance(raw, dict) and isinstance(raw.get("id"), str)
+    )
+
+
+#: At most this many of a catalog's errors are listed (and how many more there are).
+MAX_ERRORS_LISTED = 20
+
+
+def _all_of(errors: list[CatalogError]) -> CatalogError:
+    """One error that lists every one found, one per line, in the file's order."""
+    if len(errors) == 1:
+        return errors[0]
+    lines = [str(e) for e in errors[:MAX_ERRORS_LISTED]]
+    if len(errors) > MAX_ERRORS_LISTED:
+        lines.append(f"... and {len(errors) - MAX_ERRORS_LISTED} more errors")
+    return CatalogError("\n".join(lines))
+
+
 def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = None) -> Catalog:
     """Build a :class:`Catalog` from the parsed YAML document.
 
@@ -453,49 +474,61 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
     raw_offers = data.get("offers") or []
     if not isinstance(raw_triggers, list) or not isinstance(raw_offers, list):
         raise error("'triggers' and 'offers' must be lists")
+    # Each trigger, offer and placement is checked, and every error is reported at once
+    # (an author fixes them all in one go); an item in error still lends its id to the
+    # checks of what refers to it, so that one error does not make others.
+    errors: list[CatalogError] = []
     triggers = []
     for i, raw in enumerate(raw_triggers):
         try:
             triggers.append(parse_rule(raw, i))
         except ConditionError as exc:
-            raise error(str(exc), raw) from None
+            errors.append(error(str(exc), raw))
     ids = [t.id for t in triggers]
     if len(set(ids)) != len(ids):
-        raise error(f"duplicate trigger id(s) {_duplicates(ids)}", _second(raw_triggers, ids))
-    trigger_ids = frozenset(ids)
+        errors.append(
+            error(f"duplicate trigger id(s) {_duplicates(ids)}", _second(raw_triggers, ids))
+        )
+    trigger_ids = frozenset(ids) | _ids_of(raw_triggers)
     offers = []
     for i, raw in enumerate(raw_offers):
         try:
             offers.append(parse_offer(raw, i, trigger_ids))
         except CatalogError as exc:
-            raise error(str(exc), raw) from None
+            errors.append(error(str(exc), raw))
         except PolicyError as exc:
-            raise error(str(exc), raw if exc.where is None else exc.where) from None
+            errors.append(error(str(exc), raw if exc.where is None else exc.where))
     offer_ids = [o.id for o in offers]
     if len(set(offer_ids)) != len(offer_ids):
-        raise error(
-            f"duplicate offer id(s) {_duplicates(offer_ids)}", _second(raw_offers, offer_ids)
+        errors.append(
+            error(f"duplicate offer id(s) {_duplicates(offer_ids)}", _second(raw_offers, offer_ids))
         )
     raw_placements = data.get("placements") or []
     if not isinstance(raw_placements, list):
-        raise error("'placements' must be a list")
+        errors.append(error("'placements' must be a list"))
+        raw_placements = []
     placements = []
     for i, raw in enumerate(raw_placements):
         try:
-            placements.append(parse_placement(raw, i, frozenset(offer_ids)))
+            placements.append(parse_placement(raw, i, frozenset(offer_ids) | _ids_of(raw_offers)))
         except CatalogError as exc:
-            raise error(str(exc), raw) from None
+            errors.append(error(str(exc), raw))
     placement_ids = [p.id for p in placements]
     if len(set(placement_ids)) != len(placement_ids):
-        raise error(
-            f"duplicate placement id(s) {_duplicates(placement_ids)}",
-            _second(raw_placements, placement_ids),
+        errors.append(
+            error(
+                f"duplicate placement id(s) {_duplicates(placement_ids)}",
+                _second(raw_placements, placement_ids),
+            )
         )
     learning = data.get("learning") or {}
     try:
         traits, features = parse_learning(learning)
     except CatalogError as exc:
-        raise error(str(exc), learning) from None
+        errors.append(error(str(exc), learning))
+    if errors:
+        # The policy's sections refer to offers and groups: checked once those are sound.
+        raise _all_of(errors)
     try:
         policy = _policy(data, offers)
     except PolicyError as exc:

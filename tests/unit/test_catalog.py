@@ -341,6 +341,58 @@ def test_load_catalog_names_the_file_and_line(tmp_path: Path, text: str, expecte
     assert str(info.value).startswith(f"{path}{expected}"), str(info.value)
 
 
+def test_every_error_of_a_catalog_is_reported_at_once_with_its_line(tmp_path: Path) -> None:
+    """An author fixes a catalog in one go: each trigger, offer, placement and the learning
+    section is checked, and an item in error does not make errors of what refers to it."""
+    text = (
+        "triggers:\n"
+        "  - id: t\n"
+        "    when: {type: track}\n"
+        "    cooldown: -1\n"
+        "offers:\n"
+        "  - id: o\n"
+        "    channels: [web]\n"
+        "    triggers: [t]\n"
+        "    value: -3\n"
+        "  - id: p\n"
+        "    channels: [fax]\n"
+        "  - id: q\n"
+        "    channels: [web]\n"
+        "    triggers: [t]\n"
+        "placements:\n"
+        "  - id: home\n"
+        "    channels: [web]\n"
+        "    offers: [p, nowhere]\n"
+        "learning:\n"
+        "  traits: [email]\n"
+    )
+    path = tmp_path / "bad-catalog.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    lines = str(info.value).splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [
+        f"{path}:4",
+        f"{path}:9",
+        f"{path}:10",
+        f"{path}:18",
+        f"{path}:20",
+    ], lines
+    assert "trigger 't'" in lines[0] and "offer 'o'" in lines[1] and "'fax'" in lines[2]
+    # The placement's error is the offer no item defines, not 'p' (defined, though in error).
+    assert "nowhere" in lines[3] and "'p'" not in lines[3], lines[3]
+    assert "identify a person" in lines[4]
+
+
+def test_a_catalog_with_very_many_errors_lists_the_first_twenty() -> None:
+    doc = {"offers": [{"id": f"o{i}", "channels": ["fax"]} for i in range(25)]}
+    with pytest.raises(CatalogError) as info:
+        parse_catalog(doc, source="x.yaml")
+    lines = str(info.value).splitlines()
+    assert len(lines) == 21 and lines[-1] == "... and 5 more errors", lines[-3:]
+    assert all("unknown channel" in line for line in lines[:20])
+
+
 def test_load_catalog_of_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CatalogError, match=r"cannot read catalog .*nowhere\.yaml"):
         load_catalog(tmp_path / "nowhere.yaml")
