@@ -159,6 +159,10 @@ class Lines:
         return line
 
 
+_YAML_BOOL = "tag:yaml.org,2002:bool"
+_YAML_STR = "tag:yaml.org,2002:str"
+
+
 def _load_yaml(text: str) -> tuple[Any, Lines]:
     lines = Lines()
 
@@ -171,6 +175,11 @@ def _load_yaml(text: str) -> tuple[Any, Lines]:
         mapping: dict[Any, Any] = {}
         lines.record(mapping, node)
         yield mapping
+        # A key is a name as written: YAML 1.1 reads ``on:``, ``no:`` or ``yes:`` as a
+        # boolean, and an error would name the field True.
+        for key_node, _ in node.value:
+            if key_node.tag == _YAML_BOOL:
+                key_node.tag = _YAML_STR
         mapping.update(yaml.SafeLoader.construct_mapping(loader, node))
 
     def construct_timestamp(loader: Loader, node: yaml.ScalarNode) -> Any:

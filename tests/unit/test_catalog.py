@@ -306,6 +306,11 @@ def test_catalog_error_is_a_value_error_and_rule_errors_are_condition_errors() -
         ("- just\n- a list\n", ": the catalog must be a mapping"),
         ("offers:\n  - id: o\n    channels: [fax]\n", ":2: offer 'o': unknown channel"),
         ("triggers: []\n\nofers: []\n", ":3: unknown top-level field(s) ['ofers']"),
+        # YAML 1.1 reads the key `on` as True; the error names it as written.
+        (
+            "triggers:\n  - id: t\n    on: {type: track}\n",
+            ":3: trigger 't': unknown field(s) ['on']",
+        ),
         (
             "triggers:\n  - id: t\n    when: {type: track}\n    cooldown: -1\n",
             ":4: trigger 't': 'cooldown' must be",
