@@ -741,11 +741,16 @@ def _offer_reasons(offer: Offer, reasons: list[str]) -> list[str]:
     ]
 
 
-def _action_reasons(decision: Decision, offer: Offer) -> list[str]:
-    """Why an action of a request's answer is there and what weighed it: the eligibility
-    rules it passed, the context weights and the levers of its score."""
+def _action_reasons(decision: Decision, c: Candidate) -> list[str]:
+    """Why an action of a request's answer is there and what its score is made of: the
+    eligibility rules it passed, the context weights, the propensity drawn
+    (``sampled:<offer>=``, Thompson sampling's draw) and the levers it was multiplied by
+    (value and priority; under a contact policy also the context weights' product and the
+    group's priority), so that the score is the product of the numbers the reasons show."""
+    offer = c.offer
     reasons = _offer_reasons(offer, decision.reasons)
-    levers = decision.levers.get(offer.id, {})
+    reasons.append(f"sampled:{offer.id}={round6(c.sampled):g}")
+    levers = decision.levers.get(offer.id) or {"value": offer.value, "priority": offer.priority}
     reasons.extend(f"lever:{offer.id}:{k}={v:g}" for k, v in levers.items())
     return reasons
 
@@ -1108,7 +1113,7 @@ class BatchRun:
                 channel=channel,
                 score=round6(c.score),
                 propensity=round6(c.mean),
-                reasons=_action_reasons(decision, c.offer),
+                reasons=_action_reasons(decision, c),
             )
             for c, channel in shown
         ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -267,8 +268,11 @@ def test_a_request_asked_again_gets_its_answer_again_and_counts_once() -> None:
         and "repeated" not in (first.as_json())
     )
     assert again.reasons[-1] == "repeated:retry-me"
-    # (This catalog has no levers: each action's reasons are its rules, as they were.)
-    assert [a.reasons for a in again.actions] == [a.reasons for a in first.actions]
+    # Each action's rules, as they were; the draw and the levers of its score are the
+    # first answer's only (the context does not keep them).
+    assert [a.reasons for a in again.actions] == [
+        [r for r in a.reasons if not r.startswith(("sampled:", "lever:"))] for a in first.actions
+    ]
     assert again.actions[0].reasons == ['eligible:event.properties.page == "/checkout"']
     # Nothing decided, opened, counted or recorded again.
     assert result.decisions == [] and result.updates == {}
@@ -481,3 +485,41 @@ def test_requests_are_decided_within_the_contact_policy_and_count_against_its_ca
         again, store, placement="inbox", channel="web", timestamp="2026-11-25T10:00:01Z"
     )
     assert [a.offer.id for a in nextday.actions] == ["points"]
+
+
+def _product_of_reasons(action: Any) -> float:
+    """The draw times every lever, read back from an action's reasons."""
+    offer = action.offer.id
+    numbers = [
+        float(r.rpartition("=")[2])
+        for r in action.reasons
+        if r.startswith((f"sampled:{offer}=", f"lever:{offer}:"))
+    ]
+    assert len(numbers) >= 3, action.reasons  # the draw, the value and the priority at least
+    return math.prod(numbers)
+
+
+@pytest.mark.parametrize("policy", [False, True], ids=["no contact policy", "contact policy"])
+def test_each_actions_score_is_the_product_of_the_numbers_its_reasons_show(policy: bool) -> None:
+    """A marketer reading an answer sees what made each score: the propensity drawn for it
+    and every lever, with or without a contact policy."""
+    store = Store()
+    if policy:
+        eng = Engine(
+            catalog=POLICY_CATALOG,
+            load=store.load,
+            clock=lambda: NOW / 1000,
+            partition_of=lambda k: 0,
+        )
+        answer, _ = ask(eng, store, placement="inbox", channel="web")
+    else:
+        eng = engine(store)
+        added = track("Product Added", product_id="p1", price=80, quantity=1)
+        run(eng, Log().records(added), store)
+        answer, _ = ask(eng, store, limit=3, context={"page": "/checkout"})
+    assert answer.actions
+    for action in answer.actions:
+        assert f"lever:{action.offer.id}:value={action.offer.value:g}" in action.reasons
+        assert _product_of_reasons(action) == pytest.approx(action.score, rel=1e-4)
+    if policy:
+        assert "lever:points:group-priority=1.5" in answer.actions[0].reasons
