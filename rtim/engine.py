@@ -701,23 +701,22 @@ def _answer_again(
 ) -> Answer:
     """The answer to a request asked again (its ``request_id`` was decided for this
     customer already, among the decisions its context remembers: a client's retry), from
-    the context's summary of it: the same decision id, actions (scores and propensities as
-    they were) and reasons, plus ``repeated:<request_id>``; an action's reasons are its
-    eligibility rules and the context weights the summary kept (not its levers). Nothing is
+    the context's summary of it: the same decision id, actions (scores, propensities, draws
+    and levers as they were) and reasons, plus ``repeated:<request_id>``. Nothing is
     decided, counted or recorded again. An action whose offer is no longer in the catalog
-    is left out."""
+    is left out. (A summary written before it kept the draw and the levers has an action's
+    eligibility rules and context weights only.)"""
     offers = catalog.offers_by_id
-    actions = [
-        Action(
-            offer=offers[offer_id],
-            channel=channel,
-            score=score,
-            propensity=mean,
-            reasons=_offer_reasons(offers[offer_id], asked["reasons"]),
-        )
-        for offer_id, channel, score, mean in asked.get("actions") or ()
-        if offer_id in offers
-    ]
+    actions = []
+    for offer_id, channel, score, mean, *parts in asked.get("actions") or ():
+        offer = offers.get(offer_id)
+        if offer is None:
+            continue
+        reasons = _offer_reasons(offer, asked["reasons"])
+        if parts:
+            sampled, levers = parts
+            reasons.extend(_score_reasons(offer, sampled, levers))
+        actions.append(Action(offer, channel, score, mean, reasons))
     return Answer(
         decision_id=asked["id"],
         customer_id=request.customer_id,
@@ -741,18 +740,17 @@ def _offer_reasons(offer: Offer, reasons: list[str]) -> list[str]:
     ]
 
 
-def _action_reasons(decision: Decision, c: Candidate) -> list[str]:
-    """Why an action of a request's answer is there and what its score is made of: the
-    eligibility rules it passed, the context weights, the propensity drawn
-    (``sampled:<offer>=``, Thompson sampling's draw) and the levers it was multiplied by
-    (value and priority; under a contact policy also the context weights' product and the
-    group's priority), so that the score is the product of the numbers the reasons show."""
-    offer = c.offer
-    reasons = _offer_reasons(offer, decision.reasons)
-    reasons.append(f"sampled:{offer.id}={round6(c.sampled):g}")
-    levers = decision.levers.get(offer.id) or {"value": offer.value, "priority": offer.priority}
-    reasons.extend(f"lever:{offer.id}:{k}={v:g}" for k, v in levers.items())
-    return reasons
+def _score_reasons(offer: Offer, sampled: float, levers: dict[str, float] | None) -> list[str]:
+    """What an action's score is made of: the propensity drawn for it (Thompson sampling's
+    draw, ``sampled:<offer>=``) and the levers it was multiplied by (``lever:<offer>:``;
+    under a contact policy the decision's, else the offer's value and priority), so that
+    the score is the product of the numbers these reasons show."""
+    if levers is None:
+        levers = {"value": offer.value, "priority": offer.priority}
+    return [
+        f"sampled:{offer.id}={sampled:g}",
+        *(f"lever:{offer.id}:{k}={v:g}" for k, v in levers.items()),
+    ]
 
 
 class _Request(NamedTuple):
@@ -1107,23 +1105,24 @@ class BatchRun:
         opened: list[Pending] = []
         if decision.offer is None:
             result.no_offer += 1
-        actions = [
-            Action(
-                offer=c.offer,
-                channel=channel,
-                score=round6(c.score),
-                propensity=round6(c.mean),
-                reasons=_action_reasons(decision, c),
-            )
-            for c, channel in shown
-        ]
+        actions = []
+        # Per action as the context's summary keeps it, so that a retry gets the same:
+        # [offer id, channel, score, propensity, draw, levers (None: value and priority)].
+        answered: list[list[Any]] = []
+        for c, channel in shown:
+            offer = c.offer
+            parts = [round6(c.score), round6(c.mean), round6(c.sampled)]
+            levers = decision.levers.get(offer.id)
+            reasons = _offer_reasons(offer, decision.reasons)
+            reasons.extend(_score_reasons(offer, parts[2], levers))
+            actions.append(Action(offer, channel, parts[0], parts[1], reasons))
+            answered.append([offer.id, channel, *parts, levers])
         if decision.offer is not None or not new:
             if new:
                 self._keep_new(partition, key, ctx)
             for i, ((c, channel), end) in enumerate(zip(shown, ends, strict=True)):
                 action = (c, channel, end) if i else None
                 opened.append(engine._open(ctx, key, partition, decision, result, action))
-            answered = [[a.offer.id, a.channel, a.score, a.propensity] for a in actions]
             note_decision(ctx, decision, rule.id, answered)
             self._fired[len(self._keys)] = ([], (made,), opened)
             self._journal(partition, key, ctx, entry, "request")

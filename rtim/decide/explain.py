@@ -30,8 +30,9 @@ def note_decision(
     ctx: Context, decision: Decision, by: str, actions: list[list[Any]] | None = None
 ) -> None:
     """Remember a decision's summary in the context (the oldest goes first); ``actions``:
-    a request's answer, as ``[offer id, channel, score, propensity]`` each, so that the
-    request asked again is answered the same (:func:`remembered`)."""
+    a request's answer, as ``[offer id, channel, score, propensity, draw, levers]`` each
+    (levers None: the offer's value and priority), so that the request asked again is
+    answered the same (:func:`remembered`)."""
     offer = None if decision.offer is None else decision.offer.id
     reasons = decision.reasons
     _remember(
@@ -56,12 +57,15 @@ def note_record(ctx: Context, record: dict[str, Any]) -> None:
         actions = []
         for action in record.get("actions") or ([first] if first["offer_id"] else []):
             candidate = scored.get(action["offer_id"], {})
+            levers = candidate.get("levers")
             actions.append(
                 [
                     action["offer_id"],
                     str(action.get("channel") or record["channel"]),
                     _number(candidate.get("score")),
                     _number(candidate.get("propensity")),
+                    _number(candidate.get("sampled")),
+                    levers if isinstance(levers, dict) else None,
                 ]
             )
     _remember(

@@ -268,12 +268,14 @@ def test_a_request_asked_again_gets_its_answer_again_and_counts_once() -> None:
         and "repeated" not in (first.as_json())
     )
     assert again.reasons[-1] == "repeated:retry-me"
-    # Each action's rules, as they were; the draw and the levers of its score are the
-    # first answer's only (the context does not keep them).
-    assert [a.reasons for a in again.actions] == [
-        [r for r in a.reasons if not r.startswith(("sampled:", "lever:"))] for a in first.actions
+    # Each action's reasons as they were: its rules, its draw and its levers.
+    assert [a.reasons for a in again.actions] == [a.reasons for a in first.actions]
+    assert again.actions[0].reasons[0] == 'eligible:event.properties.page == "/checkout"'
+    assert [r.partition("=")[0] for r in again.actions[0].reasons[1:]] == [
+        "sampled:checkout-help",
+        "lever:checkout-help:value",
+        "lever:checkout-help:priority",
     ]
-    assert again.actions[0].reasons == ['eligible:event.properties.page == "/checkout"']
     # Nothing decided, opened, counted or recorded again.
     assert result.decisions == [] and result.updates == {}
     assert store.data[(0, b"u-1")] == stored
@@ -283,6 +285,28 @@ def test_a_request_asked_again_gets_its_answer_again_and_counts_once() -> None:
     other, result = ask(again_eng, store, limit=3, request_id="another")
     assert other.decision_id != first.decision_id and not other.repeated
     assert len(result.decisions) == 1
+
+
+def test_a_retry_is_answered_from_a_summary_an_earlier_version_wrote() -> None:
+    """A context stored before summaries kept each action's draw and levers still answers
+    a retry the same, with each action's rules as its reasons."""
+    store, log = Store(), Log()
+    eng = engine(store)
+    run(eng, log.records(track("Product Added", product_id="p1", price=80, quantity=1)), store)
+    first, _ = ask(eng, store, limit=3, request_id="old", context={"page": "/checkout"})
+    ctx = orjson.loads(store.data[(0, b"u-1")])
+    summary = ctx["recent"][-1]
+    assert [len(a) for a in summary["actions"]] == [6] * len(first.actions)
+    summary["actions"] = [a[:4] for a in summary["actions"]]
+    store.data[(0, b"u-1")] = orjson.dumps(ctx)
+    again, result = ask(engine(store), store, limit=3, request_id="old")
+    assert again.repeated and result.decisions == []
+    assert [(a.offer.id, a.channel, a.score, a.propensity) for a in again.actions] == [
+        (a.offer.id, a.channel, a.score, a.propensity) for a in first.actions
+    ]
+    assert [a.reasons for a in again.actions] == [
+        [r for r in a.reasons if r.startswith("eligible:")] for a in first.actions
+    ]
 
 
 def test_a_decision_with_many_rejections_is_remembered_with_its_outcome() -> None:

@@ -84,6 +84,9 @@ def test_the_owner_adopts_every_action_once_and_the_caps_count_them() -> None:
     assert [(a.offer.id, a.channel, a.score, a.propensity) for a in retried.actions] == [
         (a.offer.id, a.channel, a.score, a.propensity) for a in answer.actions
     ]
+    # With the same reasons: each action's rules, draw and levers (the policy's, here).
+    assert [a.reasons for a in retried.actions] == [a.reasons for a in answer.actions]
+    assert "lever:gold:group-priority=1" in retried.actions[0].reasons
     assert retry.decisions == [] and stored(store) == ctx
 
     # And a response to an adopted action is joined and learned.
