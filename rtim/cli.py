@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -231,8 +232,6 @@ class _RunningCount:
     redrawn bar, so that a log file reads as well as a terminal)."""
 
     def __init__(self, label: str, every_s: float = 5.0) -> None:
-        import time
-
         self.label = label
         self.every_s = every_s
         self.sent = 0
