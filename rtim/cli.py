@@ -532,10 +532,11 @@ def offers() -> None:
 def offers_apply(file: Path, broker: str | None, by: str | None, timeout: float) -> None:
     """Check a catalog file and publish it as the next version of the live catalog.
 
-    A catalog with an error is not published: the error is printed with its file
-    and line, and the exit status is 2. Published, it is in force on every worker
-    within seconds (GET /v1/catalog shows the version). The topics of the
-    channels it names are created if they are missing.
+    A catalog with errors is not published: each error is printed with its file
+    and line, and the exit status is 2 (``rtim offers check`` does the same checks
+    without a broker). Published, it is in force on every worker within seconds
+    (GET /v1/catalog shows the version). The topics of the channels it names are
+    created if they are missing.
     """
     import asyncio
     import getpass
@@ -568,10 +569,38 @@ def offers_apply(file: Path, broker: str | None, by: str | None, timeout: float)
     except (TimeoutError, KafkaError, OSError) as exc:
         click.echo(f"rtim: catalog not published to {kafka} ({exc!r})", err=True)
         raise SystemExit(1) from None
-    click.echo(
-        f"catalog version {version} published ({len(catalog.triggers)} triggers, "
-        f"{len(catalog.offers)} offers, {len(catalog.placements)} placements)"
+    click.echo(f"catalog version {version} published ({_catalog_counts(catalog)})")
+
+
+def _catalog_counts(catalog: Any) -> str:
+    return (
+        f"{len(catalog.triggers)} triggers, {len(catalog.offers)} offers, "
+        f"{len(catalog.placements)} placements"
     )
+
+
+@offers.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def offers_check(files: tuple[Path, ...]) -> None:
+    """Check catalog files as ``rtim offers apply`` does, without publishing them (no
+    broker needed: for an editor, a commit hook or a CI job).
+
+    Each error is printed with its file and line; the exit status is 2 if any file has
+    one, else 0.
+    """
+    from rtim.offers.catalog import CatalogError, load_catalog
+
+    failed = False
+    for file in files:
+        try:
+            catalog = load_catalog(file)
+        except CatalogError as exc:
+            click.echo(f"rtim: {exc}", err=True)
+            failed = True
+            continue
+        click.echo(f"{file}: ok ({_catalog_counts(catalog)})")
+    if failed:
+        raise SystemExit(CONFIG_ERROR_EXIT)
 
 
 _WORKER_URL = click.option(

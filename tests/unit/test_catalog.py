@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 import rtim
+from rtim.cli import main
 from rtim.conditions import ConditionError, compile_all
 from rtim.context.model import apply_event, new_context
 from rtim.events import Event
@@ -396,6 +398,27 @@ def test_a_catalog_with_very_many_errors_lists_the_first_twenty() -> None:
     lines = str(info.value).splitlines()
     assert len(lines) == 21 and lines[-1] == "... and 5 more errors", lines[-3:]
     assert all("unknown channel" in line for line in lines[:20])
+
+
+def test_rtim_offers_check_says_which_files_are_sound_without_a_broker(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("offers:\n  - id: o\n    channels: [web]\n", encoding="utf-8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "offers:\n  - id: o\n    channels: [fax]\n  - id: p\n    channels: [web]\n    value: -1\n",
+        encoding="utf-8",
+    )
+    runner = CliRunner()
+    ok = runner.invoke(main, ["offers", "check", str(good)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output == f"{good}: ok (0 triggers, 1 offers, 0 placements)\n"
+    both = runner.invoke(main, ["offers", "check", str(bad), str(good)])
+    assert both.exit_code == 2, both.output
+    assert f"rtim: {bad}:2: offer 'o': unknown channel(s) ['fax']" in both.output
+    assert f"\n{bad}:6: offer 'p': 'value' must be a number >= 0" in both.output
+    assert f"{good}: ok" in both.output
+    missing = runner.invoke(main, ["offers", "check", str(tmp_path / "nowhere.yaml")])
+    assert missing.exit_code == 2 and "cannot read catalog" in missing.output
 
 
 def test_load_catalog_of_a_missing_file(tmp_path: Path) -> None:
