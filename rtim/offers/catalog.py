@@ -87,7 +87,7 @@ import yaml
 
 from rtim.conditions import Condition, ConditionError, compile_all
 from rtim.context.model import IDENTIFYING_TRAITS, KEPT_TRAITS, MAX_TRAIT_NAME_CHARS, MAX_TRAITS
-from rtim.errors import ConfigError
+from rtim.errors import ConfigError, unknown_fields
 from rtim.learn.features import DEFAULT_SPEC, FeatureSpec, FeatureSpecError, parse_spec
 from rtim.names import OFFER_CHANNELS
 from rtim.offers.policy import (
@@ -337,9 +337,9 @@ def parse_offer(raw: Any, index: int, trigger_ids: frozenset[str]) -> Offer:
         # Keys beginning with two underscores name the pooled model and the
         # learners' cursors on rtim.training and rtim.models.
         raise CatalogError(f"{where}: an offer id may not begin with '__' (reserved)")
-    unknown = set(raw) - _OFFER_KEYS
+    unknown = unknown_fields(raw, _OFFER_KEYS)
     if unknown:
-        raise CatalogError(f"{where}: unknown field(s) {sorted(unknown)}")
+        raise CatalogError(f"{where}: {unknown}")
     channels = _channels(raw, where)
     linked = _references(raw, "triggers", where, trigger_ids, "trigger")
     triggers = None if linked is None else frozenset(linked)
@@ -396,9 +396,9 @@ def parse_placement(raw: Any, index: int, offer_ids: frozenset[str]) -> Placemen
     if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
         raise CatalogError(f"placements[{index}]: each placement needs a string 'id'")
     where = f"placement {raw['id']!r}"
-    unknown = set(raw) - {"id", "channels", "offers"}
+    unknown = unknown_fields(raw, ("id", "channels", "offers"))
     if unknown:
-        raise CatalogError(f"{where}: unknown field(s) {sorted(map(str, unknown))}")
+        raise CatalogError(f"{where}: {unknown}")
     channels = _channels(raw, where)
     offers = _references(raw, "offers", where, offer_ids, "offer")
     return Placement(
@@ -476,9 +476,11 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
 
     if not isinstance(data, dict):
         raise error("the catalog must be a mapping with 'triggers' and 'offers'")
-    unknown = set(data) - {"triggers", "offers", "learning", "placements", *_POLICY_SECTIONS}
+    unknown = unknown_fields(
+        data, ("triggers", "offers", "learning", "placements", *_POLICY_SECTIONS)
+    )
     if unknown:
-        raise error(f"unknown top-level field(s) {sorted(map(str, unknown))}")
+        raise error(f"top level: {unknown}")
     raw_triggers = data.get("triggers") or []
     raw_offers = data.get("offers") or []
     if not isinstance(raw_triggers, list) or not isinstance(raw_offers, list):
@@ -594,9 +596,9 @@ def parse_learning(raw: Any) -> tuple[tuple[str, ...], FeatureSpec]:
     features decisions are scored on (:mod:`rtim.learn.features`)."""
     if not isinstance(raw, dict):
         raise CatalogError("'learning' must be a mapping with 'traits' and/or 'features'")
-    unknown = set(raw) - {"traits", "features"}
+    unknown = unknown_fields(raw, ("traits", "features"))
     if unknown:
-        raise CatalogError(f"learning: unknown field(s) {sorted(map(str, unknown))}")
+        raise CatalogError(f"learning: {unknown}")
     traits = raw.get("traits", list(KEPT_TRAITS))
     if not isinstance(traits, list) or not all(isinstance(t, str) and t for t in traits):
         raise CatalogError("learning.traits must be a list of trait names")

@@ -17,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from rtim.conditions import Condition, ConditionError, compile_all
+from rtim.errors import unknown_fields
 from rtim.names import OFFER_CHANNELS
 
 #: Kinds of offers and actions.
@@ -82,9 +83,9 @@ def _names(value: Any, where: str, raw: Any, known: Any = None, what: str = "") 
 def _check_keys(raw: Any, allowed: set[str], where: str, required: tuple[str, ...] = ()) -> None:
     if not isinstance(raw, dict):
         raise PolicyError(f"{where}: must be a mapping", raw)
-    unknown = set(raw) - allowed
+    unknown = unknown_fields(raw, allowed)
     if unknown:
-        raise PolicyError(f"{where}: unknown field(s) {sorted(map(str, unknown))}", raw)
+        raise PolicyError(f"{where}: {unknown}", raw)
     for key in required:
         if raw.get(key) is None:
             raise PolicyError(f"{where}: '{key}' is required", raw)

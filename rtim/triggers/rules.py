@@ -23,6 +23,7 @@ from typing import Any
 
 from rtim.conditions import Condition, ConditionError, compile_all
 from rtim.context.model import Context
+from rtim.errors import unknown_fields
 from rtim.events import Event
 
 _PATTERN_KEYS = {"type", "event", "name", "channel", "properties"}
@@ -73,9 +74,9 @@ def parse_rule(raw: Any, index: int) -> TriggerRule:
     if not isinstance(raw, dict) or not isinstance(raw.get("id"), str) or not raw["id"]:
         raise ConditionError(f"triggers[{index}]: each trigger needs a string 'id'")
     where = f"trigger {raw['id']!r}"
-    unknown = set(raw) - _RULE_KEYS
+    unknown = unknown_fields(raw, _RULE_KEYS)
     if unknown:
-        raise ConditionError(f"{where}: unknown field(s) {sorted(unknown)}")
+        raise ConditionError(f"{where}: {unknown}")
     pattern = raw.get("when") or {}
     if not isinstance(pattern, dict) or set(pattern) - _PATTERN_KEYS:
         raise ConditionError(

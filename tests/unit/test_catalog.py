@@ -243,7 +243,7 @@ def test_the_base_document_is_valid() -> None:
             ["trigger 'cart'.if", "'cart.value is big'"],
         ),
         # the document
-        ("offer", [], ["unknown top-level", "offer"]),
+        ("offer", [], ["top level: unknown field", "offer"]),
         ("triggers", {"id": "cart"}, ["'triggers' and 'offers' must be lists"]),
         ("offers", "ship", ["'triggers' and 'offers' must be lists"]),
     ],
@@ -307,7 +307,10 @@ def test_catalog_error_is_a_value_error_and_rule_errors_are_condition_errors() -
         ("offers:\n  - id: o\n    channels: [web]\n    valid_to: 2026-13-01\n", ":4: not valid"),
         ("- just\n- a list\n", ": the catalog must be a mapping"),
         ("offers:\n  - id: o\n    channels: [fax]\n", ":2: offer 'o': unknown channel"),
-        ("triggers: []\n\nofers: []\n", ":3: unknown top-level field(s) ['ofers']"),
+        (
+            "triggers: []\n\nofers: []\n",
+            ":3: top level: unknown field(s) ['ofers'] (did you mean 'offers' for 'ofers'?)",
+        ),
         # YAML 1.1 reads the key `on` as True; the error names it as written.
         (
             "triggers:\n  - id: t\n    on: {type: track}\n",
@@ -346,6 +349,25 @@ def test_load_catalog_names_the_file_and_line(tmp_path: Path, text: str, expecte
     with pytest.raises(CatalogError) as info:
         load_catalog(path)
     assert str(info.value).startswith(f"{path}{expected}"), str(info.value)
+
+
+def test_an_unknown_field_is_named_as_written_with_the_field_it_likely_misspells() -> None:
+    doc = {
+        "triggers": [{"id": "t", "when": {"type": "track"}, "coldown": 5}],
+        # A number as a key beside a name: YAML allows it, and the error must still come.
+        "offers": [{"id": "o", "channels": ["web"], "eligibilty": [], 3: "x"}],
+        "learning": {"trait": ["plan"]},
+    }
+    with pytest.raises(CatalogError) as info:
+        parse_catalog(doc, source="x.yaml")
+    lines = str(info.value).splitlines()
+    assert lines == [
+        "x.yaml: trigger 't': unknown field(s) ['coldown'] (did you mean 'cooldown' for "
+        "'coldown'?)",
+        "x.yaml: offer 'o': unknown field(s) ['3', 'eligibilty'] (did you mean 'eligibility' "
+        "for 'eligibilty'?)",
+        "x.yaml: learning: unknown field(s) ['trait'] (did you mean 'traits' for 'trait'?)",
+    ], lines
 
 
 def test_every_error_of_a_catalog_is_reported_at_once_with_its_line(tmp_path: Path) -> None:
