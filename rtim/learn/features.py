@@ -123,7 +123,7 @@ def parse_spec(data: Any, where: str = "features") -> FeatureSpec:
         unknown = set(options) - ENCODINGS[encode]
         if unknown:
             raise FeatureSpecError(
-                f"{at}: option(s) {sorted(unknown)} do not apply to encoding {encode!r}"
+                f"{at}: option(s) {sorted(map(str, unknown))} do not apply to encoding {encode!r}"
             )
         for key, value in options.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
