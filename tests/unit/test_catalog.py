@@ -370,6 +370,12 @@ def test_an_unknown_field_is_named_as_written_with_the_field_it_likely_misspells
     ], lines
 
 
+def test_a_feature_option_its_encoding_does_not_take_is_named() -> None:
+    spec = [{"path": "orders", "encode": "log2", 3: 1, "last": 2}]
+    with pytest.raises(CatalogError, match=r"option\(s\) \['3', 'last'\] do not apply to encoding"):
+        parse_catalog({"learning": {"features": spec}})
+
+
 def test_every_error_of_a_catalog_is_reported_at_once_with_its_line(tmp_path: Path) -> None:
     """An author fixes a catalog in one go: each trigger, offer, placement and the learning
     section is checked, and an item in error does not make errors of what refers to it."""
