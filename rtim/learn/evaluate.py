@@ -461,7 +461,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for run_ in summary["runs"]:
         out.append(f"seed {run_['seed']}:")
-        out.append("  RTIM/oracle per 1,000: " + " ".join(f"{v:.2f}" for v in run_["curve"]))
+        curve = " ".join(f"{v:.2f}" for v in run_["curve"]) or "(a run of fewer than 1,000)"
+        out.append(f"  RTIM/oracle per 1,000: {curve}")
         out.append(
             "  new offer's moments taken per quarter since launch: "
             + " ".join(f"{v:.0%}" for v in run_["new_offer_share_per_quarter"])

@@ -28,3 +28,12 @@ def test_rtim_evaluate_prints_the_comparison():
     assert out.exit_code == 0, out.output
     assert "RTIM, share of the oracle" in out.output
     assert "new offer takes, last quarter" in out.output
+
+
+def test_a_run_too_short_for_a_curve_says_so():
+    from rtim.learn.evaluate import format_summary, summarise
+
+    text = format_summary(summarise([run(seed=1, decisions=400)]))
+    assert "RTIM/oracle per 1,000: (a run of fewer than 1,000)" in text
+    longer = format_summary(summarise([run(seed=1, decisions=2000)]))
+    assert len(longer.split("RTIM/oracle per 1,000: ")[1].splitlines()[0].split()) == 2
