@@ -1,7 +1,7 @@
 from click.testing import CliRunner
 
 from rtim.cli import main
-from rtim.learn.evaluate import run
+from rtim.learn.evaluate import format_summary, run, summarise
 
 
 def test_rtim_learns_the_market_better_than_random_and_than_any_single_offer():
@@ -31,8 +31,6 @@ def test_rtim_evaluate_prints_the_comparison():
 
 
 def test_a_run_too_short_for_a_curve_says_so():
-    from rtim.learn.evaluate import format_summary, summarise
-
     text = format_summary(summarise([run(seed=1, decisions=400)]))
     assert "RTIM/oracle per 1,000: (a run of fewer than 1,000)" in text
     longer = format_summary(summarise([run(seed=1, decisions=2000)]))
