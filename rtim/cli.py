@@ -8,13 +8,16 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from rtim.errors import ConfigError
 from rtim.names import CLICKSTREAM_TOPIC, MODELS_TOPIC, OFFER_CHANNELS
 from rtim.settings import DEFAULTS, describe, load_settings
+
+if TYPE_CHECKING:
+    from rtim.offers.catalog import Catalog
 
 #: Exit code for a configuration the user must fix (as for a usage error).
 CONFIG_ERROR_EXIT = 2
@@ -572,7 +575,7 @@ def offers_apply(file: Path, broker: str | None, by: str | None, timeout: float)
     click.echo(f"catalog version {version} published ({_catalog_counts(catalog)})")
 
 
-def _catalog_counts(catalog: Any) -> str:
+def _catalog_counts(catalog: Catalog) -> str:
     return (
         f"{len(catalog.triggers)} triggers, {len(catalog.offers)} offers, "
         f"{len(catalog.placements)} placements"
