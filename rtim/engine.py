@@ -1111,12 +1111,12 @@ class BatchRun:
         answered: list[list[Any]] = []
         for c, channel in shown:
             offer = c.offer
-            parts = [round6(c.score), round6(c.mean), round6(c.sampled)]
+            score, mean, sampled = round6(c.score), round6(c.mean), round6(c.sampled)
             levers = decision.levers.get(offer.id)
             reasons = _offer_reasons(offer, decision.reasons)
-            reasons.extend(_score_reasons(offer, parts[2], levers))
-            actions.append(Action(offer, channel, parts[0], parts[1], reasons))
-            answered.append([offer.id, channel, *parts, levers])
+            reasons.extend(_score_reasons(offer, sampled, levers))
+            actions.append(Action(offer, channel, score, mean, reasons))
+            answered.append([offer.id, channel, score, mean, sampled, levers])
         if decision.offer is not None or not new:
             if new:
                 self._keep_new(partition, key, ctx)

@@ -29,10 +29,11 @@ def unknown_fields(raw: dict[Any, Any], known: Collection[str]) -> str | None:
     unknown = sorted(str(key) for key in raw if key not in known)
     if not unknown:
         return None
+    names = sorted(known)
     hints = [
         f"{close[0]!r} for {name!r}"
         for name in unknown
-        if (close := difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75))
+        if (close := difflib.get_close_matches(name, names, n=1, cutoff=0.75))
     ]
     said = f"unknown field(s) {unknown}"
     return f"{said} (did you mean {', '.join(hints)}?)" if hints else said

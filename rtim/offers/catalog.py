@@ -500,7 +500,7 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
         errors.append(
             error(f"duplicate trigger id(s) {_duplicates(ids)}", _second(raw_triggers, ids))
         )
-    trigger_ids = frozenset(ids) | _ids_of(raw_triggers)
+    trigger_ids = _ids_of(raw_triggers)  # the valid ones' and those in error
     offers = []
     for i, raw in enumerate(raw_offers):
         try:
@@ -519,9 +519,10 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
         errors.append(error("'placements' must be a list"))
         raw_placements = []
     placements = []
+    offer_ids_given = _ids_of(raw_offers)
     for i, raw in enumerate(raw_placements):
         try:
-            placements.append(parse_placement(raw, i, frozenset(offer_ids) | _ids_of(raw_offers)))
+            placements.append(parse_placement(raw, i, offer_ids_given))
         except CatalogError as exc:
             errors.append(error(str(exc), raw))
     placement_ids = [p.id for p in placements]
