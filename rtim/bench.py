@@ -175,6 +175,11 @@ class WorkerProfile:
     decisions_per_event: float = 0.0
     #: Response records consumed in the same window.
     responses: int = 0
+    #: Training records the worker's learner learned in the same window (each closed
+    #: decision with an offer is two: its offer's and the pooled model's).
+    learned: int = 0
+    #: Clickstream events consumed in the window.
+    events: int = 0
 
 
 def _delta_sum(before: dict[str, float], after: dict[str, float], prefix: str) -> float:
@@ -216,6 +221,8 @@ def worker_profile(
         ),
         decisions_per_event=round(_delta_sum(before, after, "rtim_decisions_total{") / events, 3),
         responses=int(delta(f'rtim_events_consumed_total{{topic="{RESPONSES_TOPIC}"}}')),
+        learned=int(delta('rtim_examples_learned_total{result="learned"}')),
+        events=int(events),
     )
 
 
@@ -976,7 +983,8 @@ def format_report(report: BenchReport) -> str:
             f"the rest (fetch, decode, ack, commit) {prof.other_us:.1f} us;",
             f"of all that, garbage collection {prof.gc_us:.1f} us;",
             f"decisions per event {prof.decisions_per_event:.1%}, "
-            f"responses consumed meanwhile {prof.responses:,}",
+            f"responses consumed meanwhile {prof.responses:,}, training records learned "
+            f"{prof.learned:,} ({prof.learned / max(prof.events, 1):.1%} of the events)",
         ]
     sent = report.responses
     if sent:

@@ -57,17 +57,25 @@ def test_no_profile_without_work_in_the_window() -> None:
     assert worker_profile({}, {}, wall_s=1.0) is None
 
 
-def test_the_profile_counts_decisions_per_event_and_responses_consumed() -> None:
+def test_the_profile_counts_decisions_responses_and_examples_learned() -> None:
     before = scrape(1_000, 1, 0.5, 0.1, 0.01, 3.0, 0.02)
     after = scrape(11_000, 11, 0.8, 0.14, 0.02, 3.45, 0.03)
     after['rtim_decisions_total{offer="yes"}'] = 2_000
     after['rtim_decisions_total{offer="no"}'] = 500
     after['rtim_events_consumed_total{topic="rtim.responses"}'] = 700
     before['rtim_decisions_total{offer="yes"}'] = 100
+    before['rtim_examples_learned_total{result="learned"}'] = 40
+    after['rtim_examples_learned_total{result="learned"}'] = 1_040
+    after['rtim_examples_learned_total{result="duplicate"}'] = 9  # not learned
     prof = worker_profile(before, after, wall_s=0.5)
     assert prof is not None
     assert prof.decisions_per_event == 0.24  # (1,900 + 500) / 10,000 events
     assert prof.responses == 700
+    assert prof.learned == 1_000 and prof.events == 10_000
+    report = format_report(
+        BenchReport(events=11_000, partitions=4, customers=10, store="memory", rtim_profile=prof)
+    )
+    assert "training records learned 1,000 (10.0% of the events)" in report
 
 
 def simulated(n: int, customers: int = 300) -> list[Record]:
