@@ -164,8 +164,10 @@ def check_request(
     limit = raw.get("limit", 1)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise InvalidRequest("limit", f"must be an integer from 1 to {MAX_LIMIT}")
-    context = raw.get("context") or {}
-    if not isinstance(context, dict):
+    context = raw.get("context")
+    if context is None:
+        context = {}
+    elif not isinstance(context, dict):
         raise InvalidRequest("context", "must be a JSON object of request attributes")
     if len(context) > MAX_CONTEXT_ATTRIBUTES:
         raise InvalidRequest("context", f"more than {MAX_CONTEXT_ATTRIBUTES} attributes")

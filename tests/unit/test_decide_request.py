@@ -96,6 +96,9 @@ def ask(eng: Engine, store: Store, **fields: Any) -> Any:
         (b'{"customer_id": "u", "channel": "web", "limit": 99}', "limit", "from 1 to"),
         (b'{"customer_id": "u", "channel": "web", "limit": true}', "limit", "integer"),
         (b'{"customer_id": "u", "channel": "web", "context": [1]}', "context", "JSON object"),
+        # Empty, but not an object either: a client's bug, told rather than taken as none.
+        (b'{"customer_id": "u", "channel": "web", "context": []}', "context", "JSON object"),
+        (b'{"customer_id": "u", "channel": "web", "context": false}', "context", "JSON object"),
         (b'{"customer_id": "u", "channel": "web", "colour": "red"}', "colour", "unknown field"),
         (b'{"customer_id": "u", "channel": "web", "request_id": 5}', "request_id", "string"),
     ],
