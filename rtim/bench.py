@@ -1009,7 +1009,17 @@ def format_report(report: BenchReport) -> str:
             f"{cost.us_min:.1f} to {cost.us_max:.1f}); per event {cost.event_us:.2f} us "
             f"with the decisions, {cost.event_us_without:.2f} us without",
         ]
-    lines += [f"note: {n}" for n in report.notes]
+    notes = list(report.notes)
+    if prof and sent and sent.offered and prof.learned < sent.offered:
+        # Two training records per decision with an offer; its window closes 2 h of
+        # event time after it (the default), so a short run learns few of them.
+        notes.append(
+            f"the learner learned {prof.learned / 2 / sent.offered:.0%} of the decisions "
+            "with an offer during the throughput phase (each is learned once its "
+            "attribution window closes): its cost in a steady state is not all in this "
+            "run; a longer one (-n 400000) has more of it"
+        )
+    lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 
 

@@ -78,6 +78,34 @@ def test_the_profile_counts_decisions_responses_and_examples_learned() -> None:
     assert "training records learned 1,000 (10.0% of the events)" in report
 
 
+def test_a_run_too_short_for_the_learner_says_so() -> None:
+    before = scrape(0, 0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    after = scrape(10_000, 10, 0.3, 0.04, 0.01, 0.45, 0.01)
+    after['rtim_examples_learned_total{result="learned"}'] = 100
+    prof = worker_profile(before, after, wall_s=0.5)
+    sent = ResponsesSent(decisions=1_200, offered=1_000)
+
+    def report(learned: int) -> str:
+        assert prof is not None
+        prof.learned = learned
+        return format_report(
+            BenchReport(
+                events=10_000,
+                partitions=4,
+                customers=10,
+                store="memory",
+                rtim_profile=prof,
+                responses=sent,
+            )
+        )
+
+    # 100 training records: 50 of the 1,000 decisions with an offer.
+    assert "note: the learner learned 5% of the decisions with an offer" in report(100)
+    assert "-n 400000" in report(100)
+    # Most of them learned (two records each): nothing to say.
+    assert "the learner learned" not in report(1_800)
+
+
 def simulated(n: int, customers: int = 300) -> list[Record]:
     """Simulated events as the worker reads them: keyed, on their customer's partition."""
     partitioner = DefaultPartitioner()
