@@ -67,6 +67,10 @@ class ApiReport:
     worker_mean_ms: float | None = None
     worker_p50_ms: float | None = None
     worker_p99_ms: float | None = None
+    #: Training records the worker's learner learned by the end (decisions whose
+    #: attribution windows closed during the run), and model snapshots it published.
+    learned: int = 0
+    snapshots: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -352,6 +356,8 @@ async def run_api_bench(
 
 def worker_account(report: ApiReport, scraped: dict[str, float]) -> None:
     """Fill in the worker's own account of its answers from a scrape of its metrics."""
+    report.learned = int(scraped.get('rtim_examples_learned_total{result="learned"}', 0.0))
+    report.snapshots = int(scraped.get("rtim_model_snapshots_published_total", 0.0))
     prefix = 'rtim_api_seconds_bucket{endpoint="decide",le="'
     buckets = sorted(
         (float(name[len(prefix) : -2]), count)
@@ -399,6 +405,10 @@ def format_api_report(report: ApiReport) -> str:
             f"  worker    mean {report.worker_mean_ms:.2f} ms, p50 <= {report.worker_p50_ms:g} ms, "
             f"p99 <= {report.worker_p99_ms:g} ms (its own rtim_api_seconds)"
         )
+    lines.append(
+        f"  learner   {report.learned:,} training records learned, {report.snapshots:,} model "
+        "snapshots published meanwhile"
+    )
     lines.extend(f"  note: {n}" for n in report.notes)
     return "\n".join(lines)
 

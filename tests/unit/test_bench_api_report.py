@@ -64,3 +64,17 @@ def test_the_workers_own_account_comes_from_its_histogram() -> None:
     )
     assert (got.worker_mean_ms, got.worker_p50_ms, got.worker_p99_ms) == (2.5, 2.0, 10.0)
     assert "worker    mean 2.50 ms, p50 <= 2 ms, p99 <= 10 ms" in format_api_report(got)
+
+
+def test_the_report_says_whether_the_learner_worked_meanwhile() -> None:
+    got = report(4.1)
+    worker_account(
+        got,
+        {
+            'rtim_examples_learned_total{result="learned"}': 5_468.0,
+            'rtim_examples_learned_total{result="duplicate"}': 3.0,
+            "rtim_model_snapshots_published_total": 52.0,
+        },
+    )
+    assert (got.learned, got.snapshots) == (5_468, 52)
+    assert "learner   5,468 training records learned, 52 model snapshots" in format_api_report(got)
