@@ -1011,8 +1011,8 @@ def format_report(report: BenchReport) -> str:
         ]
     notes = list(report.notes)
     if prof and sent and sent.offered and prof.learned < sent.offered:
-        # Two training records per decision with an offer; its window closes 2 h of
-        # event time after it (the default), so a short run learns few of them.
+        # Two training records per decision with an offer, learned once its attribution
+        # window closes (an hour and more of event time): a short run learns few.
         notes.append(
             f"the learner learned {prof.learned / 2 / sent.offered:.0%} of the decisions "
             "with an offer during the throughput phase (each is learned once its "
