@@ -78,10 +78,13 @@ def parse_rule(raw: Any, index: int) -> TriggerRule:
     if unknown:
         raise ConditionError(f"{where}: {unknown}")
     pattern = raw.get("when") or {}
-    if not isinstance(pattern, dict) or set(pattern) - _PATTERN_KEYS:
+    if not isinstance(pattern, dict):
         raise ConditionError(
             f"{where}: 'when' must be a mapping with keys among {sorted(_PATTERN_KEYS)}"
         )
+    unknown = unknown_fields(pattern, _PATTERN_KEYS)
+    if unknown:
+        raise ConditionError(f"{where}: 'when': {unknown}")
     props = pattern.get("properties") or {}
     if not isinstance(props, dict):
         raise ConditionError(f"{where}: 'when.properties' must be a mapping")

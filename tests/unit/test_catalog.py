@@ -231,7 +231,7 @@ def test_the_base_document_is_valid() -> None:
         (
             "triggers.0.when",
             {"type": "track", "evnt": "Product Added"},
-            ["trigger 'cart'", "'when'"],
+            ["trigger 'cart'", "'when'", "unknown field(s) ['evnt']", "did you mean 'event'"],
         ),
         ("triggers.0.when", "Product Added", ["trigger 'cart'", "'when'"]),
         ("triggers.0.when", {"type": ["track", 3]}, ["trigger 'cart'.when.type"]),
