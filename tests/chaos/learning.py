@@ -17,29 +17,27 @@ Results so far: docs/architecture.md, "A group whose leader dies in a rebalance"
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
 from rtim.broker import EmbeddedBroker
 from rtim.learn.attribution import Example, encode_example
 from rtim.learn.models import POOLED
-from rtim.names import CLICKSTREAM_TOPIC, DECISIONS_TOPIC, TRAINING_TOPIC
+from rtim.names import DECISIONS_TOPIC, TRAINING_TOPIC
 from rtim.settings import Settings
 from rtim.simulate import JourneySimulator, past_start_ms
 from rtim.stream.process import WorkerProcess
 from rtim.stream.topics import create_topics, topic_specs
-from tests.integration.support import PARTITIONS, TEST_ENV, read_topic
+from tests.integration.support import PARTITIONS, TEST_ENV, produce, read_topic
+from tests.integration.test_shared_models import models
 
 OFFERS = ["free-shipping", "gold-upgrade", "shoes-10", "app-welcome", "callback", "bundle"]
 #: Seconds the models get to take everything in once the records stop.
@@ -48,30 +46,14 @@ SETTLE_S = 300.0
 
 def examples_seen(worker: WorkerProcess) -> dict[str, int]:
     """Each offer's examples as the worker's GET /v1/models shows them."""
-    with urllib.request.urlopen(worker.url + "/v1/models", timeout=5) as resp:
-        return {row["offer"]: row["examples"] for row in json.loads(resp.read())["models"]}
-
-
-async def produce(bootstrap: str, topic: str, items: Iterable[tuple[bytes, bytes]], rate: float):
-    """Send (key, value) pairs at about ``rate`` a second."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        started = time.monotonic()
-        for i, (key, value) in enumerate(items):
-            await producer.send(topic, value, key=key)
-            if i % 100 == 0:
-                await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
-        await producer.flush()
-    finally:
-        await producer.stop()
+    return {offer: row["examples"] for offer, row in models(worker).items()}
 
 
 async def chaos(
     rng: random.Random,
     make: Callable[[str], WorkerProcess],
     workers: dict[str, WorkerProcess],
-    load: asyncio.Task[None],
+    load: asyncio.Task[int],
 ) -> int:
     """Kill or stop a worker every 2-7 s and start it again, until ``load`` is done."""
     done = 0
@@ -174,7 +156,7 @@ async def run(scenario: str, seed: int, size: float) -> bool:
         try:
             if scenario == "models":
                 records, want = training_records(rng, size)
-                load = asyncio.create_task(produce(bootstrap, TRAINING_TOPIC, records, 400))
+                load = asyncio.create_task(produce(bootstrap, records, TRAINING_TOPIC, rate=400))
                 kills = await chaos(rng, make, workers, load)
                 seen = await settle(workers, lambda s: s == want)
                 ok = all(s == want for s in seen.values())
@@ -186,10 +168,10 @@ async def run(scenario: str, seed: int, size: float) -> bool:
                     ((e.get("userId") or e.get("anonymousId")).encode(), orjson.dumps(e))
                     for e in events
                 ]
-                load = asyncio.create_task(produce(bootstrap, CLICKSTREAM_TOPIC, items, 1500))
+                load = asyncio.create_task(produce(bootstrap, items, rate=1500))
                 kills = await chaos(rng, make, workers, load)
                 last = max(e["timestamp"] for e in events)
-                await produce(bootstrap, CLICKSTREAM_TOPIC, closing_events(last), 100)
+                await produce(bootstrap, closing_events(last))
                 seen = await settle(workers, lambda s: False)  # until they stop moving
                 decided = [
                     orjson.loads(r.value)

@@ -7,6 +7,7 @@ see each other's records.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,14 +46,21 @@ async def produce(
     bootstrap: str,
     items: Iterable[tuple[bytes | None, bytes | None]],
     topic: str = CLICKSTREAM_TOPIC,
+    rate: float | None = None,
 ) -> int:
-    """Produce (key, value) pairs in order; return how many."""
+    """Produce (key, value) pairs in order (at about ``rate`` a second if given, else at
+    once); return how many."""
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, linger_ms=5, max_request_size=4 * 1024 * 1024
     )
     await producer.start()
     try:
-        futures = [await producer.send(topic, value, key=key) for key, value in items]
+        started = time.monotonic()
+        futures = []
+        for i, (key, value) in enumerate(items):
+            futures.append(await producer.send(topic, value, key=key))
+            if rate and i % 100 == 0:
+                await asyncio.sleep(max(0.0, started + i / rate - time.monotonic()))
         for fut in futures:
             await fut
         return len(futures)
