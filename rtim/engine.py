@@ -1049,8 +1049,10 @@ class BatchRun:
         new = ctx is None
         if ctx is None:
             ctx = new_context(request.customer_id)
+            the_id = None
         else:
-            asked = remembered(ctx, decision_id(ctx["id"], request.request_id, rule.id))
+            the_id = decision_id(ctx["id"], request.request_id, rule.id)
+            asked = remembered(ctx, the_id)
             if asked is not None:
                 return _answer_again(request, asked, partition, catalog)
         event = Event(
@@ -1078,6 +1080,7 @@ class BatchRun:
             ttl_ms=engine.trigger_ttl_ms,
             window_ms=engine.window_ms,
             rng=engine.rng,
+            the_id=the_id,
         )
         entry: Any = _Request(partition, -1, key, orjson.dumps(request.context), at_ms)
         shown, passed = shown_together(

@@ -216,11 +216,13 @@ def decide(
     ttl_ms: int,
     window_ms: int,
     rng: random.Random,
+    the_id: str | None = None,
 ) -> Decision:
     """Pick the best eligible offer for a fired trigger (or none, with the reasons).
 
     Under a contact policy (the catalog's, or the customer's withdrawn consent) the
     candidates pass :mod:`rtim.decide.policy` too, and the levers weigh them.
+    ``the_id`` is the decision's :func:`decision_id` when the caller has it already.
     """
     reasons = [f"trigger:{rule.id}"]
     at_ms = event.timestamp_ms
@@ -232,7 +234,8 @@ def decide(
         eligible, channels = _within_policy(
             catalog, policy or NO_POLICY, rule, event, ctx, at_ms, reasons
         )
-    the_id = decision_id(ctx["id"], event.message_id, rule.id)
+    if the_id is None:
+        the_id = decision_id(ctx["id"], event.message_id, rule.id)
     # The draws are seeded by the decision: the same moment scored by the same
     # models is decided the same way (a replayed event gives the same trigger).
     if type(rng) is random.Random:
