@@ -367,7 +367,7 @@ def _within_policy(
     suppressions = contact.active_suppressions(policy, event, ctx) if policy.suppression else []
     offers = [(o, "") for o in catalog.offers_for(rule.id)]
     if suppressions:
-        offers += contact.raised(catalog, suppressions, {o.id for o, _ in offers})
+        offers += contact.raised(catalog, suppressions, {o.id for o, _ in offers}, reasons)
     quiet = contact.is_quiet(policy, ctx, at_ms)
     eligible: list[Offer] = []
     channels: dict[str, str] = {}

@@ -7,7 +7,9 @@ After eligibility, for one decision moment:
 1. **Suppression.** A rule whose conditions hold takes the offers it selects out
    (``suppressed:<offer>:<rule>``) and makes the offers it raises candidates, even
    if the trigger does not lead to them, when they are valid and eligible
-   (``raised:<offer>:<rule>``).
+   (``raised:<offer>:<rule>``); a decision request, which considers only its
+   placement's or channel's offers, names a raised offer outside them
+   (``rejected:<offer>:not-here``).
 2. **Cool-down.** An offer the customer dismissed less than its cool-down ago
    (the offer's ``cooldown``, else ``policy.dismissal_cooldown``) is rejected
    (``rejected:<offer>:cooldown``).
@@ -169,8 +171,15 @@ def suppressed_by(rules: list[Suppression], offer: Offer) -> Suppression | None:
     return None
 
 
-def raised(catalog: Catalog, rules: list[Suppression], seen: set[str]) -> list[tuple[Offer, str]]:
-    """The offers the active rules raise that the trigger did not already consider."""
+def raised(
+    catalog: Catalog, rules: list[Suppression], seen: set[str], reasons: list[str]
+) -> list[tuple[Offer, str]]:
+    """The offers the active rules raise that the trigger did not already consider.
+
+    A decision request considers only the offers of its placement or channel (its
+    catalog holds no others): a raised offer outside them is not offered there, and
+    says so (``rejected:<offer>:not-here``).
+    """
     if not any(rule.raise_ for rule in rules):
         return []
     by_id = catalog.offers_by_id
@@ -179,7 +188,11 @@ def raised(catalog: Catalog, rules: list[Suppression], seen: set[str]) -> list[t
         for offer_id in rule.raise_:
             if offer_id not in seen:
                 seen.add(offer_id)
-                out.append((by_id[offer_id], rule.id))
+                offer = by_id.get(offer_id)
+                if offer is None:
+                    reasons.append(f"rejected:{offer_id}:not-here")
+                else:
+                    out.append((offer, rule.id))
     return out
 
 

@@ -200,3 +200,33 @@ def test_every_actions_contact_is_kept_when_its_batch_is_replayed_after_a_failur
     assert len(shown) == limit
     assert [c[2] for c in ctx["contacts"]] == shown
     assert [p[1] for p in ctx["pending"]] == shown
+
+
+def test_a_customer_with_an_open_issue_is_answered_when_the_raised_offer_is_elsewhere() -> None:
+    """The default suppression raises service recovery; a request on a channel (or a
+    placement) without it is still answered: sales suppressed, the raised offer named."""
+    cat = parse_catalog(
+        {
+            "offers": [
+                {"id": "gold", "channels": ["web"], "value": 40},
+                {"id": "tips", "channels": ["web"], "value": 20, "kind": "information"},
+                {"id": "service-recovery", "channels": ["call_centre", "email"], "kind": "service"},
+            ],
+            "placements": [{"id": "home", "channels": ["web"], "offers": ["gold", "tips"]}],
+            "policy": {},
+        }
+    )
+    store = Store()
+    eng = engine(store, cat)
+    run(eng, Log().records(track("Support Ticket Opened", user="u-1", ts=T0 - 60_000)), store)
+    assert stored(store)["issues"] == 1
+    for placement in (None, "home"):
+        stamp = iso(T0 + 1000)
+        body = {"customer_id": "u-1", "channel": "web", "limit": 3, "timestamp": stamp}
+        if placement is not None:
+            body["placement"] = placement
+        answer, result = eng.decide_request(parse_request(orjson.dumps(body), now_ms=NOW))
+        store.persist(result)
+        assert [a.offer.id for a in answer.actions] == ["tips"]
+        assert "suppressed:gold:open-issue" in answer.reasons
+        assert "rejected:service-recovery:not-here" in answer.reasons
