@@ -254,24 +254,37 @@ def training_records(example: Example) -> list[tuple[bytes, bytes]]:
 
 
 def decode_example(raw: bytes) -> Example:
-    """A training record's example; raises ValueError if it is not one."""
+    """A training record's example; raises ValueError, naming the field, if it is not one.
+
+    >>> decode_example(b'{"format": 1, "decision_id": "d", "offer_id": "o", "features": [],'
+    ...                b' "converted": "false", "closed_ms": 1, "why": "window"}')
+    Traceback (most recent call last):
+    ...
+    ValueError: not a training example: converted must be true or false, got 'false'
+    """
     try:
         data = orjson.loads(raw)
-        if data["format"] != EXAMPLE_FORMAT:
-            raise ValueError(f"unknown example format {data['format']!r}")
-        features = data["features"]
-        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        if type(data) is not dict:
+            raise ValueError("not a JSON object")
+        if data.get("format") != EXAMPLE_FORMAT:
+            raise ValueError(f"unknown example format {data.get('format')!r}")
+        features = data.get("features")
+        if type(features) is not list or not all(type(f) is str for f in features):
             raise ValueError("features must be a list of strings")
-        return Example(
-            str(data["decision_id"]),
-            str(data["offer_id"]),
-            features,
-            bool(data["converted"]),
-            int(data["closed_ms"]),
-            str(data["why"]),
-        )
-    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"not a training example: {exc!r}") from None
+        texts: list[str] = []
+        for field in ("decision_id", "offer_id", "why"):
+            text = data.get(field)
+            if type(text) is not str:
+                raise ValueError(f"{field} must be a string, got {text!r:.40}")
+            texts.append(text)
+        converted, closed_ms = data.get("converted"), data.get("closed_ms")
+        if type(converted) is not bool:
+            raise ValueError(f"converted must be true or false, got {converted!r:.40}")
+        if type(closed_ms) is not int:
+            raise ValueError(f"closed_ms must be an integer, got {closed_ms!r:.40}")
+        return Example(texts[0], texts[1], features, converted, closed_ms, texts[2])
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a training example: {exc}") from None
 
 
 # -- the join, on one customer's state ---------------------------------------

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from rtim.learn.attribution import decode_example
-from rtim.learn.models import POOLED, ModelParams, OfferModel, is_late
+from rtim.learn.models import POOLED, ModelParams, OfferModel, count, is_late
 
 #: Key prefix of the cursor records on the models topic.
 CURSOR_PREFIX = "__cursor__."
@@ -113,17 +113,41 @@ class OfferState:
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> OfferState:
-        """Rebuild from :meth:`snapshot` (raises ValueError if it is not one)."""
+        """Rebuild from :meth:`snapshot`; raises ValueError, naming the field, for
+        anything that is not one (see :meth:`OfferModel.from_snapshot`)."""
         state = cls(OfferModel.from_snapshot(data))
         try:
-            state.marks = {int(p): int(o) for p, o in data.get("marks", {}).items()}
-            for digest in data.get("decisions", []):
-                state.remember(str(digest))
-            state.recent.extend((float(p), 1 if c else 0) for p, c in data.get("recent", []))
-            state.made_ms = int(data.get("made_ms", 0))
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a model snapshot: {exc!r}") from None
+            marks = data.get("marks", {})
+            if not isinstance(marks, dict) or not all(
+                p.isdigit() and type(o) is int and o >= 0 for p, o in marks.items()
+            ):
+                raise ValueError("marks must map partitions to offsets >= 0")
+            decisions = data.get("decisions", [])
+            if type(decisions) is not list or not all(type(d) is str for d in decisions):
+                raise ValueError("decisions must be a list of strings")
+            recent = data.get("recent", [])
+            if type(recent) is not list or not all(map(_is_recent, recent)):
+                raise ValueError("recent must be a list of [predicted 0-1, converted 0|1]")
+            state.made_ms = count(data, "made_ms") if "made_ms" in data else 0
+        except ValueError as exc:
+            raise ValueError(f"not a model snapshot: {exc}") from None
+        state.marks = {int(p): o for p, o in marks.items()}
+        for digest in decisions:
+            state.remember(digest)
+        state.recent.extend((float(p), c) for p, c in recent)
         return state
+
+
+def _is_recent(item: Any) -> bool:
+    """Whether a snapshot's ``recent`` entry is ``[mean predicted, converted 0|1]``."""
+    return (
+        type(item) is list
+        and len(item) == 2
+        and type(item[0]) in (int, float)
+        and 0 <= item[0] <= 1
+        and type(item[1]) is int
+        and item[1] in (0, 1)
+    )
 
 
 def summary(snapshot: dict[str, Any], now_ms: int) -> dict[str, Any]:
@@ -259,6 +283,10 @@ class Learner:
         The models' parameters (those of the worker's :class:`ModelSet`).
     clock_ms
         Wall-clock milliseconds (snapshots say when they were made).
+    max_snapshot_bytes
+        The largest snapshot the models topic takes (as JSON): a model whose snapshot
+        would be larger forgets its least informative weights until it fits
+        (:meth:`OfferModel.prune`), rather than never being published.
 
     Examples
     --------
@@ -277,10 +305,15 @@ class Learner:
     """
 
     def __init__(
-        self, params: ModelParams | None = None, *, clock_ms: Callable[[], int] = _now_ms
+        self,
+        params: ModelParams | None = None,
+        *,
+        clock_ms: Callable[[], int] = _now_ms,
+        max_snapshot_bytes: int | None = None,
     ) -> None:
         self.params = params or ModelParams()
         self.clock_ms = clock_ms
+        self.max_snapshot_bytes = max_snapshot_bytes
         #: Training partitions owned -> the offset of the next record to read.
         self.positions: dict[int, int] = {}
         self.offers: dict[str, OfferState] = {}
@@ -335,8 +368,12 @@ class Learner:
         snapshot = self._board.snapshots.get(POOLED) if self._board is not None else None
         return snapshot is not None and is_late(int(snapshot.get("examples", 0)))
 
-    def learn(self, partition: int, offset: int, value: bytes | None) -> Outcome:
-        """Take one training record at ``offset`` of ``partition``."""
+    def learn(
+        self, partition: int, offset: int, value: bytes | None, key: bytes | None = None
+    ) -> Outcome:
+        """Take one training record at ``offset`` of ``partition`` (keyed ``key``,
+        which must be its offer's id when given: the partition of its key is what
+        gives an offer one learner)."""
         position = self.positions.get(partition)
         if position is None or offset < position:
             return Outcome(None)  # not (or no longer) ours, or read before
@@ -345,6 +382,10 @@ class Learner:
             example = decode_example(value)  # type: ignore[arg-type]
             if not example.offer_id or not example.decision_id:
                 raise ValueError("empty offer or decision id")
+            if key is not None and key != example.offer_id.encode():
+                raise ValueError(
+                    f"an example of {example.offer_id!r} keyed {key.decode(errors='replace')!r:.80}"
+                )
         except ValueError as exc:
             self.counts["invalid"] += 1
             return Outcome("invalid", None, str(exc))
@@ -374,10 +415,26 @@ class Learner:
         for offer_id in sorted(self._dirty):
             state = self.offers[offer_id]
             state.made_ms = now
-            snapshots.append(state.snapshot(now))
+            snapshots.append(self._fitted(state, now))
         self._dirty.clear()
         cursors = {p: o for p, o in self.positions.items() if self._flushed.get(p) != o}
         return Flush(snapshots, cursors)
+
+    def _fitted(self, state: OfferState, now: int) -> dict[str, Any]:
+        """The offer's snapshot, its model pruned first if the snapshot would not fit."""
+        snapshot = state.snapshot(now)
+        limit = self.max_snapshot_bytes
+        if limit is None:
+            return snapshot
+        size = len(orjson.dumps(snapshot))
+        while size > limit:
+            weights = len(snapshot["weights"])
+            if weights <= 1:
+                break  # the bias alone: nothing is left to forget (the topic refuses it)
+            state.model.prune(max(1, int(weights * limit / size * 0.9)))
+            snapshot = state.snapshot(now)
+            size = len(orjson.dumps(snapshot))
+        return snapshot
 
     def flushed(self, flush: Flush) -> None:
         """Kafka has the flush's snapshots and cursors."""

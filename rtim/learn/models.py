@@ -99,6 +99,15 @@ SPREAD_EVERY = 200
 LATE_AFTER = 1000
 
 
+#: Most weights an offer's model keeps, its bias included. Every distinct feature key a
+#: model learns is a weight of it, and keys from open-ended values (pages, trait values)
+#: would grow a model, its snapshot on the models topic and every worker's memory without
+#: bound. Past this, the weights whose belief is closest to the prior are forgotten
+#: (:meth:`OfferModel.prune`), down to :data:`PRUNED_TO` of them.
+MAX_WEIGHTS = 10_000
+PRUNED_TO = 9_000
+
+
 def is_late(pooled_examples: int) -> bool:
     """Whether an offer whose model is made when the pooled model has learned
     ``pooled_examples`` is a late one (:attr:`OfferModel.late`)."""
@@ -122,6 +131,19 @@ def import_in_background() -> threading.Thread:
     thread = threading.Thread(target=ad_predictor, name="rtim-import-models", daemon=True)
     thread.start()
     return thread
+
+
+#: The range of each real-valued :class:`ModelParams` field: (low, high, (low
+#: included, high included)).
+_PARAM_RANGES: dict[str, tuple[float, float, tuple[bool, bool]]] = {
+    "beta": (0.0, math.inf, (False, False)),
+    "prior_probability": (0.0, 1.0, (False, False)),
+    "epsilon": (0.0, 1.0, (True, False)),
+    "exploration": (0.0, math.inf, (True, False)),
+    "narrow_floor": (0.0, 1.0, (False, True)),
+    "pooled_spread": (0.0, math.inf, (True, False)),
+    "pooled_weight_floor": (0.0, math.inf, (True, False)),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +205,24 @@ class ModelParams:
     #: for the new offer on seeds 1-5, 88.1% and 90.0% on 6-10, against 85.8%, 87.2%
     #: and 86.1%, 85.7% on the sum).
     pooled_weight_floor: float = 0.3
+
+    def __post_init__(self) -> None:
+        """Refuse parameters no model can be learned or scored with (a snapshot carries
+        its model's parameters: one written by anything but a learner must not make
+        every decision divide by zero)."""
+        for name, (low, high, closed) in _PARAM_RANGES.items():
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not math.isfinite(value):
+                raise ValueError(f"model parameter {name} must be a finite number, got {value!r}")
+            if not (low <= value if closed[0] else low < value) or not (
+                value <= high if closed[1] else value < high
+            ):
+                shown = f"{'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
+                raise ValueError(f"model parameter {name} must be in {shown}, got {value!r}")
+        for name in ("prior_active", "narrow_after"):
+            count = getattr(self, name)
+            if type(count) is not int or count < 1:
+                raise ValueError(f"model parameter {name} must be an integer >= 1, got {count!r}")
 
     def narrowing(self, examples: int) -> float:
         """The factor on the draw's spread of an offer with this many examples."""
@@ -287,6 +327,37 @@ class OfferModel:
         self.examples += 1
         self.positives += 1 if converted else 0
         self.version += 1
+        if len(self.model.means) > MAX_WEIGHTS:
+            self.prune(PRUNED_TO)
+
+    def prune(self, keep: int) -> int:
+        """Forget all but the ``keep`` most informative weights; returns how many went.
+
+        A weight's information is how far its belief N(m, v) is from the prior N(0, 1)
+        every unseen key has (the Kullback-Leibler divergence, ``(v + m**2 - 1 - ln v)
+        / 2``): the least informative go back to the prior, as if their keys had never
+        been met. The bias always stays. Deterministic (ties go by key), so a learner
+        and a snapshot of it agree.
+
+        >>> m = OfferModel("o")
+        >>> for i in range(5):
+        ...     m.learn(["common", f"rare-{i}"], i % 2 == 0)
+        >>> m.prune(2), sorted(m.model.means)
+        (5, ['__bias__', 'common'])
+        """
+        means, variances = self.model.means, self.model.variances
+        if len(means) <= keep:
+            return 0
+        log = math.log
+        ranked = sorted(
+            (k for k in means if k != BIAS),
+            key=lambda k: (variances[k] + means[k] ** 2 - 1.0 - log(variances[k]), k),
+            reverse=True,
+        )
+        gone = ranked[max(0, keep - 1) :]
+        for key in gone:
+            del means[key], variances[key]
+        return len(gone)
 
     def mean(self, features: Sequence[str]) -> float:
         """The mean propensity (AdPredictor's prediction)."""
@@ -320,28 +391,74 @@ class OfferModel:
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> OfferModel:
-        """Rebuild a model from :meth:`snapshot` (raises ValueError if it is not one)."""
+        """Rebuild a model from :meth:`snapshot`; raises ValueError, naming the field, for
+        anything that is not one (the models topic is read by every worker: a record
+        of the wrong shape must be refused there, not fail later in scoring).
+
+        >>> OfferModel.from_snapshot({**OfferModel("o").snapshot(), "version": "9"})
+        Traceback (most recent call last):
+        ...
+        ValueError: not a model snapshot: version must be an integer >= 0, got '9'
+        """
         try:
-            if data["format"] != SNAPSHOT_FORMAT:
-                raise ValueError(f"unknown snapshot format {data['format']!r}")
-            model = cls(
-                str(data["offer"]),
-                ModelParams(**data["params"]),
-                late=bool(data.get("late", False)),
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            if data.get("format") != SNAPSHOT_FORMAT:
+                raise ValueError(f"unknown snapshot format {data.get('format')!r}")
+            offer = data.get("offer")
+            if type(offer) is not str or not offer:
+                raise ValueError(f"offer must be a non-empty string, got {offer!r}")
+            version, examples, positives = (
+                count(data, "version"),
+                count(data, "examples"),
+                count(data, "positives"),
             )
-            model.version = int(data["version"])
-            model.examples = int(data["examples"])
-            model.positives = int(data["positives"])
+            if positives > examples:
+                raise ValueError(f"{positives} positives of {examples} examples")
+            if version != examples:
+                # One update per example learned (OfferModel.learn).
+                raise ValueError(f"version {version} is not its examples' count {examples}")
+            late = data.get("late", False)
+            if type(late) is not bool:
+                raise ValueError(f"late must be true or false, got {late!r}")
+            params = data.get("params")
+            if not isinstance(params, dict):
+                raise ValueError(f"params must be an object, got {params!r:.80}")
+            weights = data.get("weights")
+            if not isinstance(weights, dict) or BIAS not in weights:
+                raise ValueError("weights must be an object of [mean, variance] with the bias")
+            model = cls(offer, ModelParams(**params), late=late)
+            model.version, model.examples, model.positives = version, examples, positives
             means = model.model.means
             variances = model.model.variances
-            for key, (mean, variance) in data["weights"].items():
-                if not (math.isfinite(mean) and math.isfinite(variance) and variance > 0):
+            for key, belief in weights.items():
+                if type(belief) is not list or len(belief) != 2:
+                    raise ValueError(f"weight {key!r} is not a [mean, variance] pair")
+                mean, variance = belief
+                if not (
+                    type(mean) in (int, float)
+                    and type(variance) in (int, float)
+                    and math.isfinite(mean)
+                    and math.isfinite(variance)
+                    and variance > 0
+                ):
                     raise ValueError(f"weight {key!r} is not a valid belief")
                 means[key] = float(mean)
                 variances[key] = float(variance)
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"not a model snapshot: {exc!r}") from None
+        except TypeError as exc:  # e.g. an unknown parameter
+            raise ValueError(f"not a model snapshot: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"not a model snapshot: {exc}") from None
         return model
+
+
+def count(data: dict[str, Any], field: str) -> int:
+    """``data[field]`` if it is an integer >= 0 (not a bool, a float or a string);
+    raises ValueError naming the field otherwise."""
+    value = data.get(field)
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{field} must be an integer >= 0, got {value!r:.40}")
+    return value
 
 
 class Score(NamedTuple):

@@ -49,6 +49,8 @@ READ_CHUNK = 200
 PUBLISH_TIMEOUT = 10.0
 #: Seconds each client gets to stop at shutdown.
 STOP_TIMEOUT = 3.0
+#: Bytes of a snapshot's record kept for its key and the record's framing.
+SNAPSHOT_HEADROOM = 4096
 #: Log lines about bad records per minute; the rest are counted in one line.
 LOG_LINES_PER_MINUTE = 10
 
@@ -96,7 +98,13 @@ class SharedModels(Service):
         self.interval = settings.model_snapshot_interval_s
         self.group_id = f"{settings.app_id}-learners"
         self.board = ModelBoard()
-        self.learner = Learner(models.params)
+        # A snapshot's record must fit what the producer sends (its key and headers too).
+        self.learner = Learner(
+            models.params,
+            max_snapshot_bytes=max(
+                settings.max_record_bytes // 2, settings.max_record_bytes - SNAPSHOT_HEADROOM
+            ),
+        )
         #: Per models partition, the offset after the last record the reader took.
         self.read_to: dict[int, int] = {}
         self.models_tps: list[TopicPartition] | None = None
@@ -239,14 +247,14 @@ class SharedModels(Service):
                 async with self._lock:
                     for tp, records in batches.items():
                         for rec in records:
-                            self._learned(tp.partition, rec.offset, rec.value)
+                            self._learned(tp.partition, rec.offset, rec.value, rec.key)
                 await asyncio.sleep(0)
             if time.monotonic() >= next_flush:
                 await self.flush()
                 next_flush = time.monotonic() + self.interval
 
-    def _learned(self, partition: int, offset: int, value: bytes | None) -> None:
-        outcome = self.learner.learn(partition, offset, value)
+    def _learned(self, partition: int, offset: int, value: bytes | None, key: bytes | None) -> None:
+        outcome = self.learner.learn(partition, offset, value, key)
         if outcome.result is None:
             return
         metrics.EXAMPLES_LEARNED.labels(outcome.result).inc()

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from rtim.learn import learner as learner_module
+from rtim.learn import models as models_module
 from rtim.learn.attribution import Example, encode_example, training_records
 from rtim.learn.learner import (
     Flush,
@@ -294,6 +295,8 @@ def test_snapshots_and_cursors_match_the_topics_schema() -> None:
     snapshot = schema["$defs"]["snapshot"]["properties"]
     assert snapshot["decisions"]["maxItems"] == learner_module.REMEMBERED_DECISIONS
     assert snapshot["recent"]["maxItems"] == learner_module.RECENT_EXAMPLES
+    assert snapshot["weights"]["maxProperties"] == models_module.MAX_WEIGHTS
+    assert snapshot["params"]["properties"].keys() == OfferModel("o").snapshot()["params"].keys()
 
 
 def test_the_reader_swaps_in_only_newer_snapshots_and_skips_bad_records(
@@ -425,3 +428,143 @@ def test_an_offer_first_learned_once_the_pool_has_evidence_is_marked_late() -> N
     assert first_learned_after(LATE_AFTER) is True
     assert first_learned_after(LATE_AFTER - 1) is False
     assert first_learned_after(0) is False
+
+
+def _snapshot(**changes: Any) -> dict[str, Any]:
+    """A valid snapshot of a model that learned two examples, with ``changes``."""
+    model = OfferModel("o")
+    model.learn(["a=1"], True)
+    model.learn(["a=2"], False)
+    snap = orjson.loads(orjson.dumps(OfferState(model).snapshot(5)))
+    for path, value in changes.items():
+        *parents, last = path.split("__")
+        target = snap
+        for name in parents:
+            target = target[name]
+        target[last] = value
+    return snap
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"weights": []}, "weights must be an object"),
+        ({"weights": {"a=1": [0.1, 0.5]}}, "with the bias"),
+        ({"weights__a=1": [0.1]}, "weight 'a=1' is not a [mean, variance] pair"),
+        ({"weights__a=1": ["0.1", 0.5]}, "weight 'a=1' is not a valid belief"),
+        ({"version": "9"}, "version must be an integer >= 0, got '9'"),
+        ({"version": 10**9}, "version 1000000000 is not its examples' count 2"),
+        ({"examples": 2.0}, "examples must be an integer >= 0"),
+        ({"positives": 3}, "3 positives of 2 examples"),
+        ({"late": "no"}, "late must be true or false"),
+        ({"params__beta": 0}, "beta must be in (0, inf)"),
+        ({"params__prior_probability": 2}, "prior_probability must be in (0, 1)"),
+        ({"params__exploration": -1e308}, "exploration must be in [0, inf)"),
+        ({"params__beta": "5"}, "beta must be a finite number"),
+        ({"params__learning_rate": 0.1}, "learning_rate"),
+        ({"made_ms": "1796136556407"}, "made_ms must be an integer >= 0"),
+        ({"recent": [["0.5", 1], [0.2, "yes"]]}, "recent must be a list of"),
+        ({"recent": [[1.5, 1]]}, "recent must be a list of"),
+        ({"marks": {"0": -1}}, "marks must map partitions"),
+        ({"decisions": [1, 2]}, "decisions must be a list of strings"),
+    ],
+)
+def test_a_snapshot_of_the_wrong_shape_is_refused_naming_what_is_wrong(
+    changes: dict[str, Any], message: str
+) -> None:
+    """Every worker reads the models topic from its start: a record written by
+    anything but a learner must be refused there, not crash the reader, break
+    scoring (a zero beta divides by zero in every decision) or the models' table."""
+    snapshot = _snapshot(**changes)
+    with pytest.raises(ValueError, match="not a model snapshot") as refused:
+        OfferState.from_snapshot(snapshot)
+    assert message in str(refused.value)
+    board = ModelBoard()
+    with pytest.raises(ValueError):
+        board.add(b"o", orjson.dumps(snapshot))
+    assert board.snapshots == {}
+    if not {"made_ms", "recent", "marks", "decisions"} & changes.keys():  # the model's own
+        models = ModelSet()
+        with pytest.raises(ValueError):
+            models.swap(snapshot)
+        assert models.models == {}
+
+
+def test_a_valid_snapshot_still_loads_and_summarises() -> None:
+    board = ModelBoard()
+    assert board.add(b"o", orjson.dumps(_snapshot())) is not None
+    (row,) = board.summaries(now_ms=5)
+    assert (row["offer"], row["examples"], row["positives"], row["version"]) == ("o", 2, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"converted": "false"}, "converted must be true or false, got 'false'"),
+        ({"converted": 1}, "converted must be true or false"),
+        ({"decision_id": 7}, "decision_id must be a string"),
+        ({"offer_id": None}, "offer_id must be a string"),
+        ({"closed_ms": "1"}, "closed_ms must be an integer"),
+        ({"features": "a=1"}, "features must be a list of strings"),
+    ],
+)
+def test_a_training_record_of_the_wrong_types_is_invalid_not_learned(
+    record: dict[str, Any], problem: str
+) -> None:
+    value = orjson.loads(encode_example(Example("d1", "o", ["a=1"], False, 1, "window")))
+    value.update(record)
+    learner = Learner()
+    learner.assign(0, ModelBoard())
+    outcome = learner.learn(0, 0, orjson.dumps(value))
+    assert outcome.result == "invalid"
+    assert problem in (outcome.problem or "")
+    assert learner.offers == {}
+
+
+def test_a_training_record_under_another_offers_key_is_invalid() -> None:
+    """The key's partition is what gives an offer one learner: an example of one offer
+    keyed by another would be learned by a second learner."""
+    learner = Learner()
+    learner.assign(0, ModelBoard())
+    value = encode_example(Example("d1", "bundle", ["a=1"], True, 1, "conversion"))
+    outcome = learner.learn(0, 0, value, b"free-shipping")
+    assert (outcome.result, outcome.problem) == (
+        "invalid",
+        "an example of 'bundle' keyed 'free-shipping'",
+    )
+    assert learner.learn(0, 1, value, b"bundle").result == "learned"
+
+
+def test_a_model_keeps_at_most_its_most_informative_weights() -> None:
+    """Keys from open-ended values (a page per product) would grow a model without bound:
+    past MAX_WEIGHTS the weights nearest the prior are forgotten, the learned ones stay."""
+    model = OfferModel("o")
+    for i in range(models_module.MAX_WEIGHTS + 50):
+        model.learn(["cart=full", f"pages=p/{i}"], i % 3 == 0)
+    weights = model.model.means
+    assert len(weights) <= models_module.MAX_WEIGHTS
+    assert {"__bias__", "cart=full"} <= weights.keys()
+    assert model.examples == model.version == models_module.MAX_WEIGHTS + 50
+    # What it forgot is back at the prior, as a key never met.
+    gone = next(f"pages=p/{i}" for i in range(100) if f"pages=p/{i}" not in weights)
+    assert model.mean([gone]) == model.mean(["pages=never-met"])
+
+
+def test_a_snapshot_too_large_for_the_topic_is_pruned_to_fit_and_rebuilds_the_same() -> None:
+    """One offer with thousands of long keys must not keep its snapshot (and the cursors
+    of every offer) from being published."""
+    limit = 40_000
+    learner = Learner(max_snapshot_bytes=limit)
+    learner.assign(0, ModelBoard())
+    for i in range(600):
+        features = ["cart=full", f"pages=products/{'x' * 60}-{i}"]
+        value = encode_example(Example(f"d{i}", "o", features, i % 4 == 0, 1, "window"))
+        assert learner.learn(0, i, value).result == "learned"
+    (snapshot,) = learner.flush().snapshots
+    encoded = orjson.dumps(snapshot)
+    assert len(encoded) <= limit
+    assert {"__bias__", "cart=full"} <= snapshot["weights"].keys()
+    # The learner's own model is the pruned one: a learner resumed from the snapshot
+    # decides as this one does.
+    rebuilt = OfferState.from_snapshot(orjson.loads(encoded))
+    assert rebuilt.snapshot(0) == learner.offers["o"].snapshot(0)
