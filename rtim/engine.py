@@ -691,9 +691,15 @@ class _Close(NamedTuple):
     at_ms: int
 
 
+#: Join results of responses that are not about a decision of this partition's (their
+#: time does not move its stream time).
+UNATTRIBUTED = frozenset({"unknown", "early"})
+
+
 def _changes(joined: str) -> int:
     """What a response with this join result changed in its customer's context."""
-    return 0 if joined == "duplicate" else 1  # joined, or late (its outcome remembered)
+    # joined, or late (its outcome remembered); nothing for a duplicate or an early one
+    return 0 if joined in ("duplicate", "early") else 1
 
 
 def _answer_again(
@@ -950,7 +956,6 @@ class BatchRun:
             if record.key != key or (owner is not None and owner != partition):
                 result.rekeyed.append(engine._rekeyed(record, key, owner, RESPONSES_TOPIC))
                 continue
-            self._advance(partition, response.timestamp_ms)
             ctx = engine.context(partition, key)
             joined, example = self._respond(ctx, response)
             result.responses[(response.outcome, joined)] += 1
@@ -958,6 +963,12 @@ class BatchRun:
                 self._journal(partition, key, ctx, record, "response", _changes(joined))
             if example is not None:
                 result.examples.append(replace(example, partition=partition))
+            if joined not in UNATTRIBUTED:
+                # Its time moves the partition's stream time (after the join: a
+                # response past its window is late either way). One that names no
+                # decision here, or is stamped before its decision, says nothing of
+                # this partition's time: its channel system's clock may be anything.
+                self._advance(partition, response.timestamp_ms)
 
     def _adopt(self, record: RecordLike, headers: Sequence[tuple[str, bytes]]) -> None:
         """Take over a decision another worker answered but could not store (its batch

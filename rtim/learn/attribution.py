@@ -60,7 +60,11 @@ from rtim.settings import DEFAULTS
 #: Outcomes a channel system may report.
 OUTCOMES = ("impression", "click", "conversion", "dismissal")
 #: Join results (metric label values).
-JOIN_RESULTS = ("joined", "late", "unknown", "duplicate")
+JOIN_RESULTS = ("joined", "late", "unknown", "duplicate", "early")
+#: How long before its decision a response may be stamped and still join it: channel
+#: systems' clocks and the clickstream's differ by seconds; a response stamped earlier
+#: than this cannot be the decision's effect (``early``: counted, not learned).
+EARLY_TOLERANCE_MS = 60_000
 #: Why a response is refused (metric label and dead-letter reason values; those a
 #: clickstream record can have too are named as for clickstream records).
 RESPONSE_REASONS = (
@@ -388,6 +392,8 @@ def respond(state: dict[str, Any] | None, response: Response) -> tuple[str, Exam
     if found is None:
         return "unknown", None
     entry, is_open = found
+    if is_open and response.timestamp_ms < entry[_DECIDED] - EARLY_TOLERANCE_MS:
+        return "early", None
     if not is_open:
         if response.outcome in entry[2]:
             return "duplicate", None

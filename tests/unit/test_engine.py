@@ -1087,6 +1087,32 @@ def test_a_window_closes_when_the_partitions_stream_time_passes_it() -> None:
     assert eng.open_windows() == 0
 
 
+def test_a_response_that_names_no_decision_here_leaves_the_stream_time_alone() -> None:
+    """A channel system's clock may be anything: a response for no decision of this
+    partition (or stamped before its decision) must not close the windows of every
+    customer on it; one that joins moves the stream time as any event does."""
+    eng, store, _, ids = decided()
+    later = T0 + HOUR + 5 * MINUTE
+    stray = respond(
+        eng,
+        responses(
+            ("u-9", "no-such-decision", "impression", later),
+            ("u-1", ids["u-1"], "conversion", T0 - 10 * MINUTE),  # before its decision
+        ),
+        store,
+    )
+    assert stray.responses == {("impression", "unknown"): 1, ("conversion", "early"): 1}
+    assert stray.examples == [] and eng.open_windows() == 2
+    assert eng.clock(0).stream_ms == T0
+    joined = respond(eng, responses(("u-2", ids["u-2"], "click", later)), store)
+    assert joined.responses == {("click", "late"): 1}
+    assert {(e.decision_id, e.why) for e in joined.examples} == {
+        (ids["u-1"], "window"),
+        (ids["u-2"], "window"),
+    }
+    assert eng.clock(0).stream_ms == later
+
+
 def test_an_idle_partition_closes_its_windows_on_the_wall_clock() -> None:
     wall = [NOW / 1000]
     store, log = Store(), Log()

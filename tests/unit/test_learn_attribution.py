@@ -53,6 +53,20 @@ def test_a_dismissal_in_the_window_closes_the_decision_as_a_negative_at_once():
     assert att.counts["positive"] == 0 and att.counts["negative"] == 1
 
 
+def test_a_response_stamped_before_its_decision_is_early_and_not_learned():
+    """A conversion stamped at the epoch, or ten minutes before the offer was made,
+    cannot be its effect; a channel system's clock a few seconds behind still joins."""
+    att = Attributor()
+    att.decide(pending())
+    assert att.respond(response("conversion", 0)) == ("early", None)
+    assert att.respond(response("conversion", T0 - 10 * 60_000)) == ("early", None)
+    assert att.counts["early"] == 2 and att.counts["positive"] == 0
+    assert att.open_windows == 1
+    # not remembered as seen: the real conversion, seconds "before" it, still joins
+    result, example = att.respond(response("conversion", T0 - 5_000))
+    assert result == "joined" and example is not None and example.converted
+
+
 def test_a_response_for_a_decision_never_made_is_unknown():
     att = Attributor()
     att.decide(pending())
