@@ -321,15 +321,35 @@ class Learner:
         self._dirty: set[str] = set()
         self._flushed: dict[int, int] = {}
         self.counts: dict[str, int] = dict.fromkeys(LEARN_RESULTS, 0)
+        #: Training partitions whose cursor was past their end when assigned (see
+        #: :meth:`assign`): read from 0, the marks of snapshots on them ignored.
+        self.voided: set[int] = set()
 
-    def assign(self, partition: int, board: ModelBoard) -> int:
+    def assign(self, partition: int, board: ModelBoard, end: int | None = None) -> int:
         """Take a training partition over; returns the offset to read it from.
 
         ``board`` must hold every record of the models topic written before the
-        partition was assigned (its newest snapshots and cursors).
+        partition was assigned (its newest snapshots and cursors). ``end`` is the
+        partition's end offset, if known: a cursor past it speaks of a log that is no
+        longer there (the training topic made again, or a record not written by a
+        learner), so the partition is read from its start and the offers' marks on it
+        are void (:attr:`voided`); otherwise every record of the new log below the old
+        cursor, or below an offer's old mark, would be skipped unlearned.
+
+        >>> board = ModelBoard()
+        >>> board.add(*cursor_record(0, 1_000_000))
+        >>> Learner().assign(0, board, end=3), Learner().assign(0, board)
+        (0, 1000000)
         """
         self._board = board
         offset = board.cursors.get(partition, 0)
+        if end is not None and offset > end:
+            self.voided.add(partition)
+            offset = 0
+            for state in self.offers.values():
+                state.marks.pop(partition, None)
+        else:
+            self.voided.discard(partition)
         self.positions[partition] = offset
         self._flushed[partition] = offset
         return offset
@@ -341,6 +361,7 @@ class Learner:
         for partition in gone:
             self.positions.pop(partition, None)
             self._flushed.pop(partition, None)
+            self.voided.discard(partition)
         for offer_id in [o for o, s in self.offers.items() if gone & s.marks.keys()]:
             del self.offers[offer_id]
             self._dirty.discard(offer_id)
@@ -351,6 +372,8 @@ class Learner:
             snapshot = self._board.snapshots.get(offer_id) if self._board is not None else None
             if snapshot is not None:
                 state = OfferState.from_snapshot(snapshot)
+                for partition in self.voided:
+                    state.marks.pop(partition, None)
             else:
                 state = OfferState(
                     OfferModel(offer_id, self.params, late=self._pooled_has_evidence())

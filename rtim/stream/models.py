@@ -314,9 +314,23 @@ class SharedModels(Service):
         ends = await self._models_ends()
         if ends is None or not await self.wait_read(ends):
             return  # stopping: the partitions stay unread here
+        training_ends = await self._training_ends(assigned)
         async with self._lock:
             for tp in sorted(assigned):
-                offset = self.learner.assign(tp.partition, self.board)
+                cursor = self.board.cursors.get(tp.partition, 0)
+                end = training_ends.get(tp)
+                offset = self.learner.assign(tp.partition, self.board, end)
+                if offset != cursor:
+                    log.warning(
+                        "%s[%d]: the cursor on %s (%d) is past the partition's end (%s): "
+                        "the topic was made again, or the cursor was not written by a "
+                        "learner; reading it from its start",
+                        TRAINING_TOPIC,
+                        tp.partition,
+                        MODELS_TOPIC,
+                        cursor,
+                        end,
+                    )
                 consumer.seek(tp, offset)
         if assigned:
             log.info(
@@ -324,6 +338,18 @@ class SharedModels(Service):
                 TRAINING_TOPIC,
                 ", ".join(f"[{p}]@{o}" for p, o in sorted(self.learner.positions.items())),
             )
+
+    async def _training_ends(self, assigned: set[TopicPartition]) -> dict[TopicPartition, int]:
+        """The assigned training partitions' end offsets (none if the broker does not
+        say within a session timeout: each cursor is then taken as it is)."""
+        if not assigned:
+            return {}
+        try:
+            async with asyncio.timeout(max(10.0, self.settings.session_timeout_s)):
+                return dict(await self._probe.end_offsets(sorted(assigned)))
+        except (KafkaError, TimeoutError) as exc:
+            log.warning("end offsets of %s not known (%r)", TRAINING_TOPIC, exc)
+            return {}
 
     async def hand_over(self, revoked: set[TopicPartition]) -> None:
         """Publish what was learned from partitions about to go, and forget them."""

@@ -568,3 +568,35 @@ def test_a_snapshot_too_large_for_the_topic_is_pruned_to_fit_and_rebuilds_the_sa
     # decides as this one does.
     rebuilt = OfferState.from_snapshot(orjson.loads(encoded))
     assert rebuilt.snapshot(0) == learner.offers["o"].snapshot(0)
+
+
+def test_a_training_topic_made_again_is_learned_from_its_start_despite_older_cursors() -> None:
+    """After rtim.training is deleted and made again, the models topic still holds
+    cursors and marks of the old log, far past the new one's end: the new records
+    would all be skipped. A cursor past the partition's end voids it and the marks."""
+    old = clean_run(training(300))
+    assert all(o > 20 for _, o in old.board().cursors.items())
+    # The new log: some 20 records, of decisions made since.
+    fresh = {
+        p: [v.replace(b'"decision_id":"d', b'"decision_id":"new-d') if v else v for v in values]
+        for p, values in training(20, seed=9).items()
+    }
+    learner = Learner(clock_ms=lambda: 1_000)
+    board = old.board()
+    before = {offer: snap["examples"] for offer, snap in board.snapshots.items()}
+    read = {p: learner.assign(p, board, end=len(values)) for p, values in fresh.items()}
+    assert read == {0: 0, 1: 0} and learner.voided == {0, 1}
+    for partition, values in fresh.items():
+        for offset, value in enumerate(values):
+            learner.learn(partition, offset, value)
+    learned = {
+        offer: state.model.examples - before.get(offer, 0)
+        for offer, state in learner.offers.items()
+    }
+    assert learned == distinct_decisions(fresh)
+    # Once its cursor is the new log's, a take-over reads from it as usual.
+    flush = learner.flush()
+    old.publish(flush)
+    again = Learner()
+    assert again.assign(0, old.board(), end=len(fresh[0])) == len(fresh[0])
+    assert again.voided == set()
