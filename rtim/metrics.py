@@ -82,7 +82,8 @@ TRAINING_EXAMPLES = Counter(
 )
 OPEN_WINDOWS = Gauge(
     "rtim_attribution_open_windows",
-    "Customers of this worker's partitions with a decision whose attribution window is open.",
+    "Customers of this worker's partitions with a decision whose attribution window is open, "
+    "about: a decision a response closed early is counted until its window's end.",
 )
 DECISION_LATENCY = Histogram(
     "rtim_decision_latency_seconds",
