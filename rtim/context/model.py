@@ -583,11 +583,44 @@ def apply_event(
         src[1] = offset
 
 
+#: Consent values as sources write them, besides JSON's true and false (a consent
+#: written as a string must not be ignored, least of all a withdrawal).
+_CONSENT_WORDS = {
+    "true": True,
+    "yes": True,
+    "1": True,
+    "granted": True,
+    "false": False,
+    "no": False,
+    "0": False,
+    "denied": False,
+}
+
+
+def consent_value(value: Any) -> bool | None:
+    """A consent flag as given (``true``, ``"false"``, ``"No"``, ``0``...); None if it
+    says neither.
+
+    >>> [consent_value(v) for v in (False, "false", " No ", 0, 1, "granted", "maybe", 2, None)]
+    [False, False, False, False, True, True, None, None, None]
+    """
+    if type(value) is bool:
+        return value
+    if type(value) is int:
+        return {0: False, 1: True}.get(value)
+    if type(value) is str:
+        return _CONSENT_WORDS.get(value.strip().lower())
+    return None
+
+
 def _channel_consent(ctx: Context, consent: dict[str, Any], ts: int) -> None:
-    """Trait ``consent``: ``{channel: true|false}``; other channels and values are ignored."""
+    """Trait ``consent``: ``{channel: true|false}`` (channel names in any case, flags as
+    :func:`consent_value` reads them); other channels and values are ignored."""
     kept = ctx["consent"]
-    for channel, allowed in consent.items():
-        if channel in OFFER_CHANNELS and type(allowed) is bool:
+    for name, given in consent.items():
+        channel = name.strip().lower() if type(name) is str else name
+        allowed = consent_value(given)
+        if channel in OFFER_CHANNELS and allowed is not None:
             old = kept.get(channel)
             if old is None or ts >= old[1]:
                 kept[channel] = [allowed, ts]
@@ -600,8 +633,9 @@ def _category_consent(ctx: Context, preferences: Any, ts: int) -> None:
     kept = ctx["consent_cat"]
     if not preferences:
         preferences = dict.fromkeys(kept, False)
-    for category, allowed in preferences.items():
-        if type(allowed) is not bool or len(category) > MAX_CONSENT_CATEGORY_CHARS:
+    for category, given in preferences.items():
+        allowed = consent_value(given)
+        if allowed is None or len(category) > MAX_CONSENT_CATEGORY_CHARS:
             continue
         old = kept.get(category)
         if old is not None:

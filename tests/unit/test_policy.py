@@ -338,6 +338,19 @@ def test_a_consent_trait_grants_and_withdraws_a_channel() -> None:
     assert {"rejected:a:no-consent:email", "rejected:a:no-consent:push"} <= set(none.reasons)
 
 
+@pytest.mark.parametrize("withdrawal", [{"email": "false"}, {"Email": False}, {"EMAIL": "No"}])
+def test_a_withdrawal_written_as_a_string_or_in_capitals_still_withdraws(
+    withdrawal: dict[str, Any],
+) -> None:
+    """Consent must fail closed: a source that writes "false" or "Email" is not ignored."""
+    cat = catalog(OUTBOUND_OFFER, policy=CONSENT)
+    ctx = customer(call("identify", None, traits={"consent": {"email": True}}))
+    apply_event(ctx, call("identify", None, ts=T0 + 2, traits={"consent": withdrawal}), 0, 9)
+    d = run(cat, ctx, call(ts=T0 + 3, channel="email"))
+    assert offered(d) == ("a", "push")
+    assert "skipped:a:no-consent:email" in d.reasons
+
+
 def test_segment_consent_categories_and_the_consent_event_change_consent() -> None:
     cat = catalog(OUTBOUND_OFFER, policy=CONSENT)
     ctx = customer(call("identify", None, traits={"consent": {"email": True}}))
