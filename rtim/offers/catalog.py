@@ -47,7 +47,8 @@ all). Offers get four fields more::
     suppression:                    # while `when` holds, `suppress` is not offered
       - {id: open-issue, when: "issues > 0", suppress: {kind: sales}, raise: service-recovery}
 
-Durations are ``<n><unit>`` with units w, d, h, m, s (``1d12h``). Weights and
+Durations are ``<n><unit>`` with units w, d, h, m, s (``1d12h``), at most
+``36500d``; every number is finite (``.nan`` and ``.inf`` are refused). Weights and
 suppression select offers by ``offer(s)``, ``group(s)`` and ``kind(s)`` (any
 of them matches; a weight with none applies to every offer). ``raise`` names
 offers made candidates while the rule holds, whatever the trigger. A cap's
@@ -72,16 +73,19 @@ The optional ``placements`` list names the places the decision API answers for
 Loading checks everything (unknown fields, types, conditions, references from
 offers to triggers, time zones, durations, and references to offers and
 groups) and raises :class:`CatalogError` naming the place: the file and line
-of the offending trigger, offer, rule or field, and what is wrong.
+of the offending trigger, offer, rule or field, and what is wrong. A key given
+twice in a mapping is an error (YAML readers keep the last), and so are
+aliases that add more than :data:`MAX_ALIASED_VALUES` values and values nested
+more than :data:`MAX_DEPTH` deep.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -92,11 +96,14 @@ from rtim.learn.features import DEFAULT_SPEC, FeatureSpec, FeatureSpecError, par
 from rtim.names import OFFER_CHANNELS
 from rtim.offers.policy import (
     KINDS,
+    MAX_DURATION_S,
     MAX_NAME_CHARS,
+    NO_POLICY,
     Cap,
     Policy,
     PolicyError,
     duration_ms,
+    is_number,
     parse_cap,
     parse_groups,
     parse_policy,
@@ -106,6 +113,7 @@ from rtim.offers.policy import (
 from rtim.triggers.rules import TriggerRule, parse_rule
 
 CHANNELS = OFFER_CHANNELS
+_T = TypeVar("_T")
 _OFFER_KEYS = {
     "attribution_window",
     "id",
@@ -161,12 +169,86 @@ class Lines:
 
 _YAML_BOOL = "tag:yaml.org,2002:bool"
 _YAML_STR = "tag:yaml.org,2002:str"
+_YAML_MERGE = "tag:yaml.org,2002:merge"
+
+#: Deepest nesting of values in a catalog, aliases expanded (decisions carry the
+#: creative, and their JSON is bounded in depth too).
+MAX_DEPTH = 50
+#: Most values aliases may add to a catalog, each alias counted as the values it stands for.
+MAX_ALIASED_VALUES = 100_000
+
+
+class _Refused(yaml.composer.ComposerError):
+    """YAML a catalog may not be, though a YAML reader would take it (too deep, too large)."""
+
+
+class _Composer(yaml.SafeLoader):
+    """SafeLoader, bounded in depth and in what aliases expand to.
+
+    Aliases are allowed (``<<: *defaults`` is handy), but the values each one stands
+    for are counted, expanded, as the document is read: a few lines of nested aliases
+    ("billion laughs") would otherwise make every decision's answer megabytes long.
+    The count costs one walk of each aliased value (its size is kept).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0  # the nodes being composed: one inside another
+        self._aliased = 0
+        self._measured: dict[int, tuple[int, int]] = {}  # id(node): (values, depth)
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event: yaml.NodeEvent = self.peek_event()  # type: ignore[no-untyped-call]
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            node = self.anchors.get(event.anchor)
+            if node is not None:  # else SafeLoader's own error (an undefined alias)
+                self._count(node, f"*{event.anchor}", mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Refused(None, None, f"values nested more than {MAX_DEPTH} deep", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def _count(self, node: yaml.Node, alias: str, mark: yaml.Mark | None) -> None:
+        if node.end_mark is None:  # still being read: the alias is inside what it names
+            raise _Refused(None, None, f"alias {alias} is inside the value it names", mark)
+        values, depth = self._measure(node)
+        self._aliased += values
+        if self._aliased > MAX_ALIASED_VALUES:
+            raise _Refused(
+                None,
+                None,
+                f"aliases expand to more than {MAX_ALIASED_VALUES} values (at {alias}); "
+                "write the repeated parts out, or repeat less",
+                mark,
+            )
+        if self._depth + depth > MAX_DEPTH:
+            raise _Refused(
+                None, None, f"values nested more than {MAX_DEPTH} deep (at {alias}, expanded)", mark
+            )
+
+    def _measure(self, node: yaml.Node) -> tuple[int, int]:
+        """The values ``node`` stands for, aliases expanded, and how deep they nest."""
+        found = self._measured.get(id(node))
+        if found is None:
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            else:
+                children = node.value if isinstance(node, yaml.SequenceNode) else []
+            parts = [self._measure(child) for child in children]  # as deep as MAX_DEPTH
+            found = (1 + sum(v for v, _ in parts), 1 + max((d for _, d in parts), default=0))
+            self._measured[id(node)] = found
+        return found
 
 
 def _load_yaml(text: str) -> tuple[Any, Lines]:
     lines = Lines()
 
-    class Loader(yaml.SafeLoader):
+    class Loader(_Composer):
         pass
 
     # As SafeLoader's construct_yaml_map: an empty dict first (it may be
@@ -175,11 +257,25 @@ def _load_yaml(text: str) -> tuple[Any, Lines]:
         mapping: dict[Any, Any] = {}
         lines.record(mapping, node)
         yield mapping
-        # A key is a name as written: YAML 1.1 reads ``on:``, ``no:`` or ``yes:`` as a
-        # boolean, and an error would name the field True.
+        seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            # A key is a name as written: YAML 1.1 reads ``on:``, ``no:`` or ``yes:`` as a
+            # boolean, and an error would name the field True.
             if key_node.tag == _YAML_BOOL:
                 key_node.tag = _YAML_STR
+            # A key given twice is refused (PyYAML keeps the last); one a merge (``<<``)
+            # brings in may be given again, that is what merges are for.
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _YAML_MERGE:
+                key = loader.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"key {key_node.value!r} given twice, on lines {seen[key]} and {line}",
+                        key_node.start_mark,
+                    )
+                seen[key] = line
         mapping.update(yaml.SafeLoader.construct_mapping(loader, node))
 
     def construct_timestamp(loader: Loader, node: yaml.ScalarNode) -> Any:
@@ -312,17 +408,20 @@ def _date_ms(value: Any, where: str) -> int | None:
 
 def _number(raw: Mapping[str, Any], key: str, default: float, where: str) -> float:
     value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise CatalogError(f"{where}: '{key}' must be a number >= 0, got {value!r}")
+    if not is_number(value) or value < 0:
+        raise CatalogError(f"{where}: '{key}' must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def _window_ms(raw: Mapping[str, Any], where: str) -> int | None:
-    if raw.get("attribution_window") is None:
+    seconds = raw.get("attribution_window")
+    if seconds is None:
         return None
-    seconds = _number(raw, "attribution_window", 0.0, where)
-    if seconds <= 0:
-        raise CatalogError(f"{where}: 'attribution_window' must be a number of seconds > 0")
+    if not is_number(seconds) or not 0 < seconds <= MAX_DURATION_S:
+        raise CatalogError(
+            f"{where}: 'attribution_window' must be a number of seconds > 0 and at most "
+            f"{MAX_DURATION_S}, got {seconds!r}"
+        )
     return int(seconds * 1000)
 
 
@@ -538,13 +637,11 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
         traits, features = parse_learning(learning)
     except CatalogError as exc:
         errors.append(error(str(exc), learning))
+    policy_errors: list[PolicyError] = []
+    policy = _policy(data, offers, raw_offers, policy_errors)
+    errors.extend(error(str(exc), exc.where) for exc in policy_errors)
     if errors:
-        # The policy's sections refer to offers and groups: checked once those are sound.
         raise _all_of(errors)
-    try:
-        policy = _policy(data, offers)
-    except PolicyError as exc:
-        raise error(str(exc), exc.where) from None
     return Catalog(
         triggers=tuple(triggers),
         offers=tuple(offers),
@@ -559,18 +656,41 @@ def parse_catalog(data: Any, source: str = "<memory>", lines: Lines | None = Non
 _POLICY_SECTIONS = ("policy", "groups", "weights", "suppression")
 
 
-def _policy(data: dict[str, Any], offers: list[Offer]) -> Policy | None:
-    """The contact policy and levers; None when they could change no decision."""
-    groups = parse_groups(data.get("groups"))
+def _policy(
+    data: dict[str, Any], offers: list[Offer], raw_offers: list[Any], errors: list[PolicyError]
+) -> Policy | None:
+    """The contact policy and levers; None when they could change no decision, or when a
+    section is in error (the first error of each is added to ``errors``)."""
+
+    def checked(parse: Callable[..., _T], *args: Any) -> _T | None:
+        try:
+            return parse(*args)
+        except PolicyError as exc:
+            errors.append(exc)
+            return None
+
+    raw_groups = data.get("groups")
+    groups = checked(parse_groups, raw_groups)
+    if groups is None:  # in error: its names are known still
+        groups = {str(name): 1.0 for name in raw_groups} if isinstance(raw_groups, dict) else {}
+    # The sections refer to offers and groups; an offer in error lends them its id and
+    # its group (as its id to placements), so that its error makes no other.
+    parsed = {o.id: o for o in offers}
+    ids = _ids_of(raw_offers)
+    lent = [
+        r["group"] for r in raw_offers if isinstance(r, dict) and isinstance(r.get("group"), str)
+    ]
     known = {
-        "offers": {o.id for o in offers},
-        "groups": set(groups) | {o.group for o in offers if o.group is not None},
-        "groups_of": {o.id: o.group for o in offers},
-        "kinds": {o.id: o.kind for o in offers},
+        "offers": ids,
+        "groups": set(groups) | set(lent),
+        "groups_of": {i: parsed[i].group if i in parsed else None for i in ids},
+        "kinds": {i: parsed[i].kind if i in parsed else None for i in ids},
     }
-    weights = parse_weights(data.get("weights"), known)
-    suppression = parse_suppression(data.get("suppression"), known)
-    policy = parse_policy(data.get("policy"), groups, weights, known)
+    weights = checked(parse_weights, data.get("weights"), known) or ()
+    suppression = checked(parse_suppression, data.get("suppression"), known) or ()
+    policy = checked(parse_policy, data.get("policy"), groups, weights, known) or NO_POLICY
+    if errors:
+        return None
     offer_caps = [c for o in offers for c in o.caps]
     cooldowns = [o.cooldown_ms for o in offers if o.cooldown_ms is not None]
     if policy.dismissal_cooldown_ms is not None:
@@ -650,7 +770,8 @@ def catalog_from_text(text: str, source: str) -> Catalog:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = "; ".join(p for p in (exc.context, exc.problem) if p)
-        raise CatalogError(f"{where}: not valid YAML: {problem}") from None
+        said = problem if isinstance(exc, _Refused) else f"not valid YAML: {problem}"
+        raise CatalogError(f"{where}: {said}") from None
     except yaml.YAMLError as exc:
         raise CatalogError(f"{source}: not valid YAML: {exc}") from None
     return replace(parse_catalog(data, source=source, lines=lines), text=text)

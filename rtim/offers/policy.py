@@ -9,6 +9,7 @@ is about, so that the catalog names its line.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,11 @@ DEFAULT_SUPPRESSION = "open-issue"
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([wdhms])")
 _UNIT_MS = {"w": 604_800_000, "d": 86_400_000, "h": 3_600_000, "m": 60_000, "s": 1000}
+#: Longest duration a catalog may give (windows, cool-downs): 100 years. Event times plus
+#: it stay well within the 64-bit integers records are written with.
+MAX_DURATION_MS = 36_500 * _UNIT_MS["d"]
+#: The same, for the durations a catalog gives in seconds.
+MAX_DURATION_S = MAX_DURATION_MS // 1000
 _CLOCK = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
 
 
@@ -47,6 +53,21 @@ class PolicyError(ValueError):
     def __init__(self, message: str, where: Any = None) -> None:
         super().__init__(message)
         self.where = where
+
+
+def is_number(value: Any) -> bool:
+    """Whether a value read from a catalog is a finite number (not YAML's ``.nan``,
+    ``.inf``, ``true``, nor an integer beyond any float).
+
+    >>> [is_number(v) for v in (0, 2.5, float("nan"), float("-inf"), True, "3", 10**400)]
+    [True, True, False, False, False, False, False]
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def duration_ms(value: Any, where: str, raw: Any = None) -> int:
@@ -62,10 +83,13 @@ def duration_ms(value: Any, where: str, raw: Any = None) -> int:
             f"{where}: {value!r} is not a duration (write it like 1d, 12h, 30m, 45s, 2w, 1d12h)",
             raw,
         )
-    ms = int(sum(float(n) * _UNIT_MS[u] for n, u in parts))
-    if ms <= 0:
+    ms = sum(float(n) * _UNIT_MS[u] for n, u in parts)  # inf if hundreds of digits long
+    if not ms <= MAX_DURATION_MS:
+        days = MAX_DURATION_MS // _UNIT_MS["d"]
+        raise PolicyError(f"{where}: a duration is at most {days}d, got {value!r}", raw)
+    if int(ms) <= 0:
         raise PolicyError(f"{where}: a duration must be more than 0, got {value!r}", raw)
-    return ms
+    return int(ms)
 
 
 def _names(value: Any, where: str, raw: Any, known: Any = None, what: str = "") -> frozenset[str]:
@@ -93,8 +117,8 @@ def _check_keys(raw: Any, allowed: set[str], where: str, required: tuple[str, ..
 
 def _factor(raw: Mapping[str, Any], key: str, where: str) -> float:
     value = raw.get(key, 1.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise PolicyError(f"{where}: '{key}' must be a number > 0, got {value!r}", raw)
+    if not is_number(value) or not value > 0:
+        raise PolicyError(f"{where}: '{key}' must be a finite number > 0, got {value!r}", raw)
     return float(value)
 
 
@@ -452,6 +476,7 @@ def parse_policy(
     if not isinstance(caps_raw, list):
         raise PolicyError("policy.caps: must be a list", raw)
     caps = tuple(parse_cap(c, f"policy.caps[{i}]") for i, c in enumerate(caps_raw))
+    _unique([c.id for c in caps], "cap", caps_raw)
     for cap, item in zip(caps, caps_raw, strict=True):
         if cap.offer is not None and cap.offer not in known["offers"]:
             raise PolicyError(f"cap {cap.id!r}: unknown offer {cap.offer!r}", item)

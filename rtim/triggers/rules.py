@@ -25,6 +25,7 @@ from rtim.conditions import Condition, ConditionError, compile_all
 from rtim.context.model import Context
 from rtim.errors import unknown_fields
 from rtim.events import Event
+from rtim.offers.policy import MAX_DURATION_S, is_number
 
 _PATTERN_KEYS = {"type", "event", "name", "channel", "properties"}
 _RULE_KEYS = {"id", "description", "when", "if", "cooldown"}
@@ -90,8 +91,11 @@ def parse_rule(raw: Any, index: int) -> TriggerRule:
         raise ConditionError(f"{where}: 'when.properties' must be a mapping")
     names = pattern.get("event", pattern.get("name"))
     cooldown = raw.get("cooldown", 3600)
-    if not isinstance(cooldown, (int, float)) or cooldown < 0:
-        raise ConditionError(f"{where}: 'cooldown' must be a number of seconds >= 0")
+    if not is_number(cooldown) or not 0 <= cooldown <= MAX_DURATION_S:
+        raise ConditionError(
+            f"{where}: 'cooldown' must be a number of seconds from 0 to {MAX_DURATION_S}, "
+            f"got {cooldown!r}"
+        )
     return TriggerRule(
         id=raw["id"],
         description=str(raw.get("description", "")),

@@ -443,7 +443,7 @@ def test_rtim_offers_check_says_which_files_are_sound_without_a_broker(tmp_path:
     both = runner.invoke(main, ["offers", "check", str(bad), str(good)])
     assert both.exit_code == 2, both.output
     assert f"rtim: {bad}:2: offer 'o': unknown channel(s) ['fax']" in both.output
-    assert f"\n{bad}:6: offer 'p': 'value' must be a number >= 0" in both.output
+    assert f"\n{bad}:6: offer 'p': 'value' must be a finite number >= 0" in both.output
     assert f"{good}: ok" in both.output
     missing = runner.invoke(main, ["offers", "check", str(tmp_path / "nowhere.yaml")])
     assert missing.exit_code == 2 and "cannot read catalog" in missing.output
