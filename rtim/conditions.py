@@ -23,6 +23,7 @@ Conditions are compiled once, when the file is loaded; a malformed one is a
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Callable, Mapping
@@ -127,6 +128,10 @@ def compile_condition(text: str) -> Condition:
     >>> compile_condition("event.properties.category in [shoes, sports]")(
     ...     {"event": {"properties": {"category": "shoes"}}})
     True
+    >>> compile_condition("cart.value >= .nan")
+    Traceback (most recent call last):
+    ...
+    rtim.conditions.ConditionError: a number must be finite in condition 'cart.value >= .nan'
     """
     if not isinstance(text, str) or not text.strip():
         raise ConditionError(f"a condition must be a non-empty string, got {text!r}")
@@ -149,6 +154,12 @@ def compile_condition(text: str) -> Condition:
             raise ConditionError(f"cannot read the value in condition {text!r}: {exc}") from exc
         if match["op"] in ("in", "not in") and not isinstance(value, list):
             raise ConditionError(f"'{match['op']}' needs a list in condition {text!r}")
+        if any(
+            type(v) is float and not math.isfinite(v)
+            for v in (value if isinstance(value, list) else [value])
+        ):
+            # .nan equals nothing and .inf is passed by nothing: a mistake, never a rule.
+            raise ConditionError(f"a number must be finite in condition {text!r}")
     path = tuple(part.strip() for part in match["path"].split("."))
     if not all(path):
         raise ConditionError(f"empty key in the path of condition {text!r}")
