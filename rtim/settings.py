@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     max_future_skew_s: float = Field(
         3600.0,
         description="Events stamped further than this in the future are dead-lettered "
-        "(clock_skew).",
+        "(clock_skew); a decision request stamped further off the clock, either way, is "
+        "refused.",
     )
     trigger_ttl_s: float = Field(
         900.0, description="How long a published trigger stays valid (CloudEvent expiry)."

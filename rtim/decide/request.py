@@ -125,7 +125,8 @@ def parse_query(
         into[field_name] = value
     limit = raw.get("limit")
     if limit is not None:
-        if not (limit.isascii() and limit.isdigit()):
+        # (Bounded before int(): Python refuses to convert over 4,300 digits.)
+        if not (limit.isascii() and limit.isdigit()) or len(limit) > 8:
             raise InvalidRequest("limit", f"must be an integer from 1 to {MAX_LIMIT}")
         raw["limit"] = int(limit)
     if context:
@@ -137,7 +138,13 @@ def check_request(
     raw: dict[str, Any], *, now_ms: int, max_future_skew_ms: int = 3_600_000
 ) -> DecideRequest:
     """Check a request's fields, however they came; raises :class:`InvalidRequest`
-    naming the first bad field."""
+    naming the first bad field.
+
+    A request's ``timestamp`` is when a channel asks, so it must be within
+    ``max_future_skew_ms`` (``RTIM_MAX_FUTURE_SKEW_S``) of ``now_ms`` either way: a
+    request backdated further would be decided against caps, cool-downs and quiet hours
+    of another time.
+    """
     unknown = sorted(set(raw) - _FIELDS)
     if unknown:
         raise InvalidRequest(unknown[0], f"unknown field; known: {sorted(_FIELDS)}")
@@ -153,14 +160,19 @@ def check_request(
     channel = raw.get("channel")
     if channel is None:
         raise InvalidRequest("channel", f"required, one of {sorted(OFFER_CHANNELS)}")
+    if type(channel) is not str:  # a list or an object is not hashable: no `in` test on it
+        raise InvalidRequest(
+            "channel",
+            f"must be a string, one of {sorted(OFFER_CHANNELS)}; got {_json_type(channel)}",
+        )
     if channel not in OFFER_CHANNELS:
         raise InvalidRequest("channel", f"{channel!r} is not one of {sorted(OFFER_CHANNELS)}")
     placement = raw.get("placement")
     if placement is not None and (not isinstance(placement, str) or not placement):
         raise InvalidRequest("placement", "must be a placement id (a non-empty string)")
     at_ms = _timestamp_ms(raw.get("timestamp"), now_ms)
-    if at_ms > now_ms + max_future_skew_ms:
-        raise InvalidRequest("timestamp", "more than RTIM_MAX_FUTURE_SKEW_S ahead of the clock")
+    if not -max_future_skew_ms <= at_ms - now_ms <= max_future_skew_ms:
+        raise InvalidRequest("timestamp", _off_the_clock(at_ms - now_ms, max_future_skew_ms))
     limit = raw.get("limit", 1)
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
         raise InvalidRequest("limit", f"must be an integer from 1 to {MAX_LIMIT}")
@@ -195,7 +207,39 @@ def _timestamp_ms(value: Any, now_ms: int) -> int:
     try:
         moment = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise InvalidRequest("timestamp", f"not an ISO 8601 time: {value!r}") from None
+        raise InvalidRequest("timestamp", f"not an ISO 8601 time: {value[:64]!r}") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
+        # As the clickstream's events (rtim.events.segment): a local time of no known zone.
+        raise InvalidRequest(
+            "timestamp", f"has no UTC offset (add 'Z' or '+hh:mm'): {value[:64]!r}"
+        )
     return int(moment.timestamp() * 1000)
+
+
+def _off_the_clock(ahead_ms: int, max_skew_ms: int) -> str:
+    """Why a request's time is refused: how far off the clock it is, and the allowance."""
+    off_s = abs(ahead_ms) / 1000
+    if off_s < 120:
+        off = f"{off_s:.0f} s"
+    elif off_s < 7200:
+        off = f"{off_s / 60:.0f} min"
+    elif off_s < 2 * 86_400:
+        off = f"{off_s / 3600:.0f} h"
+    else:
+        off = f"{off_s / 86_400:,.0f} days"
+    return (
+        f"timestamp is {off} {'after' if ahead_ms > 0 else 'before'} now (requests may be "
+        f"at most {max_skew_ms / 1000:.0f} s off the worker's clock: RTIM_MAX_FUTURE_SKEW_S)"
+    )
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return type(value).__name__

@@ -21,7 +21,8 @@ Timestamp formats
     An ISO-8601 / RFC 3339 string with ``Z`` or an offset, any number of
     fractional digits (beyond microseconds they are truncated). A string with no
     offset is rejected (``bad_timestamp``): its time zone is a guess, and a
-    wrong guess shifts the event by hours. A JSON integer is accepted as epoch
+    wrong guess shifts the event by hours; so is one before 1900 (a zero time
+    such as ``0001-01-01T00:00:00Z``, not an event's). A JSON integer is accepted as epoch
     *milliseconds*, as custom producers often send ``Date.now()``; an integer
     below ``10**11`` (before 1973-03-03 as milliseconds) is rejected as it is
     almost certainly epoch *seconds*. Floats and booleans are rejected.
@@ -131,6 +132,10 @@ _ONE_MS = timedelta(milliseconds=1)
 # 10**11 ms is 1973-03-03; 10**11 s is the year 5138. Below it, an integer is
 # far more likely to be epoch seconds than a real 1970s event.
 _MIN_EPOCH_MS = 10**11
+# ISO times before this are refused: no event is that old, and a zero time (Go's
+# 0001-01-01T00:00:00Z) is a producer's bug; nor could every time zone show them.
+_MIN_ISO_TEXT = "1900-01-01T00:00:00Z"
+_MIN_ISO_MS = (datetime.fromisoformat(_MIN_ISO_TEXT) - _EPOCH) // _ONE_MS
 
 # JSON names for Python types, for messages read by producers in any language.
 _JSON_TYPE_NAMES: dict[type, str] = {
@@ -395,7 +400,17 @@ def _timestamp_ms(value: Any, field: str) -> int:
         # timedelta // timedelta is exact integer arithmetic and floors; the
         # float route int(parsed.timestamp() * 1000) truncates toward zero, so
         # it is a millisecond late for a sub-millisecond time before 1970.
-        return (parsed - _EPOCH) // _ONE_MS
+        ms = (parsed - _EPOCH) // _ONE_MS
+        if ms < _MIN_ISO_MS:
+            # One comparison: the subtraction cannot fail, whatever the year, but
+            # local times (quiet hours) of year 1 or 0 can.
+            raise InvalidEvent(
+                "bad_timestamp",
+                f"{field} is before {_MIN_ISO_TEXT}, a default or zero time rather than "
+                f"an event's: {value[:64]!r}",
+                field=field,
+            )
+        return ms
     if kind is int:
         if value < _MIN_EPOCH_MS:
             raise InvalidEvent(

@@ -70,6 +70,21 @@ class NotOwner(Exception):
     """This worker does not own the customer's partition now."""
 
 
+def _check_placement(engine: Any, request: DecideRequest) -> None:
+    """Raise :class:`InvalidRequest` if the request's placement is why deciding it failed:
+    one the catalog does not have, or one not on the request's channel (what
+    ``Engine.request_catalog`` raises KeyError and ValueError for, and nothing else).
+    Called only once deciding raised one of those, so a request decided costs nothing."""
+    try:
+        engine.request_catalog(request.placement, request.channel)
+    except KeyError:
+        raise InvalidRequest(
+            "placement", f"no placement {request.placement!r} in the catalog"
+        ) from None
+    except ValueError as exc:
+        raise InvalidRequest("channel", str(exc)) from None
+
+
 class DecisionApi:
     """Decides requests on the owner, and finds the owner for the others."""
 
@@ -204,12 +219,11 @@ class DecisionApi:
         record is None for a request asked again (answered as before, nothing recorded)."""
         try:
             answer: Answer = run.decide(request)
-        except KeyError:
-            raise InvalidRequest(
-                "placement", f"no placement {request.placement!r} in the catalog"
-            ) from None
-        except ValueError as exc:
-            raise InvalidRequest("channel", str(exc)) from None
+        except (KeyError, ValueError):
+            # The request's fault only if its placement is (the engine's request_catalog
+            # says so, as run.decide asked it first); anything else is a defect: a 500.
+            _check_placement(run.engine, request)
+            raise
         if answer.repeated:
             return answer, None
         made = run.result.decisions[-1]
@@ -246,6 +260,10 @@ class DecisionApi:
         except InvalidRequest as exc:
             metrics.API_REQUESTS.labels("decide", "invalid").inc()
             return json(exc.as_json(), 400)
+        except Exception:  # a defect of the checks: still an answer, and said
+            log.exception("decide request could not be checked")
+            metrics.API_REQUESTS.labels("decide", "error").inc()
+            return json({"error": "internal_error"}, 500)
 
         async def here() -> Reply:
             return self.answer(await self.decide(parsed))

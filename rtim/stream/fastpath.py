@@ -19,7 +19,11 @@ the clickstream included. So the worker's web port meets each connection with
 Anything else (other paths and methods, chunked bodies, ``Expect``, ``Connection: close``,
 HTTP/1.0, heads over 8 KiB) hands the connection, with the bytes not answered yet, to
 aiohttp's own protocol, which serves it from there on as it would have from the start. The
-answers, their headers and the metrics are the same whichever serves the request.
+answers, their headers and the metrics are the same whichever serves the request. A head
+with a line ended by a bare LF rather than CRLF, which aiohttp refuses too, is answered
+400 (:data:`BARE_LF`) as soon as it is seen, and the connection closed; waiting for the
+CRLF CRLF that ends a head would hold it until it timed out. aiohttp's router's 404 and
+405 are JSON like the API's other errors (:func:`json_errors`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
 
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp.web_runner import BaseSite, TCPSite
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 
@@ -49,6 +56,18 @@ KEEPALIVE_S = 75.0
 #: Headers whose presence sends a request to aiohttp (lower case).
 _HANDED = (b"transfer-encoding", b"expect", b"upgrade")
 _FORWARDED = FORWARDED.lower().encode()
+#: The answer to a request whose head has a line ended by a bare LF, not CRLF.
+BARE_LF = Reply(
+    400,
+    orjson.dumps(
+        {
+            "error": "bad_request",
+            "message": "the request's head has a line ending in a bare LF: HTTP/1.1 ends "
+            "each line of the request line and headers with CRLF (\\r\\n)",
+        }
+    ),
+    {"Connection": "close"},
+)
 
 
 class DecideConnection(asyncio.Protocol):
@@ -106,12 +125,19 @@ class DecideConnection(asyncio.Protocol):
         while buffer and self.transport is not None:
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
-                if len(buffer) > MAX_HEAD_BYTES:
+                # Not whole yet, or never will be: a head with bare LF line ends (which
+                # aiohttp refuses too) is answered now, not when the connection times out.
+                if buffer.count(b"\n") != buffer.count(b"\r\n"):
+                    self._refuse(BARE_LF)
+                elif len(buffer) > MAX_HEAD_BYTES:
                     self._hand_over()
                 return
             head = _head(buffer, end)
-            if head is None:
-                self._hand_over()
+            if not isinstance(head, tuple):
+                if head is None:
+                    self._hand_over()
+                else:
+                    self._refuse(head)
                 return
             length, forwarded_by = head
             total = end + 4 + length
@@ -141,6 +167,15 @@ class DecideConnection(asyncio.Protocol):
             self.transport.resume_reading()
         self._serve()
 
+    def _refuse(self, reply: Reply) -> None:
+        """Answer a request that cannot be read (400), and close the connection: where the
+        next request would begin is not known."""
+        transport = self.transport
+        assert transport is not None
+        self._buffer.clear()
+        transport.write(self._server.render(reply))
+        transport.close()
+
     def _hand_over(self) -> None:
         """Let aiohttp's protocol serve the connection from here on, from the request
         not answered yet."""
@@ -155,10 +190,15 @@ class DecideConnection(asyncio.Protocol):
             protocol.data_received(pending)
 
 
-def _head(buffer: bytearray, end: int) -> tuple[int, str | None] | None:
+def _head(buffer: bytearray, end: int) -> tuple[int, str | None] | Reply | None:
     """The body's length and the forwarding worker of a request served here (None: it
-    is aiohttp's to serve)."""
-    lines = bytes(buffer[:end]).split(b"\r\n")
+    is aiohttp's to serve; :data:`BARE_LF`: it is refused)."""
+    raw = bytes(buffer[:end])
+    lines = raw.split(b"\r\n")
+    if raw.count(b"\n") != len(lines) - 1:
+        # A bare LF: a line end to some parsers and not to others (a header hidden in
+        # another's value), so no head with one is read.
+        return BARE_LF
     if lines[0] != REQUEST_LINE:
         return None
     length = None
@@ -256,8 +296,46 @@ class FastSite(TCPSite):
         await super().stop()
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's router answers a path no view serves (404) and a method a view does not
+    serve (405) in plain text; the API answers every error in JSON, so these too. (Views'
+    own answers are left alone.)"""
+    refused = request.match_info.http_exception  # the router's 404 or 405, or None
+    if refused is None:
+        return await handler(request)
+    if isinstance(refused, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(refused.allowed_methods))
+        return _error(
+            405,
+            "method_not_allowed",
+            f"{request.method} is not served at {request.path}; allowed: {allowed}",
+            {"Allow": refused.headers.get("Allow", allowed)},
+        )
+    if isinstance(refused, web.HTTPNotFound):
+        return _error(404, "not_found", f"nothing is served at {request.path}")
+    return await handler(request)
+
+
+def _error(
+    status: int, error: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": error, "message": message}),
+        content_type="application/json",
+        charset="utf-8",
+        headers=headers,
+    )
+
+
 class RtimWeb(AiohttpWeb):
-    """Faust's aiohttp web driver, its TCP site the one with the decision API's fast path."""
+    """Faust's aiohttp web driver, its TCP site the one with the decision API's fast path,
+    and its 404 and 405 answers JSON (:func:`json_errors`)."""
+
+    def __init__(self, app: Any, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.web_app.middlewares.append(json_errors)
 
     def _new_transport_tcp(self) -> BaseSite:
         conf = self.app.conf

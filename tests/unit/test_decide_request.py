@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import http.server
 import json
 import math
@@ -66,7 +67,9 @@ def engine(store: Store) -> Engine:
 def ask(eng: Engine, store: Store, **fields: Any) -> Any:
     body = {"customer_id": "u-1", "channel": "web", "timestamp": "2026-11-25T11:30:00Z"}
     body.update(fields)
-    answer, result = eng.decide_request(parse_request(orjson.dumps(body), now_ms=NOW))
+    # Asked when it says: a request's time is within RTIM_MAX_FUTURE_SKEW_S of the clock.
+    asked_ms = int(dt.datetime.fromisoformat(body["timestamp"]).timestamp() * 1000)
+    answer, result = eng.decide_request(parse_request(orjson.dumps(body), now_ms=asked_ms))
     store.persist(result)
     return answer, result
 
@@ -90,8 +93,54 @@ def ask(eng: Engine, store: Store, **fields: Any) -> Any:
         (
             b'{"customer_id": "u", "channel": "web", "timestamp": "2030-01-01T00:00:00Z"}',
             "timestamp",
-            "ahead of the clock",
+            "timestamp is 1,132 days after now (requests may be at most 3600 s off the "
+            "worker's clock: RTIM_MAX_FUTURE_SKEW_S)",
         ),
+        (
+            b'{"customer_id": "u", "channel": "web", "timestamp": "2026-10-26T12:00:00Z"}',
+            "timestamp",
+            "timestamp is 30 days before now (requests may be at most 3600 s off the "
+            "worker's clock: RTIM_MAX_FUTURE_SKEW_S)",
+        ),
+        (
+            b'{"customer_id": "u", "channel": "web", "timestamp": "0001-01-01T00:00:00Z"}',
+            "timestamp",
+            "days before now",
+        ),
+        (
+            b'{"customer_id": "u", "channel": "web", "timestamp": "0001-01-01T00:00:00+01:00"}',
+            "timestamp",
+            "days before now",
+        ),
+        (
+            b'{"customer_id": "u", "channel": "web", "timestamp": "9999-12-31T23:59:59-01:00"}',
+            "timestamp",
+            "days after now",
+        ),
+        (
+            b'{"customer_id": "u", "channel": "web", "timestamp": "2026-11-25T11:30:00"}',
+            "timestamp",
+            "has no UTC offset (add 'Z' or '+hh:mm'): '2026-11-25T11:30:00'",
+        ),
+        (b'{"customer_id": "u", "channel": "web", "timestamp": "2026-11-25"}', "timestamp", "UTC"),
+        # Wrong types, which must never reach an `in` test or a look-up (unhashable).
+        (b'{"customer_id": "h1", "channel": ["web"]}', "channel", "got an array"),
+        (b'{"customer_id": "h1", "channel": {"web": 1}}', "channel", "got an object"),
+        (b'{"customer_id": "h1", "channel": 1}', "channel", "must be a string"),
+        (b'{"customer_id": "h1", "channel": true}', "channel", "got a boolean"),
+        (b'{"customer_id": {"id": "u"}, "channel": "web"}', "customer_id", "non-empty string"),
+        (b'{"customer_id": 1.5, "channel": "web"}', "customer_id", "non-empty string"),
+        (b'{"customer_id": true, "channel": "web"}', "customer_id", "non-empty string"),
+        (b'{"customer_id": "u", "channel": "web", "placement": ["p"]}', "placement", "id"),
+        (b'{"customer_id": "u", "channel": "web", "placement": {"p": 1}}', "placement", "id"),
+        (b'{"customer_id": "u", "channel": "web", "request_id": ["r"]}', "request_id", "string"),
+        (b'{"customer_id": "u", "channel": "web", "request_id": {}}', "request_id", "string"),
+        (b'{"customer_id": "u", "channel": "web", "limit": [1]}', "limit", "integer"),
+        (b'{"customer_id": "u", "channel": "web", "limit": {"n": 1}}', "limit", "integer"),
+        (b'{"customer_id": "u", "channel": "web", "limit": 1.0}', "limit", "integer"),
+        (b'{"customer_id": "u", "channel": "web", "timestamp": ["2026"]}', "timestamp", "ISO"),
+        (b'{"customer_id": "u", "channel": "web", "timestamp": {"t": 1}}', "timestamp", "ISO"),
+        (b'{"customer_id": "u", "channel": "web", "context": "page=/"}', "context", "object"),
         (b'{"customer_id": "u", "channel": "web", "limit": 0}', "limit", "from 1 to"),
         (b'{"customer_id": "u", "channel": "web", "limit": 99}', "limit", "from 1 to"),
         (b'{"customer_id": "u", "channel": "web", "limit": true}', "limit", "integer"),
@@ -109,6 +158,37 @@ def test_a_malformed_request_names_its_field(body: bytes, field: str, words: str
     assert caught.value.field == field
     assert words in caught.value.message
     assert caught.value.as_json()["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("off_ms", "skew_ms", "ok"),
+    [
+        (0, 3_600_000, True),
+        (3_600_000, 3_600_000, True),  # exactly the allowance, either way
+        (-3_600_000, 3_600_000, True),
+        (3_600_001, 3_600_000, False),
+        (-3_600_001, 3_600_000, False),
+        (-60_000, 30_000, False),  # the one setting bounds the past too
+        (-20_000, 30_000, True),
+    ],
+)
+def test_a_requests_time_is_within_the_skew_allowance_either_way(
+    off_ms: int, skew_ms: int, ok: bool
+) -> None:
+    at = dt.datetime.fromtimestamp((NOW + off_ms) / 1000, dt.UTC).isoformat()
+    body = orjson.dumps({"customer_id": "u", "channel": "web", "timestamp": at})
+    if ok:
+        assert parse_request(body, now_ms=NOW, max_future_skew_ms=skew_ms).timestamp_ms == (
+            NOW + off_ms
+        )
+    else:
+        with pytest.raises(InvalidRequest) as caught:
+            parse_request(body, now_ms=NOW, max_future_skew_ms=skew_ms)
+        assert caught.value.field == "timestamp"
+        direction = "after" if off_ms > 0 else "before"
+        assert f"{direction} now (requests may be at most {skew_ms // 1000} s off" in (
+            caught.value.message
+        )
 
 
 def test_a_request_without_timestamp_is_decided_now_and_numbers_are_ids() -> None:
@@ -141,6 +221,7 @@ def test_a_query_asks_what_a_body_asks() -> None:
         ([("customer_id", "u"), ("channel", "web"), ("limit", "-1")], "limit", "integer"),
         ([("customer_id", "u"), ("channel", "web"), ("limit", "0")], "limit", "from 1 to"),
         ([("customer_id", "u"), ("channel", "web"), ("limit", "\u0662")], "limit", "integer"),
+        ([("customer_id", "u"), ("channel", "web"), ("limit", "9" * 5000)], "limit", "integer"),
         ([("customer_id", "u"), ("channel", "web"), ("channel", "app")], "channel", "more than"),
         ([("customer_id", "u"), ("channel", "web"), ("context", "{}")], "context", "context.NAME"),
         ([("customer_id", "u"), ("channel", "web"), ("context.", "x")], "context.", "a name"),
@@ -151,6 +232,21 @@ def test_a_query_asks_what_a_body_asks() -> None:
         ),
         ([("customer_id", "u"), ("channel", "web"), ("colour", "red")], "colour", "unknown field"),
         ([("customer_id", "u"), ("channel", "web"), ("timestamp", "soon")], "timestamp", "ISO"),
+        (
+            [("customer_id", "u"), ("channel", "web"), ("timestamp", "0001-01-01T00:00:00Z")],
+            "timestamp",
+            "days before now (requests may be at most 3600 s off the worker's clock",
+        ),
+        (
+            [("customer_id", "u"), ("channel", "web"), ("timestamp", "2026-11-25T14:00:00Z")],
+            "timestamp",
+            "timestamp is 2 h after now",
+        ),
+        (
+            [("customer_id", "u"), ("channel", "web"), ("timestamp", "2026-11-25T11:30:00")],
+            "timestamp",
+            "no UTC offset",
+        ),
     ],
 )
 def test_a_malformed_query_names_its_field(

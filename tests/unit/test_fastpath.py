@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import faust
 import orjson
 import pytest
 from aiohttp import web
@@ -189,6 +190,141 @@ def test_idle_connections_are_closed_after_the_keepalive(monkeypatch: pytest.Mon
             writer.write(post({"n": 1}))
             await read_answer(reader)
             assert await asyncio.wait_for(reader.read(), 3) == b""  # closed by the server
+            writer.close()
+
+    run(test)
+
+
+async def read_refusal(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], Any]:
+    """An answer, and the connection closed after it."""
+    answer = await read_answer(reader)
+    assert await asyncio.wait_for(reader.read(), 5) == b"", "the connection stays open"
+    return answer
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b'POST /v1/decide HTTP/1.1\nHost: x\nContent-Length: 8\n\n{"n": 5}',
+        b"GET /v1/catalog HTTP/1.1\nHost: x\n\n",
+        # Not even the request line whole yet: refused as soon as its bare LF is read.
+        b"POST /v1/decide HTTP/1.1\n",
+        # A bare LF among CRLFs: one parser's line end is another's header value.
+        b'POST /v1/decide HTTP/1.1\r\nHost: x\nContent-Length: 8\r\n\r\n{"n": 5}',
+        b'POST /v1/decide HTTP/1.1\r\nHost: x\r\nContent-Length: 8\n\r\n{"n": 5}',
+    ],
+)
+def test_a_head_with_bare_lf_line_ends_is_a_400_at_once(request_: bytes) -> None:
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_)
+            started = asyncio.get_running_loop().time()
+            status, headers, body = await read_refusal(reader)
+            assert asyncio.get_running_loop().time() - started < 1
+            assert (status, body["error"]) == (400, "bad_request")
+            assert "bare LF" in body["message"] and "CRLF" in body["message"]
+            assert headers["Content-Type"] == "application/json; charset=utf-8"
+            assert headers["Connection"] == "close"
+            assert api.at_once == []
+            writer.close()
+
+    run(test)
+
+
+def test_a_bare_lf_after_answered_requests_is_refused_after_their_answers() -> None:
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(post({"n": 1}) + post({"n": 2, "wait": 0.1}) + b"GET / HTTP/1.1\n\n")
+            assert (await read_answer(reader))[2]["n"] == 1
+            assert (await read_answer(reader))[2]["n"] == 2
+            status, _, body = await read_refusal(reader)
+            assert (status, body["error"]) == (400, "bad_request")
+            writer.close()
+
+    run(test)
+
+
+def test_a_crlf_request_arriving_a_byte_at_a_time_is_answered() -> None:
+    """CR and LF in separate reads are no bare LF."""
+
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for byte in post({"n": 9}):
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0)
+            status, _, body = await read_answer(reader)
+            assert (status, body["n"], api.at_once) == (200, 9, [9])
+            writer.close()
+
+    run(test)
+
+
+@asynccontextmanager
+async def rtim_web() -> AsyncIterator[int]:
+    """The aiohttp application of RTIM's web driver (RtimWeb), with a route like the
+    decision API's, served on a socket."""
+    driver = fastpath.RtimWeb(faust.App("test-json-errors", broker="memory://"))
+
+    async def decide(request: web.Request) -> web.Response:
+        return web.json_response({"by": "aiohttp"})
+
+    async def gone(request: web.Request) -> web.Response:
+        raise web.HTTPNotFound(text="customer not known")
+
+    driver.web_app.router.add_route("POST", "/v1/decide", decide)
+    driver.web_app.router.add_route("GET", "/v1/decide", decide)
+    driver.web_app.router.add_route("GET", "/gone", gone)
+    runner = web.AppRunner(driver.web_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    assert site._server is not None
+    try:
+        yield site._server.sockets[0].getsockname()[1]
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("request_", "status", "error", "message"),
+    [
+        (
+            b"GET /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n",
+            404,
+            "not_found",
+            "nothing is served at /v1/nothing",
+        ),
+        (
+            b"PUT /v1/decide HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            405,
+            "method_not_allowed",
+            "PUT is not served at /v1/decide; allowed: GET, POST",
+        ),
+    ],
+)
+def test_404_and_405_are_json_like_the_apis_other_errors(
+    request_: bytes, status: int, error: str, message: str
+) -> None:
+    async def test() -> None:
+        async with rtim_web() as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_)
+            got, headers, body = await read_answer(reader)
+            assert (got, body) == (status, {"error": error, "message": message})
+            assert headers["Content-Type"] == "application/json; charset=utf-8"
+            if status == 405:
+                assert set(headers["Allow"].split(",")) == {"GET", "POST"}
+            # A view's own 404 keeps its words.
+            writer.write(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 404") and b"text/plain" in head
             writer.close()
 
     run(test)

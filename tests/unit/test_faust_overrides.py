@@ -110,6 +110,11 @@ GUARDED: dict[str, tuple[str, str]] = {
         "RtimWeb._new_transport_tcp replaces it with FastSite: the same host, port and TLS "
         "settings read from the app's conf",
     ),
+    "faust.web.drivers.aiohttp:Web.__init__": (
+        "52b00c1bd653c82d",
+        "RtimWeb.__init__ adds json_errors to the middlewares of the aiohttp Application "
+        "it makes (self.web_app): still made there, before any route is served",
+    ),
     "faust.web.drivers.aiohttp:Web.start_server": (
         "b0c4f10491828520",
         "the site it starts is the one _new_transport_tcp makes (FastSite), after "

@@ -144,7 +144,7 @@ def test_a_requests_contact_is_kept_when_its_batch_is_replayed_after_a_failure(
     request = {"customer_id": "u-1", "channel": "email", "timestamp": at}
     monkeypatch.setattr(rtim.engine, "apply_event", _failing(rtim.engine.apply_event))
     batch = eng.start_batch("rtim.clickstream")
-    answer = batch.decide(parse_request(orjson.dumps(request), now_ms=CLOCK))
+    answer = batch.decide(parse_request(orjson.dumps(request), now_ms=START))
     assert [a.offer.id for a in answer.actions] == ["picks"]
     batch.add(log.records(view(START + HOUR)))
     result = batch.finish()

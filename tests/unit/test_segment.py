@@ -728,6 +728,35 @@ INVALID = [
         "timestamp",
     ),
     ("epoch zero", variant(timestamp=0), "bad_timestamp", ["timestamp"], "timestamp"),
+    # A zero time (Go's time.Time{}): no local time of year 0 exists for quiet hours.
+    (
+        "year 1",
+        variant(timestamp="0001-01-01T00:00:00Z"),
+        "bad_timestamp",
+        ["timestamp is before 1900-01-01T00:00:00Z", "'0001-01-01T00:00:00Z'"],
+        "timestamp",
+    ),
+    (
+        "year 1 ahead of UTC (year 0 in UTC)",
+        variant(timestamp="0001-01-01T00:00:00+01:00"),
+        "bad_timestamp",
+        ["timestamp is before 1900-01-01T00:00:00Z"],
+        "timestamp",
+    ),
+    (
+        "original year 1",
+        variant(timestamp=_DROP, originalTimestamp="0001-01-01T00:00:00.000Z"),
+        "bad_timestamp",
+        ["originalTimestamp is before 1900"],
+        "originalTimestamp",
+    ),
+    (
+        "just before 1900",
+        variant(timestamp="1899-12-31T23:59:59.999Z"),
+        "bad_timestamp",
+        ["timestamp is before 1900"],
+        "timestamp",
+    ),
     ("negative epoch", variant(timestamp=-5), "bad_timestamp", ["timestamp"], "timestamp"),
     (
         "epoch ms as float",
@@ -942,6 +971,8 @@ def test_memoryview_and_bytearray_values_are_accepted() -> None:
         ("1999-12-31T23:59:59.999Z", ms(1999, 12, 31, 23, 59, 59, 999)),
         ("1969-12-31T23:59:59.999Z", -1),
         ("1969-12-31T23:59:59.9995Z", -1),  # floor, also before the epoch
+        ("1900-01-01T00:00:00Z", ms(1900, 1, 1)),  # the earliest accepted
+        ("1900-01-01T01:00:00+01:00", ms(1900, 1, 1)),
         (1714561200123, ms(2024, 5, 1, 11, 0, 0, 123)),
         (100_000_000_000, 100_000_000_000),  # the smallest accepted epoch ms
     ],
