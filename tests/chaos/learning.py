@@ -11,7 +11,7 @@ once. ``loop``: simulated events through the whole loop, then an event per parti
 eight days on that closes every attribution window; every decision with an offer must be
 on rtim.training under its offer and under the pooled model, and learned once by each, on
 both workers. Each prints what it counted and OK or MISMATCH (exit 1).
-Results so far: docs/architecture.md, "A group whose leader dies in a rebalance".
+Results so far: docs/architecture.md, "A group whose leader leaves in a rebalance".
 """
 
 from __future__ import annotations
