@@ -150,6 +150,12 @@ def _is_recent(item: Any) -> bool:
     )
 
 
+def _void(state: OfferState, partition: int, end: int) -> None:
+    """Forget the offer's mark on a partition if it is past the partition's end."""
+    if state.marks.get(partition, 0) > end:
+        del state.marks[partition]
+
+
 def summary(snapshot: dict[str, Any], now_ms: int) -> dict[str, Any]:
     """What ``rtim models`` and ``GET /v1/models`` show of one offer's snapshot.
 
@@ -321,9 +327,9 @@ class Learner:
         self._dirty: set[str] = set()
         self._flushed: dict[int, int] = {}
         self.counts: dict[str, int] = dict.fromkeys(LEARN_RESULTS, 0)
-        #: Training partitions whose cursor was past their end when assigned (see
-        #: :meth:`assign`): read from 0, the marks of snapshots on them ignored.
-        self.voided: set[int] = set()
+        #: Training partitions whose cursor was past their end when assigned, and that
+        #: end (see :meth:`assign`): read from 0, the marks past the end ignored.
+        self.voided: dict[int, int] = {}
 
     def assign(self, partition: int, board: ModelBoard, end: int | None = None) -> int:
         """Take a training partition over; returns the offset to read it from.
@@ -332,9 +338,10 @@ class Learner:
         partition was assigned (its newest snapshots and cursors). ``end`` is the
         partition's end offset, if known: a cursor past it speaks of a log that is no
         longer there (the training topic made again, or a record not written by a
-        learner), so the partition is read from its start and the offers' marks on it
-        are void (:attr:`voided`); otherwise every record of the new log below the old
-        cursor, or below an offer's old mark, would be skipped unlearned.
+        learner), so the partition is read from its start, and the offers' marks on it
+        that are past its end too are void (:attr:`voided`); otherwise every record of
+        the new log below the old cursor, or below an offer's old mark, would be skipped
+        unlearned. A mark within the log still says what its offer learned of it.
 
         >>> board = ModelBoard()
         >>> board.add(*cursor_record(0, 1_000_000))
@@ -344,12 +351,12 @@ class Learner:
         self._board = board
         offset = board.cursors.get(partition, 0)
         if end is not None and offset > end:
-            self.voided.add(partition)
+            self.voided[partition] = end
             offset = 0
             for state in self.offers.values():
-                state.marks.pop(partition, None)
+                _void(state, partition, end)
         else:
-            self.voided.discard(partition)
+            self.voided.pop(partition, None)
         self.positions[partition] = offset
         self._flushed[partition] = offset
         return offset
@@ -361,7 +368,7 @@ class Learner:
         for partition in gone:
             self.positions.pop(partition, None)
             self._flushed.pop(partition, None)
-            self.voided.discard(partition)
+            self.voided.pop(partition, None)
         for offer_id in [o for o, s in self.offers.items() if gone & s.marks.keys()]:
             del self.offers[offer_id]
             self._dirty.discard(offer_id)
@@ -372,8 +379,8 @@ class Learner:
             snapshot = self._board.snapshots.get(offer_id) if self._board is not None else None
             if snapshot is not None:
                 state = OfferState.from_snapshot(snapshot)
-                for partition in self.voided:
-                    state.marks.pop(partition, None)
+                for partition, end in self.voided.items():
+                    _void(state, partition, end)
             else:
                 state = OfferState(
                     OfferModel(offer_id, self.params, late=self._pooled_has_evidence())

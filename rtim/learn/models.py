@@ -91,6 +91,8 @@ _HIGH = 1.0 - 1e-12
 #: examples (see :meth:`ModelSet.spreads`); each 50, seeds 1-5 of ``rtim evaluate`` gave
 #: 87.7% of the oracle and 87.2% for the new offer against 86.9% and 90.5%.
 SPREAD_EVERY = 200
+#: The largest variance by which an offer's weight may differ from the pool's.
+MAX_SPREAD2 = 1e6
 #: An offer whose model is first made once the pooled model has learned this many
 #: examples is a late one (:attr:`OfferModel.late`: an offer brought in after the others
 #: have been learning, such as ``rtim evaluate``'s new offer, met after 10,000). Not on
@@ -99,6 +101,14 @@ SPREAD_EVERY = 200
 LATE_AFTER = 1000
 
 
+#: The beliefs a learned weight can hold: every weight starts at N(0, 1) (the bias at a
+#: mean set by ``prior_probability``) and learning only narrows it; a hundred thousand
+#: examples of one outcome take a mean to about +-10 and a variance to about 0.06. A
+#: snapshot with a weight outside these is not a learner's, and would break the pooled
+#: prior's arithmetic (an infinite spread, a zero precision) for every decision.
+MAX_WEIGHT_MEAN = 1_000.0
+MIN_WEIGHT_VARIANCE = 1e-9
+MAX_WEIGHT_VARIANCE = 1.0 + 1e-9
 #: Most weights an offer's model keeps, its bias included. Every distinct feature key a
 #: model learns is a weight of it, and keys from open-ended values (pages, trait values)
 #: would grow a model, its snapshot on the models topic and every worker's memory without
@@ -438,11 +448,14 @@ class OfferModel:
                 if not (
                     type(mean) in (int, float)
                     and type(variance) in (int, float)
-                    and math.isfinite(mean)
-                    and math.isfinite(variance)
-                    and variance > 0
+                    and -MAX_WEIGHT_MEAN <= mean <= MAX_WEIGHT_MEAN
+                    and MIN_WEIGHT_VARIANCE <= variance <= MAX_WEIGHT_VARIANCE
                 ):
-                    raise ValueError(f"weight {key!r} is not a valid belief")
+                    raise ValueError(
+                        f"weight {key!r} is not a belief a model learns: mean {mean!r:.24} "
+                        f"(within +-{MAX_WEIGHT_MEAN:g}), variance {variance!r:.24} (within "
+                        f"[{MIN_WEIGHT_VARIANCE:g}, {MAX_WEIGHT_VARIANCE:g}])"
+                    )
                 means[key] = float(mean)
                 variances[key] = float(variance)
         except TypeError as exc:  # e.g. an unknown parameter
@@ -572,7 +585,9 @@ class ModelSet:
                 acc[0] += evidence * (mu - pooled_means.get(key, 0.0)) ** 2
                 acc[1] += 1.0
                 acc[2] += evidence
-        out = {key: max(floor2, (q - n) / e) for key, (q, n, e) in sums.items()}
+        # Floored, and bounded (a spread that large is no prior at all) so that no
+        # precision worked out from it is ever zero.
+        out = {key: min(MAX_SPREAD2, max(floor2, (q - n) / e)) for key, (q, n, e) in sums.items()}
         self._spreads = (bucket, out)
         self._spreads_made += 1
         return out

@@ -451,7 +451,9 @@ def _snapshot(**changes: Any) -> dict[str, Any]:
         ({"weights": []}, "weights must be an object"),
         ({"weights": {"a=1": [0.1, 0.5]}}, "with the bias"),
         ({"weights__a=1": [0.1]}, "weight 'a=1' is not a [mean, variance] pair"),
-        ({"weights__a=1": ["0.1", 0.5]}, "weight 'a=1' is not a valid belief"),
+        ({"weights__a=1": ["0.1", 0.5]}, "weight 'a=1' is not a belief a model learns"),
+        ({"weights__a=1": [1e308, 1e-308]}, "weight 'a=1' is not a belief a model learns"),
+        ({"weights__a=1": [0.1, 2.0]}, "variance 2.0 (within"),
         ({"version": "9"}, "version must be an integer >= 0, got '9'"),
         ({"version": 10**9}, "version 1000000000 is not its examples' count 2"),
         ({"examples": 2.0}, "examples must be an integer >= 0"),
@@ -585,7 +587,7 @@ def test_a_training_topic_made_again_is_learned_from_its_start_despite_older_cur
     board = old.board()
     before = {offer: snap["examples"] for offer, snap in board.snapshots.items()}
     read = {p: learner.assign(p, board, end=len(values)) for p, values in fresh.items()}
-    assert read == {0: 0, 1: 0} and learner.voided == {0, 1}
+    assert read == {0: 0, 1: 0} and learner.voided == {p: len(v) for p, v in fresh.items()}
     for partition, values in fresh.items():
         for offset, value in enumerate(values):
             learner.learn(partition, offset, value)
@@ -599,4 +601,25 @@ def test_a_training_topic_made_again_is_learned_from_its_start_despite_older_cur
     old.publish(flush)
     again = Learner()
     assert again.assign(0, old.board(), end=len(fresh[0])) == len(fresh[0])
-    assert again.voided == set()
+    assert again.voided == {}
+
+
+def test_a_cursor_past_the_end_keeps_the_marks_within_the_log() -> None:
+    """A cursor record not written by a learner (past the end of a log that is still
+    there): the partition is read from its start, and each offer's mark, within the
+    log, still says what it learned, so nothing is learned twice."""
+    topic = training(300)
+    kafka = clean_run(topic)
+    before = {offer: snap["examples"] for offer, snap in kafka.board().snapshots.items()}
+    kafka.models.append(cursor_record(0, 1_000_000))
+    learner = Learner(clock_ms=lambda: 1_000)
+    board = kafka.board()
+    read = {p: learner.assign(p, board, end=len(values)) for p, values in topic.items()}
+    assert read[0] == 0
+    kafka.learn(learner, read)
+    # Skipped by the marks, not merely caught as duplicates (the digests remember only
+    # an offer's last 1,000 decisions).
+    assert learner.counts["learned"] == learner.counts["duplicate"] == 0
+    assert {o: s.model.examples for o, s in learner.offers.items()} == {
+        o: before[o] for o in learner.offers
+    }

@@ -102,7 +102,7 @@ def test_a_broken_snapshot_is_refused(broken):
 def test_a_weight_that_is_not_a_belief_is_refused():
     snap = trained(1, 1).snapshot()
     snap["weights"]["cart.value~7"] = [0.0, -1.0]
-    with pytest.raises(ValueError, match="not a valid belief"):
+    with pytest.raises(ValueError, match="not a belief a model learns"):
         OfferModel.from_snapshot(snap)
 
 
