@@ -148,15 +148,7 @@ def check_request(
     unknown = sorted(set(raw) - _FIELDS)
     if unknown:
         raise InvalidRequest(unknown[0], f"unknown field; known: {sorted(_FIELDS)}")
-    customer = raw.get("customer_id")
-    if customer is None:
-        raise InvalidRequest("customer_id", "required (the userId or anonymousId)")
-    if isinstance(customer, int) and not isinstance(customer, bool):
-        customer = str(customer)  # as Segment ids may be numbers
-    if not isinstance(customer, str) or not customer.strip():
-        raise InvalidRequest("customer_id", "must be a non-empty string")
-    if len(customer) > MAX_CUSTOMER_ID_CHARS:
-        raise InvalidRequest("customer_id", f"longer than {MAX_CUSTOMER_ID_CHARS} characters")
+    customer = check_customer_id(raw.get("customer_id"))
     channel = raw.get("channel")
     if channel is None:
         raise InvalidRequest("channel", f"required, one of {sorted(OFFER_CHANNELS)}")
@@ -214,6 +206,20 @@ def _timestamp_ms(value: Any, now_ms: int) -> int:
             "timestamp", f"has no UTC offset (add 'Z' or '+hh:mm'): {value[:64]!r}"
         )
     return int(moment.timestamp() * 1000)
+
+
+def check_customer_id(customer: Any) -> str:
+    """A request's customer id (``userId`` or ``anonymousId``), as the clickstream takes
+    them; raises :class:`InvalidRequest` on ``customer_id`` otherwise."""
+    if customer is None:
+        raise InvalidRequest("customer_id", "required (the userId or anonymousId)")
+    if isinstance(customer, int) and not isinstance(customer, bool):
+        customer = str(customer)  # as Segment ids may be numbers
+    if not isinstance(customer, str) or not customer.strip():
+        raise InvalidRequest("customer_id", "must be a non-empty string")
+    if len(customer) > MAX_CUSTOMER_ID_CHARS:
+        raise InvalidRequest("customer_id", f"longer than {MAX_CUSTOMER_ID_CHARS} characters")
+    return customer
 
 
 def _off_the_clock(ahead_ms: int, max_skew_ms: int) -> str:

@@ -45,7 +45,13 @@ from faust.web import Request, Response, View, Web
 from rtim import metrics
 from rtim.decide.explain import recent_decisions
 from rtim.decide.policy import counters
-from rtim.decide.request import DecideRequest, InvalidRequest, parse_query, parse_request
+from rtim.decide.request import (
+    DecideRequest,
+    InvalidRequest,
+    check_customer_id,
+    parse_query,
+    parse_request,
+)
 from rtim.engine import Answer
 from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE
 from rtim.stream.catalog import LiveCatalog
@@ -490,6 +496,11 @@ def install_api(app: Any, api: DecisionApi) -> None:
     @app.page("/v1/customers/{customer_id}")
     class Customer(View):
         async def get(self, request: Request, customer_id: str) -> Response:
+            try:
+                check_customer_id(customer_id)  # the ids the clickstream and decide take
+            except InvalidRequest as exc:
+                return response(self.web, json(exc.as_json(), 400))
+
             async def here() -> Reply:
                 return api.customer(customer_id)
 

@@ -56,6 +56,20 @@ KEEPALIVE_S = 75.0
 #: Headers whose presence sends a request to aiohttp (lower case).
 _HANDED = (b"transfer-encoding", b"expect", b"upgrade")
 _FORWARDED = FORWARDED.lower().encode()
+#: The longest request line aiohttp reads (its ``max_line_size``): a longer one is
+#: answered here, in JSON, rather than by aiohttp's plain-text 400 and logged traceback.
+MAX_LINE_BYTES = 8190
+URI_TOO_LONG = Reply(
+    414,
+    orjson.dumps(
+        {
+            "error": "uri_too_long",
+            "message": f"the request line is longer than {MAX_LINE_BYTES} bytes "
+            "(a customer id is at most 256 characters)",
+        }
+    ),
+    {"Connection": "close"},
+)
 #: The answer to a request whose head has a line ended by a bare LF, not CRLF.
 BARE_LF = Reply(
     400,
@@ -130,7 +144,11 @@ class DecideConnection(asyncio.Protocol):
                 if buffer.count(b"\n") != buffer.count(b"\r\n"):
                     self._refuse(BARE_LF)
                 elif len(buffer) > MAX_HEAD_BYTES:
-                    self._hand_over()
+                    line_end = buffer.find(b"\r\n", 0, MAX_LINE_BYTES + 2)
+                    if line_end < 0 or line_end > MAX_LINE_BYTES:
+                        self._refuse(URI_TOO_LONG)
+                    else:
+                        self._hand_over()
                 return
             head = _head(buffer, end)
             if not isinstance(head, tuple):
@@ -200,7 +218,7 @@ def _head(buffer: bytearray, end: int) -> tuple[int, str | None] | Reply | None:
         # another's value), so no head with one is read.
         return BARE_LF
     if lines[0] != REQUEST_LINE:
-        return None
+        return URI_TOO_LONG if len(lines[0]) > MAX_LINE_BYTES else None
     length = None
     forwarded_by = None
     for line in lines[1:]:

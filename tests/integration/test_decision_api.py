@@ -191,6 +191,12 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     except urllib.error.HTTPError as exc:
         assert (exc.code, exc.headers["Allow"]) == (405, "GET, POST")
     assert owner.metric("rtim_api_requests_total", endpoint="decide", result="decided") == decided
+    # Explain takes the ids decide takes; a request line too long for any is a JSON 414.
+    status, error, _ = call(f"{other.url}/v1/customers/{'c' * 257}")
+    assert (status, error["field"]) == (400, "customer_id")
+    status, error, headers = call(f"{other.url}/v1/customers/{'c' * 10_000}")
+    assert (status, error["error"], headers["Connection"]) == (414, "uri_too_long", "close")
+    assert "Traceback" not in owner.log_tail(50) + other.log_tail(50)
 
     # `rtim decide` asks the same of any worker, and says what it got.
     ask = ["decide", "shopper", "--channel", "web", "--url", other.url, "--request-id", "cli-1"]

@@ -328,3 +328,28 @@ def test_404_and_405_are_json_like_the_apis_other_errors(
             writer.close()
 
     run(test)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        # The whole head, its request line over aiohttp's 8,190 bytes.
+        b"GET /v1/customers/" + b"c" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        # Its request line alone, not even ended yet.
+        b"GET /v1/customers/" + b"c" * 10_000,
+    ],
+)
+def test_a_request_line_too_long_is_a_json_414(request_: bytes) -> None:
+    """Not aiohttp's plain-text 400 and its logged traceback (with the customer's id)."""
+
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_)
+            status, headers, body = await read_refusal(reader)
+            assert (status, body["error"]) == (414, "uri_too_long")
+            assert headers["Content-Type"] == "application/json; charset=utf-8"
+            writer.close()
+
+    run(test)
