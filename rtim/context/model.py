@@ -264,6 +264,29 @@ def new_context(customer_id: str) -> Context:
     }
 
 
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_PHONE = re.compile(r"\+?[\d\s().\-/]{7,}")
+
+
+def looks_identifying(value: str) -> bool:
+    """Whether a trait's value is an e-mail address or a phone number, which no
+    allowlisted trait name makes fit to keep (a source may put anything in ``plan``).
+
+    >>> [looks_identifying(v) for v in ("gold", "jane.doe@example.com", "+1-202-555-0143",
+    ...     "(020) 7946 0018", "2024-06-01", "tier 3", "12345", "202 555 0143")]
+    [False, True, True, True, False, False, False, True]
+    """
+    text = value.strip()
+    if _EMAIL.search(text):
+        return True
+    if _PHONE.fullmatch(text) is None:
+        return False
+    # Nine digits and more, or seven with an international or area prefix; not a date
+    # (2024-06-01 has eight).
+    digits = sum(c.isdigit() for c in text)
+    return digits >= 9 or (digits >= 7 and text[0] in "+(")
+
+
 def id_token(message_id: str) -> str:
     """The form a message id is remembered in: a stable 72-bit digest, 12 characters.
 
@@ -547,7 +570,10 @@ def apply_event(
         for trait in traits:
             value = event.traits.get(trait)
             if isinstance(value, str):
-                kept[trait] = value[:MAX_TRAIT_CHARS]
+                if looks_identifying(value):
+                    kept.pop(trait, None)  # the trait's value is now one not to keep
+                else:
+                    kept[trait] = value[:MAX_TRAIT_CHARS]
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 kept[trait] = value  # finite: JSON has no infinities
         consent = event.traits.get("consent")

@@ -372,6 +372,17 @@ def test_identify_keeps_only_non_identifying_traits() -> None:
         assert value not in blob
 
 
+def test_an_allowlisted_trait_holding_an_email_or_a_phone_number_is_not_kept() -> None:
+    """A source may put anything under an allowed name: the value decides too."""
+    ctx = run(
+        event("identify", traits={"plan": "gold", "tier": "2024-06-01"}),
+        event("identify", traits={"plan": "jane.doe@example.com", "segment": "+1-202-555-0143"}),
+    )
+    assert ctx["traits"] == {"tier": "2024-06-01"}  # and plan's earlier value is gone
+    blob = orjson.dumps(ctx)
+    assert b"example.com" not in blob and b"555" not in blob
+
+
 def test_identify_traits_from_context_traits_and_updates() -> None:
     ctx = run(
         event("identify", context={"traits": {"plan": "free", "email": "a@b.c"}}),
