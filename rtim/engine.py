@@ -62,6 +62,7 @@ from rtim.context.model import (
     DEDUPE_WINDOW_MS,
     MAX_CONTEXT_BYTES,
     Context,
+    apply_consent,
     apply_event,
     id_token,
     is_duplicate,
@@ -824,6 +825,7 @@ class BatchRun:
         skew = engine.max_future_skew_ms
         window_ms = engine.dedupe_window_ms
         traits = engine.catalog.traits
+        categories = engine.catalog.consent_categories
         partition_of = engine.partition_of
         rekeyed = result.rekeyed
         decisions = result.decisions
@@ -886,7 +888,7 @@ class BatchRun:
                 if fragile and (partition, key) in fragile:
                     snapshot = orjson.dumps(ctx)
                 changing = True
-                apply_event(ctx, event, partition, offset, token, window_ms, traits)
+                apply_event(ctx, event, partition, offset, token, window_ms, traits, categories)
                 candidates = candidates_for(event)
                 if candidates:
                     mark = len(triggers)
@@ -1250,6 +1252,7 @@ class BatchRun:
             None,
             engine.dedupe_window_ms,
             engine.catalog.traits,
+            engine.catalog.consent_categories,
         )
         for rule in fired:
             ctx["fired"][rule.id] = event.timestamp_ms
@@ -1327,6 +1330,9 @@ class BatchRun:
                 ctx, blob = trial, new
             except InvalidEvent as exc:
                 ctx = None if blob is None else orjson.loads(blob)
+                if ctx is not None and exc.reason == "too_large":
+                    # The event's consent still holds: a withdrawal is never refused.
+                    ctx, blob = self._consent_alone(ctx, blob, record)
                 refused.update(id(t) for t in made)
                 self._withdrawn.add(id(record))
                 result.applied -= 1
@@ -1342,6 +1348,21 @@ class BatchRun:
             return None
         engine.cached(partition)[key] = ctx
         return blob
+
+    def _consent_alone(
+        self, ctx: Context, blob: bytes | None, record: RecordLike
+    ) -> tuple[Context, bytes | None]:
+        """The context with only the consent of a refused event applied, if it carries
+        any and the result is within the ceiling (a changed consent takes no more room,
+        and the categories kept are bounded); else as it was."""
+        trial = orjson.loads(blob) if blob is not None else ctx
+        if not apply_consent(trial, self._parse(record), self.engine.catalog.consent_categories):
+            return ctx, blob
+        note_change(trial)  # a change that is not the event's: a newer version all the same
+        new = orjson.dumps(trial)
+        if len(new) > MAX_CONTEXT_BYTES:
+            return ctx, blob
+        return trial, new
 
     def finish(self) -> BatchResult:
         """Serialise every changed context once and return the batch's result."""

@@ -126,6 +126,7 @@ import binascii
 import hashlib
 import math
 import re
+from collections.abc import Collection
 from typing import Any, TypeGuard
 
 import orjson
@@ -492,10 +493,13 @@ def apply_event(
     token: str | None = None,
     window_ms: int = DEDUPE_WINDOW_MS,
     traits: tuple[str, ...] = KEPT_TRAITS,
+    categories: Collection[str] = (),
 ) -> None:
     """Update ``ctx`` in place with one (already validated, non-duplicate) event.
 
-    ``traits`` are the identify traits kept (the catalog's allowlist).
+    ``traits`` are the identify traits kept (the catalog's allowlist); ``categories``
+    the consent categories the catalog's policy reads (kept first, see
+    :func:`_category_consent`).
 
     ``token`` is ``id_token(event.message_id)`` if already computed;
     ``window_ms`` the dedupe window. Raises :class:`InvalidEvent` (``too_old``,
@@ -586,7 +590,7 @@ def apply_event(
             ctx["tz"] = zone
         consent = segment.get("consent")
         if type(consent) is dict:
-            _category_consent(ctx, consent.get("categoryPreferences"), ts)
+            _category_consent(ctx, consent.get("categoryPreferences"), ts, categories)
 
     # Remember the message id (see the module notes), then forget what is due.
     if token is None:
@@ -652,8 +656,32 @@ def _channel_consent(ctx: Context, consent: dict[str, Any], ts: int) -> None:
                 kept[channel] = [allowed, ts]
 
 
-def _category_consent(ctx: Context, preferences: Any, ts: int) -> None:
-    """Segment's ``categoryPreferences``: ``{category: true|false}``; ``{}`` withdraws all."""
+def apply_consent(ctx: Context, event: Event, categories: Collection[str] = ()) -> bool:
+    """Apply only the consent an event carries (what :func:`apply_event` applies of it);
+    returns whether it carried any. For an event refused for what else it would add:
+    a withdrawal must hold whatever the rest of the event."""
+    ts = event.timestamp_ms
+    carried = False
+    consent = event.traits.get("consent") if event.type == "identify" else None
+    if type(consent) is dict:
+        _channel_consent(ctx, consent, ts)
+        carried = True
+    consent = event.context.get("consent") if event.context else None
+    if type(consent) is dict and type(consent.get("categoryPreferences")) is dict:
+        _category_consent(ctx, consent["categoryPreferences"], ts, categories)
+        carried = True
+    return carried
+
+
+def _category_consent(
+    ctx: Context, preferences: Any, ts: int, categories: Collection[str] = ()
+) -> None:
+    """Segment's ``categoryPreferences``: ``{category: true|false}``; ``{}`` withdraws all.
+
+    At most :data:`MAX_CONSENT_CATEGORIES` are kept. When full, a category granted goes
+    first (never a withdrawal of one the catalog reads, ``categories``); a category the
+    catalog reads takes the place of one it does not, withdrawn or not, so that a
+    withdrawal the policy needs is never dropped for a consent tool's long list."""
     if type(preferences) is not dict:
         return
     kept = ctx["consent_cat"]
@@ -669,11 +697,16 @@ def _category_consent(ctx: Context, preferences: Any, ts: int) -> None:
                 kept[category] = [allowed, ts]
             continue
         if len(kept) >= MAX_CONSENT_CATEGORIES:
-            # Forget a category the customer granted, never a withdrawal.
-            granted = next((c for c, v in kept.items() if v[0]), None)
-            if granted is None:
+            # Forget a category granted, one the catalog does not read first; for one it
+            # reads, any it does not.
+            victim = next((c for c, v in kept.items() if v[0] and c not in categories), None)
+            if victim is None:
+                victim = next((c for c, v in kept.items() if v[0]), None)
+            if victim is None and category in categories:
+                victim = next((c for c in kept if c not in categories), None)
+            if victim is None:
                 continue
-            del kept[granted]
+            del kept[victim]
         kept[category] = [allowed, ts]
 
 

@@ -368,6 +368,11 @@ class Catalog:
         """The offers by id."""
         return self._by_id
 
+    @property
+    def consent_categories(self) -> Mapping[str, tuple[str, ...]]:
+        """The Segment consent categories the policy reads, and the channels each covers."""
+        return self.policy.categories if self.policy is not None else {}
+
     def offers_for(self, trigger_id: str) -> tuple[Offer, ...]:
         """The offers a decision moment may lead to, in catalog order."""
         found = self._by_trigger.get(trigger_id)

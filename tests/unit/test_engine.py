@@ -15,12 +15,14 @@ import rtim.context.model
 import rtim.engine
 from rtim.context.model import (
     MAX_CART_ITEMS,
+    MAX_CATEGORY_CHARS,
     MAX_CONTEXT_BYTES,
     MAX_NAME_CHARS,
     MAX_NAMES,
     MAX_PAGE_CHARS,
     MAX_PAGES,
     MAX_PRODUCT_ID_CHARS,
+    MAX_TRAIT_CHARS,
     context_version,
 )
 from rtim.decide.arbitrate import decision_id
@@ -841,6 +843,43 @@ def test_a_context_never_goes_over_its_ceiling() -> None:
     refused = {d.value for d in letters}
     without, none = replay([r for r in records if r.value not in refused], len(records))
     assert none == [] and without.data == store.data
+
+
+def test_a_consent_withdrawal_holds_even_when_its_event_is_refused_as_too_large() -> None:
+    """A customer at the ceiling withdraws consent with an event that would take the
+    context over it: the event is refused, its consent is not."""
+
+    def identify(ts: int, traits: dict[str, Any]) -> dict[str, Any]:
+        e = segment("identify", None, ts=ts)
+        e.pop("properties", None)
+        e["traits"] = traits
+        return e
+
+    def preferences(ts: int, prefs: dict[str, Any]) -> dict[str, Any]:
+        e = track("Page Seen", ts=ts, category=escaped(7, MAX_CATEGORY_CHARS))
+        e["context"]["consent"] = {"categoryPreferences": prefs}
+        return e
+
+    long_traits = {
+        t: escaped(i, MAX_TRAIT_CHARS) for i, t in enumerate(("plan", "segment", "tier"))
+    }
+    ts = T0 - 40 * MINUTE
+    events = [
+        identify(ts - 20 * MINUTE, {"consent": {"email": True}}),
+        preferences(ts - 20 * MINUTE + 1, {"Advertising": True}),
+        *hostile_customer(),
+        identify(ts, {**long_traits, "consent": {"email": False}}),
+        preferences(ts + 1, {"Advertising": False}),
+    ]
+    store = Store()
+    result = run(engine(store), Log().records(*events), store)
+    refused = [orjson.loads(d.value) for d in result.dead_letters]
+    assert any(r["type"] == "identify" and "consent" in r["traits"] for r in refused)
+    stored = store.data[(0, b"u-1")]
+    assert len(stored) <= MAX_CONTEXT_BYTES
+    ctx = orjson.loads(stored)
+    assert ctx["consent"]["email"][0] is False
+    assert ctx["consent_cat"]["Advertising"][0] is False
 
 
 def test_the_largest_context_of_long_names_ids_and_categories() -> None:

@@ -9,7 +9,13 @@ from typing import Any
 import orjson
 import pytest
 
-from rtim.context.model import VERSION, apply_event, load_context, new_context
+from rtim.context.model import (
+    MAX_CONSENT_CATEGORIES,
+    VERSION,
+    apply_event,
+    load_context,
+    new_context,
+)
 from rtim.decide.arbitrate import Decision, decide
 from rtim.decide.policy import counters, dismissed_offer, record_contact, record_dismissal
 from rtim.decide.record import encode_record
@@ -349,6 +355,19 @@ def test_a_withdrawal_written_as_a_string_or_in_capitals_still_withdraws(
     d = run(cat, ctx, call(ts=T0 + 3, channel="email"))
     assert offered(d) == ("a", "push")
     assert "skipped:a:no-consent:email" in d.reasons
+
+
+def test_a_withdrawal_of_a_category_the_catalog_reads_is_kept_past_a_long_list() -> None:
+    """A consent tool's map of more categories than a context keeps (vendors, say),
+    all withdrawn: the catalog's own categories still take their places."""
+    ctx = customer(call())
+    junk = {f"Vendor{i}": False for i in range(MAX_CONSENT_CATEGORIES)}
+    prefs = {**junk, "Functional": False, "Advertising": False}
+    event = call(ts=T0 + 10, context={"consent": {"categoryPreferences": prefs}})
+    apply_event(ctx, event, 0, 1, categories={"Advertising": ("email",), "Functional": ("app",)})
+    kept = ctx["consent_cat"]
+    assert len(kept) == MAX_CONSENT_CATEGORIES
+    assert kept["Functional"][0] is False and kept["Advertising"][0] is False
 
 
 def test_segment_consent_categories_and_the_consent_event_change_consent() -> None:
