@@ -40,6 +40,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 from faust.web import Request, Response, View, Web
 
 from rtim import metrics
@@ -363,7 +364,9 @@ class DecisionApi:
         try:
             async with self.app.http_client.request(
                 method,
-                owner + path_qs,
+                # Sent on as received, percent-escapes and all: a decoded ``%3F`` or
+                # ``%2F`` in a customer id would make another customer's, or path's.
+                URL(owner + path_qs, encoded=True),
                 data=body,
                 headers=headers,
                 timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_S),
@@ -478,7 +481,9 @@ def install_api(app: Any, api: DecisionApi) -> None:
 
         async def get(self, request: Request) -> Response:
             reply = await api.serve_decide_query(
-                request.query.items(), request.url.path_qs, request.headers.get(FORWARDED)
+                request.query.items(),
+                request.rel_url.raw_path_qs,  # as sent: the owner decodes it as this did
+                request.headers.get(FORWARDED),
             )
             # Each GET decides anew (and may count a contact): never from a cache.
             reply.headers["Cache-Control"] = "no-store"
@@ -509,7 +514,7 @@ def install_api(app: Any, api: DecisionApi) -> None:
                 customer_id,
                 request.headers.get(FORWARDED),
                 request.method,
-                request.url.path_qs,
+                request.rel_url.raw_path_qs,  # as sent: the owner decodes it as this did
                 None,
                 here,
             )

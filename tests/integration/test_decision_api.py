@@ -197,6 +197,15 @@ def test_a_request_to_either_worker_is_decided_on_the_owners_context(kafka, work
     status, error, headers = call(f"{other.url}/v1/customers/{'c' * 10_000}")
     assert (status, error["error"], headers["Connection"]) == (414, "uri_too_long", "close")
     assert "Traceback" not in owner.log_tail(50) + other.log_tail(50)
+    # Ids with reserved characters reach the owner as sent, whichever worker is asked:
+    # never another customer's context or decision, nor another path.
+    for worker in (owner, other):
+        status, seen, _ = call(f"{worker.url}/v1/customers/shopper%3Fx")
+        assert (status, seen["customer_id"], seen["known"]) == (200, "shopper?x", False)
+        status, seen, _ = call(f"{worker.url}/v1/customers/..%2F..%2Fmetrics")
+        assert (status, seen["customer_id"]) == (200, "../../metrics")
+        status, got, _ = call(f"{worker.url}/v1/decide?customer_id=shopper%23a&channel=web")
+        assert (status, got["customer_id"], got["new_customer"]) == (200, "shopper#a", True)
 
     # `rtim decide` asks the same of any worker, and says what it got.
     ask = ["decide", "shopper", "--channel", "web", "--url", other.url, "--request-id", "cli-1"]
