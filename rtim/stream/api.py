@@ -40,8 +40,8 @@ from typing import Any
 
 import aiohttp
 import orjson
-from yarl import URL
 from faust.web import Request, Response, View, Web
+from yarl import URL
 
 from rtim import metrics
 from rtim.decide.explain import recent_decisions
@@ -132,6 +132,22 @@ class DecisionApi:
         except Exception:  # not started yet
             return False
         return partition in self._owned
+
+    def leased(self) -> bool:
+        """Whether the group coordinator confirmed this worker's membership so lately that
+        no other worker can own its partitions yet (``BatchConsumer.membership_lease``:
+        each stored batch renews it). A worker paused past its session timeout (a long
+        GC, SIGSTOP) still believes it owns them until its next heartbeat tells it."""
+        generation = self.app.consumer_generation_id
+        return generation is not None and bool(self.app.consumer.membership_lease(generation))
+
+    async def confirmed(self) -> bool:
+        """Ask the group coordinator whether this worker is still a member (when the lease
+        has run out: an idle worker stores no batch); False if refused or unanswered."""
+        generation = self.app.consumer_generation_id
+        if generation is None:
+            return False
+        return await self.app.consumer.confirm_membership(generation) is True
 
     def owner_url(self, partition: int) -> str | None:
         """The canonical URL of the partition's owner, as the group's leader last
@@ -299,8 +315,8 @@ class DecisionApi:
         started = time.perf_counter()
         try:
             request = self.parse(body)
-            if not self.owns(self.partition(request.customer_id)):
-                return None
+            if not (self.owns(self.partition(request.customer_id)) and self.leased()):
+                return None  # not this worker's, or its membership to confirm first
             answer = self.decide_now(request)
             if answer is None:
                 return None
@@ -331,7 +347,7 @@ class DecisionApi:
         partition = self.partition(customer_id)
         result = "decided"
         try:
-            if self.owns(partition):
+            if self.owns(partition) and (self.leased() or await self.confirmed()):
                 try:
                     reply = await here()
                     result = reply.counted_as

@@ -15,6 +15,8 @@ import os
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 import orjson
 
 from rtim.simulate import JourneySimulator
+from rtim.stream.api import ANSWERED_BY
 from rtim.stream.process import WorkerProcess
 
 from .support import (
@@ -204,16 +207,40 @@ def take_over_and_back(
     print(f"duplicate triggers: {duplicate_triggers(bootstrap)}")
 
 
+def explain(url: str, customer: str, answers: list[tuple[int, str | None]]) -> None:
+    """GET /v1/customers/{id} (which changes nothing: a decision at the wall clock's time
+    would close the windows of its partition, whose events are a month old); appends
+    (status, the worker that answered)."""
+    req = urllib.request.Request(f"{url}/v1/customers/{customer}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            answers.append((resp.status, resp.headers.get(ANSWERED_BY)))
+    except urllib.error.HTTPError as exc:
+        answers.append((exc.code, exc.headers.get(ANSWERED_BY)))
+
+
 def test_paused_worker_does_not_overwrite_the_new_owner(kafka, workers) -> None:
     a = workers("a").wait_ready()
     b = workers("b").wait_ready()
-    take_over_and_back(
-        kafka.bootstrap,
-        a,
-        b,
-        lambda: signal_when_busy(b, signal.SIGSTOP),
-        lambda: os.kill(b.proc.pid, signal.SIGCONT),
-    )
+    answers: list[tuple[int, str | None]] = []
+
+    def back() -> None:
+        # Requests that reach B while it is away are read the moment it resumes, before
+        # it learns it lost its partitions: it must not answer them as their owner.
+        asking = [
+            threading.Thread(target=explain, args=(b.url, f"asked-{i}", answers), daemon=True)
+            for i in range(12)
+        ]
+        for thread in asking:
+            thread.start()
+        time.sleep(0.5)
+        os.kill(b.proc.pid, signal.SIGCONT)
+        for thread in asking:
+            thread.join(timeout=40)
+
+    take_over_and_back(kafka.bootstrap, a, b, lambda: signal_when_busy(b, signal.SIGSTOP), back)
+    assert len(answers) == 12
+    assert all(status == 503 or by == a.url for status, by in answers), answers
     assert a.stop() == 0
     check_every_context(kafka.bootstrap, [(b, False), (a, True)], lambda: workers("fresh"))
 

@@ -93,6 +93,7 @@ def on_a_batch_being_published(
     processor, _ = eos_processor(tmp_path, broker, api_answer=answer)
     # (Which worker owns the customer is the routing's: tests/unit/test_api_routing.py.)
     processor.app.rtim_api.owns = lambda partition: True  # type: ignore[method-assign]
+    processor.app.rtim_api.leased = lambda: True  # type: ignore[method-assign]
     customer = next(
         f"c-{i}"
         for i in range(1000)
@@ -267,6 +268,7 @@ def test_a_request_waiting_on_the_socket_is_decided_within_a_few_records_of_a_bi
     broker = TxnBroker()
     processor, _ = eos_processor(tmp_path, broker)
     processor.app.rtim_api.owns = lambda partition: True  # type: ignore[method-assign]
+    processor.app.rtim_api.leased = lambda: True  # type: ignore[method-assign]
     added = [0]
     real_add = BatchRun.add
 

@@ -44,6 +44,7 @@ def decision_api(skew_s: float = 3600.0) -> DecisionApi:
     app = SimpleNamespace(conf=SimpleNamespace(canonical_url="http://me:1"))
     api = DecisionApi(app, processor, live=SimpleNamespace())  # type: ignore[arg-type]
     api.owns = lambda partition: True  # type: ignore[method-assign]
+    api.leased = lambda: True  # type: ignore[method-assign]
     return api
 
 
