@@ -32,7 +32,9 @@ class Settings(BaseSettings):
         "rtim",
         description="Consumer group id and prefix of the table changelog topics.",
     )
-    web_port: int = Field(6066, description="Port of /metrics, /health/live, /health/ready.")
+    web_port: int = Field(
+        6066, ge=0, le=65535, description="Port of /metrics, /health/live, /health/ready."
+    )
     web_host: str = Field("0.0.0.0", description="Interface the web server binds to.")
     web_canonical_url: str = Field(
         "",
@@ -69,12 +71,19 @@ class Settings(BaseSettings):
     )
     max_future_skew_s: float = Field(
         3600.0,
+        gt=0,
+        allow_inf_nan=False,
+        le=31_536_000,
         description="Events stamped further than this in the future are dead-lettered "
         "(clock_skew); a decision request stamped further off the clock, either way, is "
         "refused.",
     )
     trigger_ttl_s: float = Field(
-        900.0, description="How long a published trigger stays valid (CloudEvent expiry)."
+        900.0,
+        gt=0,
+        allow_inf_nan=False,
+        le=31_536_000,
+        description="How long a published trigger stays valid (CloudEvent expiry).",
     )
     max_fetch_records: int = Field(
         10_000, ge=1, description="Records fetched per poll; one poll is one core batch."
@@ -89,7 +98,19 @@ class Settings(BaseSettings):
         200_000, ge=1000, description="Decoded customer contexts kept in memory per worker."
     )
     session_timeout_s: float = Field(
-        10.0, description="Consumer group session timeout (how fast a dead worker is noticed)."
+        10.0,
+        ge=1,
+        allow_inf_nan=False,
+        le=3600,
+        description="Consumer group session timeout (how fast a dead worker is noticed).",
+    )
+    stall_error_s: float = Field(
+        300.0,
+        gt=0,
+        allow_inf_nan=False,
+        le=86_400,
+        description="A partition fetched but not processed for this long is logged as an "
+        "error (Faust's stream_processing_timeout).",
     )
     replication_factor: int = Field(
         1,

@@ -121,6 +121,7 @@ def faust_settings(settings: Settings) -> dict[str, Any]:
         "broker_session_timeout": settings.session_timeout_s,
         "broker_heartbeat_interval": max(settings.session_timeout_s / 10, 0.5),
         "broker_rebalance_timeout": max(settings.session_timeout_s / 2, 5.0),
+        "stream_processing_timeout": settings.stall_error_s,
         "consumer_auto_offset_reset": "earliest",
         "stream_wait_empty": True,
         "table_standby_replicas": 0,

@@ -592,6 +592,16 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     # commit passes. Not raced against suspend_flow either: a
                     # batch always finishes (wait_empty waits for it on revocation).
                     await self._batch_sink(FetchedBatch(generation_id, batch))
+                    # What Faust's stream would note per event: that the partition's
+                    # records reach processing. Its check of the event path
+                    # (verify_event_path) logs an ERROR every few seconds, five minutes
+                    # on, for a partition fetched but never marked.
+                    monitor = self.app.monitor
+                    if monitor is not None:
+                        now = time.monotonic()
+                        inbound = monitor.stream_inbound_time
+                        for tp in batch:
+                            inbound[tp] = now
                 for tp, record in others:
                     if not self.flow_active or self.app.consumer_generation_id != generation_id:
                         break

@@ -185,3 +185,18 @@ def test_triggers_arrive_on_channel_topics_as_cloudevents(kafka, workers, store)
     assert worker.status("/health/ready") == 200
     # Garbage-collector pauses are on /metrics (the worker collects once when it starts processing).
     assert sum(worker.metric("rtim_gc_pause_seconds_count", generation=g) for g in "012") >= 1
+
+
+def test_a_worker_processing_its_partitions_logs_no_stall_errors(kafka, workers) -> None:
+    """Faust's check of each partition's event path (an ERROR when records are fetched
+    but never reach a stream) must see the batch path's progress: with the check's
+    timeout at 3 s and a backlog of 60,000 events, nothing is logged as stalled."""
+    worker = workers(env={"RTIM_STALL_ERROR_S": "3"}).wait_ready()
+    sim = JourneySimulator(customers=2_000, seed=5, start_ms=NOW_MS - 86_400_000)
+    events = [segment(e) for e in sim.events(60_000)]
+    asyncio.run(produce(kafka.bootstrap, events))  # a backlog: fetched ahead of processing
+    asyncio.run(wait_committed(kafka.bootstrap, "rtim", worker=worker))
+    log = worker.log_tail(100_000)
+    assert "Stream has not started processing" not in log
+    assert "Stream stopped processing" not in log
+    assert worker.metric("rtim_events_consumed_total", topic="rtim.clickstream") == 60_000

@@ -157,6 +157,7 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "idle_close_s": lambda tmp: Case(5.0, lambda w: w.processor.engine.idle_ms, 5_000),
     "api_answer": lambda tmp: Case("stored", lambda w: w.app.rtim_api.answer_early, False),
     "model_snapshot_interval_s": lambda tmp: Case(2.5, lambda w: w.app.rtim_shared.interval, 2.5),
+    "stall_error_s": lambda tmp: Case(30.0, lambda w: w.app.conf.stream_processing_timeout, 30.0),
 }
 
 
@@ -200,6 +201,18 @@ def test_the_changelog_name_is_fausts() -> None:
         (
             {"max_event_bytes": 10},
             "RTIM_MAX_EVENT_BYTES=10: Input should be greater than or equal to 256",
+        ),
+        (
+            {"web_port": 99999},
+            "RTIM_WEB_PORT=99999: Input should be less than or equal to 65535",
+        ),
+        (
+            {"max_future_skew_s": float("nan")},
+            "RTIM_MAX_FUTURE_SKEW_S=nan: Input should be a finite number",
+        ),
+        (
+            {"session_timeout_s": -1},
+            "RTIM_SESSION_TIMEOUT_S=-1: Input should be greater than or equal to 1",
         ),
     ],
 )
