@@ -210,6 +210,12 @@ class KafkaConnection:
         found = tuple(s.strip() for s in servers.split(",") if s.strip())
         if not found:
             raise ConfigError(f"RTIM_BROKER={servers!r}: no bootstrap server (host:port)")
+        for server in found:
+            host, colon, port = server.rpartition(":")
+            if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ConfigError(
+                    f"RTIM_BROKER={servers!r}: {server!r} is not host:port (a port 1-65535)"
+                )
         return cls(found)
 
     def __str__(self) -> str:
@@ -242,7 +248,7 @@ def load_settings(**overrides: Any) -> Settings:
     RTIM_PARTITIONS='four': Input should be a valid integer, unable to parse string as an integer
     """
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -250,6 +256,8 @@ def load_settings(**overrides: Any) -> Settings:
             value = overrides[field] if field in overrides else error.get("input")
             problems.append(f"{env_name(field)}={value!r}: {error['msg']}")
         raise ConfigError("; ".join(problems)) from None
+    settings.kafka  # noqa: B018 -- RTIM_BROKER's form, checked with the rest (ConfigError)
+    return settings
 
 
 def describe() -> list[tuple[str, str, str]]:

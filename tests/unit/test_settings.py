@@ -238,3 +238,6 @@ def test_kafka_connection_of_every_client() -> None:
     assert str(kafka) == "k1:9092,k2:9092"
     with pytest.raises(ConfigError, match="RTIM_BROKER"):
         KafkaConnection.parse(" , ")
+    for bad in ("notahost:zz", "kafka", "kafka:0", ":9092", "k1:9092,k2:99999"):
+        with pytest.raises(ConfigError, match="is not host:port"):
+            load_settings(broker=bad)
