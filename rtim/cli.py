@@ -617,7 +617,8 @@ _AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print the worke
 
 def _ask_worker(url: str | None, path: str, body: dict[str, Any] | None = None) -> Any:
     """A worker's JSON answer to ``GET path`` (or ``POST`` of ``body``); a failure is
-    said and exits 1."""
+    said and exits 1 (2 for a URL that is none)."""
+    import http.client
     import json
     import urllib.error
     import urllib.request
@@ -625,17 +626,27 @@ def _ask_worker(url: str | None, path: str, body: dict[str, Any] | None = None) 
     base = (url or f"http://127.0.0.1:{load_settings().web_port}").rstrip("/")
     address = f"{base}{path}"
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(address, data=data)
+    try:
+        request = urllib.request.Request(address, data=data)
+    except ValueError as exc:  # not a URL at all
+        click.echo(f"rtim: --url {base!r} is not a worker's URL ({exc})", err=True)
+        raise SystemExit(2) from None
     if data is not None:
         request.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
+            raw = response.read()
     except urllib.error.HTTPError as exc:
-        click.echo(f"rtim: {address} answered {exc.code}: {exc.read().decode(errors='replace')}")
+        said = exc.read().decode(errors="replace")
+        click.echo(f"rtim: {address} answered {exc.code}: {said}", err=True)
         raise SystemExit(1) from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         click.echo(f"rtim: cannot reach {address} ({exc})", err=True)
+        raise SystemExit(1) from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        click.echo(f"rtim: {address} answered, but not in JSON: is it an RTIM worker?", err=True)
         raise SystemExit(1) from None
 
 

@@ -646,3 +646,20 @@ def test_each_actions_score_is_the_product_of_the_numbers_its_reasons_show(polic
         assert _product_of_reasons(action) == pytest.approx(action.score, rel=1e-4)
     if policy:
         assert "lever:points:group-priority=1.5" in answer.actions[0].reasons
+
+
+@pytest.mark.parametrize(
+    ("url", "code", "said"),
+    [
+        ("notaurl", 2, "is not a worker's URL"),
+        ("http://[::1", 2, "is not a worker's URL"),
+        ("http://exa mple", 1, "cannot reach"),
+    ],
+)
+def test_rtim_decide_and_explain_say_what_is_wrong_with_a_url(
+    url: str, code: int, said: str
+) -> None:
+    for args in (["explain", "u-1"], ["decide", "u-1", "--channel", "web"]):
+        result = CliRunner().invoke(main, [*args, "--url", url])
+        assert result.exit_code == code, result.output
+        assert said in result.output and "Traceback" not in result.output
