@@ -491,7 +491,10 @@ def install_api(app: Any, api: DecisionApi) -> None:
     @app.page("/v1/decide")
     class Decide(View):
         async def post(self, request: Request) -> Response:
-            body = await request.read()
+            try:
+                body = await request.read()
+            except ConnectionError:  # the client went before its body came: no one to answer
+                return response(self.web, json({"error": "bad_request"}, 400))
             forwarded_by = request.headers.get(FORWARDED)
             return response(self.web, await api.serve_decide(body, forwarded_by))
 

@@ -42,6 +42,7 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_runner import BaseSite, TCPSite
 from faust.web.drivers.aiohttp import Web as AiohttpWeb
 
+from rtim.decide.request import MAX_REQUEST_BYTES, InvalidRequest
 from rtim.stream.api import FORWARDED, DecisionApi, Reply
 
 log = logging.getLogger("rtim.api")
@@ -66,6 +67,24 @@ URI_TOO_LONG = Reply(
             "error": "uri_too_long",
             "message": f"the request line is longer than {MAX_LINE_BYTES} bytes "
             "(a customer id is at most 256 characters)",
+        }
+    ),
+    {"Connection": "close"},
+)
+#: The answer to a decision request whose head declares a body longer than this path
+#: reads (the request's own limit is :data:`~rtim.decide.request.MAX_REQUEST_BYTES`).
+BODY_TOO_LONG = Reply(
+    400,
+    orjson.dumps(InvalidRequest("body", f"longer than {MAX_REQUEST_BYTES} bytes").as_json()),
+    {"Connection": "close"},
+)
+#: The answer to a decision request whose Content-Length is given twice or is no number.
+BAD_LENGTH = Reply(
+    400,
+    orjson.dumps(
+        {
+            "error": "bad_request",
+            "message": "Content-Length must be given once, as a number of bytes",
         }
     ),
     {"Connection": "close"},
@@ -210,7 +229,7 @@ class DecideConnection(asyncio.Protocol):
 
 def _head(buffer: bytearray, end: int) -> tuple[int, str | None] | Reply | None:
     """The body's length and the forwarding worker of a request served here (None: it
-    is aiohttp's to serve; :data:`BARE_LF`: it is refused)."""
+    is aiohttp's to serve; a :class:`Reply`: it is refused with it)."""
     raw = bytes(buffer[:end])
     lines = raw.split(b"\r\n")
     if raw.count(b"\n") != len(lines) - 1:
@@ -228,14 +247,16 @@ def _head(buffer: bytearray, end: int) -> tuple[int, str | None] | Reply | None:
         name = name.strip().lower()
         if name == b"content-length":
             if length is not None or not value.strip().isdigit():
-                return None
+                return BAD_LENGTH  # twice, or not a length: where the body ends is unknown
             length = int(value)
         elif name == _FORWARDED:
             forwarded_by = value.strip().decode("latin-1")
         elif name in _HANDED or (name == b"connection" and b"close" in value.lower()):
             return None
-    if length is None or length > MAX_BODY_BYTES:
+    if length is None:
         return None
+    if length > MAX_BODY_BYTES:
+        return BODY_TOO_LONG  # at once: its body is not read (nor waited for)
     return length, forwarded_by
 
 

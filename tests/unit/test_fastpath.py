@@ -353,3 +353,36 @@ def test_a_request_line_too_long_is_a_json_414(request_: bytes) -> None:
             writer.close()
 
     run(test)
+
+
+def test_a_body_declared_longer_than_any_request_is_refused_without_waiting_for_it() -> None:
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                b"POST /v1/decide HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{}"
+            )
+            status, _, body = await asyncio.wait_for(read_refusal(reader), 5)
+            assert (status, body["field"]) == (400, "body")
+            assert "longer than 16384 bytes" in body["message"]
+            writer.close()
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "lengths", [b"Content-Length: -1", b"Content-Length: 2\r\nContent-Length: 3"]
+)
+def test_a_content_length_that_is_no_length_is_a_json_400(lengths: bytes) -> None:
+    async def test() -> None:
+        api = Api()
+        async with server(api) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/decide HTTP/1.1\r\nHost: x\r\n" + lengths + b"\r\n\r\n{}")
+            status, _, body = await asyncio.wait_for(read_refusal(reader), 5)
+            assert (status, body["error"]) == (400, "bad_request")
+            assert "Content-Length" in body["message"]
+            writer.close()
+
+    run(test)
