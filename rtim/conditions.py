@@ -23,6 +23,7 @@ Conditions are compiled once, when the file is loaded; a malformed one is a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import re
@@ -117,6 +118,10 @@ def resolve(namespace: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return node
 
 
+#: Operators that order their operands (a number written in any YAML form is one).
+_ORDERING = frozenset({">", ">=", "<", "<="})
+
+
 def compile_condition(text: str) -> Condition:
     """Compile one condition line.
 
@@ -127,6 +132,8 @@ def compile_condition(text: str) -> Condition:
     (True, False, False)
     >>> compile_condition("event.properties.category in [shoes, sports]")(
     ...     {"event": {"properties": {"category": "shoes"}}})
+    True
+    >>> compile_condition("cart.value >= 1e3")({"cart": {"value": 1200}})
     True
     >>> compile_condition("cart.value >= .nan")
     Traceback (most recent call last):
@@ -154,6 +161,15 @@ def compile_condition(text: str) -> Condition:
             raise ConditionError(f"cannot read the value in condition {text!r}: {exc}") from exc
         if match["op"] in ("in", "not in") and not isinstance(value, list):
             raise ConditionError(f"'{match['op']}' needs a list in condition {text!r}")
+        if (
+            match["op"] in _ORDERING
+            and isinstance(value, str)
+            and match["value"].strip()[:1] not in ("'", '"')
+        ):
+            # YAML reads 1e3 (no dot) and nan, unquoted, as strings, which a number is
+            # never ordered against: a number written so is meant as one.
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if any(
             type(v) is float and not math.isfinite(v)
             for v in (value if isinstance(value, list) else [value])
