@@ -269,3 +269,14 @@ def test_compile_all_names_the_place_and_the_bad_condition() -> None:
     message = str(info.value)
     assert message.startswith("trigger 'cart'.if: ")
     assert "'cart.value >>= 3'" in message
+
+
+@pytest.mark.parametrize("text", ["cart.value >= nan", "cart.value < inf", "cart.value > .inf"])
+def test_a_number_that_is_no_finite_number_is_refused(text: str) -> None:
+    with pytest.raises(ConditionError, match="a number must be finite"):
+        compile_condition(text)
+
+
+def test_a_number_yaml_reads_as_a_string_is_still_compared_as_a_number() -> None:
+    cond = compile_condition("cart.value >= 1e3")
+    assert cond({"cart": {"value": 1200}}) and not cond({"cart": {"value": 999}})
