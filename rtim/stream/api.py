@@ -56,6 +56,7 @@ from rtim.decide.request import (
 from rtim.engine import Answer
 from rtim.names import CLICKSTREAM_TOPIC, CONTEXT_TABLE
 from rtim.stream.catalog import LiveCatalog
+from rtim.stream.models import Throttled
 
 log = logging.getLogger("rtim.api")
 
@@ -105,6 +106,8 @@ class DecisionApi:
         self._owned: frozenset[int] = frozenset()
         self._owned_generation: int | None = None
         self._waiting: list[tuple[DecideRequest, asyncio.Future[Answer]]] = []
+        #: An owner down fails every request forwarded to it: ten lines a minute of that.
+        self._forward_failed = Throttled(log)
         self._flusher: asyncio.Task[None] | None = None
 
     # -- owners ------------------------------------------------------------------
@@ -393,7 +396,7 @@ class DecisionApi:
                     out["Retry-After"] = answer.headers["Retry-After"]
                 return Reply(answer.status, content, out, answer.content_type)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("forwarding to %s failed (%r)", owner, exc)
+            self._forward_failed.warning("forwarding to %s failed (%r)", owner, exc)
             return self.unavailable(partition)
 
     def unavailable(self, partition: int) -> Reply:
