@@ -330,6 +330,21 @@ def test_404_and_405_are_json_like_the_apis_other_errors(
     run(test)
 
 
+def refusal(request_: bytes) -> tuple[int, dict[str, str], Any]:
+    """What a request is refused with (the connection closed after it), within 5 s."""
+    answers = []
+
+    async def test() -> None:
+        async with server(Api()) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_)
+            answers.append(await asyncio.wait_for(read_refusal(reader), 5))
+            writer.close()
+
+    run(test)
+    return answers[0]
+
+
 @pytest.mark.parametrize(
     "request_",
     [
@@ -341,48 +356,23 @@ def test_404_and_405_are_json_like_the_apis_other_errors(
 )
 def test_a_request_line_too_long_is_a_json_414(request_: bytes) -> None:
     """Not aiohttp's plain-text 400 and its logged traceback (with the customer's id)."""
-
-    async def test() -> None:
-        api = Api()
-        async with server(api) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(request_)
-            status, headers, body = await read_refusal(reader)
-            assert (status, body["error"]) == (414, "uri_too_long")
-            assert headers["Content-Type"] == "application/json; charset=utf-8"
-            writer.close()
-
-    run(test)
+    status, headers, body = refusal(request_)
+    assert (status, body["error"]) == (414, "uri_too_long")
+    assert headers["Content-Type"] == "application/json; charset=utf-8"
 
 
 def test_a_body_declared_longer_than_any_request_is_refused_without_waiting_for_it() -> None:
-    async def test() -> None:
-        api = Api()
-        async with server(api) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(
-                b"POST /v1/decide HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{}"
-            )
-            status, _, body = await asyncio.wait_for(read_refusal(reader), 5)
-            assert (status, body["field"]) == (400, "body")
-            assert "longer than 16384 bytes" in body["message"]
-            writer.close()
-
-    run(test)
+    status, _, body = refusal(
+        b"POST /v1/decide HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n{}"
+    )
+    assert (status, body["field"]) == (400, "body")
+    assert "longer than 16384 bytes" in body["message"]
 
 
 @pytest.mark.parametrize(
     "lengths", [b"Content-Length: -1", b"Content-Length: 2\r\nContent-Length: 3"]
 )
 def test_a_content_length_that_is_no_length_is_a_json_400(lengths: bytes) -> None:
-    async def test() -> None:
-        api = Api()
-        async with server(api) as port:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"POST /v1/decide HTTP/1.1\r\nHost: x\r\n" + lengths + b"\r\n\r\n{}")
-            status, _, body = await asyncio.wait_for(read_refusal(reader), 5)
-            assert (status, body["error"]) == (400, "bad_request")
-            assert "Content-Length" in body["message"]
-            writer.close()
-
-    run(test)
+    status, _, body = refusal(b"POST /v1/decide HTTP/1.1\r\nHost: x\r\n" + lengths + b"\r\n\r\n{}")
+    assert (status, body["error"]) == (400, "bad_request")
+    assert "Content-Length" in body["message"]
