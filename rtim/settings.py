@@ -10,8 +10,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rtim.errors import ConfigError
@@ -173,6 +174,22 @@ class Settings(BaseSettings):
             return self.web_canonical_url.rstrip("/")
         host = self.web_host if self.web_host not in ("0.0.0.0", "::", "") else socket.gethostname()
         return f"http://{host}:{self.web_port}"
+
+    @field_validator("web_canonical_url")
+    @classmethod
+    def _a_url(cls, value: str) -> str:
+        """Empty, or an http(s) URL other workers can reach (scheme, host, no path)."""
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http:// or https:// URL with a host")
+            if parts.path.strip("/") or parts.query or parts.fragment:
+                raise ValueError("must be the worker's root URL (no path, query or fragment)")
+            try:
+                parts.port  # noqa: B018 -- a port out of range raises here
+            except ValueError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @property
     def kafka(self) -> KafkaConnection:

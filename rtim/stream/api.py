@@ -397,15 +397,16 @@ class DecisionApi:
                 return Reply(answer.status, content, out, answer.content_type)
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._forward_failed.warning("forwarding to %s failed (%r)", owner, exc)
-            return self.unavailable(partition)
+            return self.unavailable(
+                partition,
+                f"partition {partition}'s owner ({owner}) did not answer within "
+                f"{FORWARD_TIMEOUT_S:g} s",
+            )
 
-    def unavailable(self, partition: int) -> Reply:
+    def unavailable(self, partition: int, why: str | None = None) -> Reply:
+        said = why or f"partition {partition}'s owner is not known now (a rebalance?)"
         return json(
-            {
-                "error": "unavailable",
-                "message": f"partition {partition}'s owner is not known now (a rebalance?): "
-                "try again",
-            },
+            {"error": "unavailable", "message": f"{said}: try again"},
             503,
             {"Retry-After": str(RETRY_AFTER_S)},
         )

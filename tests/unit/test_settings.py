@@ -214,6 +214,11 @@ def test_the_changelog_name_is_fausts() -> None:
             {"session_timeout_s": -1},
             "RTIM_SESSION_TIMEOUT_S=-1: Input should be greater than or equal to 1",
         ),
+        (
+            {"web_canonical_url": "notaurl"},
+            "RTIM_WEB_CANONICAL_URL='notaurl': Value error, must be an http:// or https:// "
+            "URL with a host",
+        ),
     ],
 )
 def test_invalid_settings_name_the_variable(overrides: dict[str, Any], message: str) -> None:
