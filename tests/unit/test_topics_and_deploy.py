@@ -491,6 +491,29 @@ def test_trigger_cloudevents_match_the_schema(engine_run: dict[str, Any]) -> Non
         assert dict(trigger.headers)["content-type"] == CONTENT_TYPE
 
 
+def test_triggers_decided_under_a_contact_policy_match_the_schema() -> None:
+    """The example catalog's policy (caps, levers, suppression) adds reason codes of its
+    own (lever:, weight:, skipped:, suppressed:, raised:): the schema takes them all."""
+    now_ms = int(time.time() * 1000)
+    sim = JourneySimulator(customers=40, seed=2, start_ms=now_ms - 30 * 86_400_000)
+    records = []
+    for offset, event in enumerate(sim.events(2_000)):
+        key = customer_key(event).encode()
+        records.append(Record(sum(key) % 4, offset, key, orjson.dumps(event), (), now_ms))
+    example = ROOT / "docs" / "catalog.example.yaml"
+    engine = Engine(
+        catalog=load_catalog(example), load=lambda p, k: None, source=f"/rtim/{DEFAULTS.app_id}"
+    )
+    result = engine.process(CLICKSTREAM_TOPIC, records)
+    reasons = {
+        r.split(":")[0] for t in result.triggers for r in orjson.loads(t.value)["data"]["reasons"]
+    }
+    assert {"lever", "weight"} <= reasons, reasons
+    for trigger in result.triggers:
+        event = json.loads(trigger.value)
+        assert not errors("trigger.cloudevent.schema.json", event), event
+
+
 def test_trigger_schema_rejects_broken_events(engine_run: dict[str, Any]) -> None:
     good = json.loads(engine_run["result"].triggers[0].value)
     broken = [
@@ -991,3 +1014,36 @@ def test_create_topics_plan(topics_doc: dict[str, Any]) -> None:
     assert changelog.partitions == 8 and changelog.configs["cleanup.policy"] == "compact"
     assert other[CLICKSTREAM_TOPIC].partitions == 8
     assert other["shop-__assignor-__leader"].partitions == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"value": None},
+        {"offer_id": None},
+        {"value": 1e13},
+        {"value": -1e13},
+        {"timestamp": "yesterday"},
+        {"timestamp": "2026-01-01"},
+        {"outcome": "Click"},
+    ],
+)
+def test_the_response_schema_takes_what_the_worker_takes(change: dict[str, Any]) -> None:
+    """A channel system that validates its responses against topics/ gets them joined;
+    one the worker dead-letters, the schema refuses too."""
+    from rtim.learn.attribution import InvalidResponse, parse_response
+
+    body = {
+        "decision_id": "d-1",
+        "customer_id": "u-1",
+        "outcome": "click",
+        "timestamp": "2026-01-01T10:00:00Z",
+        **change,
+    }
+    try:
+        parse_response(orjson.dumps(body))
+        taken = True
+    except InvalidResponse:
+        taken = False
+    assert (not errors("response.schema.json", body)) == taken, (change, taken)
