@@ -58,7 +58,9 @@ def main() -> None:
 
 @main.command(epilog="Settings (environment variables):\n\n" + _settings_help())
 @click.option("--broker", help="Kafka bootstrap servers (overrides RTIM_BROKER).")
-@click.option("--web-port", type=int, help="Web port (overrides RTIM_WEB_PORT).")
+@click.option(
+    "--web-port", type=click.IntRange(0, 65535), help="Web port (overrides RTIM_WEB_PORT)."
+)
 @click.option("--datadir", help="Table storage directory (overrides RTIM_DATADIR).")
 def worker(broker: str | None, web_port: int | None, datadir: str | None) -> None:
     """Run a worker against RTIM_BROKER (a Kafka or Redpanda cluster).
@@ -74,7 +76,12 @@ def worker(broker: str | None, web_port: int | None, datadir: str | None) -> Non
 
 
 @main.command()
-@click.option("--port", type=int, default=None, help="Port to listen on (default: a free one).")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="Port to listen on (default: a free one).",
+)
 def broker(port: int | None) -> None:
     """Run the embedded Kafka-compatible broker (memory only) until Ctrl-C."""
     from rtim.broker import run_forever
@@ -83,18 +90,24 @@ def broker(port: int | None) -> None:
 
 
 @main.command()
-@click.option("--customers", type=int, default=200, show_default=True)
-@click.option("--rate", type=float, default=100, show_default=True, help="Events per second.")
+@click.option("--customers", type=click.IntRange(1), default=200, show_default=True)
+@click.option(
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    default=100,
+    show_default=True,
+    help="Events per second.",
+)
 @click.option(
     "--duration",
-    type=float,
+    type=click.FloatRange(0),
     default=0,
     show_default=True,
     help="Stop after this many seconds (0: run until Ctrl-C).",
 )
 @click.option(
     "--web-port",
-    type=int,
+    type=click.IntRange(0, 65535),
     default=None,
     help="Worker metrics/health port (overrides RTIM_WEB_PORT).",
 )
@@ -144,16 +157,19 @@ def demo(
 
 @main.command()
 @click.option("--broker", default=None, help="Bootstrap servers (default: RTIM_BROKER).")
-@click.option("--customers", type=int, default=1000, show_default=True)
+@click.option("--customers", type=click.IntRange(1), default=1000, show_default=True)
 @click.option(
     "--events",
     "-n",
-    type=int,
+    type=click.IntRange(1),
     default=None,
     help="Events to send (default: 10,000, or endless with --rate).",
 )
 @click.option(
-    "--rate", type=float, default=None, help="Events per second (default: as fast as possible)."
+    "--rate",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Events per second (default: as fast as possible).",
 )
 @click.option("--seed", type=int, default=None, help="Seed for a reproducible stream.")
 @click.option(
@@ -258,19 +274,26 @@ class _RunningCount:
 
 @main.command()
 @click.option(
-    "--events", "-n", type=int, default=100_000, show_default=True, help="Events to load."
+    "--events",
+    "-n",
+    type=click.IntRange(1_000),
+    default=100_000,
+    show_default=True,
+    help="Events to load.",
 )
-@click.option("--partitions", type=int, default=DEFAULTS.partitions, show_default=True)
-@click.option("--customers", type=int, default=5_000, show_default=True)
+@click.option(
+    "--partitions", type=click.IntRange(1), default=DEFAULTS.partitions, show_default=True
+)
+@click.option("--customers", type=click.IntRange(1), default=5_000, show_default=True)
 @click.option(
     "--rate",
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     default=None,
     help="Offered rate (events/s) of the latency phase (default: 2,000; 5,000 with --api).",
 )
 @click.option(
     "--latency-seconds",
-    type=float,
+    type=click.FloatRange(0),
     default=10,
     show_default=True,
     help="Length of the latency phase (0 skips it).",
@@ -294,7 +317,7 @@ class _RunningCount:
 )
 @click.option(
     "--cost-runs",
-    type=int,
+    type=click.IntRange(0),
     default=3,
     show_default=True,
     help="Runs of the in-process measurement of one decision's cost (0 skips it).",
@@ -307,7 +330,7 @@ class _RunningCount:
 )
 @click.option(
     "--api-rate",
-    type=float,
+    type=click.FloatRange(0, min_open=True),
     default=500,
     show_default=True,
     help="Requests/s to the decision API (open loop) with --api.",
