@@ -204,9 +204,7 @@ def simulate(
     from rtim.stopping import on_signals
 
     logging.basicConfig(level="WARNING", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # aiokafka reports each failed connection attempt as an error of its own;
-    # the simulator's one line per retry says it all.
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    _quiet_kafka_client()  # the simulator's one line per retry says it all
     kafka = KafkaConnection.parse(broker) if broker else load_settings().kafka
     if events is None and rate is None:
         events = 10_000
@@ -505,6 +503,14 @@ def evaluate(
             json.dump(summary, fh, indent=2)
 
 
+def _quiet_kafka_client() -> None:
+    """aiokafka logs each failed connection attempt as an error of its own: a command's
+    own line says what failed, once."""
+    import logging
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+
+
 @main.command()
 @click.option("--broker", default=None, help="Bootstrap servers (default: RTIM_BROKER).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
@@ -527,6 +533,8 @@ def models(broker: str | None, as_json: bool, timeout: float) -> None:
     from rtim.learn.learner import models_table
     from rtim.settings import KafkaConnection
     from rtim.stream.models import read_models
+
+    _quiet_kafka_client()
 
     kafka = KafkaConnection.parse(broker) if broker else load_settings().kafka
     try:
@@ -576,6 +584,7 @@ def offers_apply(file: Path, broker: str | None, by: str | None, timeout: float)
 
     catalog = load_catalog(file)  # a CatalogError exits with 2 before anything is sent
     assert catalog.text is not None
+    _quiet_kafka_client()
     settings = load_settings()
     kafka = KafkaConnection.parse(broker) if broker else settings.kafka
     who = by or os.environ.get("USER") or getpass.getuser()
