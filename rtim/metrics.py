@@ -71,7 +71,8 @@ RESPONSES = Counter(
     "rtim_responses_total",
     "Valid responses consumed, by outcome and join result: joined (to an open decision), "
     "late (after its window, or once it closed), unknown (no such decision of that "
-    "customer), duplicate (the same outcome again).",
+    "customer), duplicate (the same outcome again), early (stamped over a minute before "
+    "its decision).",
     ["outcome", "result"],
 )
 TRAINING_EXAMPLES = Counter(
