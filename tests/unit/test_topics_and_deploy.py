@@ -444,6 +444,21 @@ def test_segment_schema_enums_match_the_parser() -> None:
     assert set(schema["properties"]["type"]["enum"]) == EVENT_TYPES
 
 
+def run_engine(catalog: Path, *, customers: int, seed: int, events: int) -> tuple[Engine, Any]:
+    """The engine with this catalog, over simulated traffic; and its batch's result."""
+    now_ms = int(time.time() * 1000)
+    # Simulated time runs ahead of the clock: start in the past so nothing is clock_skew.
+    sim = JourneySimulator(customers=customers, seed=seed, start_ms=now_ms - 30 * 86_400_000)
+    records = []
+    for offset, event in enumerate(sim.events(events)):
+        key = customer_key(event).encode()
+        records.append(Record(sum(key) % 4, offset, key, orjson.dumps(event), (), now_ms))
+    engine = Engine(
+        catalog=load_catalog(catalog), load=lambda p, k: None, source=f"/rtim/{DEFAULTS.app_id}"
+    )
+    return engine, engine.process(CLICKSTREAM_TOPIC, records)
+
+
 @pytest.fixture(scope="module")
 def engine_run() -> dict[str, Any]:
     """Run the engine on simulated traffic; keep its decisions, triggers and contexts."""
@@ -457,19 +472,7 @@ def engine_run() -> dict[str, Any]:
     mp = pytest.MonkeyPatch()
     mp.setattr(rtim.engine, "encode_trigger", spy)
     try:
-        now_ms = int(time.time() * 1000)
-        # Simulated time runs ahead of the clock: start in the past so nothing is clock_skew.
-        sim = JourneySimulator(customers=5, seed=1, start_ms=now_ms - 30 * 86_400_000)
-        records = []
-        for offset, event in enumerate(sim.events(300)):
-            key = customer_key(event).encode()
-            records.append(Record(sum(key) % 4, offset, key, orjson.dumps(event), (), now_ms))
-        engine = Engine(
-            catalog=load_catalog(DEFAULT_CATALOG),
-            load=lambda p, k: None,
-            source=f"/rtim/{DEFAULTS.app_id}",
-        )
-        result = engine.process(CLICKSTREAM_TOPIC, records)
+        engine, result = run_engine(DEFAULT_CATALOG, customers=5, seed=1, events=300)
     finally:
         mp.undo()
     assert not result.dead_letters, [d.reason for d in result.dead_letters]
@@ -494,17 +497,8 @@ def test_trigger_cloudevents_match_the_schema(engine_run: dict[str, Any]) -> Non
 def test_triggers_decided_under_a_contact_policy_match_the_schema() -> None:
     """The example catalog's policy (caps, levers, suppression) adds reason codes of its
     own (lever:, weight:, skipped:, suppressed:, raised:): the schema takes them all."""
-    now_ms = int(time.time() * 1000)
-    sim = JourneySimulator(customers=40, seed=2, start_ms=now_ms - 30 * 86_400_000)
-    records = []
-    for offset, event in enumerate(sim.events(2_000)):
-        key = customer_key(event).encode()
-        records.append(Record(sum(key) % 4, offset, key, orjson.dumps(event), (), now_ms))
     example = ROOT / "docs" / "catalog.example.yaml"
-    engine = Engine(
-        catalog=load_catalog(example), load=lambda p, k: None, source=f"/rtim/{DEFAULTS.app_id}"
-    )
-    result = engine.process(CLICKSTREAM_TOPIC, records)
+    _, result = run_engine(example, customers=40, seed=2, events=2_000)
     reasons = {
         r.split(":")[0] for t in result.triggers for r in orjson.loads(t.value)["data"]["reasons"]
     }
