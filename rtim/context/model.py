@@ -580,17 +580,12 @@ def apply_event(
                     kept[trait] = value[:MAX_TRAIT_CHARS]
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 kept[trait] = value  # finite: JSON has no infinities
-        consent = event.traits.get("consent")
-        if type(consent) is dict:
-            _channel_consent(ctx, consent, ts)
     segment = event.context
     if segment:
         zone = segment.get("timezone")
         if zone is not None and zone != ctx["tz"] and known_zone(zone) is not None:
             ctx["tz"] = zone
-        consent = segment.get("consent")
-        if type(consent) is dict:
-            _category_consent(ctx, consent.get("categoryPreferences"), ts, categories)
+    apply_consent(ctx, event, categories)
 
     # Remember the message id (see the module notes), then forget what is due.
     if token is None:
@@ -657,9 +652,9 @@ def _channel_consent(ctx: Context, consent: dict[str, Any], ts: int) -> None:
 
 
 def apply_consent(ctx: Context, event: Event, categories: Collection[str] = ()) -> bool:
-    """Apply only the consent an event carries (what :func:`apply_event` applies of it);
-    returns whether it carried any. For an event refused for what else it would add:
-    a withdrawal must hold whatever the rest of the event."""
+    """Apply the consent an event carries (:func:`apply_event` does, and so it is for an
+    event refused for what else it would add: a withdrawal holds whatever the rest of
+    the event); returns whether it carried any."""
     ts = event.timestamp_ms
     carried = False
     consent = event.traits.get("consent") if event.type == "identify" else None
